@@ -1,0 +1,522 @@
+"""The one spec type: a validated description of a whole pretraining pipeline.
+
+`load_spec(path, overrides)` reads a YAML file, follows `extends:` with a deep merge, applies
+`--set dotted.key=value` overrides, validates every field (`extra="forbid"` everywhere) and then checks
+that the values are consistent with each other. Any problem raises `SpecError` naming the file, the key
+path and what was expected, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from palm.config import (
+    CheckpointConfig,
+    LossSpikeConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RampStage,
+    ScheduleConfig,
+    TrainConfig,
+)
+from palm.errors import SpecError
+
+MESH_AXES = ("data", "fsdp", "model")
+STAGES = ("data", "tokenizer", "pack", "train", "eval")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class QualityFilters(_Strict):
+    """Gopher/C4-style document heuristics; a threshold of null disables that check."""
+
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_to_word_ratio: float | None = 0.1
+    max_fraction_lines_ending_ellipsis: float | None = 0.3
+    min_fraction_words_with_alpha: float | None = 0.8
+    max_fraction_duplicate_lines: float | None = 0.3
+    #: Sample documents with probability proportional to a quality score (PaLM did for webpages).
+    quality_sampling: bool = False
+
+
+class Source(_Strict):
+    """One corpus in the mixture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Globs, local or gs://; for format "builtin", the names of corpora generated on the machine.
+    paths: list[str] = Field(min_length=1)
+    format: Literal["jsonl", "jsonl.gz", "txt", "parquet", "builtin"]
+    text_field: str = "text"
+    #: Share of the mixture's tokens.
+    weight: float = Field(gt=0, le=1)
+    #: Code sources also get near-duplicate removal tuned for code files.
+    kind: Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"] = "other"
+    filters: QualityFilters = QualityFilters()
+
+
+class NearDedup(_Strict):
+    """MinHash LSH near-duplicate removal."""
+
+    enabled: bool = True
+    ngram: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=8)
+    threshold: float = Field(0.8, gt=0, lt=1)
+    #: Bands × rows must equal num_perm; null chooses them for the threshold.
+    bands: int | None = None
+    rows: int | None = None
+
+
+class Dedup(_Strict):
+    exact: bool = True
+    near: NearDedup = NearDedup()
+
+
+class BeamRunner(_Strict):
+    """Where the Beam pipelines run: in process locally, Dataflow (or Flink/Spark) at scale."""
+
+    runner: Literal["in_process", "multi_process", "dataflow", "flink", "spark"] = "in_process"
+    num_workers: int = Field(2, ge=1)
+    project: str | None = None
+    region: str | None = None
+    temp_location: str | None = None
+    machine_type: str | None = None
+    max_num_workers: int | None = None
+
+
+class DataSpec(_Strict):
+    sources: list[Source] = Field(min_length=1)
+    #: Bytes that are not valid UTF-8: repair them (U+FFFD) or drop the document; either is counted.
+    invalid_utf8: Literal["repair", "drop"] = "repair"
+    #: Text normalization; "none" is lossless (whitespace kept exactly).
+    normalize: Literal["none", "nfc"] = "none"
+    dedup: Dedup = Dedup()
+    #: Tokens the mixture should supply; null takes every document once.
+    token_budget: int | None = Field(None, gt=0)
+    validation_fraction: float = Field(0.001, ge=0, lt=1)
+    num_shards: int = Field(8, ge=1)
+    seed: int = 0
+    beam: BeamRunner = BeamRunner()
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+class TokenizerSpec(_Strict):
+    """SentencePiece with PaLM's lossless settings."""
+
+    vocab_size: int = Field(256_000, ge=16)
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    byte_fallback: bool = True
+    split_digits: bool = True
+    #: "identity" keeps every character and whitespace run as it is.
+    normalization: Literal["identity"] = "identity"
+    character_coverage: float = Field(0.99995, gt=0, le=1)
+    #: Characters of text drawn (by mixture weight) to train the vocabulary.
+    sample_chars: int = Field(10_000_000, gt=0)
+    seed: int = 0
+
+
+class PackSpec(_Strict):
+    """Token ids, one end-of-document token per document, cut into sequences of model.seq_len."""
+
+    format: Literal["array_record"] = "array_record"
+    num_shards: int = Field(8, ge=1)
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+
+class EvalSpec(_Strict):
+    tasks: list[str] = ["validation_loss"]
+    #: Cap on examples per task (null: all).
+    max_examples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------- infra
+
+#: Dense bf16 peak per chip, FLOP/s.
+PEAK_FLOPS = {
+    "cpu": None,
+    "h100": 989.4e12,
+    "h200": 989.4e12,
+    "a100": 312e12,
+    "tpu-v4": 275e12,
+    "tpu-v5p": 459e12,
+}
+
+
+class Hardware(_Strict):
+    accelerator: Literal["cpu", "h100", "h200", "a100", "tpu-v4", "tpu-v5p"] = "cpu"
+    #: Chips in the whole job, over all slices.
+    num_devices: int = Field(1, gt=0)
+    #: TPU slices (pods) joined over the data-center network; the `data` mesh axis spans them.
+    num_slices: int = Field(1, gt=0)
+    devices_per_host: int = Field(1, gt=0)
+    #: Physical TPU topology of one slice, e.g. "16x16x12".
+    topology: str | None = None
+    #: Device memory per chip, bytes (for the plan's fit check).
+    memory_bytes: int | None = Field(None, gt=0)
+
+    @property
+    def peak_flops(self) -> float | None:
+        return PEAK_FLOPS[self.accelerator]
+
+
+class Launcher(_Strict):
+    kind: Literal["local", "tpu-vm", "gke"] = "local"
+    project: str | None = None
+    zone: str | None = None
+    runtime_version: str | None = None
+    image: str | None = None
+    namespace: str | None = None
+
+
+class InfraSpec(_Strict):
+    hardware: Hardware = Hardware()
+    #: Axis name -> size over data, fsdp, model; -1 means "the rest of the devices".
+    mesh: dict[Literal["data", "fsdp", "model"], int] = {"data": 1, "fsdp": -1, "model": 1}
+    #: Where every stage writes its outputs: a local path or gs://bucket/prefix.
+    storage_root: str = "runs"
+    launcher: Launcher = Launcher()
+    #: Prefect work pool the deployments target.
+    work_pool: str = "local-process"
+
+
+class RetryPolicy(_Strict):
+    retries: int = Field(2, ge=0)
+    delay_seconds: float = Field(10.0, ge=0)
+    #: Each retry waits `backoff` times longer than the one before.
+    backoff: float = Field(2.0, ge=1)
+
+
+# ----------------------------------------------------------------------------------------- spec
+
+
+class Spec(_Strict):
+    """A whole pretraining pipeline: data, tokenizer, pack, train, eval, and where it runs."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str = ""
+    model: ModelConfig
+    data: DataSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    pack: PackSpec = PackSpec()
+    train: TrainConfig = TrainConfig()
+    eval: EvalSpec = EvalSpec()
+    infra: InfraSpec = InfraSpec()
+    retries: dict[Literal["data", "tokenizer", "pack", "train", "eval"], RetryPolicy] = {}
+
+    def resolved_mesh(self) -> dict[str, int]:
+        """The mesh with -1 filled in, every axis present, in (data, fsdp, model) order."""
+        return resolve_mesh(self.infra.mesh, self.infra.hardware.num_devices)
+
+    def retry_policy(self, stage: str) -> RetryPolicy:
+        return self.retries.get(stage, RetryPolicy())
+
+    def digest(self) -> str:
+        """Hash of the validated spec's content (not of its file's formatting)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_mesh(mesh: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Fill in the -1 axis (at most one) so that the product is `num_devices`."""
+    sizes = {axis: mesh.get(axis, 1) for axis in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise SpecError(f"only one axis may be -1, got {free}", key="infra.mesh")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise SpecError(f"axis size must be positive or -1, got {size}", key=f"infra.mesh.{axis}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise SpecError(
+                f"the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices (infra.hardware.num_devices)",
+                key="infra.mesh",
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise SpecError(
+            f"mesh {sizes} has {fixed} devices but infra.hardware.num_devices is {num_devices}",
+            key="infra.mesh",
+        )
+    return sizes
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def check_consistency(spec: Spec) -> None:
+    """Cross-field checks that single fields cannot express. Raises SpecError with the key path."""
+    m, t = spec.model, spec.train
+
+    for key in ("num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "ffw_multiplier",
+                "vocab_size", "seq_len"):
+        if getattr(m, key) <= 0:
+            raise SpecError(f"must be a positive integer, got {getattr(m, key)}", key=f"model.{key}")
+    if m.head_dim % 2:
+        raise SpecError(f"RoPE rotates pairs of dimensions, so head_dim must be even, got {m.head_dim}",
+                        key="model.head_dim")
+    if m.num_heads % m.num_kv_heads:
+        raise SpecError(f"num_kv_heads ({m.num_kv_heads}) must divide num_heads ({m.num_heads})",
+                        key="model.num_kv_heads")
+    if m.rope_max_wavelength <= 1 or m.layer_norm_epsilon <= 0:
+        raise SpecError("rope_max_wavelength must exceed 1 and layer_norm_epsilon be positive", key="model")
+
+    mesh = spec.resolved_mesh()
+    dp = mesh["data"] * mesh["fsdp"]
+    hw = spec.infra.hardware
+    if hw.num_devices % hw.num_slices:
+        raise SpecError(f"{hw.num_devices} devices do not split evenly over {hw.num_slices} slices",
+                        key="infra.hardware.num_slices")
+    if hw.num_slices > 1 and mesh["data"] % hw.num_slices:
+        raise SpecError(f"the data axis ({mesh['data']}) must be a multiple of num_slices "
+                        f"({hw.num_slices}): only data parallelism crosses slices", key="infra.mesh.data")
+    if hw.num_devices % hw.devices_per_host:
+        raise SpecError(f"{hw.num_devices} devices do not split evenly into hosts of {hw.devices_per_host}",
+                        key="infra.hardware.devices_per_host")
+    if m.num_heads % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide num_heads ({m.num_heads})",
+                        key="infra.mesh.model")
+    if m.d_ff % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide d_ff ({m.d_ff})",
+                        key="infra.mesh.model")
+    for axis_size, dim, what in ((mesh["fsdp"], m.d_model, "model.d_model"),
+                                 (mesh["fsdp"], m.vocab_size, "model.vocab_size")):
+        if dim % axis_size:
+            raise SpecError(f"{dim} is not divisible by the fsdp axis ({axis_size}), which shards it",
+                            key=what)
+    if m.d_model % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide d_model ({m.d_model}), "
+                        "which shards the embedding table", key="model.d_model")
+
+    if t.steps <= 0:
+        raise SpecError(f"must be positive, got {t.steps}", key="train.steps")
+    if not t.batch_ramp:
+        raise SpecError("needs at least one stage", key="train.batch_ramp")
+    if t.batch_ramp[0].from_step != 0:
+        raise SpecError("the first stage must start at from_step 0", key="train.batch_ramp.0.from_step")
+    for i, stage in enumerate(t.batch_ramp):
+        if i and stage.from_step <= t.batch_ramp[i - 1].from_step:
+            raise SpecError("from_step must increase from stage to stage",
+                            key=f"train.batch_ramp.{i}.from_step")
+        if stage.global_batch <= 0 or stage.global_batch % dp:
+            raise SpecError(f"global_batch {stage.global_batch} must be a positive multiple of the "
+                            f"data-parallel size {dp} (mesh data × fsdp)",
+                            key=f"train.batch_ramp.{i}.global_batch")
+    o, s = t.optimizer, t.schedule
+    for key, value in (("beta1", o.beta1),):
+        if not 0 <= value < 1:
+            raise SpecError(f"must be in [0, 1), got {value}", key=f"train.optimizer.{key}")
+    for key in ("decay_exponent", "update_clip", "gradient_clip", "min_parameter_scale", "epsilon"):
+        if getattr(o, key) <= 0:
+            raise SpecError(f"must be positive, got {getattr(o, key)}", key=f"train.optimizer.{key}")
+    if s.peak_learning_rate <= 0:
+        raise SpecError(f"must be positive, got {s.peak_learning_rate}",
+                        key="train.schedule.peak_learning_rate")
+    if s.constant_steps < 1 or not 0 <= s.warmup_steps <= s.constant_steps:
+        raise SpecError("need constant_steps >= 1 and 0 <= warmup_steps <= constant_steps",
+                        key="train.schedule")
+    if t.z_loss < 0:
+        raise SpecError(f"must be non-negative, got {t.z_loss}", key="train.z_loss")
+    c = t.checkpoint
+    if c.every_steps <= 0 or c.keep_last <= 0 or (c.keep_every is not None and c.keep_every <= 0):
+        raise SpecError("every_steps, keep_last and keep_every must be positive", key="train.checkpoint")
+    if t.loss_spike.threshold <= 1 or t.loss_spike.window <= 0 or t.loss_spike.skip_batches < 0:
+        raise SpecError("need threshold > 1, window > 0, skip_batches >= 0", key="train.loss_spike")
+    if t.log_every <= 0:
+        raise SpecError(f"must be positive, got {t.log_every}", key="train.log_every")
+
+    total = sum(src.weight for src in spec.data.sources)
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise SpecError(f"mixture weights sum to {total:g}, expected 1", key="data.sources")
+    names = [src.name for src in spec.data.sources]
+    if len(set(names)) != len(names):
+        raise SpecError(f"source names must be unique, got {names}", key="data.sources")
+    near = spec.data.dedup.near
+    if (near.bands is None) != (near.rows is None):
+        raise SpecError("set both bands and rows, or neither", key="data.dedup.near")
+    if near.bands is not None and near.bands * near.rows != near.num_perm:
+        raise SpecError(f"bands × rows = {near.bands * near.rows} must equal num_perm ({near.num_perm})",
+                        key="data.dedup.near")
+    if spec.tokenizer.vocab_size > m.vocab_size:
+        raise SpecError(f"tokenizer.vocab_size ({spec.tokenizer.vocab_size}) exceeds the model's "
+                        f"embedding table (model.vocab_size {m.vocab_size})", key="tokenizer.vocab_size")
+    if spec.data.beam.runner == "dataflow":
+        for key in ("project", "region", "temp_location"):
+            if not getattr(spec.data.beam, key):
+                raise SpecError("the Dataflow runner needs it", key=f"data.beam.{key}")
+    if spec.infra.launcher.kind != "local" and spec.infra.hardware.accelerator == "cpu":
+        raise SpecError(f"launcher {spec.infra.launcher.kind!r} needs an accelerator, not cpu",
+                        key="infra.hardware.accelerator")
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("file not found", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read: {e}", file=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        opened = getattr(e, "context_mark", None)
+        if opened is not None and getattr(e, "context", None):
+            problem += f" ({e.context} at line {opened.line + 1})"
+        raise SpecError(f"invalid YAML: {where}{problem}", file=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(path))
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Mappings merge key by key; any other value (lists included) in `over` replaces `base`'s."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise SpecError(f"extends forms a cycle: {chain}", file=str(path), key="extends")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise SpecError("expected a file name (relative to this file)", file=str(path), key="extends")
+    parent_path = (path.parent / parent)
+    if not parent_path.exists():
+        raise SpecError(f"{parent} not found (looked in {path.parent})", file=str(path), key="extends")
+    return deep_merge(_load_tree(parent_path, (*seen, path)), data)
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply `dotted.key=value`; the value is read as YAML and typed by the schema at validation."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise SpecError(f"expected dotted.key=value, got {assignment!r}", file="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    out = dict(tree)
+    node = out
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise SpecError(f"index {part} out of range (list of {len(node)})", file="--set", key=key)
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+        if isinstance(child, list) and parts[i + 1].isdigit():
+            child = list(child)
+        elif child is None:
+            child = {}
+        elif isinstance(child, dict):
+            child = dict(child)
+        else:
+            raise SpecError(f"{'.'.join(parts[: i + 1])} is a value, not a section", file="--set", key=key)
+        if isinstance(node, list):
+            node[int(part)] = child
+        else:
+            node[part] = child
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else -1
+        if not 0 <= idx < len(node):
+            raise SpecError(f"index {last} out of range (list of {len(node)})", file="--set", key=key)
+        node[idx] = value
+    else:
+        node[last] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, file: str) -> SpecError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if p != "[key]") or "(top level)"
+        msg = e["msg"]
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key (not in the schema; see `palm spec schema`)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append((key, msg))
+    key, msg = lines[0]
+    extra = "".join(f"\n  also {k}: {m}" for k, m in lines[1:])
+    return SpecError(msg + extra, file=file, key=key)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read, merge, override, validate and check a spec. Raises SpecError on any problem."""
+    path = Path(path)
+    tree = _load_tree(path)
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    try:
+        spec = Spec.model_validate(tree)
+    except ValidationError as e:
+        raise _format_validation_error(e, str(path)) from None
+    try:
+        check_consistency(spec)
+    except SpecError as e:
+        raise SpecError(e.detail, file=str(path), key=e.key) from None
+    return spec
+
+
+def spec_schema() -> dict[str, Any]:
+    """JSON Schema of the spec, for editor completion."""
+    schema = Spec.model_json_schema()
+    schema["properties"]["extends"] = {"type": "string", "description": "Parent spec, deep-merged under this one."}
+    return schema
+
+
+__all__ = [
+    "Spec", "load_spec", "spec_schema", "check_consistency", "resolve_mesh", "deep_merge",
+    "apply_override", "MESH_AXES", "STAGES", "ModelConfig", "TrainConfig", "OptimizerConfig",
+    "ScheduleConfig", "RampStage", "CheckpointConfig", "LossSpikeConfig",
+]

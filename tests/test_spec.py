@@ -1,0 +1,265 @@
+"""Spec loading and validation: every shipped spec loads, every broken one fails with exit code 2, one line
+naming the file and the key path, and no traceback.
+
+Broken specs are small files in tmp_path that extend specs/tiny.yaml and add the bad bit, or --set overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from palm.cli import main
+from palm.spec import Spec, apply_override, deep_merge, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "specs"
+TINY = SPECS / "tiny.yaml"
+
+SHIPPED = sorted(p for p in SPECS.glob("*.yaml") if p.name != "palm-base.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_spec_loads(path: Path):
+    spec = load_spec(path)
+    assert isinstance(spec, Spec)
+    assert spec.name == path.stem
+    mesh = spec.resolved_mesh()
+    assert mesh["data"] * mesh["fsdp"] * mesh["model"] == spec.infra.hardware.num_devices
+
+
+# --------------------------------------------------------------------------------- broken specs
+
+
+def _child(body: str) -> str:
+    """A spec that extends tiny.yaml (by absolute path) and adds `body`."""
+    return f"extends: {TINY}\n" + textwrap.dedent(body)
+
+
+# (id, files {name: text} or None for tiny.yaml itself, --set overrides, substrings stderr must contain).
+# The first file is the one passed to `palm plan`; "{file}" stands for its name.
+BROKEN = [
+    ("unknown-top-level-key", {"broken.yaml": _child("colour: blue\n")}, [],
+     ["{file}", "colour", "unknown key"]),
+    ("unknown-nested-key", {"broken.yaml": _child("model: {num_layer: 3}\n")}, [],
+     ["{file}", "model.num_layer", "unknown key"]),
+    ("wrong-type", {"broken.yaml": _child("model: {d_model: big}\n")}, [],
+     ["{file}", "model.d_model", "'big'"]),
+    ("non-positive-num-layers", {"broken.yaml": _child("model: {num_layers: 0}\n")}, [],
+     ["{file}", "model.num_layers", "positive"]),
+    ("odd-head-dim", {"broken.yaml": _child("model: {head_dim: 33}\n")}, [],
+     ["{file}", "model.head_dim", "RoPE"]),
+    ("kv-heads-not-dividing-heads", {"broken.yaml": _child("model: {num_kv_heads: 3}\n")}, [],
+     ["{file}", "model.num_kv_heads"]),
+    ("mesh-model-not-dividing-heads",
+     {"broken.yaml": _child("infra: {hardware: {num_devices: 3}, mesh: {data: 1, fsdp: -1, model: 3}}\n")}, [],
+     ["{file}", "infra.mesh.model", "num_heads"]),
+    ("mesh-product-not-num-devices",
+     {"broken.yaml": _child("infra: {hardware: {num_devices: 2}, mesh: {data: 2, fsdp: 2, model: 1}}\n")}, [],
+     ["{file}", "infra.mesh", "num_devices"]),
+    ("two-free-mesh-axes", {"broken.yaml": _child("infra: {mesh: {data: -1, fsdp: -1, model: 1}}\n")}, [],
+     ["{file}", "infra.mesh", "only one axis may be -1"]),
+    ("unknown-mesh-axis", {"broken.yaml": _child("infra: {mesh: {tensor: 1}}\n")}, [],
+     ["{file}", "infra.mesh.tensor"]),
+    ("mixture-weights-not-one", None, ["data.sources.0.weight=0.6"],
+     ["tiny.yaml", "data.sources", "sum to 1.1"]),
+    ("mixture-weights-not-one-file", {"broken.yaml": _child("""\
+         data:
+           sources:
+             - {name: a, weight: 0.5, format: builtin, paths: [python-docs]}
+             - {name: b, weight: 0.3, format: builtin, paths: [python-stdlib-code]}
+         """)}, [], ["{file}", "data.sources", "sum to 0.8"]),
+    ("source-weight-zero", None, ["data.sources.2.weight=0"],
+     ["tiny.yaml", "data.sources.2.weight", "greater than 0"]),
+    ("batch-not-divisible-by-dp", {"broken.yaml": _child("""\
+         infra: {hardware: {num_devices: 4}, mesh: {data: 1, fsdp: -1, model: 1}}
+         train: {batch_ramp: [{from_step: 0, global_batch: 6}]}
+         """)}, [], ["{file}", "train.batch_ramp.0.global_batch", "data-parallel size 4"]),
+    ("batch-ramp-not-from-zero",
+     {"broken.yaml": _child("train: {batch_ramp: [{from_step: 5, global_batch: 8}]}\n")}, [],
+     ["{file}", "train.batch_ramp.0.from_step"]),
+    ("batch-ramp-not-increasing", {"broken.yaml": _child("""\
+         train:
+           batch_ramp: [{from_step: 0, global_batch: 8}, {from_step: 0, global_batch: 16}]
+         """)}, [], ["{file}", "train.batch_ramp.1.from_step", "increase"]),
+    ("batch-ramp-stage-unknown-key",
+     {"broken.yaml": _child("train: {batch_ramp: [{from_step: 0, global_batch: 8, size: 3}]}\n")}, [],
+     ["{file}", "train.batch_ramp.0.size", "unknown key"]),
+    ("missing-extends-file", {"broken.yaml": "extends: no-such-parent.yaml\nname: broken\n"}, [],
+     ["{file}", "extends", "no-such-parent.yaml not found"]),
+    ("extends-cycle", {"a.yaml": "extends: b.yaml\nname: a\n", "b.yaml": "extends: a.yaml\nname: b\n"}, [],
+     ["{file}", "extends", "cycle", "b.yaml"]),
+    ("invalid-yaml", {"broken.yaml": "name: broken\nmodel: {num_layers: 2\ndata: {}\n"}, [],
+     ["{file}", "invalid YAML", "line 3"]),
+    ("top-level-list", {"broken.yaml": "- name: broken\n- model: {}\n"}, [],
+     ["{file}", "mapping", "list"]),
+    ("tokenizer-vocab-too-big", {"broken.yaml": _child("tokenizer: {vocab_size: 2048}\n")}, [],
+     ["{file}", "tokenizer.vocab_size", "model.vocab_size"]),
+    ("missing-data-section", {"broken.yaml": "name: broken\nmodel: {num_layers: 2}\n"}, [],
+     ["{file}", "data", "required key is missing"]),
+    ("set-unknown-key", None, ["train.stepz=3"],
+     ["tiny.yaml", "train.stepz", "unknown key"]),
+    ("set-wrong-type", None, ["train.steps=many"],
+     ["tiny.yaml", "train.steps", "'many'"]),
+    ("set-no-equals", None, ["train.steps"],
+     ["--set", "train.steps", "expected dotted.key=value"]),
+    ("set-index-out-of-range", None, ["train.batch_ramp.5.global_batch=6"],
+     ["--set", "train.batch_ramp.5.global_batch", "out of range"]),
+    ("set-into-a-value", None, ["train.steps.max=6"],
+     ["--set", "train.steps.max", "not a section"]),
+    ("dataflow-without-project", None, ["data.beam.runner=dataflow"],
+     ["tiny.yaml", "data.beam.project", "Dataflow"]),
+    ("negative-learning-rate", None, ["train.schedule.peak_learning_rate=-0.01"],
+     ["tiny.yaml", "train.schedule.peak_learning_rate", "positive"]),
+    ("launcher-needs-accelerator", None, ["infra.launcher.kind=gke"],
+     ["tiny.yaml", "infra.hardware.accelerator"]),
+]
+
+
+def _materialize(tmp_path: Path, files: dict[str, str] | None) -> Path:
+    if files is None:
+        return TINY
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    return tmp_path / next(iter(files))
+
+
+@pytest.mark.parametrize("files, overrides, expected", [c[1:] for c in BROKEN], ids=[c[0] for c in BROKEN])
+def test_broken_spec_exits_2_with_key_and_file(tmp_path, capsys, files, overrides, expected):
+    path = _materialize(tmp_path, files)
+    argv = ["plan", str(path)]
+    for o in overrides:
+        argv += ["--set", o]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert out == ""
+    assert "Traceback" not in err
+    assert err.startswith("palm: error: ")
+    for want in expected:
+        want = want.replace("{file}", path.name)
+        assert want in err, f"{want!r} not in {err!r}"
+
+
+def test_at_least_18_broken_specs():
+    assert len(BROKEN) >= 18
+    assert len({c[0] for c in BROKEN}) == len(BROKEN)
+
+
+def test_broken_spec_in_subprocess_prints_one_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child("model: {num_layers: -1}\n"), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "palm.cli", "plan", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "broken.yaml" in lines[0] and "model.num_layers" in lines[0]
+
+
+def test_several_validation_errors_are_all_listed(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child("model: {num_layer: 3, d_model: big}\n"), encoding="utf-8")
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.num_layer" in err and "model.d_model" in err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------ overrides
+
+
+def test_set_types_integer():
+    spec = load_spec(TINY, ["train.steps=7"])
+    assert spec.train.steps == 7
+    assert type(spec.train.steps) is int
+
+
+def test_set_string_value():
+    spec = load_spec(SPECS / "palm-8b.yaml", ["model.dtype=float32"])
+    assert spec.model.dtype == "float32"
+    assert load_spec(SPECS / "palm-8b.yaml").model.dtype == "bfloat16"
+
+
+def test_set_list_element_field():
+    spec = load_spec(TINY, ["train.batch_ramp.1.global_batch=32", "data.sources.0.filters.min_words=5"])
+    assert [(s.from_step, s.global_batch) for s in spec.train.batch_ramp] == [(0, 8), (100, 32)]
+    assert spec.data.sources[0].filters.min_words == 5
+    assert spec.data.sources[1].filters.min_words == 10
+
+
+def test_set_later_override_wins():
+    assert load_spec(TINY, ["train.steps=7", "train.steps=9"]).train.steps == 9
+
+
+def test_apply_override_does_not_mutate_input():
+    tree = {"train": {"steps": 1, "batch_ramp": [{"from_step": 0, "global_batch": 8}]}}
+    out = apply_override(tree, "train.batch_ramp.0.global_batch=16")
+    out = apply_override(out, "train.steps=3")
+    assert tree == {"train": {"steps": 1, "batch_ramp": [{"from_step": 0, "global_batch": 8}]}}
+    assert out["train"] == {"steps": 3, "batch_ramp": [{"from_step": 0, "global_batch": 16}]}
+
+
+def test_child_overrides_one_model_key_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text(_child("name: child\nmodel: {num_layers: 3}\n"), encoding="utf-8")
+    spec, parent = load_spec(path), load_spec(TINY)
+    assert spec.model.num_layers == 3
+    for key in ("d_model", "num_heads", "head_dim", "vocab_size", "seq_len", "dtype", "remat"):
+        assert getattr(spec.model, key) == getattr(parent.model, key), key
+    assert spec.name == "child"
+
+
+def test_inherited_keys_from_base():
+    spec = load_spec(SPECS / "palm-8b.yaml")
+    assert spec.model.head_dim == 256 and spec.model.num_kv_heads == 1
+    assert spec.model.num_layers == 32
+    assert len(spec.data.sources) == 6
+
+
+def test_lists_replace_not_concatenate(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text(_child("""\
+        name: child
+        train: {batch_ramp: [{from_step: 0, global_batch: 4}]}
+        eval: {tasks: [gsm8k]}
+        """), encoding="utf-8")
+    spec = load_spec(path)
+    assert [(s.from_step, s.global_batch) for s in spec.train.batch_ramp] == [(0, 4)]
+    assert list(spec.eval.tasks) == ["gsm8k"]
+    assert spec.train.steps == 200  # the rest of train still comes from tiny.yaml
+
+
+def test_deep_merge_unit():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    over = {"a": {"y": [3]}, "c": 2}
+    assert deep_merge(base, over) == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+
+
+# --------------------------------------------------------------------------------------- schema
+
+
+def test_spec_schema_is_json(capsys):
+    assert main(["spec", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    props = schema["properties"]
+    for key in ("model", "data", "train", "infra", "extends"):
+        assert key in props, key
+    assert schema["additionalProperties"] is False
+
+    def resolve(node):
+        ref = node.get("$ref")
+        return schema["$defs"][ref.rsplit("/", 1)[-1]] if ref else node
+
+    model = resolve(props["model"])
+    assert model["additionalProperties"] is False
+    assert "num_layers" in model["properties"]
+    assert resolve(props["train"])["additionalProperties"] is False
