@@ -1,0 +1,232 @@
+"""The PaLM decoder (Chowdhery et al. 2022, section 2), in Flax.
+
+    y = x + Attention(LN(x)) + MLP(LN(x))            one LayerNorm per block, both branches in parallel
+    MLP(h) = (swish(h W_gate) * (h W_up)) W_down      SwiGLU, d_ff = 4 d_model
+    Attention: multi-query (one K and one V of head_dim shared by all heads), RoPE on q and k
+    logits = LN(x_L) E^T / sqrt(d_model)              E shared with the input embedding
+
+No biases anywhere (LayerNorm has a scale only). Kernels start N(0, 1/fan_in), the embedding N(0, 1).
+Every parameter carries logical axis names (`palm.sharding` maps them to the mesh); layers are scanned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from palm.config import ModelConfig
+from palm.errors import PalmError
+
+Array = jax.Array
+#: Maps an activation and its logical axis names to the same activation with a sharding constraint.
+Constrain = Callable[[Array, tuple[str | None, ...]], Array]
+
+
+def _no_constraint(x: Array, names: tuple[str | None, ...]) -> Array:
+    return x
+
+
+def fan_in_init(in_axes: tuple[int, ...]):
+    """N(0, 1/fan_in), fan_in the product of the dimensions in `in_axes` (the paper's kernel init)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+        return nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=in_axes,
+                                                out_axis=out_axes)(key, shape, dtype)
+
+    return init
+
+
+def rope(x: Array, positions: Array, max_wavelength: float) -> Array:
+    """Rotary position embedding on the last axis of x [batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_implementation(requested: str, platform: str) -> str:
+    """The attention kernel for a backend: cuDNN flash on NVIDIA GPUs, XLA elsewhere."""
+    if requested == "auto":
+        return "cudnn" if platform == "gpu" else "xla"
+    if requested == "cudnn" and platform != "gpu":
+        raise PalmError(f"model.attention=cudnn needs an NVIDIA GPU, this backend is {platform}; use auto or xla")
+    if requested == "pallas":
+        raise PalmError("model.attention=pallas (TPU splash attention) is not built yet; use auto or xla")
+    return requested
+
+
+def causal_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
+    """Causal softmax attention, q [b, t, heads, h], k and v [b, t, kv_heads, h] (kv_heads divides heads)."""
+    if implementation == "cudnn" and q.dtype == jnp.float32:
+        q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))  # cuDNN flash needs 16-bit inputs
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return out.astype(v.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned scale and no bias, computed in float32."""
+
+    epsilon: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+
+
+class Block(nn.Module):
+    """One PaLM layer: parallel multi-query attention and SwiGLU MLP over a shared LayerNorm."""
+
+    config: ModelConfig
+    constrain: Constrain = _no_constraint
+    attention: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> tuple[Array, None]:
+        c = self.config
+        dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+
+        def kernel(name, shape, axes, in_axes):
+            w = self.param(name, nn.with_logical_partitioning(fan_in_init(in_axes), axes), shape, pdtype)
+            return w.astype(dtype)
+
+        d, n, kv, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff
+        w_q = kernel("query", (d, n, h), ("embed", "heads", "head_dim"), (0,))
+        # One key and one value projection (multi-query), stacked so one matmul computes both.
+        w_kv = kernel("key_value", (d, 2, kv, h), ("embed", None, "kv_heads", "head_dim"), (0,))
+        w_o = kernel("out", (n, h, d), ("heads", "head_dim", "embed"), (0, 1))
+        # SwiGLU's gate and up projections, stacked likewise.
+        w_in = kernel("mlp_in", (d, 2, f), ("embed", None, "mlp"), (0,))
+        w_down = kernel("mlp_out", (f, d), ("mlp", "embed"), (0,))
+
+        y = LayerNorm(c.layer_norm_epsilon, pdtype, name="layer_norm")(x).astype(dtype)
+        y = self.constrain(y, ("batch", "length", "embed_act"))
+
+        q = jnp.einsum("btd,dnh->btnh", y, w_q)
+        key, value = jnp.einsum("btd,dskh->sbtkh", y, w_kv)
+        q = rope(self.constrain(q, ("batch", "length", "heads_act", None)), positions, c.rope_max_wavelength)
+        key = rope(key, positions, c.rope_max_wavelength)
+        att = causal_attention(q, key, value, self.attention)
+        att = self.constrain(att, ("batch", "length", "heads_act", None))
+        att_out = jnp.einsum("btnh,nhd->btd", att, w_o)
+
+        gate, up = jnp.einsum("btd,dsf->sbtf", y, w_in)
+        hidden = self.constrain(nn.swish(gate) * up, ("batch", "length", "mlp_act"))
+        mlp_out = jnp.einsum("btf,fd->btd", hidden, w_down)
+
+        out = x + (att_out + mlp_out).astype(x.dtype)
+        return self.constrain(out, ("batch", "length", "embed_act")), None
+
+
+REMAT_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+class PaLM(nn.Module):
+    """tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
+
+    config: ModelConfig
+    constrain: Constrain = _no_constraint
+    platform: str = "cpu"
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (c.vocab_size, c.d_model), jnp.dtype(c.param_dtype))
+
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        x = self.constrain(x, ("batch", "length", "embed_act"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat](), prevent_cse=not c.scan_layers)
+        kwargs = dict(config=c, constrain=self.constrain,
+                      attention=attention_implementation(c.attention, self.platform))
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(**kwargs, name="layers")(x, positions)
+        else:
+            for i in range(c.num_layers):
+                x, _ = block(**kwargs, name=f"layer_{i}")(x, positions)
+
+        x = LayerNorm(c.layer_norm_epsilon, jnp.dtype(c.param_dtype), name="final_norm")(x).astype(dtype)
+        logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
+        return logits / jnp.sqrt(jnp.float32(c.d_model))
+
+
+def abstract_params(config: ModelConfig) -> Any:
+    """Parameter shapes and logical axes (nn.Partitioned boxes of ShapeDtypeStruct), allocating nothing."""
+    model = PaLM(config)
+    tokens = jax.ShapeDtypeStruct((1, min(8, config.seq_len)), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+
+def count_params(config: ModelConfig) -> int:
+    """Exact parameter count, from the model's own abstract shapes."""
+    leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+    return sum(int(x.size) for x in leaves)
+
+
+def model_flops_per_token(config: ModelConfig, num_params: int | None = None) -> float:
+    """Model FLOPs per token as the paper defines them (appendix B): 6N + 12·L·H·Q·T.
+
+    N counts every parameter (the tied embedding once), H heads, Q head size, T sequence length;
+    rematerialization is deliberately not counted (that is hardware FLOPs, not model FLOPs).
+    """
+    n = count_params(config) if num_params is None else num_params
+    c = config
+    return 6.0 * n + 12.0 * c.num_layers * c.num_heads * c.head_dim * c.seq_len
+
+
+def hardware_flops_per_token(config: ModelConfig, num_params: int | None = None) -> float:
+    """FLOPs per token actually executed: model FLOPs plus the forward work that remat recomputes.
+
+    Full remat recomputes each layer's forward pass (everything but the tied output projection);
+    save_dots and offload keep the weight matmuls and recompute only attention's QK^T and AV.
+    """
+    n = count_params(config) if num_params is None else num_params
+    c = config
+    attention_fwd = 4.0 * c.num_layers * c.num_heads * c.head_dim * c.seq_len
+    layers_fwd = 2.0 * (n - c.vocab_size * c.d_model) + attention_fwd
+    recompute = {"none": 0.0, "save_dots": attention_fwd, "offload": attention_fwd, "full": layers_fwd}
+    return model_flops_per_token(c, n) + recompute[c.remat]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    path: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+
+
+def describe_params(config: ModelConfig) -> list[ParamInfo]:
+    """Every parameter with its shape and logical axis names, in a stable order."""
+    out = []
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(config),
+                                                is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    for path, leaf in flat:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        out.append(ParamInfo(name, tuple(leaf.value.shape), tuple(leaf.names)))
+    return out
