@@ -1,0 +1,127 @@
+"""The training step: loss, z-loss, batch-size ramp, sharding, and learning on real text."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from palm.config import RampStage, TrainConfig
+from palm.spec import load_spec
+from palm.train import Trainer, batches, loss_fn, train
+from tests.conftest import ROOT, SPECS
+
+
+class FixedLogits:
+    """Stands in for the model: returns the same logits whatever the inputs."""
+
+    def __init__(self, logits):
+        self.logits = jnp.asarray(logits, jnp.float32)
+
+    def apply(self, variables, inputs):
+        return self.logits
+
+
+def test_loss_and_z_loss_on_a_hand_made_example():
+    logits = np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]])  # [batch 1, length 2, vocab 3]
+    tokens = np.array([[0, 1]])
+    weights = np.array([[1.0, 1.0]])
+    log_z = np.log(np.exp(logits).sum(-1))  # [[2.1698, 3.1328]]
+    ce = (log_z[0, 0] - 2.0 + log_z[0, 1] - 0.5) / 2
+    z = 1e-4 * (log_z[0, 0] ** 2 + log_z[0, 1] ** 2) / 2
+    total, metrics = loss_fn(None, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray(weights), 1e-4)
+    assert float(metrics["loss"]) == pytest.approx(ce, rel=1e-6)
+    assert float(metrics["z_loss"]) == pytest.approx(z, rel=1e-5)
+    assert float(total) == pytest.approx(ce + z, rel=1e-6)
+    assert float(metrics["accuracy"]) == pytest.approx(0.5)  # argmax 0 is right, argmax 2 is wrong
+
+
+def test_masked_targets_do_not_count():
+    logits = np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]])
+    tokens = np.array([[0, 1]])
+    masked = loss_fn(None, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray([[1.0, 0.0]]), 1e-4)[1]
+    log_z0 = np.log(np.exp(logits[0, 0]).sum())
+    assert float(masked["loss"]) == pytest.approx(log_z0 - 2.0, rel=1e-6)
+
+
+def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
+    ramp = TrainConfig(steps=6, batch_ramp=(RampStage(0, 2), RampStage(3, 4)))
+    flat = TrainConfig(steps=4, batch_ramp=(RampStage(0, 4),))
+    stream = [np.full(8, i, np.int32) for i in range(100)]
+    got = [b for _, b in batches(iter(stream), ramp)]
+    assert [b.shape[0] for b in got] == [2, 2, 2, 4, 4, 4]
+    ramped_order = np.concatenate(got)[:, 0]
+    flat_order = np.concatenate([b for _, b in batches(iter(stream), flat)])[:, 0]
+    assert list(ramped_order) == list(range(18))
+    assert list(ramped_order[:16]) == list(flat_order)
+
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=4", "model.seq_len=16",
+                                           "train.batch_ramp=[{from_step: 0, global_batch: 2}, "
+                                           "{from_step: 2, global_batch: 4}]"])
+    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
+    state, logs = train(trainer, iter(np.zeros((100, 16), np.int32)))
+    assert [log.global_batch for log in logs] == [2, 2, 4, 4]
+    assert trainer.compiled_batch_sizes() == 2
+    assert int(state.step) == 4
+
+
+def test_running_out_of_data_is_a_clear_error():
+    from palm.errors import PalmError
+
+    cfg = TrainConfig(steps=3, batch_ramp=(RampStage(0, 4),))
+    with pytest.raises(PalmError, match="ran out at step 1"):
+        list(batches(iter(np.zeros((5, 8), np.int32)), cfg))
+
+
+def test_tiny_model_learns_real_text_far_below_unigram_entropy(shared_data):
+    """The tiny spec's model and optimizer on tinyshakespeare (bytes as tokens)."""
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_bytes()
+    ids = np.frombuffer(text, np.uint8).astype(np.int32)
+    counts = np.bincount(ids, minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())  # nats per byte, about 3.3
+
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=150"])
+    seq_len = spec.model.seq_len
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(ids) - seq_len, 10**5)
+    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
+    _, logs = train(trainer, (ids[s:s + seq_len] for s in starts))
+    final = float(np.mean([log.loss for log in logs[-10:]]))
+    assert all(math.isfinite(log.loss) for log in logs)
+    assert final < 0.75 * unigram_entropy, (final, unigram_entropy)
+    assert logs[-1].learning_rate < logs[50].learning_rate  # the 1/sqrt(k) phase began at step 100
+
+
+MESHES = [
+    {"data": 1, "fsdp": 8, "model": 1},
+    {"data": 2, "fsdp": 2, "model": 2},
+    {"data": 1, "fsdp": 2, "model": 4},
+    {"data": 8, "fsdp": 1, "model": 1},
+]
+
+
+def test_sharded_training_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    meshes = [{"data": 1, "fsdp": 1, "model": 1}, *MESHES]
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_losses.py"), json.dumps(meshes), "20"],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    single, *sharded = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert single["devices"] == 1 and len(sharded) == len(MESHES)
+    assert single["losses"][-1] < single["losses"][0] - 0.5  # it learns, so a layout bug would show
+    for got in sharded:
+        mesh = got["mesh"]
+        assert got["devices"] == 8
+        np.testing.assert_allclose(got["losses"], single["losses"], rtol=2e-4, atol=2e-4, err_msg=str(mesh))
+        if mesh["model"] > 1:
+            assert "model" in got["layout"]["layers/query"], got["layout"]
+        if mesh["fsdp"] > 1:
+            assert "fsdp" in got["layout"]["layers/mlp_out"], got["layout"]
