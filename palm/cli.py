@@ -1,0 +1,140 @@
+"""The `palm` command: plan, run, bench and inspect PaLM pretraining pipelines.
+
+Conventions for every subcommand: `--set dotted.key=value` overrides the spec, `--json` prints one
+machine-readable object on stdout (logs go to stderr), exit codes are 0 success, 1 failure, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from palm.errors import PalmError, StageNotBuiltError
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="path to a YAML spec (see specs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.steps=10 (repeatable)")
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per device, mesh, stages, wall time")
+    _add_spec_args(p)
+    _add_json(p)
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the wall-time "
+                   "estimate (default: PaLM's 46.2%%)")
+
+    p = sub.add_parser("run", help="run the pipeline locally")
+    _add_spec_args(p)
+    _add_json(p)
+    p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>)")
+    p.add_argument("--stages", help="comma-separated stages to run (default: all)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage")
+
+    p = sub.add_parser("spec", help="spec utilities")
+    spec_sub = p.add_subparsers(dest="spec_command", required=True)
+    spec_sub.add_parser("schema", help="print the spec's JSON Schema")
+    q = spec_sub.add_parser("show", help="print a spec after extends and overrides, validated")
+    _add_spec_args(q)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    q = bench_sub.add_parser("train", help="time the jitted train step after warm-up")
+    _add_spec_args(q)
+    _add_json(q)
+    q.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    q.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    q.add_argument("--reference", metavar="PATH", help="also run this reference_step.py at the same shapes, "
+                   "in the same process tree, and report the ratio")
+    return parser
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from palm.plan import PALM_MFU, plan, render
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    mfu = PALM_MFU if args.mfu is None else args.mfu
+    if not 0 < mfu <= 1:
+        raise PalmError(f"--mfu must be in (0, 1], got {mfu}")
+    result = plan(spec, mfu)
+    _emit(args, result, render(result))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from palm.pipeline import BUILT, PLANNED_BY, select_stages
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    stages = select_stages(args.stages)
+    for forced in args.force:
+        if forced not in stages:
+            raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
+    missing = [s for s in stages if s not in BUILT]
+    if missing:
+        detail = ", ".join(f"{s} (issue {PLANNED_BY[s]})" for s in missing)
+        raise StageNotBuiltError(f"spec {spec.name!r} is valid, but these stages are not built yet: {detail}. "
+                                 "Nothing was run.")
+    raise StageNotBuiltError("no stage runner is built yet")
+
+
+def _cmd_spec(args: argparse.Namespace) -> int:
+    from palm.spec import load_spec, spec_schema
+
+    if args.spec_command == "schema":
+        print(json.dumps(spec_schema(), indent=2))
+        return 0
+    import yaml
+
+    spec = load_spec(args.spec, args.overrides)
+    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from palm.bench import bench_train, render_train
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.steps <= 0 or args.warmup < 0:
+        raise PalmError("--steps must be positive and --warmup non-negative")
+    result = bench_train(spec, steps=args.steps, warmup=args.warmup, reference=args.reference)
+    _emit(args, result, render_train(result))
+    return 0
+
+
+COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except StageNotBuiltError as e:
+        print(f"palm: {e}", file=sys.stderr)
+        return 1
+    except PalmError as e:
+        print(f"palm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

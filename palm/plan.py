@@ -1,0 +1,114 @@
+"""`palm plan`: what a spec will cost, computed from the model's own shapes without allocating it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from palm.model import abstract_params, count_params, hardware_flops_per_token, model_flops_per_token
+from palm.pipeline import stage_graph
+from palm.sharding import Sharding
+from palm.spec import Spec
+
+#: The paper's measured MFU for PaLM 540B (Table 3), the default for wall-time estimates.
+PALM_MFU = 0.462
+
+
+def training_tokens(spec: Spec) -> int:
+    """Tokens consumed by `train.steps` steps under the batch-size ramp."""
+    t, total = spec.train, 0
+    stages = list(t.batch_ramp)
+    for i, stage in enumerate(stages):
+        end = stages[i + 1].from_step if i + 1 < len(stages) else t.steps
+        total += max(0, min(end, t.steps) - stage.from_step) * stage.global_batch
+    return total * spec.model.seq_len
+
+
+def plan(spec: Spec, mfu: float = PALM_MFU) -> dict[str, Any]:
+    """Parameters, FLOPs, memory per device, mesh, stage DAG and estimated wall time for a spec."""
+    m, hw = spec.model, spec.infra.hardware
+    mesh = spec.resolved_mesh()
+    boxed = abstract_params(m)
+    n = count_params(m)
+    embedding = m.vocab_size * m.d_model
+    flops_tok = model_flops_per_token(m, n)
+    hw_flops_tok = hardware_flops_per_token(m, n)
+    tokens = training_tokens(spec)
+    total_flops = flops_tok * tokens
+
+    layout = Sharding.planned(mesh)
+    param_bytes = layout.param_bytes_per_device(boxed, jnp.dtype(m.param_dtype).itemsize)
+    f32 = layout.param_bytes_per_device(boxed, 4)
+    opt = spec.train.optimizer
+    # Unfactored Adafactor keeps one float32 second moment per parameter, plus momentum if beta1 > 0.
+    momentum = layout.param_bytes_per_device(boxed, jnp.dtype(opt.momentum_dtype).itemsize) if opt.beta1 else 0
+    second_moment = f32 if not opt.factored else 0
+    grads = f32
+    memory = {
+        "params": param_bytes,
+        "optimizer_state": second_moment + momentum,
+        "gradients": grads,
+        "total": param_bytes + second_moment + momentum + grads,
+    }
+
+    peak = hw.peak_flops
+    seconds = total_flops / (hw.num_devices * peak * mfu) if peak else None
+    return {
+        "spec": spec.name,
+        "params": n,
+        "params_by_part": {"embedding": embedding, "layers": n - embedding - m.d_model,
+                           "per_layer": (n - embedding - m.d_model) // m.num_layers, "final_norm": m.d_model},
+        "model_flops_per_token": flops_tok,
+        "hardware_flops_per_token": hw_flops_tok,
+        "remat": m.remat,
+        "training_tokens": tokens,
+        "training_steps": spec.train.steps,
+        "total_training_flops": total_flops,
+        "mesh": mesh,
+        "hardware": {"accelerator": hw.accelerator, "num_devices": hw.num_devices, "num_slices": hw.num_slices,
+                     "peak_flops_per_device": peak},
+        "memory_per_device_bytes": memory,
+        "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
+        "layout": [{"param": p, "shape": list(s), "partition": part} for p, s, part in layout.describe(boxed)],
+        "stages": stage_graph(),
+        "assumed_mfu": mfu,
+        "estimated_seconds": seconds,
+        "estimated_days": seconds / 86400 if seconds is not None else None,
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render(p: dict[str, Any]) -> str:
+    """The plan as text for a terminal."""
+    mem = p["memory_per_device_bytes"]
+    hw = p["hardware"]
+    lines = [
+        f"spec            {p['spec']}",
+        f"parameters      {p['params']:,} ({_human(p['params'])}); embedding {p['params_by_part']['embedding']:,},"
+        f" {p['params_by_part']['per_layer']:,} per layer",
+        f"model FLOPs     {_human(p['model_flops_per_token'], 'FLOP')}/token (6N + 12·L·H·Q·T)",
+        f"with remat      {_human(p['hardware_flops_per_token'], 'FLOP')}/token (remat={p['remat']})",
+        f"training        {p['training_steps']:,} steps, {_human(p['training_tokens'])} tokens, "
+        f"{p['total_training_flops']:.3e} FLOPs",
+        f"hardware        {hw['num_devices']} x {hw['accelerator']} in {hw['num_slices']} slice(s)",
+        "mesh            " + " x ".join(f"{k}={v}" for k, v in p["mesh"].items()),
+        f"memory/device   params {_gib(mem['params'])} + optimizer {_gib(mem['optimizer_state'])} + "
+        f"grads {_gib(mem['gradients'])} = {_gib(mem['total'])} (activations not included)",
+        "stages          " + " -> ".join(s["name"] for s in p["stages"]),
+    ]
+    if p["estimated_seconds"] is not None:
+        lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU")
+    else:
+        lines.append("wall time       n/a (no peak FLOP/s for this accelerator)")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The `palm` command's exit codes and output: 0 success, 1 failure (stages not built), 2 bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from palm.cli import main
+from palm.pipeline import STAGE_ORDER
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "specs" / "tiny.yaml")
+
+
+def test_run_says_stages_are_not_built(capsys):
+    rc = main(["run", TINY])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "not built" in err
+    assert "Nothing was run" in err
+    for stage in STAGE_ORDER:
+        assert stage in err, stage
+    assert "Traceback" not in err
+    assert out == ""
+
+
+def test_run_selected_stages_names_only_those(capsys):
+    rc = main(["run", TINY, "--stages", "train,data"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "data (issue" in err and "train (issue" in err
+    assert "eval (issue" not in err
+
+
+def test_run_unknown_stage_is_bad_input(capsys):
+    rc = main(["run", TINY, "--stages", "bogus"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bogus" in err and "--stages" in err
+    assert "Traceback" not in err
+
+
+def test_run_force_stage_not_selected_is_bad_input(capsys):
+    rc = main(["run", TINY, "--stages", "data", "--force", "train"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--force train" in err
+
+
+def test_run_broken_spec_is_bad_input_before_stages(capsys):
+    rc = main(["run", TINY, "--set", "model.num_layers=0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.num_layers" in err and "tiny.yaml" in err
+
+
+def test_spec_show_applies_overrides_and_inherits(capsys):
+    rc = main(["spec", "show", str(ROOT / "specs" / "palm-8b.yaml"), "--set", "train.steps=5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "steps: 5" in out
+    shown = yaml.safe_load(out)
+    assert shown["train"]["steps"] == 5
+    assert shown["model"]["head_dim"] == 256  # from palm-base.yaml
+    assert shown["model"]["num_layers"] == 32  # from palm-8b.yaml
+    assert "extends" not in shown
+
+
+def test_spec_show_output_is_a_loadable_spec(tmp_path, capsys):
+    from palm.spec import load_spec
+
+    assert main(["spec", "show", TINY]) == 0
+    path = tmp_path / "shown.yaml"
+    path.write_text(capsys.readouterr().out, encoding="utf-8")
+    assert load_spec(path) == load_spec(TINY)
+
+
+def test_missing_subcommand_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
