@@ -41,7 +41,7 @@ class ModelConfig:
     param_dtype: DType = "float32"
     #: Rematerialization: recompute everything, save matmul outputs, or offload them to host memory.
     remat: Remat = "full"
-    #: Attention kernel; "auto" picks cuDNN flash on NVIDIA GPUs and XLA elsewhere ("pallas" is not built yet).
+    #: Attention kernel; "auto" picks cuDNN flash on NVIDIA GPUs, Pallas splash attention on TPUs, XLA elsewhere.
     attention: Attention = "auto"
     #: Scan over layers, so compile time does not grow with depth.
     scan_layers: bool = True

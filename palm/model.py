@@ -12,6 +12,8 @@ Every parameter carries logical axis names (`palm.sharding` maps them to the mes
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -51,23 +53,144 @@ def rope(x: Array, positions: Array, max_wavelength: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+#: Test-only implementation name: the Pallas splash kernel run by the Pallas interpreter, on any backend.
+#: It is deliberately not in `palm.config.Attention` (a spec cannot ask for it); tests pass it explicitly.
+PALLAS_INTERPRET = "pallas_interpret"
+
+#: Splash attention tiles the sequence in blocks of 128 (TPU vector lanes) up to this size.
+_SPLASH_LANES = 128
+_SPLASH_MAX_BLOCK = 512
+
+
 def attention_implementation(requested: str, platform: str) -> str:
-    """The attention kernel for a backend: cuDNN flash on NVIDIA GPUs, XLA elsewhere."""
+    """The attention kernel for a backend: cuDNN flash on NVIDIA GPUs, Pallas splash on TPUs, XLA elsewhere."""
     if requested == "auto":
-        return "cudnn" if platform == "gpu" else "xla"
+        return {"gpu": "cudnn", "tpu": "pallas"}.get(platform, "xla")
     if requested == "cudnn" and platform != "gpu":
         raise PalmError(f"model.attention=cudnn needs an NVIDIA GPU, this backend is {platform}; use auto or xla")
-    if requested == "pallas":
-        raise PalmError("model.attention=pallas (TPU splash attention) is not built yet; use auto or xla")
+    if requested == "pallas" and platform != "tpu":
+        raise PalmError(f"model.attention=pallas (TPU splash attention) needs a TPU, this backend is {platform}; "
+                        "use auto or xla")
+    if requested not in ("xla", "cudnn", "pallas", PALLAS_INTERPRET):
+        raise PalmError(f"unknown model.attention {requested!r}; expected auto, xla, cudnn or pallas")
     return requested
 
 
 def causal_attention(q: Array, k: Array, v: Array, implementation: str) -> Array:
-    """Causal softmax attention, q [b, t, heads, h], k and v [b, t, kv_heads, h] (kv_heads divides heads)."""
+    """Causal softmax attention, q [b, t, heads, h], k and v [b, t, kv_heads, h] (kv_heads divides heads).
+
+    `implementation` is "xla", "cudnn", "pallas" (TPU splash attention) or PALLAS_INTERPRET (the same
+    splash kernel in the Pallas interpreter, for tests on CPU). Logits are scaled by 1/sqrt(h) in all.
+    """
+    if implementation in ("pallas", PALLAS_INTERPRET):
+        return _splash_attention(q, k, v, interpret=implementation == PALLAS_INTERPRET)
     if implementation == "cudnn" and q.dtype == jnp.float32:
         q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))  # cuDNN flash needs 16-bit inputs
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     return out.astype(v.dtype)
+
+
+def _splash_block(length: int) -> int:
+    """The largest of 512, 256, 128 dividing `length` (itself a multiple of 128)."""
+    block = _SPLASH_MAX_BLOCK
+    while length % block:
+        block //= 2
+    return block
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, length: int, mqa: bool, interpret: bool):
+    """A splash attention kernel for one example: q [heads, length, h]; k, v [length, h] (MQA) or
+    [kv_heads, length, h] (MHA/GQA). Cached: its block-sparsity tables are numpy work per shape (seconds at
+    32k tokens), built as concrete arrays even when first called while tracing, so no tracer is cached."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    # What the kernel requires, here as well as on a TPU (all checked in Python before any lowering, so
+    # the Pallas interpreter enforces them too): q and kv blocks divide the length (mask processing), and
+    # kv blocks, including the compute sub-blocks of the forward and dkv kernels and the dq kernel's kv
+    # block, are multiples of 128 ("bkv_compute=64 must be a multiple of 128"). On a TPU the q blocks
+    # also lie along the 128 vector lanes in the dkv kernel, which the interpreter does not check; so
+    # every block here is a multiple of 128 (lengths are padded to one), the largest of 512/256/128.
+    block = _splash_block(length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
+    make = splash.make_splash_mqa_single_device if mqa else splash.make_splash_mha_single_device
+    with jax.ensure_compile_time_eval():
+        return make(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(q: Array, k: Array, v: Array, interpret: bool) -> Array:
+    """Splash attention on arrays local to one device: [b, t, heads, h] in, [b, t, heads, h] out."""
+    b, t, heads, h = q.shape
+    kv_heads = k.shape[2]
+    # The kernel takes unscaled logits (q k^T): apply jax.nn.dot_product_attention's 1/sqrt(h) to q.
+    q = (q.astype(jnp.float32) * (1.0 / math.sqrt(h))).astype(q.dtype)
+    # The kernel needs the length to be a multiple of 128 (see _splash_kernel). Zero-padding the end is
+    # exact for causal attention: no real query sees a padded key, and padded queries are sliced off.
+    padded = -(-t // _SPLASH_LANES) * _SPLASH_LANES
+    if padded != t:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, padded - t), (0, 0), (0, 0))) for a in (q, k, v))
+    kernel = _splash_kernel(heads, padded, kv_heads == 1, interpret)
+    q = jnp.swapaxes(q, 1, 2)  # [b, heads, t, h]
+    if kv_heads == 1:
+        k, v = k[:, :, 0], v[:, :, 0]  # [b, t, h]: one key and value for all heads
+    else:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, t, h]
+    out = jax.vmap(kernel)(q, k, v)  # the kernel works per example
+    return jnp.swapaxes(out, 1, 2)[:, :t]
+
+
+def _splash_attention(q: Array, k: Array, v: Array, interpret: bool) -> Array:
+    """Splash attention; over a multi-device mesh it runs per shard inside shard_map.
+
+    A Pallas (Mosaic) call cannot be partitioned automatically by jit, so with several devices the
+    kernel runs on each device's shard: batch over (data, fsdp) and heads over model, by the rules
+    `palm.sharding` applies to these activations. The mesh must be given explicitly, as the context
+    mesh (`with jax.set_mesh(mesh):` around tracing): the model's `constrain` callback does not expose
+    one. Without a context mesh the kernel is called directly, which is right on one device; on a TPU
+    host with several devices that is refused with a PalmError rather than failing at lowering.
+    """
+    b, t, heads, h = q.shape
+    kv_heads = k.shape[2]
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h:
+        raise PalmError(f"splash attention needs k and v shaped [batch, length, kv_heads, head_dim] like q "
+                        f"{q.shape}; got k {k.shape}, v {v.shape}")
+    if heads % kv_heads:
+        raise PalmError(f"splash attention needs kv_heads ({kv_heads}) to divide heads ({heads})")
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(mesh.manual_axes)
+    if mesh.empty:
+        if not interpret and jax.device_count() > 1:
+            raise PalmError(
+                f"model.attention=pallas with {jax.device_count()} devices needs the mesh: trace the model "
+                "under `with jax.set_mesh(mesh):` so the kernel runs per shard in shard_map (a Pallas call "
+                "cannot be partitioned automatically); for a one-device run set a one-device mesh, or use xla")
+        return _splash_local(q, k, v, interpret)
+    if math.prod(dict(mesh.shape).values()) == 1 or set(mesh.axis_names) <= manual:
+        return _splash_local(q, k, v, interpret)  # one device, or already inside a shard_map
+    from palm.sharding import MESH_AXES, Sharding
+
+    if set(mesh.axis_names) != set(MESH_AXES) or manual:
+        raise PalmError(f"splash attention shards over a {'/'.join(MESH_AXES)} mesh; this one has axes "
+                        f"{mesh.axis_names} (manual: {sorted(manual)})")
+    rules = Sharding(tuple((a, int(mesh.shape[a])) for a in MESH_AXES))
+    q_spec = rules.spec(("batch", "length", "heads_act", None), q.shape)
+    q_spec = tuple(q_spec) + (None,) * (4 - len(q_spec))
+    heads_axis = q_spec[2]
+    if kv_heads == 1 or heads_axis is None:
+        kv_spec = (q_spec[0], None, None, None)  # the shared key/value is replicated over model
+    elif kv_heads % rules.axis_sizes[heads_axis] == 0:
+        kv_spec = (q_spec[0], None, heads_axis, None)  # each model shard keeps its heads' kv groups
+    else:
+        raise PalmError(f"splash attention with {kv_heads} kv heads cannot follow {heads} query heads split "
+                        f"{rules.axis_sizes[heads_axis]} ways over {heads_axis!r}; use kv_heads 1 or a "
+                        "multiple of that")
+    P = jax.sharding.PartitionSpec
+    local = functools.partial(_splash_local, interpret=interpret)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*q_spec), P(*kv_spec), P(*kv_spec)),
+                         out_specs=P(*q_spec), check_vma=False)(q, k, v)
 
 
 class LayerNorm(nn.Module):

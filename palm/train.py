@@ -128,13 +128,15 @@ class Trainer:
     def init(self, seed: int | None = None) -> TrainState:
         """Fresh parameters and optimizer state, laid out on the mesh."""
         seed = self.train_config.seed if seed is None else seed
-        return self._init(jax.random.key(seed))
+        with jax.set_mesh(self.sharding.mesh):  # Pallas kernels read the mesh to shard_map themselves
+            return self._init(jax.random.key(seed))
 
     def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None):
         """One optimizer step on a global batch [batch, seq_len] of token ids."""
         if weights is None:
             weights = np.ones(tokens.shape, np.float32)
-        return self._step(state, tokens, weights)
+        with jax.set_mesh(self.sharding.mesh):
+            return self._step(state, tokens, weights)
 
     def compiled_batch_sizes(self) -> int:
         """How many distinct batch shapes the step has been compiled for."""
