@@ -1,0 +1,1 @@
+"""The data stage: reading sources, cleaning, filtering, deduplicating and mixing documents."""
