@@ -80,7 +80,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from palm.pipeline import BUILT, PLANNED_BY, select_stages
+    from palm.pipeline import run_local, select_stages
     from palm.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
@@ -88,12 +88,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for forced in args.force:
         if forced not in stages:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
-    missing = [s for s in stages if s not in BUILT]
-    if missing:
-        detail = ", ".join(f"{s} (issue {PLANNED_BY[s]})" for s in missing)
-        raise StageNotBuiltError(f"spec {spec.name!r} is valid, but these stages are not built yet: {detail}. "
-                                 "Nothing was run.")
-    raise StageNotBuiltError("no stage runner is built yet")
+    root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+
+    def report(out) -> None:
+        state = "cached" if out.cached else f"built in {out.manifest.get('seconds', 0):.1f} s"
+        print(f"stage {out.stage}: {state}; manifest {out.path}/manifest.json", file=sys.stderr)
+
+    outputs = run_local(spec, root, stages, frozenset(args.force), on_stage=report)
+    payload = {"status": "completed", "root": root,
+               "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
+    _emit(args, payload, "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
+    return 0
 
 
 def _cmd_spec(args: argparse.Namespace) -> int:

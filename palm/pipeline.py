@@ -1,8 +1,18 @@
-"""The stage DAG: data -> tokenizer -> pack -> train -> eval, and which stages are built."""
+"""The stage DAG (data -> tokenizer -> pack -> train -> eval) and running it locally.
+
+Each stage's output is content-addressed (`palm.stages`): its key hashes the stage's slice of the spec
+and its inputs' keys, so re-running a spec skips complete stages and changing one stage's config
+re-runs it and everything downstream. The Prefect flow (flows/pretrain.py) runs the same stage
+functions as tasks; `run_local` is the plain in-process path.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+from palm.errors import PalmError, StageNotBuiltError
+from palm.stages import StageOutput, read_manifest, run_stage, stage_key
 
 #: Each stage and the stages whose outputs it reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -13,10 +23,32 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "pack", "tokenizer"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
+PLANNED_BY = {"tokenizer": "#5", "pack": "#5", "train": "#6 and #8", "eval": "#7"}
 
-#: Stages with an implementation in this version, and the issue that builds the others.
-BUILT: frozenset[str] = frozenset()
-PLANNED_BY = {"data": "#4", "tokenizer": "#5", "pack": "#5", "train": "#6 and #8", "eval": "#7"}
+
+def stage_config(spec: Any, stage: str) -> dict[str, Any]:
+    """The slice of the spec that determines a stage's output (what its key hashes)."""
+    dump = spec.model_dump(mode="json")
+    return {
+        "data": lambda: dump["data"],
+        "tokenizer": lambda: dump["tokenizer"],
+        "pack": lambda: {"pack": dump["pack"], "seq_len": dump["model"]["seq_len"]},
+        "train": lambda: {"model": dump["model"], "train": dump["train"]},
+        "eval": lambda: dump["eval"],
+    }[stage]()
+
+
+def _build_data(spec: Any, inputs: dict[str, StageOutput]) -> Callable[[Path], dict[str, Any]]:
+    from palm.data.pipeline import run_data_stage
+
+    return lambda out: run_data_stage(spec.data, out)
+
+
+#: Stage builders in this version; a stage missing here is reported as not built, never faked.
+BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput]], Callable[[Path], dict[str, Any]]]] = {
+    "data": _build_data,
+}
+BUILT = frozenset(BUILDERS)
 
 
 def stage_graph() -> list[dict[str, Any]]:
@@ -26,8 +58,6 @@ def stage_graph() -> list[dict[str, Any]]:
 
 def select_stages(requested: str | None) -> list[str]:
     """Stages to run for `--stages a,b` (all when None), in DAG order."""
-    from palm.errors import PalmError
-
     if not requested:
         return list(STAGE_ORDER)
     names = [s.strip() for s in requested.split(",") if s.strip()]
@@ -35,3 +65,47 @@ def select_stages(requested: str | None) -> list[str]:
     if unknown:
         raise PalmError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGE_ORDER)}")
     return [s for s in STAGE_ORDER if s in names]
+
+
+def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput]) -> StageOutput:
+    """The complete output a stage would have for this spec, or a PalmError saying to run it first."""
+    key = stage_key(stage, stage_config(spec, stage), inputs)
+    path = Path(root) / stage / key
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise PalmError(f"stage {stage!r} has no complete output for this spec under {root}; "
+                        f"run it first (e.g. --stages {stage},...)")
+    return StageOutput(stage, key, str(path), manifest, cached=True)
+
+
+def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput],
+                    force: bool = False) -> StageOutput:
+    """Run (or reuse) one stage's content-addressed output."""
+    if stage not in BUILDERS:
+        raise StageNotBuiltError(f"stage {stage!r} is not built yet (issue {PLANNED_BY.get(stage, '?')})")
+    return run_stage(stage, stage_config(spec, stage), inputs, root, BUILDERS[stage](spec, inputs), force)
+
+
+def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
+              on_stage: Callable[[StageOutput], None] | None = None) -> dict[str, StageOutput]:
+    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
+    missing = [s for s in stages if s not in BUILT]
+    outputs: dict[str, StageOutput] = {}
+    for stage in STAGE_ORDER:
+        needed = stage in stages or any(stage in STAGE_INPUTS[s] for s in stages if s in BUILT)
+        if not needed or stage in missing:
+            continue
+        inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage] if dep in outputs}
+        if len(inputs) < len(STAGE_INPUTS[stage]):
+            continue
+        if stage in stages:
+            outputs[stage] = run_stage_named(spec, stage, root, inputs, force=stage in force)
+        else:
+            outputs[stage] = existing_output(spec, stage, root, inputs)
+        if on_stage is not None:
+            on_stage(outputs[stage])
+    if missing:
+        detail = ", ".join(f"{s} (issue {PLANNED_BY[s]})" for s in missing)
+        done = ", ".join(f"{s} -> {o.path}" for s, o in outputs.items()) or "nothing"
+        raise StageNotBuiltError(f"not built yet: {detail}. Ran: {done}")
+    return outputs

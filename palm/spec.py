@@ -68,6 +68,10 @@ class Source(_Strict):
     #: Code sources also get near-duplicate removal tuned for code files.
     kind: Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"] = "other"
     filters: QualityFilters = QualityFilters()
+    #: For format "txt": a regex (multiline) at each match of which a new document starts; null: one per file.
+    split_pattern: str | None = None
+    #: Read at most this many documents from the source (in file order); null: all.
+    max_docs: int | None = Field(None, gt=0)
 
 
 class NearDedup(_Strict):
@@ -80,6 +84,9 @@ class NearDedup(_Strict):
     #: Bands × rows must equal num_perm; null chooses them for the threshold.
     bands: int | None = None
     rows: int | None = None
+    #: Weight of false negatives against false positives when choosing bands × rows. Candidate pairs
+    #: are verified against their signatures, so a false positive costs only a comparison.
+    recall_weight: float = Field(0.9, gt=0, lt=1)
 
 
 class Dedup(_Strict):
@@ -109,6 +116,8 @@ class DataSpec(_Strict):
     #: Tokens the mixture should supply; null takes every document once.
     token_budget: int | None = Field(None, gt=0)
     validation_fraction: float = Field(0.001, ge=0, lt=1)
+    #: Tokens are estimated as UTF-8 bytes / bytes_per_token until the tokenizer exists.
+    bytes_per_token: float = Field(4.0, gt=0)
     num_shards: int = Field(8, ge=1)
     seed: int = 0
     beam: BeamRunner = BeamRunner()
@@ -351,6 +360,14 @@ def check_consistency(spec: Spec) -> None:
     total = sum(src.weight for src in spec.data.sources)
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise SpecError(f"mixture weights sum to {total:g}, expected 1", key="data.sources")
+    for i, src in enumerate(spec.data.sources):
+        if src.split_pattern is not None:
+            if src.format != "txt":
+                raise SpecError("split_pattern applies to format txt only", key=f"data.sources.{i}.split_pattern")
+            try:
+                re.compile(src.split_pattern)
+            except re.error as e:
+                raise SpecError(f"not a valid regular expression: {e}", key=f"data.sources.{i}.split_pattern") from None
     names = [src.name for src in spec.data.sources]
     if len(set(names)) != len(names):
         raise SpecError(f"source names must be unique, got {names}", key="data.sources")

@@ -1,0 +1,478 @@
+"""The data stage: one Apache Beam pipeline from raw sources to a deduplicated, mixed, split corpus.
+
+    read ─► decode ─► normalize ─► quality ─► exact dedup ─► near dedup (prose | code) ─► mixture ─► split ─► shards
+
+Every step is a named transform. A document leaves the pipeline either in an output shard or with a
+drop reason; the reasons are counted per source, so for every source
+    docs_in == docs_kept + sum(dropped.values())
+holds and is checked before the manifest is written. Output shards are deterministic: each document's
+shard is a hash of its id, and a shard's documents are sorted by id.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from palm.data import builtin, filters, minhash
+from palm.errors import PalmError
+from palm.spec import DataSpec, Source
+
+# Elements: raw records (doc_id, source, bytes, format) and documents (doc_id, source, text).
+DROPPED = "dropped"
+_FAIL = "palm-data-error: "
+NUM_BINS = 1 << 16  # mixture priority histogram resolution: quotas are met to 1/65536 of a source
+
+
+def stable_unit(*parts: str) -> float:
+    """A deterministic number in [0, 1) from strings (same on every machine and process)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def expand_sources(spec: DataSpec) -> list[tuple[str, list[str]]]:
+    """(source name, files) for each source, globs expanded and sorted; no match is a spec error."""
+    out = []
+    for i, src in enumerate(spec.sources):
+        if src.format == "builtin":
+            known = builtin.CORPORA
+            for name in src.paths:
+                if name not in known:
+                    raise PalmError(f"data.sources.{i}.paths: unknown builtin corpus {name!r}; "
+                                    f"choose from {', '.join(sorted(known))}")
+            out.append((src.name, list(src.paths)))
+            continue
+        files: list[str] = []
+        for pattern in src.paths:
+            matched = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+            if not matched:
+                raise PalmError(f"data.sources.{i}.paths: no file matches {pattern!r} (source {src.name!r})")
+            files.extend(sorted(matched))
+        out.append((src.name, files))
+    return out
+
+
+def read_records(element: tuple[Source, list[str]]) -> Iterator[tuple[str, str, bytes, str]]:
+    """Raw records of one source's files, with ids "<source>/<file index>/<record index>"."""
+    src, files = element
+    count = 0
+    for file_index, path in enumerate(files):
+        if src.format == "builtin":
+            records: Iterable[tuple[str, bytes]] = builtin.builtin_records(path)
+        else:
+            records = ((f"{src.name}/{file_index:05d}/{i:08d}", raw) for i, raw in enumerate(_file_records(src, path)))
+        for doc_id, raw in records:
+            if src.max_docs is not None and count >= src.max_docs:
+                return
+            count += 1
+            yield doc_id if src.format != "builtin" else f"{src.name}/{doc_id}", src.name, raw, src.format
+
+
+def _file_records(src: Source, path: str) -> Iterator[bytes]:
+    if src.format == "parquet":
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            table = pq.read_table(io.BytesIO(f.read()), columns=[src.text_field])
+        for value in table.column(src.text_field).to_pylist():
+            yield json.dumps({src.text_field: value}).encode()
+        return
+    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+        data = f.read()
+    if src.format in ("jsonl", "jsonl.gz"):
+        for line in data.splitlines():
+            if line.strip():
+                yield line
+    elif src.split_pattern is None:
+        yield data
+    else:
+        starts = [m.start() for m in re.finditer(src.split_pattern.encode(), data, re.MULTILINE)]
+        bounds = sorted({0, *starts, len(data)})
+        for a, b in zip(bounds, bounds[1:]):
+            if data[a:b].strip():
+                yield data[a:b]
+
+
+# ----------------------------------------------------------------------------------- the steps
+
+
+class Decode(beam.DoFn):
+    """Bytes to text: invalid UTF-8 is repaired (U+FFFD) or the document dropped; JSON records parsed."""
+
+    def __init__(self, spec: DataSpec):
+        self.policy = spec.invalid_utf8
+        self.text_fields = {s.name: s.text_field for s in spec.sources}
+        self.repaired = Metrics.counter("palm.data", "repaired_utf8")
+
+    def process(self, record):
+        doc_id, source, raw, fmt = record
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if self.policy == "drop":
+                yield beam.pvalue.TaggedOutput(DROPPED, (source, "invalid_utf8"))
+                return
+            text = raw.decode("utf-8", errors="replace")
+            self.repaired.inc()
+            yield beam.pvalue.TaggedOutput("repaired", source)
+        if fmt in ("jsonl", "jsonl.gz", "parquet"):
+            try:
+                value = json.loads(text)[self.text_fields[source]]
+            except (ValueError, KeyError, TypeError):
+                yield beam.pvalue.TaggedOutput(DROPPED, (source, "malformed_record"))
+                return
+            if not isinstance(value, str):
+                yield beam.pvalue.TaggedOutput(DROPPED, (source, "malformed_record"))
+                return
+            text = value
+        yield doc_id, source, text
+
+
+def normalize(doc, form: str):
+    """Lossless by default ("none" keeps every character and whitespace run)."""
+    if form == "none":
+        return doc
+    doc_id, source, text = doc
+    return doc_id, source, unicodedata.normalize(form.upper(), text)
+
+
+class QualityFilter(beam.DoFn):
+    """Per-source Gopher/C4 heuristics, then optional score-proportional (Pareto) sampling."""
+
+    def __init__(self, spec: DataSpec):
+        self.filters = {s.name: s.filters for s in spec.sources}
+        self.seed = spec.seed
+
+    def process(self, doc):
+        doc_id, source, text = doc
+        f = self.filters[source]
+        reason = filters.quality_drop_reason(text, f)
+        if reason is None and f.quality_sampling:
+            if not filters.keep_by_quality(filters.quality_score(text), doc_id, self.seed):
+                reason = "quality_sampling"
+        if reason is not None:
+            Metrics.counter("palm.data", f"{source}.{reason}").inc()
+            yield beam.pvalue.TaggedOutput(DROPPED, (source, reason))
+        else:
+            yield doc
+
+
+def keep_first(group):
+    """Of documents with identical content, keep the one with the smallest id."""
+    _, docs = group
+    docs = sorted(docs)
+    yield docs[0]
+    for doc_id, source, _ in docs[1:]:
+        yield beam.pvalue.TaggedOutput(DROPPED, (source, "exact_duplicate"))
+
+
+class BandKeys(beam.DoFn):
+    """(domain, band key) -> (doc id, signature): code and prose are compared only within their domain."""
+
+    def __init__(self, spec: DataSpec, code_sources: frozenset[str]):
+        near = spec.dedup.near
+        self.ngram, self.num_perm, self.code_sources = near.ngram, near.num_perm, code_sources
+        if near.bands is not None:
+            self.bands, self.rows = near.bands, near.rows
+        else:
+            self.bands, self.rows = minhash.optimal_bands(near.threshold, near.num_perm, near.recall_weight)
+
+    def setup(self):
+        self.hasher = minhash.MinHasher(self.num_perm)
+
+    def process(self, doc):
+        doc_id, source, text = doc
+        code = source in self.code_sources
+        tokens = minhash.code_tokens(text) if code else minhash.words(text)
+        if not tokens:  # every empty document would share one signature; it has nothing to duplicate
+            return
+        signature = self.hasher.signature(minhash.shingle_hashes(tokens, self.ngram))
+        domain = "code" if code else "prose"
+        for key in minhash.band_keys(signature, self.bands, self.rows):
+            yield (domain, key), (doc_id, signature)
+
+
+def candidate_edges(group, threshold: float):
+    """Within one LSH bucket: link each member to the bucket's smallest id if their signatures agree."""
+    _, members = group
+    members = sorted(members, key=lambda m: m[0])
+    if len(members) < 2:
+        return
+    head_id, head_sig = members[0]
+    for doc_id, sig in members[1:]:
+        if minhash.estimated_jaccard(head_sig, sig) >= threshold:
+            yield head_id, doc_id
+
+
+def near_duplicate_ids(edges: list[tuple[str, str]]) -> list[str]:
+    return sorted(minhash.duplicates_to_drop(minhash.connected_components(edges)))
+
+
+def drop_marked(joined, code_sources: frozenset[str]):
+    """CoGroupByKey(doc, mark) -> the doc, unless it was marked a near duplicate."""
+    _, grouped = joined
+    docs, marks = grouped["doc"], grouped["mark"]
+    for doc in docs:
+        if marks:
+            reason = "near_duplicate_code" if doc[1] in code_sources else "near_duplicate"
+            yield beam.pvalue.TaggedOutput(DROPPED, (doc[1], reason))
+        else:
+            yield doc
+
+
+# ------------------------------------------------------------------------------------- mixture
+
+
+def estimated_tokens(text: str, bytes_per_token: float) -> int:
+    return max(1, round(len(text.encode("utf-8")) / bytes_per_token))
+
+
+def add_priority_bin(doc, spec: DataSpec):
+    doc_id, source, text = doc
+    return source, (int(stable_unit(str(spec.seed), "mixture", doc_id) * NUM_BINS),
+                    estimated_tokens(text, spec.bytes_per_token))
+
+
+class BinTokens(beam.CombineFn):
+    """Tokens per priority bin for one source: a fixed-size histogram, so the mixture scales."""
+
+    def create_accumulator(self):
+        return np.zeros(NUM_BINS, np.int64)
+
+    def add_input(self, acc, item):
+        acc[item[0]] += item[1]
+        return acc
+
+    def merge_accumulators(self, accs):
+        return np.sum(list(accs), axis=0)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def mixture_cutoffs(histograms: dict[str, np.ndarray], spec: DataSpec) -> dict[str, Any]:
+    """Per source, the priority bin below which documents are taken, and the achieved shares.
+
+    The budget is `token_budget`, or, when null, the largest budget every source can supply at its
+    weight without repeating a document (one epoch). A source that cannot supply its share of an
+    explicit budget is an error naming it.
+    """
+    weights = {s.name: s.weight for s in spec.sources}
+    available = {name: int(histograms.get(name, np.zeros(1)).sum()) for name in weights}
+    if spec.token_budget is None:
+        budget = min(available[n] / w for n, w in weights.items())
+    else:
+        budget = spec.token_budget
+        for name, w in weights.items():
+            if available[name] < w * budget:
+                raise ValueError(
+                    f"{_FAIL}source {name!r} has ~{available[name]:,} tokens after filtering and dedup, but "
+                    f"its weight {w} of data.token_budget {budget:,} needs {w * budget:,.0f}; add data, lower "
+                    "the weight or the budget (PaLM never repeats a source within the epoch)")
+    cutoffs, achieved = {}, {}
+    for name, w in weights.items():
+        hist = histograms.get(name, np.zeros(NUM_BINS, np.int64))
+        cumulative = np.cumsum(hist)
+        quota = w * budget
+        cutoffs[name] = int(np.searchsorted(cumulative, quota * (1 + 1e-9), side="right"))
+        achieved[name] = int(cumulative[cutoffs[name] - 1]) if cutoffs[name] > 0 else 0
+    return {"budget": budget, "cutoffs": cutoffs, "achieved_tokens": achieved, "available_tokens": available}
+
+
+class Select(beam.DoFn):
+    """Take the documents below their source's cutoff; split the taken into train and validation."""
+
+    def __init__(self, spec: DataSpec):
+        self.spec = spec
+
+    def process(self, doc, mixture):
+        doc_id, source, _ = doc
+        priority = int(stable_unit(str(self.spec.seed), "mixture", doc_id) * NUM_BINS)
+        if priority >= mixture["cutoffs"][source]:
+            yield beam.pvalue.TaggedOutput(DROPPED, (source, "mixture_excess"))
+            return
+        split = "validation" if stable_unit(str(self.spec.seed), "split", doc_id) < self.spec.validation_fraction \
+            else "train"
+        yield split, doc
+
+
+# --------------------------------------------------------------------------------------- write
+
+
+class WriteShard(beam.DoFn):
+    """Write one shard as gzip JSON lines, documents sorted by id, byte-for-byte reproducible."""
+
+    def __init__(self, out_dir: str, num_shards: dict[str, int]):
+        self.out_dir, self.num_shards = out_dir, num_shards
+
+    def process(self, group):
+        (split, shard), docs = group
+        docs = sorted(d for d in docs if d is not None)
+        path = f"{self.out_dir}/{split}-{shard:05d}-of-{self.num_shards[split]:05d}.jsonl.gz"
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+            for doc_id, source, text in docs:
+                gz.write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False).encode())
+                gz.write(b"\n")
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(buf.getvalue())
+        for doc_id, source, text in docs:
+            yield ("kept", source, split), 1
+            yield ("kept_tokens", source, split), estimated_tokens(text, 1.0)  # UTF-8 bytes
+
+
+def shard_of(item, num_shards: dict[str, int]):
+    split, doc = item
+    return (split, int(stable_unit("shard", doc[0]) * num_shards[split])), doc
+
+
+# ------------------------------------------------------------------------------------ pipeline
+
+
+def pipeline_options(spec: DataSpec, temp_dir: str) -> PipelineOptions:
+    """Runner options. Locally the in-process FnApiRunner is pinned (never Prism, which downloads)."""
+    b = spec.beam
+    if b.runner == "in_process":
+        return PipelineOptions(flags=[], direct_running_mode="in_memory", direct_num_workers=1)
+    if b.runner == "multi_process":
+        return PipelineOptions(flags=[], direct_running_mode="multi_processing", direct_num_workers=b.num_workers)
+    raise PalmError(f"data.beam.runner={b.runner!r} runs on a cluster; its launcher is not built yet (issue #9)")
+
+
+def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
+    """Attach the whole data stage to pipeline `p`, writing shards and accounting.json to out_dir."""
+    sources = {s.name: s for s in spec.sources}
+    code_sources = frozenset(s.name for s in spec.sources if s.kind == "code")
+    near = spec.dedup.near
+    dropped: list[beam.PCollection] = []
+
+    elements = [(sources[name], files) for name, files in expand_sources(spec)]
+    records = (p | "Sources" >> beam.Create(elements) | "Read" >> beam.FlatMap(read_records)
+               | "Spread" >> beam.Reshuffle())
+    decoded = records | "Decode" >> beam.ParDo(Decode(spec)).with_outputs(DROPPED, "repaired", main="docs")
+    dropped.append(decoded[DROPPED])
+    docs = decoded.docs | "Normalize" >> beam.Map(normalize, spec.normalize)
+
+    quality = docs | "Quality" >> beam.ParDo(QualityFilter(spec)).with_outputs(DROPPED, main="docs")
+    dropped.append(quality[DROPPED])
+    docs = quality.docs
+
+    if spec.dedup.exact:
+        exact = (docs | "ContentHash" >> beam.Map(lambda d: (hashlib.sha256(d[2].encode()).digest(), d))
+                 | "GroupByContent" >> beam.GroupByKey()
+                 | "ExactDedup" >> beam.FlatMap(keep_first).with_outputs(DROPPED, main="docs"))
+        dropped.append(exact[DROPPED])
+        docs = exact.docs
+
+    if near.enabled:
+        marks = (docs | "MinHash" >> beam.ParDo(BandKeys(spec, code_sources))
+                 | "GroupByBand" >> beam.GroupByKey()
+                 | "CandidatePairs" >> beam.FlatMap(candidate_edges, near.threshold)
+                 | "AllPairs" >> beam.combiners.ToList()
+                 | "Clusters" >> beam.FlatMap(near_duplicate_ids)
+                 | "Mark" >> beam.Map(lambda doc_id: (doc_id, True)))
+        keyed = docs | "ById" >> beam.Map(lambda d: (d[0], d))
+        near_out = ({"doc": keyed, "mark": marks} | "JoinMarks" >> beam.CoGroupByKey()
+                    | "NearDedup" >> beam.FlatMap(drop_marked, code_sources).with_outputs(DROPPED, main="docs"))
+        dropped.append(near_out[DROPPED])
+        docs = near_out.docs
+
+    histograms = (docs | "PriorityBins" >> beam.Map(add_priority_bin, spec)
+                  | "TokensPerBin" >> beam.CombinePerKey(BinTokens()))
+    mixture = (histograms | "AllSources" >> beam.combiners.ToDict()
+               | "Cutoffs" >> beam.Map(mixture_cutoffs, spec))
+    selected = docs | "Mixture" >> beam.ParDo(Select(spec), beam.pvalue.AsSingleton(mixture)).with_outputs(
+        DROPPED, main="docs")
+    dropped.append(selected[DROPPED])
+
+    num_shards = {"train": spec.num_shards, "validation": max(1, spec.num_shards // 8)}
+    # Every shard exists, even an empty one, so readers can rely on the names.
+    empty = [((split, i), None) for split, n in num_shards.items() for i in range(n)]
+    written = ((selected.docs | "AssignShard" >> beam.Map(shard_of, num_shards),
+                p | "EmptyShards" >> beam.Create(empty)) | "AllShards" >> beam.Flatten()
+               | "GroupByShard" >> beam.GroupByKey()
+               | "WriteShards" >> beam.ParDo(WriteShard(out_dir, num_shards)))
+
+    counts = [
+        records | "CountIn" >> beam.Map(lambda r: (("docs_in", r[1], ""), 1)),
+        decoded.repaired | "CountRepaired" >> beam.Map(lambda s: (("repaired_utf8", s, ""), 1)),
+        (dropped | "AllDropped" >> beam.Flatten()) | "CountDropped" >> beam.Map(lambda d: (("dropped", *d), 1)),
+        written,
+    ]
+    accounting = (counts | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
+                  | "Collect" >> beam.combiners.ToList())
+    (accounting | "WriteAccounting" >> beam.Map(_write_accounting, out_dir, beam.pvalue.AsSingleton(mixture)))
+
+
+def _write_accounting(counts, out_dir: str, mixture: dict[str, Any]) -> None:
+    payload = {"counts": [[list(k), v] for k, v in sorted(counts)],
+               "mixture": {k: v for k, v in mixture.items()}}
+    with FileSystems.create(f"{out_dir}/accounting.json", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(json.dumps(payload, default=int).encode())
+
+
+def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
+    """Per-source accounting from accounting.json, checked to balance; the manifest's data fields."""
+    payload = json.loads(Path(out_dir, "accounting.json").read_text())
+    per_source: dict[str, dict[str, Any]] = {
+        s.name: {"docs_in": 0, "docs_kept": 0, "kept_by_split": {"train": 0, "validation": 0}, "dropped": {},
+                 "repaired_utf8": 0, "bytes_kept": 0, "weight": s.weight} for s in spec.sources}
+    for (kind, source, detail), value in payload["counts"]:
+        entry = per_source[source]
+        if kind == "docs_in":
+            entry["docs_in"] += value
+        elif kind == "repaired_utf8":
+            entry["repaired_utf8"] += value
+        elif kind == "dropped":
+            entry["dropped"][detail] = entry["dropped"].get(detail, 0) + value
+        elif kind == "kept":
+            entry["docs_kept"] += value
+            entry["kept_by_split"][detail] += value
+        elif kind == "kept_tokens":
+            entry["bytes_kept"] += value
+    for name, entry in per_source.items():
+        entry["dropped"] = dict(sorted(entry["dropped"].items()))
+        if entry["docs_in"] != entry["docs_kept"] + sum(entry["dropped"].values()):
+            raise RuntimeError(f"data accounting does not balance for source {name!r}: {entry}")
+    mixture = payload["mixture"]
+    total = sum(mixture["achieved_tokens"].values()) or 1
+    for name, entry in per_source.items():
+        entry["estimated_tokens"] = mixture["achieved_tokens"][name]
+        entry["share"] = mixture["achieved_tokens"][name] / total
+    shards = sorted(p.name for p in Path(out_dir).glob("*.jsonl.gz"))
+    return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards,
+            "docs_in": sum(e["docs_in"] for e in per_source.values()),
+            "docs_kept": sum(e["docs_kept"] for e in per_source.values())}
+
+
+def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
+    """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
+    out_dir = str(out_dir)
+    options = pipeline_options(spec, out_dir)
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    try:
+        with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
+            build_pipeline(p, spec, out_dir)
+    except Exception as e:  # Beam wraps worker errors; surface ours as the user's error
+        message = str(e)
+        if _FAIL in message:
+            raise PalmError(message.split(_FAIL, 1)[1].split("\n")[0].rstrip(" '\"[]")) from None
+        raise
+    return summarize(out_dir, spec)

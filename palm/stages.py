@@ -1,0 +1,95 @@
+"""Content-addressed stage outputs: a stage's directory is named by the hash of what determines it.
+
+key = hash(stage name, the stage's config, its inputs' keys, the code version). A stage writes into a
+private temporary directory; `manifest.json` is written last and the directory is then renamed into
+place, so a directory with a complete manifest is a complete output and nothing half-written is ever
+picked up. A stage whose output exists with a complete manifest is not run again (unless forced).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import palm
+
+MANIFEST = "manifest.json"
+
+#: Bumped when a stage's output format or semantics change, so old outputs are not reused.
+STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "train": 1, "eval": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutput:
+    stage: str
+    key: str
+    path: str
+    manifest: dict[str, Any]
+    cached: bool
+
+
+def code_version(stage: str) -> str:
+    return f"palm-{palm.__version__}/{stage}-v{STAGE_CODE_VERSION[stage]}"
+
+
+def stage_key(stage: str, config: Any, inputs: dict[str, StageOutput]) -> str:
+    """Hash of the stage's config, its inputs' keys and the code version."""
+    blob = json.dumps({"stage": stage, "config": config, "code": code_version(stage),
+                       "inputs": {name: out.key for name, out in sorted(inputs.items())}},
+                      sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a complete stage output, or None when absent, unreadable or incomplete."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("complete") is True else None
+
+
+def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str | os.PathLike,
+              build: Callable[[Path], dict[str, Any]], force: bool = False) -> StageOutput:
+    """Return the stage's output, building it with `build(tmp_dir) -> manifest fields` if needed."""
+    key = stage_key(stage, config, inputs)
+    final = Path(root) / stage / key
+    if not force:
+        manifest = read_manifest(final)
+        if manifest is not None:
+            return StageOutput(stage, key, str(final), manifest, cached=True)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    started = time.time()
+    try:
+        fields = build(tmp)
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "code_version": code_version(stage),
+            "config": config,
+            "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())},
+            "started_at": started,
+            "seconds": time.time() - started,
+            **fields,
+            "complete": True,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if final.exists():  # a forced re-run, or an incomplete leftover without a manifest
+            stale = final.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
+            final.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StageOutput(stage, key, str(final), manifest, cached=False)
