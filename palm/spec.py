@@ -98,12 +98,19 @@ class BeamRunner(_Strict):
     """Where the Beam pipelines run: in process locally, Dataflow (or Flink/Spark) at scale."""
 
     runner: Literal["in_process", "multi_process", "dataflow", "flink", "spark"] = "in_process"
+    #: Worker processes for multi_process; initial workers on Dataflow.
     num_workers: int = Field(2, ge=1)
     project: str | None = None
     region: str | None = None
     temp_location: str | None = None
     machine_type: str | None = None
-    max_num_workers: int | None = None
+    max_num_workers: int | None = Field(None, ge=1)
+    #: Flink or Spark master (host:port, spark://host:port) for the portable runners.
+    master_url: str | None = None
+    #: Worker image with palm-pipeline installed; otherwise `extra_packages` (wheels) are staged.
+    sdk_container_image: str | None = None
+    extra_packages: list[str] = []
+    requirements_file: str | None = None
 
 
 class DataSpec(_Strict):
@@ -384,6 +391,12 @@ def check_consistency(spec: Spec) -> None:
         for key in ("project", "region", "temp_location"):
             if not getattr(spec.data.beam, key):
                 raise SpecError("the Dataflow runner needs it", key=f"data.beam.{key}")
+        if not spec.data.beam.temp_location.startswith("gs://"):
+            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path",
+                            key="data.beam.temp_location")
+    if spec.data.beam.runner in ("flink", "spark") and not spec.data.beam.master_url:
+        raise SpecError(f"the {spec.data.beam.runner} runner needs its master's address",
+                        key="data.beam.master_url")
     if spec.infra.launcher.kind != "local" and spec.infra.hardware.accelerator == "cpu":
         raise SpecError(f"launcher {spec.infra.launcher.kind!r} needs an accelerator, not cpu",
                         key="infra.hardware.accelerator")

@@ -195,3 +195,32 @@ def test_multi_process_runner(tmp_path):
     manifest = run_data_stage(data_spec(beam={"runner": "multi_process", "num_workers": 2}), tmp_path)
     assert manifest["sources"]["planted"]["docs_kept"] == len(builtin.PLANTED["distinct"]) + len(
         builtin.PLANTED["invalid_utf8"])
+
+
+def test_cluster_runner_options_come_from_the_spec():
+    from palm.data.pipeline import pipeline_options
+
+    dataflow = data_spec(beam={"runner": "dataflow", "project": "proj", "region": "us-central2",
+                               "temp_location": "gs://bucket/tmp", "machine_type": "n2-highmem-16",
+                               "num_workers": 10, "max_num_workers": 1000,
+                               "extra_packages": ["dist/palm_pipeline-0.1.0-py3-none-any.whl"],
+                               "requirements_file": "requirements.txt"})
+    opts = pipeline_options(dataflow).get_all_options(drop_default=True)
+    assert opts["runner"] == "DataflowRunner"
+    assert (opts["project"], opts["region"], opts["temp_location"]) == ("proj", "us-central2", "gs://bucket/tmp")
+    assert (opts["machine_type"], opts["num_workers"], opts["max_num_workers"]) == ("n2-highmem-16", 10, 1000)
+    assert opts["extra_packages"] == ["dist/palm_pipeline-0.1.0-py3-none-any.whl"]
+    assert opts["requirements_file"] == "requirements.txt" and opts["save_main_session"] is False
+
+    flink = pipeline_options(data_spec(beam={"runner": "flink", "master_url": "localhost:8081",
+                                             "sdk_container_image": "img:1"})).get_all_options(drop_default=True)
+    assert (flink["runner"], flink["flink_master"], flink["environment_type"]) == ("FlinkRunner", "localhost:8081",
+                                                                                  "DOCKER")
+    spark = pipeline_options(data_spec(beam={"runner": "spark", "master_url": "spark://m:7077"}))
+    assert spark.get_all_options()["spark_master_url"] == "spark://m:7077"
+
+    local = pipeline_options(data_spec()).get_all_options()
+    assert local["direct_running_mode"] == "in_memory"
+
+    with pytest.raises(PalmError, match="cannot write to the local path"):
+        run_data_stage(dataflow, "/tmp/somewhere")

@@ -345,14 +345,43 @@ def shard_of(item, num_shards: dict[str, int]):
 # ------------------------------------------------------------------------------------ pipeline
 
 
-def pipeline_options(spec: DataSpec, temp_dir: str) -> PipelineOptions:
-    """Runner options. Locally the in-process FnApiRunner is pinned (never Prism, which downloads)."""
+LOCAL_RUNNERS = ("in_process", "multi_process")
+
+
+def pipeline_options(spec: DataSpec, job_name: str = "palm-data") -> PipelineOptions:
+    """Beam options for the spec's runner.
+
+    Locally the in-process FnApiRunner is pinned (plain DirectRunner may try Prism, which downloads a
+    binary). On Dataflow, Flink or Spark the workers need palm-pipeline itself: either an SDK container
+    image with it installed, or the wheel (`uv build`) in `extra_packages` plus a requirements file
+    (`uv export --no-dev --no-hashes`); see infra/dataflow.md.
+    """
     b = spec.beam
     if b.runner == "in_process":
         return PipelineOptions(flags=[], direct_running_mode="in_memory", direct_num_workers=1)
     if b.runner == "multi_process":
         return PipelineOptions(flags=[], direct_running_mode="multi_processing", direct_num_workers=b.num_workers)
-    raise PalmError(f"data.beam.runner={b.runner!r} runs on a cluster; its launcher is not built yet (issue #9)")
+    packaging: dict[str, Any] = {"save_main_session": False}
+    if b.sdk_container_image:
+        packaging["sdk_container_image"] = b.sdk_container_image
+    if b.extra_packages:
+        packaging["extra_packages"] = list(b.extra_packages)
+    if b.requirements_file:
+        packaging["requirements_file"] = b.requirements_file
+    if b.runner == "dataflow":
+        cloud = {"runner": "DataflowRunner", "project": b.project, "region": b.region,
+                 "temp_location": b.temp_location, "job_name": job_name, "num_workers": b.num_workers}
+        if b.machine_type:
+            cloud["machine_type"] = b.machine_type
+        if b.max_num_workers:
+            cloud["max_num_workers"] = b.max_num_workers
+            cloud["autoscaling_algorithm"] = "THROUGHPUT_BASED"
+        return PipelineOptions(flags=[], **cloud, **packaging)
+    if b.runner == "flink":
+        return PipelineOptions(flags=[], runner="FlinkRunner", flink_master=b.master_url,
+                               environment_type="DOCKER" if b.sdk_container_image else "LOOPBACK", **packaging)
+    return PipelineOptions(flags=[], runner="SparkRunner", spark_master_url=b.master_url,
+                           environment_type="DOCKER" if b.sdk_container_image else "LOOPBACK", **packaging)
 
 
 def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
@@ -464,11 +493,17 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
 def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
     """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
     out_dir = str(out_dir)
-    options = pipeline_options(spec, out_dir)
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
+        raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
+                        f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
+    options = pipeline_options(spec)
+    runner = None
+    if spec.beam.runner in LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+        runner = FnApiRunner()
     try:
-        with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
+        with beam.Pipeline(runner=runner, options=options) as p:
             build_pipeline(p, spec, out_dir)
     except Exception as e:  # Beam wraps worker errors; surface ours as the user's error
         message = str(e)
