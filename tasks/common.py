@@ -1,0 +1,31 @@
+"""What every stage task shares: the spec's retry policy and a summary artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task
+from prefect.artifacts import create_markdown_artifact
+
+from palm.stages import StageOutput
+
+
+def with_retry_policy(task: Task, spec: Any, stage: str) -> Task:
+    """The task with the spec's retries for this stage: count, first delay, exponential backoff."""
+    policy = spec.retry_policy(stage)
+    delays = [policy.delay_seconds * policy.backoff**i for i in range(policy.retries)]
+    return task.with_options(retries=policy.retries, retry_delay_seconds=delays or 0)
+
+
+def artifact_key(spec: Any, stage: str, kind: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{spec.name}-{stage}-{kind}".lower().replace("_", "-").replace(".", "-")
+
+
+def publish_summary(spec: Any, out: StageOutput) -> None:
+    state = "reused (complete output found)" if out.cached else f"built in {out.manifest.get('seconds', 0):.1f} s"
+    create_markdown_artifact(
+        key=artifact_key(spec, out.stage, "summary"),
+        markdown=f"**{out.stage}** {state}\n\n- output: `{out.path}`\n- key: `{out.key}`\n"
+                 f"- code version: `{out.manifest.get('code_version')}`\n",
+        description=f"{out.stage} stage of {spec.name}")
