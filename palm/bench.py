@@ -1,8 +1,11 @@
-"""Benchmarks: `palm bench train` times the real jitted train step of a spec."""
+"""Benchmarks: `palm bench train` times the real jitted train step of a spec; `palm bench data` times the
+data stage against datatrove on the same documents, per core."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -108,4 +111,353 @@ def render_train(r: dict[str, Any]) -> str:
         ref = r["reference"]
         lines.append(f"reference: {ref.get('tok_s', 0):,.0f} tokens/s, MFU {ref.get('mfu', 0):.1%}; "
                      f"speedup {r['speedup_vs_reference']:.2f}x")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ palm bench data
+#
+# `palm bench data` times the data stage against datatrove (Hugging Face's pipeline library) on the same
+# documents, one core each. The documents are cut from the shared corpora once and written as JSON lines,
+# so both systems read identical bytes; only the pipelines are timed.
+
+#: A speech starts after a blank line, at a "Name:" line (as in the real-corpora data-stage test).
+BOOKS_SPLIT = r"\n\n(?=[A-Z][A-Za-z ]+:\n)"
+#: A WikiText article starts at its " = Title = " line; " = = Section = = " lines stay inside it.
+WIKI_SPLIT = r"^ = [^=\n]+ = *$"
+#: (source name and kind, files under the data dir, split pattern)
+BENCH_CORPORA: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("books", ("tinyshakespeare/input.txt",), BOOKS_SPLIT),
+    ("wikipedia", ("wikitext2/valid.txt", "wikitext2/test.txt"), WIKI_SPLIT),
+)
+MB = 1e6  # throughput is reported in MB (10^6 bytes) of UTF-8 text per second
+PALM_EXTRA_STEPS = ("exact dedup (SHA-256 of the content)", "near-dup candidates verified against signatures",
+                    "token mixture by weight", "train/validation split", "deterministic sharding (sorted by id)",
+                    "per-source drop accounting")
+BENCH_REQUIREMENTS = ("datatrove", "spacy", "xxhash", "orjson")
+
+
+def default_data_dir() -> Path:
+    """../shared/data next to the repository root."""
+    import palm
+
+    return Path(palm.__file__).resolve().parents[2] / "shared" / "data"
+
+
+def split_text(text: str, pattern: str) -> list[str]:
+    """Documents starting at each (multiline) match of pattern, as the data stage splits txt sources."""
+    starts = [m.start() for m in re.finditer(pattern, text, re.MULTILINE)]
+    bounds = sorted({0, *starts, len(text)})
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+
+
+def materialize_corpora(data_dir: Path, out_dir: Path, max_docs: int | None = None) -> dict[str, dict[str, Any]]:
+    """Write each bench source as <out_dir>/<name>.jsonl ({"id", "text"} per line); its docs and text bytes."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise PalmError(f"--data-dir {data_dir}: no such directory (it should hold tinyshakespeare/ and "
+                        "wikitext2/ from ../shared/data)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources: dict[str, dict[str, Any]] = {}
+    for name, rel_paths, pattern in BENCH_CORPORA:
+        docs: list[str] = []
+        for rel in rel_paths:
+            path = data_dir / rel
+            if not path.is_file():
+                raise PalmError(f"--data-dir {data_dir}: {rel} is missing (the data bench reads "
+                                f"{', '.join(p for _, ps, _ in BENCH_CORPORA for p in ps)})")
+            try:
+                text = path.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
+            except UnicodeDecodeError as e:
+                raise PalmError(f"{path}: not UTF-8 ({e})") from None
+            docs.extend(split_text(text, pattern))
+        if max_docs is not None:
+            docs = docs[:max_docs]
+        file = out_dir / f"{name}.jsonl"
+        with file.open("w", encoding="utf-8") as f:
+            for i, doc in enumerate(docs):
+                f.write(json.dumps({"id": f"{name}/{i:06d}", "text": doc}, ensure_ascii=False) + "\n")
+        sources[name] = {"file": str(file), "docs": len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    return sources
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (datatrove's multiprocess manager)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _palm_data_spec(sources: dict[str, dict[str, Any]]):
+    from palm.spec import DataSpec
+
+    # Default quality filters, exact + near dedup with their defaults, the in-process runner (one core).
+    return DataSpec.model_validate({
+        "sources": [{"name": name, "kind": name, "format": "jsonl", "weight": 0.5, "paths": [info["file"]]}
+                    for name, info in sources.items()],
+        "beam": {"runner": "in_process"}})
+
+
+def run_palm_once(spec, out_dir: Path) -> dict[str, Any]:
+    """One timed run of the whole data stage (pipeline construction, Beam run, accounting)."""
+    from palm.data.pipeline import run_data_stage
+
+    out_dir.mkdir(parents=True)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    manifest = run_data_stage(spec, out_dir)
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    dropped: dict[str, int] = {}
+    for entry in manifest["sources"].values():
+        for reason, n in entry["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    return {"seconds": seconds, "cpu_seconds": cpu, "docs_in": manifest["docs_in"],
+            "docs_out": manifest["docs_kept"], "dropped": dict(sorted(dropped.items()))}
+
+
+def require_datatrove() -> str:
+    """datatrove's version, or a PalmError saying how to install the bench group."""
+    import importlib
+
+    missing = []
+    for module in BENCH_REQUIREMENTS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise PalmError(f"`palm bench data` compares against datatrove, but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not installed: run `uv sync --group bench` "
+                        "(or pass --no-datatrove to time palm alone)")
+    import datatrove
+    import spacy
+
+    try:
+        spacy.blank("en")  # the Gopher filter's word tokenizer; a blank pipeline needs no model download
+    except Exception as e:  # noqa: BLE001 - any failure here means the bench cannot run datatrove
+        raise PalmError(f"spacy cannot build its blank English tokenizer ({e}); run `uv sync --group bench`") \
+            from None
+    return getattr(datatrove, "__version__", None) or _dist_version("datatrove")
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _datatrove_executors(input_dir: Path, root: Path, bands: int, rows: int, ngram: int):
+    """The standard four-stage datatrove MinHash recipe, with the Gopher quality filter before it.
+
+    1. read -> Gopher quality -> (kept documents to filtered/) -> signatures
+    2. LSH buckets (one task per band, run one after another)   3. clusters   4. read filtered/ -> drop -> write
+    Every stage runs as tasks on one worker, i.e. one core.
+    """
+    from datatrove.executor.local import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.filters import GopherQualityFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    config = MinhashConfig(n_grams=ngram, num_buckets=bands, hashes_per_bucket=rows)
+    logs = root / "logs"
+    signature = LocalPipelineExecutor(
+        [JsonlReader(str(input_dir)), GopherQualityFilter(),
+         JsonlWriter(str(root / "filtered"), compression=None),
+         MinhashDedupSignature(output_folder=str(root / "signatures"), config=config)],
+        tasks=1, workers=1, logging_dir=str(logs / "1-signature"))
+    buckets = LocalPipelineExecutor(
+        [MinhashDedupBuckets(input_folder=str(root / "signatures"), output_folder=str(root / "buckets"),
+                             config=config)],
+        tasks=config.num_buckets, workers=1, logging_dir=str(logs / "2-buckets"), depends=signature)
+    cluster = LocalPipelineExecutor(
+        [MinhashDedupCluster(input_folder=str(root / "buckets"), output_folder=str(root / "remove"),
+                             config=config)],
+        tasks=1, workers=1, logging_dir=str(logs / "3-cluster"), depends=buckets)
+    final = LocalPipelineExecutor(
+        [JsonlReader(str(root / "filtered"), compression=None),
+         MinhashDedupFilter(input_folder=str(root / "remove")),
+         JsonlWriter(str(root / "output"))],
+        tasks=1, workers=1, logging_dir=str(logs / "4-filter"), depends=cluster)
+    return final
+
+
+DATATROVE_STAGES = ("1-signature", "2-buckets", "3-cluster", "4-filter")
+
+
+def _stage_stats(logging_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((logging_dir / "stats.json").read_text())
+
+
+def _step_stats(stats: list[dict[str, Any]], name_part: str) -> dict[str, Any]:
+    for step in stats:
+        if name_part in step.get("name", ""):
+            return step.get("stats", {})
+    return {}
+
+
+def _count(value: Any) -> int:
+    """A datatrove stats entry: a bare number or {"total": n, ...}."""
+    if isinstance(value, dict):
+        return int(value.get("total", 0))
+    return int(value or 0)
+
+
+def run_datatrove_once(input_dir: Path, root: Path, bands: int, rows: int, ngram: int) -> dict[str, Any]:
+    """One timed run of all four stages; datatrove's own logs go to <root>/datatrove.log, not the terminal."""
+    import gzip
+
+    from datatrove.utils.logging import setup_default_logger
+
+    root.mkdir(parents=True)
+    log_path = root / "datatrove.log"
+    with log_path.open("w") as log:
+        try:
+            with contextlib.redirect_stderr(log):
+                setup_default_logger()  # binds datatrove's logger to the redirected stderr
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                _datatrove_executors(input_dir, root, bands, rows, ngram).run()
+                seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        except Exception as e:
+            log.flush()
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            raise PalmError(f"datatrove failed: {type(e).__name__}: {e}\n" + "\n".join(tail)) from None
+        finally:
+            setup_default_logger()  # its task loggers were bound to the redirected stderr
+    first = _stage_stats(root / "logs" / "1-signature")
+    last = _stage_stats(root / "logs" / "4-filter")
+    reader, gopher = _step_stats(first, "Jsonl"), _step_stats(first, "Gopher")
+    dedup = _step_stats(last, "MinHash stage 4")
+    docs_out = 0
+    for path in sorted((root / "output").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            docs_out += sum(1 for line in f if line.strip())
+    dropped = {k.removeprefix("dropped_"): _count(v) for k, v in gopher.items() if k.startswith("dropped_")}
+    dropped["minhash_duplicate"] = _count(dedup.get("dropped", 0))
+    step_seconds = {}
+    for stage in DATATROVE_STAGES:
+        upstream = 0.0
+        for step in _stage_stats(root / "logs" / stage):
+            name = " ".join("".join(c for c in step.get("name", "") if c.isascii()).replace(" - ", " ").split())
+            t = step.get("time_stats")
+            total = float(t.get("total", 0.0)) if isinstance(t, dict) else 0.0
+            if isinstance(t, dict) and "n" not in t:
+                # timed once around its whole run, which pulls documents through the steps before it
+                total = max(0.0, total - upstream)
+            step_seconds[f"{stage}: {name}"] = total
+            upstream += total
+    return {"seconds": seconds, "cpu_seconds": cpu, "docs_in": _count(reader.get("documents", 0)),
+            "docs_out": docs_out, "dropped": dict(sorted(dropped.items())), "step_seconds": step_seconds}
+
+
+def _summarize_runs(runs: list[dict[str, Any]], mb: float, cores: int) -> dict[str, Any]:
+    best = min(runs, key=lambda r: r["seconds"])
+    mb_per_s = mb / best["seconds"]
+    return {"seconds": best["seconds"], "seconds_all": [r["seconds"] for r in runs],
+            "cpu_seconds": best["cpu_seconds"], "mb_per_s": mb_per_s, "cores": cores,
+            "mb_per_s_per_core": mb_per_s / cores, "docs_in": best["docs_in"], "docs_out": best["docs_out"],
+            "dropped": best["dropped"]}
+
+
+def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: bool = True,
+               max_docs: int | None = None, log=None) -> dict[str, Any]:
+    """Time palm's data stage and datatrove's quality + MinHash pipeline on the same documents."""
+    import tempfile
+
+    from palm.data.minhash import optimal_bands
+    from palm.spec import NearDedup
+
+    if repeat < 1:
+        raise PalmError(f"--repeat must be at least 1, got {repeat}")
+    if max_docs is not None and max_docs < 1:
+        raise PalmError(f"--max-docs must be at least 1, got {max_docs}")
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    dt_version = require_datatrove() if datatrove else None
+    near = NearDedup()
+    bands, rows = optimal_bands(near.threshold, near.num_perm, near.recall_weight)
+
+    with tempfile.TemporaryDirectory(prefix="palm-bench-data-") as tmp:
+        work = Path(tmp)
+        sources = materialize_corpora(data_dir, work / "input", max_docs)
+        total_bytes = sum(s["bytes"] for s in sources.values())
+        total_docs = sum(s["docs"] for s in sources.values())
+        mb = total_bytes / MB
+        per_source = ", ".join(f"{n} {s['docs']:,}" for n, s in sources.items())
+        say(f"bench data: {total_docs:,} documents, {mb:.2f} MB of text ({per_source})")
+
+        spec = _palm_data_spec(sources)
+        palm_runs = []
+        for i in range(repeat):
+            palm_runs.append(run_palm_once(spec, work / f"palm-{i}"))
+            say(f"  palm run {i + 1}/{repeat}: {palm_runs[-1]['seconds']:.2f} s")
+        dt_runs = []
+        if datatrove:
+            for i in range(repeat):
+                dt_runs.append(run_datatrove_once(work / "input", work / f"datatrove-{i}", bands, rows, near.ngram))
+                say(f"  datatrove run {i + 1}/{repeat}: {dt_runs[-1]['seconds']:.2f} s")
+
+    palm_result = _summarize_runs(palm_runs, mb, cores=1) | {
+        "runner": "Beam FnApiRunner in process (data.beam.runner=in_process)",
+        "steps": ["read", "decode", "quality (Gopher/C4 rules)", "exact dedup", "MinHash near dedup", "mixture",
+                  "split", "sharded gzip JSONL write"]}
+    dt_result = None
+    if datatrove:
+        best_dt = min(dt_runs, key=lambda r: r["seconds"])
+        dt_result = _summarize_runs(dt_runs, mb, cores=1) | {
+            "step_seconds": best_dt["step_seconds"],
+            "version": dt_version,
+            "executor": "LocalPipelineExecutor, workers=1 (tasks run one after another)",
+            "steps": ["JsonlReader", "GopherQualityFilter (defaults)", "MinhashDedupSignature",
+                      "MinhashDedupBuckets", "MinhashDedupCluster", "MinhashDedupFilter", "JsonlWriter (gzip)"]}
+    ratio = palm_result["mb_per_s_per_core"] / dt_result["mb_per_s_per_core"] if dt_result else None
+    return {
+        "data_dir": str(data_dir),
+        "repeat": repeat,
+        "max_docs_per_source": max_docs,
+        "input": {"mb": mb, "bytes": total_bytes, "docs": total_docs,
+                  "sources": {n: {"docs": s["docs"], "bytes": s["bytes"]} for n, s in sources.items()}},
+        "minhash": {"ngram": near.ngram, "bands": bands, "rows": rows, "threshold": near.threshold},
+        "palm": palm_result,
+        "datatrove": dt_result,
+        "ratio_palm_over_datatrove_mb_per_s_per_core": ratio,
+        "note": ("palm's data stage does more than datatrove's pipeline here: " + "; ".join(PALM_EXTRA_STEPS)
+                 + ". datatrove tokenizes words with spaCy in its quality filter and MinHash; palm splits on "
+                 "whitespace."),
+    }
+
+
+def render_data(r: dict[str, Any]) -> str:
+    i, m = r["input"], r["minhash"]
+    per_source = ", ".join(f"{n}: {s['docs']:,} docs, {s['bytes'] / MB:.2f} MB" for n, s in i["sources"].items())
+    lines = [
+        f"input: {i['docs']:,} documents, {i['mb']:.2f} MB of UTF-8 text ({per_source})"
+        + (f", at most {r['max_docs_per_source']:,} per source" if r["max_docs_per_source"] else ""),
+        f"MinHash: word {m['ngram']}-grams, {m['bands']} bands x {m['rows']} rows (both systems); "
+        f"best of {r['repeat']}",
+        "",
+        f"{'system':<10} {'seconds':>8} {'MB/s':>7} {'cores':>5} {'MB/s/core':>9} {'cpu s':>7} "
+        f"{'docs in':>8} {'docs out':>8}",
+    ]
+    for name in ("palm", "datatrove"):
+        s = r[name]
+        if s is None:
+            lines.append(f"{name:<10} (skipped: --no-datatrove)")
+            continue
+        lines.append(f"{name:<10} {s['seconds']:>8.2f} {s['mb_per_s']:>7.3f} {s['cores']:>5} "
+                     f"{s['mb_per_s_per_core']:>9.3f} {s['cpu_seconds']:>7.2f} {s['docs_in']:>8,} "
+                     f"{s['docs_out']:>8,}")
+    for name in ("palm", "datatrove"):
+        if r[name] is not None:
+            lines.append(f"  {name} dropped: " + ", ".join(f"{k} {v:,}" for k, v in r[name]["dropped"].items()))
+    if r["datatrove"] is not None:
+        steps = sorted(r["datatrove"]["step_seconds"].items(), key=lambda kv: -kv[1])
+        lines.append("  datatrove time by step (its own stats, upstream steps excluded): "
+                     + ", ".join(f"{k} {v:.2f} s" for k, v in steps if v >= 0.005))
+    if r["ratio_palm_over_datatrove_mb_per_s_per_core"] is not None:
+        lines.append(f"palm / datatrove, MB/s per core: {r['ratio_palm_over_datatrove_mb_per_s_per_core']:.2f}x")
+    lines.append(f"note: {r['note']}")
     return "\n".join(lines)

@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     q.add_argument("--reference", metavar="PATH", help="also run this reference_step.py at the same shapes, "
                    "in the same process tree, and report the ratio")
+    q = bench_sub.add_parser("data", help="time the data stage against datatrove on the same documents, "
+                             "per core")
+    _add_json(q)
+    q.add_argument("--data-dir", metavar="DIR", help="the shared corpora (default: ../shared/data next to the "
+                   "repository)")
+    q.add_argument("--repeat", type=int, default=3, help="runs per system; the best is reported (default 3)")
+    q.add_argument("--no-datatrove", action="store_true", help="time palm alone (datatrove need not be installed)")
+    q.add_argument("--max-docs", type=int, default=None, metavar="N",
+                   help="use only the first N documents of each source (for quick checks and tests)")
     return parser
 
 
@@ -115,6 +124,8 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "data":
+        return _cmd_bench_data(args)
     from palm.bench import bench_train, render_train
     from palm.spec import load_spec
 
@@ -123,6 +134,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise PalmError("--steps must be positive and --warmup non-negative")
     result = bench_train(spec, steps=args.steps, warmup=args.warmup, reference=args.reference)
     _emit(args, result, render_train(result))
+    return 0
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from palm.bench import bench_data, render_data
+
+    result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs)
+    _emit(args, result, render_data(result))
     return 0
 
 
