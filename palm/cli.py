@@ -89,8 +89,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from palm.pipeline import run_local, select_stages
+    import signal
+    import threading
+
+    from palm.pipeline import Hooks, run_local, select_stages
     from palm.spec import load_spec
+    from palm.train import Preempted
 
     spec = load_spec(args.spec, args.overrides)
     stages = select_stages(args.stages)
@@ -101,11 +105,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def report(out) -> None:
         state = "cached" if out.cached else f"built in {out.manifest.get('seconds', 0):.1f} s"
-        print(f"stage {out.stage}: {state}; manifest {out.path}/manifest.json", file=sys.stderr)
+        print(f"stage {out.stage}: {state}; manifest {out.path}/manifest.json", file=sys.stderr, flush=True)
 
-    outputs = run_local(spec, root, stages, frozenset(args.force), on_stage=report)
+    def progress(log, state) -> None:
+        if log.step % spec.train.log_every == 0 or log.step + 1 == spec.train.steps:
+            print(f"step {log.step + 1}/{spec.train.steps} loss {log.loss:.4f} lr {log.learning_rate:.2e} "
+                  f"batch {log.global_batch} {log.tokens_per_second:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+    def saved(path, step, record) -> None:
+        print(f"checkpoint {step}: {path}", file=sys.stderr, flush=True)
+
+    # SIGTERM (preemption) asks the train stage to checkpoint at the current step and stop.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        outputs = run_local(spec, root, stages, frozenset(args.force), on_stage=report,
+                            hooks=Hooks(on_step=progress, on_checkpoint=saved, stop=stop))
+    except Preempted as e:
+        print(f"palm: {e}", file=sys.stderr)
+        return Preempted.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     payload = {"status": "completed", "root": root,
                "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
+    if "train" in outputs:
+        m = outputs["train"].manifest
+        payload.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
     _emit(args, payload, "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
     return 0
 

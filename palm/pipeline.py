@@ -8,6 +8,7 @@ functions as tasks; `run_local` is the plain in-process path.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "pack", "tokenizer"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
-PLANNED_BY = {"tokenizer": "#5", "pack": "#5", "train": "#6 and #8", "eval": "#7"}
+PLANNED_BY = {"tokenizer": "#5", "pack": "#5", "eval": "#7"}
 
 
 def stage_config(spec: Any, stage: str) -> dict[str, Any]:
@@ -38,15 +39,44 @@ def stage_config(spec: Any, stage: str) -> dict[str, Any]:
     }[stage]()
 
 
-def _build_data(spec: Any, inputs: dict[str, StageOutput]) -> Callable[[Path], dict[str, Any]]:
+@dataclasses.dataclass
+class Hooks:
+    """What the caller (the CLI or a Prefect task) wants to hear from long stages, and how to stop them."""
+
+    on_step: Callable[..., None] | None = None
+    on_checkpoint: Callable[..., None] | None = None
+    stop: Any = None
+
+
+def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.data.pipeline import run_data_stage
 
     return lambda out: run_data_stage(spec.data, out)
 
 
+def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.data.pack import run_pack_stage
+
+    return lambda out: run_pack_stage(spec.data, spec.pack.num_shards, spec.model.seq_len,
+                                      Path(inputs["data"].path), Path(inputs["tokenizer"].path), out)
+
+
+def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.train import run_train_stage
+
+    pack = inputs["pack"]
+    return lambda out: run_train_stage(spec, pack.path, pack.manifest, out, on_step=hooks.on_step,
+                                       on_checkpoint=hooks.on_checkpoint, stop=hooks.stop)
+
+
+#: Stages that build in their final directory and resume from what a failed attempt left there.
+RESUMABLE = frozenset({"train"})
+
 #: Stage builders in this version; a stage missing here is reported as not built, never faked.
-BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput]], Callable[[Path], dict[str, Any]]]] = {
+BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Path], dict[str, Any]]]] = {
     "data": _build_data,
+    "pack": _build_pack,
+    "train": _build_train,
 }
 BUILT = frozenset(BUILDERS)
 
@@ -79,15 +109,17 @@ def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, S
 
 
 def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput],
-                    force: bool = False) -> StageOutput:
+                    force: bool = False, hooks: Hooks | None = None) -> StageOutput:
     """Run (or reuse) one stage's content-addressed output."""
     if stage not in BUILDERS:
         raise StageNotBuiltError(f"stage {stage!r} is not built yet (issue {PLANNED_BY.get(stage, '?')})")
-    return run_stage(stage, stage_config(spec, stage), inputs, root, BUILDERS[stage](spec, inputs), force)
+    build = BUILDERS[stage](spec, inputs, hooks or Hooks())
+    return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE)
 
 
 def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
-              on_stage: Callable[[StageOutput], None] | None = None) -> dict[str, StageOutput]:
+              on_stage: Callable[[StageOutput], None] | None = None,
+              hooks: Hooks | None = None) -> dict[str, StageOutput]:
     """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
     missing = [s for s in stages if s not in BUILT]
     outputs: dict[str, StageOutput] = {}
@@ -99,7 +131,7 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
         if len(inputs) < len(STAGE_INPUTS[stage]):
             continue
         if stage in stages:
-            outputs[stage] = run_stage_named(spec, stage, root, inputs, force=stage in force)
+            outputs[stage] = run_stage_named(spec, stage, root, inputs, force=stage in force, hooks=hooks)
         else:
             outputs[stage] = existing_output(spec, stage, root, inputs)
         if on_stage is not None:

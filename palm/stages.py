@@ -56,33 +56,57 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
     return manifest if manifest.get("complete") is True else None
 
 
+def _manifest(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], started: float,
+              fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "key": key,
+        "code_version": code_version(stage),
+        "config": config,
+        "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())},
+        "started_at": started,
+        "seconds": time.time() - started,
+        **fields,
+        "complete": True,
+    }
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str | os.PathLike,
-              build: Callable[[Path], dict[str, Any]], force: bool = False) -> StageOutput:
-    """Return the stage's output, building it with `build(tmp_dir) -> manifest fields` if needed."""
+              build: Callable[[Path], dict[str, Any]], force: bool = False, resumable: bool = False) -> StageOutput:
+    """Return the stage's output, building it with `build(dir) -> manifest fields` if needed.
+
+    A resumable stage (training) builds in its final directory, so what it leaves there (checkpoints)
+    survives a crash and the next attempt continues from it; its manifest, written last and atomically,
+    still marks it complete. Other stages build in a private directory renamed into place at the end.
+    """
     key = stage_key(stage, config, inputs)
     final = Path(root) / stage / key
     if not force:
         manifest = read_manifest(final)
         if manifest is not None:
             return StageOutput(stage, key, str(final), manifest, cached=True)
+    if resumable:
+        if force and final.exists():
+            shutil.rmtree(final)
+        final.mkdir(parents=True, exist_ok=True)
+        (final / MANIFEST).unlink(missing_ok=True)
+        started = time.time()
+        manifest = _manifest(stage, key, config, inputs, started, build(final))
+        _write_atomically(final / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        return StageOutput(stage, key, str(final), manifest, cached=False)
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     started = time.time()
     try:
-        fields = build(tmp)
-        manifest = {
-            "stage": stage,
-            "key": key,
-            "code_version": code_version(stage),
-            "config": config,
-            "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())},
-            "started_at": started,
-            "seconds": time.time() - started,
-            **fields,
-            "complete": True,
-        }
+        manifest = _manifest(stage, key, config, inputs, started, build(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         if final.exists():  # a forced re-run, or an incomplete leftover without a manifest
             stale = final.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"

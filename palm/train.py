@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
@@ -138,27 +139,15 @@ class Trainer:
         with jax.set_mesh(self.sharding.mesh):
             return self._step(state, tokens, weights)
 
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state, for restoring a checkpoint onto this mesh."""
+        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
     def compiled_batch_sizes(self) -> int:
         """How many distinct batch shapes the step has been compiled for."""
         return self._step._cache_size()
-
-
-def batches(sequences: Iterable[np.ndarray], train_config: TrainConfig, start_step: int = 0,
-            end_step: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(step, [global_batch_at(step), seq_len] tokens), consuming `sequences` in order."""
-    it = iter(sequences)
-    end = train_config.steps if end_step is None else end_step
-    for step in range(start_step, end):
-        size = train_config.global_batch_at(step)
-        rows = []
-        for _ in range(size):
-            try:
-                rows.append(np.asarray(next(it), np.int32))
-            except StopIteration:
-                raise PalmError(f"the training data ran out at step {step}: {train_config.steps} steps need "
-                                "more sequences than the pack stage produced; lower train.steps or add data"
-                                ) from None
-        yield step, np.stack(rows)
 
 
 @dataclasses.dataclass
@@ -176,25 +165,235 @@ class StepLog:
     mfu: float | None
 
 
-def train(trainer: Trainer, sequences: Iterable[np.ndarray], state: TrainState | None = None,
-          on_step: Callable[[StepLog, TrainState], None] | None = None) -> tuple[TrainState, list[StepLog]]:
-    """Run `trainer.train_config.steps` steps from `state` (fresh if None); returns the state and logs."""
-    cfg = trainer.train_config
-    state = trainer.init() if state is None else state
-    start = int(state.step)
+class Preempted(Exception):
+    """Training stopped on request (SIGTERM) after saving a checkpoint at the current step."""
+
+    exit_code = 75  # EX_TEMPFAIL: the orchestrator retries, and the retry resumes from that checkpoint
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; a checkpoint was saved, re-run to resume")
+        self.step = step
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    logs: list[StepLog]
+    #: Loss spikes and non-finite losses met, each with the rollback and the batches skipped.
+    spikes: list[dict[str, Any]]
+    #: Checkpoints found unusable on restore and moved aside.
+    corrupt_checkpoints: list[dict[str, Any]]
+    resumed_from: int | None
+
+
+class _Stream:
+    """Sequences with an optional saveable state (Grain iterators have one; plain iterators do not)."""
+
+    def __init__(self, sequences: Iterable[np.ndarray]):
+        self.it = iter(sequences)
+
+    def take(self, n: int, step: int) -> np.ndarray:
+        rows = []
+        for _ in range(n):
+            try:
+                rows.append(np.asarray(next(self.it), np.int32))
+            except StopIteration:
+                raise PalmError(f"the training data ran out at step {step}: more steps (train.steps) than the "
+                                "pack stage produced sequences for; lower train.steps or add data") from None
+        return np.stack(rows)
+
+    def state(self) -> dict[str, Any]:
+        return self.it.state() if hasattr(self.it, "state") else {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if hasattr(self.it, "restore"):
+            self.it.restore(state)
+
+
+def batches(sequences: Iterable[np.ndarray], train_config: TrainConfig, start_step: int = 0,
+            end_step: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, [global_batch_at(step), seq_len] tokens), consuming `sequences` in order."""
+    stream = _Stream(sequences)
+    end = train_config.steps if end_step is None else end_step
+    for step in range(start_step, end):
+        yield step, stream.take(train_config.global_batch_at(step), step)
+
+
+def is_spike(loss: float, recent: list[float], threshold: float) -> bool:
+    """Non-finite, or above `threshold` times the median of the recent losses (section 5.1)."""
+    if not np.isfinite(loss):
+        return True
+    return len(recent) >= 5 and loss > threshold * float(np.median(recent))
+
+
+def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoints: Any = None,
+                 meta: dict[str, Any] | None = None, on_step: Callable[[StepLog, TrainState], None] | None = None,
+                 on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+                 stop: Any = None) -> RunResult:
+    """Train to `train.steps`, resuming from the latest valid checkpoint and surviving loss spikes.
+
+    `checkpoints` is a `palm.checkpoint.Checkpoints` (None: no checkpoints, no rollback). `stop` is any
+    object with `is_set()` (a threading.Event set by a SIGTERM handler): the loop then saves at the
+    current step and raises `Preempted`.
+    """
+    from palm.checkpoint import params_digest
+
+    cfg, spike_cfg = trainer.train_config, trainer.train_config.loss_spike
+    stream = _Stream(sequences)
+    meta = dict(meta or {})
     logs: list[StepLog] = []
-    for step, tokens in batches(sequences, cfg, start):
+    spikes: list[dict[str, Any]] = []
+    recent: list[float] = []
+    resumed_from = None
+
+    def save(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if checkpoints is None:
+            return
+        record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
+                  "metrics": metrics, "spikes": spikes}
+        checkpoints.save(step, state, stream.state(), record)
+        if on_checkpoint is not None:
+            on_checkpoint(step, record)
+
+    def restore(before: int | None = None):
+        restored = checkpoints.restore_latest_valid(trainer.abstract_state(), before=before)
+        if restored is not None:
+            stream.restore(restored.data)
+        return restored
+
+    state = None
+    if checkpoints is not None:
+        restored = restore()
+        if restored is not None:
+            state, resumed_from = restored.state, restored.step
+            spikes.extend(restored.meta.get("spikes", []))
+    if state is None:
+        state = trainer.init()
+        save(0, state, {})
+    step = int(state.step)
+
+    while step < cfg.steps:
+        if stop is not None and stop.is_set():
+            save(step, state, logs[-1].__dict__ if logs else {})
+            checkpoints.wait() if checkpoints is not None else None
+            raise Preempted(step)
+        size = cfg.global_batch_at(step)
+        tokens = stream.take(size, step)
         t0 = time.perf_counter()
-        state, metrics = trainer.step(state, tokens)
+        new_state, metrics = trainer.step(state, tokens)
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
+        loss = float(metrics["loss"])
+
+        if spike_cfg.enabled and checkpoints is not None and is_spike(loss, recent[-spike_cfg.window:],
+                                                                     spike_cfg.threshold):
+            restored = restore(before=step + 1)
+            if restored is None:
+                raise PalmError(f"loss spike at step {step} (loss {loss}) and no valid checkpoint to roll back to")
+            # Skip at least the batches from the checkpoint through the spike, so the batch that caused it
+            # is never seen again (the paper skipped about 200 to 500).
+            skip = max(spike_cfg.skip_batches, step - restored.step + 1)
+            for _ in range(skip):
+                stream.take(cfg.global_batch_at(restored.step), restored.step)
+            spikes.append({"step": step, "loss": loss, "median": float(np.median(recent[-spike_cfg.window:]))
+                           if recent else None, "rolled_back_to": restored.step, "skipped_batches": skip})
+            state, step = restored.state, restored.step
+            continue
+
+        state = new_state
+        recent.append(loss)
         tps = tokens.size / dt
         mfu = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.num_devices) if trainer.peak_flops else None
-        log = StepLog(step=step, loss=float(metrics["loss"]), z_loss=float(metrics["z_loss"]),
-                      accuracy=float(metrics["accuracy"]), grad_norm=float(metrics["grad_norm"]),
-                      update_norm=float(metrics["update_norm"]), learning_rate=float(metrics["learning_rate"]),
-                      global_batch=int(tokens.shape[0]), step_seconds=dt, tokens_per_second=tps, mfu=mfu)
+        log = StepLog(step=step, loss=loss, z_loss=float(metrics["z_loss"]), accuracy=float(metrics["accuracy"]),
+                      grad_norm=float(metrics["grad_norm"]), update_norm=float(metrics["update_norm"]),
+                      learning_rate=float(metrics["learning_rate"]), global_batch=size, step_seconds=dt,
+                      tokens_per_second=tps, mfu=mfu)
         logs.append(log)
+        step += 1
         if on_step is not None:
             on_step(log, state)
-    return state, logs
+        if checkpoints is not None and (step % cfg.checkpoint.every_steps == 0 or step == cfg.steps):
+            save(step, state, dataclasses.asdict(log))
+
+    if checkpoints is not None:
+        checkpoints.wait()
+    return RunResult(state, logs, spikes, list(getattr(checkpoints, "corrupt", [])), resumed_from)
+
+
+def train(trainer: Trainer, sequences: Iterable[np.ndarray], state: TrainState | None = None,
+          on_step: Callable[[StepLog, TrainState], None] | None = None) -> tuple[TrainState, list[StepLog]]:
+    """Train without checkpoints (tests, benchmarks): `trainer.train_config.steps` steps from `state`."""
+    if state is not None:
+        raise PalmError("train() starts fresh; resume through run_training with checkpoints")
+    result = run_training(trainer, sequences, on_step=on_step)
+    return result.state, result.logs
+
+
+def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, Any], out_dir: str | Path, *,
+                    on_step: Callable[[StepLog, TrainState], None] | None = None,
+                    on_checkpoint: Callable[[str, int, dict[str, Any]], None] | None = None,
+                    stop: Any = None) -> dict[str, Any]:
+    """The train stage: resume from `out_dir/checkpoints` if any, train, return the manifest fields.
+
+    `spec` is the validated Spec (read by attribute, so this module needs no pydantic). Per-step
+    metrics are appended to `out_dir/metrics.jsonl` (after a resume, later lines supersede earlier
+    ones for the same step).
+    """
+    import json
+
+    from palm.checkpoint import Checkpoints
+    from palm.data.loader import SequenceIterator, sequence_dataset
+
+    out_dir = Path(out_dir)
+    if pack_manifest["vocab_size"] > spec.model.vocab_size:
+        raise PalmError(f"the tokenizer has {pack_manifest['vocab_size']} ids but model.vocab_size is "
+                        f"{spec.model.vocab_size}; raise model.vocab_size")
+    if pack_manifest["seq_len"] != spec.model.seq_len:
+        raise PalmError(f"the packed sequences have {pack_manifest['seq_len']} tokens but model.seq_len is "
+                        f"{spec.model.seq_len}; re-run the pack stage")
+    if jax.device_count() != spec.infra.hardware.num_devices:
+        raise PalmError(f"infra.hardware.num_devices is {spec.infra.hardware.num_devices} but JAX sees "
+                        f"{jax.device_count()} devices here")
+    needed = sum(spec.train.global_batch_at(s) for s in range(spec.train.steps))
+    available = pack_manifest["sequences"]["train"]
+    if needed > available:
+        raise PalmError(f"train.steps={spec.train.steps} under the batch ramp needs {needed:,} sequences but the "
+                        f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
+
+    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
+    sequences = SequenceIterator(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count()))
+    checkpoints = Checkpoints(out_dir / "checkpoints", spec.train.checkpoint)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    def step_hook(log: StepLog, state: TrainState) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(dataclasses.asdict(log)) + "\n")
+        if on_step is not None:
+            on_step(log, state)
+
+    def checkpoint_hook(step: int, record: dict[str, Any]) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(f"{checkpoints.directory}/{step}", step, record)
+
+    try:
+        result = run_training(trainer, sequences, checkpoints=checkpoints, meta={"spec_digest": spec.digest()},
+                              on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop)
+    finally:
+        checkpoints.close()
+    from palm.checkpoint import params_digest
+
+    last = result.logs[-1] if result.logs else None
+    return {
+        "final_step": int(result.state.step),
+        "final_loss": last.loss if last else None,
+        "checkpoint": f"{checkpoints.directory}/{int(result.state.step)}",
+        "checkpoints": checkpoints.steps(),
+        "digest": params_digest(result.state.params),
+        "resumed_from": result.resumed_from,
+        "loss_spikes": result.spikes,
+        "corrupt_checkpoints": result.corrupt_checkpoints,
+        "params": trainer.num_params,
+        "metrics": str(metrics_path),
+    }

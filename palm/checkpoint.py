@@ -1,0 +1,131 @@
+"""Checkpoints with Orbax: asynchronous, atomic, retained by policy, verified on restore.
+
+A checkpoint at step s holds the train state after s steps (parameters, optimizer state, step), the
+data iterator's state after the batches of steps < s, and `meta`: the spec's hash, the parameters'
+digest, the seed, the step's metrics and the run's loss-spike events. Orbax writes each checkpoint to
+a temporary directory and renames it when complete, so a half-written checkpoint is never listed.
+On restore the digest is recomputed: a checkpoint that fails to load or whose digest differs is moved
+aside to `corrupt/` and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from palm.config import CheckpointConfig
+from palm.errors import PalmError
+
+log = logging.getLogger("palm.checkpoint")
+ITEMS = ("state", "data", "meta")
+
+
+def params_digest(params: Any) -> str:
+    """sha256 over every parameter's path, dtype, shape and bytes: the same on any machine and mesh."""
+    h = hashlib.sha256()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        array = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class Checkpoints:
+    """The checkpoints of one training run, in `directory` (a local path or gs://)."""
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False):
+        self.directory = str(directory)
+        self.config = config
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_last, keep_period=config.keep_every,
+            enable_async_checkpointing=config.async_save and not read_only,
+            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.corrupt: list[dict[str, Any]] = []
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Start saving (asynchronously when configured); returns once the state is off the device."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state, data state, meta) of one step, checked against its recorded digest."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        meta = out["meta"]
+        digest = params_digest(out["state"].params if hasattr(out["state"], "params") else out["state"]["params"])
+        if digest != meta.get("digest"):
+            raise PalmError(f"checkpoint {self.directory}/{step}: parameter digest {digest[:12]} does not match "
+                            f"the recorded {str(meta.get('digest'))[:12]}")
+        return out["state"], out["data"], meta
+
+    def quarantine(self, step: int, reason: str) -> None:
+        """Move a bad checkpoint out of the manager's sight, keeping it for inspection."""
+        src = Path(self.directory) / str(step)
+        dst = Path(self.directory).parent / "corrupt" / str(step)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        if src.exists():
+            src.rename(dst)
+        (dst.parent / f"{step}.reason.txt").write_text(reason)
+        self.manager.reload()
+
+    def restore_latest_valid(self, abstract_state: Any, before: int | None = None) -> Restored | None:
+        """The newest checkpoint (optionally with step < `before`) that loads and verifies, or None.
+
+        Unusable checkpoints met on the way are moved aside and recorded in `self.corrupt`.
+        """
+        self.wait()
+        for step in reversed(self.steps()):
+            if before is not None and step >= before:
+                continue
+            try:
+                state, data, meta = self.restore(step, abstract_state)
+            except Exception as e:  # a truncated file, a missing item, a digest mismatch
+                reason = f"{type(e).__name__}: {str(e)[:500]}"
+                log.warning("checkpoint %s/%s is unusable (%s); trying the previous one", self.directory, step, reason)
+                self.quarantine(step, reason)
+                self.corrupt.append({"step": step, "reason": reason})
+                continue
+            return Restored(step, state, data, meta)
+        return None
+
+
+def checkpoint_size(directory: str | Path, step: int) -> int:
+    """Bytes on disk of one local checkpoint."""
+    root = Path(directory) / str(step)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,159 @@
+"""Checkpoints, exact resume, corruption, loss spikes and preemption, in process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from palm.checkpoint import Checkpoints, params_digest
+from palm.config import CheckpointConfig, LossSpikeConfig, ModelConfig, RampStage, ScheduleConfig, TrainConfig
+from palm.train import Preempted, Trainer, run_training
+
+MODEL = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
+                    dtype="float32", remat="none")
+
+
+def config(steps=24, every=4, spike=LossSpikeConfig(enabled=False), keep_last=10) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_ramp=(RampStage(0, 4), RampStage(12, 8)), seed=3,
+                       schedule=ScheduleConfig(peak_learning_rate=5e-2, constant_steps=8),
+                       checkpoint=CheckpointConfig(every_steps=every, keep_last=keep_last, async_save=True),
+                       loss_spike=spike)
+
+
+class Stream:
+    """A deterministic, learnable sequence stream with a saveable position (like the Grain iterator)."""
+
+    def __init__(self, poison: range = range(0)):
+        self.position, self.poison = 0, poison
+        table = np.random.default_rng(0).integers(0, MODEL.vocab_size, MODEL.vocab_size)
+        self.table = table
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.default_rng(self.position)
+        if self.position in self.poison:  # garbage: uniformly random tokens, unlike anything learned
+            seq = rng.integers(0, MODEL.vocab_size, MODEL.seq_len)
+        else:
+            seq = np.empty(MODEL.seq_len, np.int64)
+            seq[0] = rng.integers(MODEL.vocab_size)
+            for i in range(1, MODEL.seq_len):
+                seq[i] = self.table[seq[i - 1]]
+        self.position += 1
+        return seq.astype(np.int32)
+
+    def state(self):
+        return {"position": self.position}
+
+    def restore(self, state):
+        self.position = state["position"]
+
+
+def uninterrupted(tmp_path: Path, cfg: TrainConfig) -> str:
+    ckpts = Checkpoints(tmp_path / "straight", cfg.checkpoint)
+    result = run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    return params_digest(result.state.params)
+
+
+class StopAt:
+    """Set the stop flag once training reaches a given step (stands in for SIGTERM)."""
+
+    def __init__(self, step):
+        self.step, self.event = step, threading.Event()
+
+    def __call__(self, log, state):
+        if log.step + 1 >= self.step:
+            self.event.set()
+
+
+def test_preempted_runs_resume_bitwise_identically(tmp_path):
+    cfg = config()
+    expected = uninterrupted(tmp_path, cfg)
+    directory = tmp_path / "interrupted"
+    for stop_at in (5, 11, 19):  # inside a checkpoint interval, at the ramp, after it
+        stopper = StopAt(stop_at)
+        ckpts = Checkpoints(directory, cfg.checkpoint)
+        with pytest.raises(Preempted) as e:
+            run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts, on_step=stopper, stop=stopper.event)
+        ckpts.close()
+        assert e.value.step == stop_at and e.value.exit_code == 75
+        assert stop_at in Checkpoints(directory, cfg.checkpoint, read_only=True).steps()  # saved at that step
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    result = run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    assert result.resumed_from == 19
+    assert params_digest(result.state.params) == expected
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    cfg = config(steps=12)
+    expected = uninterrupted(tmp_path, cfg)
+    directory = tmp_path / "run"
+    stopper = StopAt(10)
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    with pytest.raises(Preempted):
+        run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts, on_step=stopper, stop=stopper.event)
+    ckpts.close()
+    # Truncate the biggest file of the newest checkpoint (step 10), as a crash mid-copy would.
+    victim = max((p for p in (directory / "10").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    result = run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    assert result.resumed_from == 8
+    assert [c["step"] for c in result.corrupt_checkpoints] == [10]
+    assert (directory.parent / "corrupt" / "10").is_dir()
+    assert params_digest(result.state.params) == expected  # determinism makes the redo exact
+
+
+def test_missing_files_are_detected_too(tmp_path):
+    cfg = config(steps=8)
+    ckpts = Checkpoints(tmp_path / "run", cfg.checkpoint)
+    trainer = Trainer(MODEL, cfg)
+    run_training(trainer, Stream(), checkpoints=ckpts)
+    ckpts.close()
+    for p in sorted((tmp_path / "run" / "8" / "state").rglob("*")):
+        if p.is_file() and p.name != "_METADATA":
+            p.unlink()
+    restored = Checkpoints(tmp_path / "run", cfg.checkpoint).restore_latest_valid(trainer.abstract_state())
+    assert restored is not None and restored.step == 4
+
+
+def test_poisoned_batches_trigger_rollback_and_skip(tmp_path):
+    spike = LossSpikeConfig(enabled=True, threshold=1.5, window=20, skip_batches=3)
+    cfg = config(steps=40, every=4, spike=spike)
+    # Steps 0-11 take 4 sequences each (48), then 8 each: step 30 reads positions 192..199.
+    stream = Stream(poison=range(192, 200))
+    ckpts = Checkpoints(tmp_path / "run", cfg.checkpoint)
+    result = run_training(Trainer(MODEL, cfg), stream, checkpoints=ckpts)
+    ckpts.close()
+    assert len(result.spikes) == 1
+    event = result.spikes[0]
+    assert event["step"] == 30 and event["rolled_back_to"] == 28
+    assert event["skipped_batches"] == 3 and event["loss"] > 1.5 * event["median"]
+    assert int(result.state.step) == 40 and np.isfinite(result.logs[-1].loss)
+    # The event travels with the checkpoints, so a resumed run's summary still has it.
+    meta = Checkpoints(tmp_path / "run", cfg.checkpoint, read_only=True).meta(40)
+    assert meta["spikes"] == result.spikes
+
+
+def test_checkpoint_meta_and_retention(tmp_path):
+    cfg = TrainConfig(**{**config(steps=20, every=2).__dict__,
+                         "checkpoint": CheckpointConfig(every_steps=2, keep_last=2, keep_every=8)})
+    ckpts = Checkpoints(tmp_path / "run", cfg.checkpoint)
+    seen = []
+    result = run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts, meta={"spec_digest": "abc"},
+                          on_checkpoint=lambda step, record: seen.append(step))
+    ckpts.close()
+    kept = Checkpoints(tmp_path / "run", cfg.checkpoint, read_only=True)
+    assert kept.steps() == [0, 8, 16, 18, 20]  # the last two, plus every 8th permanently (and step 0)
+    assert seen == list(range(0, 21, 2))
+    meta = kept.meta(20)
+    assert meta["spec_digest"] == "abc" and meta["step"] == 20 and meta["seed"] == 3
+    assert meta["digest"] == params_digest(result.state.params)
+    assert meta["metrics"]["loss"] == pytest.approx(result.logs[-1].loss)
