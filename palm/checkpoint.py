@@ -25,7 +25,6 @@ from palm.config import CheckpointConfig
 from palm.errors import PalmError
 
 log = logging.getLogger("palm.checkpoint")
-ITEMS = ("state", "data", "meta")
 
 
 def params_digest(params: Any) -> str:
@@ -58,7 +57,10 @@ class Checkpoints:
             max_to_keep=config.keep_last, keep_period=config.keep_every,
             enable_async_checkpointing=config.async_save and not read_only,
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # Explicit handlers (not just item names) so metadata can be read without restoring anything.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.corrupt: list[dict[str, Any]] = []
 
     def steps(self) -> list[int]:
@@ -129,3 +131,64 @@ def checkpoint_size(directory: str | Path, step: int) -> int:
     """Bytes on disk of one local checkpoint."""
     root = Path(directory) / str(step)
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def open_checkpoints(path: str | Path) -> Checkpoints:
+    """Read-only access to the checkpoints under `path` (the checkpoints dir or the train stage dir)."""
+    path = str(path).rstrip("/")
+    candidates = [path, f"{path}/checkpoints"]
+    for candidate in candidates:
+        ckpts = Checkpoints(candidate, CheckpointConfig(), read_only=True) if _exists(candidate) else None
+        if ckpts is not None and ckpts.steps():
+            return ckpts
+    raise PalmError(f"no checkpoints under {path} (looked in {' and '.join(candidates)})")
+
+
+def _exists(path: str) -> bool:
+    from etils import epath
+
+    return epath.Path(path).exists()
+
+
+def describe_checkpoints(ckpts: Checkpoints) -> list[dict[str, Any]]:
+    """One row per checkpoint: step, bytes on disk, loss and parameter digest from its metadata."""
+    rows = []
+    for step in ckpts.steps():
+        meta = ckpts.meta(step)
+        rows.append({"step": step, "bytes": checkpoint_size(ckpts.directory, step),
+                     "loss": (meta.get("metrics") or {}).get("loss"), "digest": meta.get("digest"),
+                     "spec_digest": meta.get("spec_digest")})
+    return rows
+
+
+def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str, Any]:
+    """Metadata, metrics and parameter shapes of one checkpoint (the latest by default), without loading it."""
+    steps = ckpts.steps()
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
+    meta = ckpts.meta(step)
+    params = ckpts.manager.item_metadata(step)["state"].tree["params"]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    shapes = [{"path": jax.tree_util.keystr(p), "shape": list(leaf.shape), "dtype": str(leaf.dtype)} for p, leaf in flat]
+    return {"step": step, "path": f"{ckpts.directory}/{step}", "bytes": checkpoint_size(ckpts.directory, step),
+            "digest": meta.get("digest"), "spec_digest": meta.get("spec_digest"), "seed": meta.get("seed"),
+            "metrics": meta.get("metrics"), "spikes": meta.get("spikes", []),
+            "num_params": int(sum(np.prod(p["shape"]) for p in shapes)), "params": shapes}
+
+
+def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict[str, Any]]:
+    """Restore each checkpoint's parameters on the host and compare their digest with the recorded one."""
+    results = []
+    for s in ckpts.steps() if step is None else [step]:
+        try:
+            meta = ckpts.meta(s)
+            out = ckpts.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            state = out["state"]
+            digest = params_digest(state["params"] if isinstance(state, dict) else state.params)
+            ok = digest == meta.get("digest")
+            results.append({"step": s, "ok": ok, "digest": digest,
+                            "error": "" if ok else f"digest {digest[:12]} != recorded {str(meta.get('digest'))[:12]}"})
+        except Exception as e:  # report every failure, keep checking the others
+            results.append({"step": s, "ok": False, "digest": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return results

@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-datatrove", action="store_true", help="time palm alone (datatrove need not be installed)")
     q.add_argument("--max-docs", type=int, default=None, metavar="N",
                    help="use only the first N documents of each source (for quick checks and tests)")
+    p = sub.add_parser("checkpoint", help="list, inspect and verify training checkpoints")
+    ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
+    for name, text in (("list", "steps, sizes, metrics and parameter digests"),
+                       ("inspect", "one checkpoint's metadata, metrics and parameter shapes"),
+                       ("verify", "restore each checkpoint and check its parameter digest (exit 1 on a mismatch)")):
+        q = ck_sub.add_parser(name, help=text)
+        q.add_argument("path", help="a checkpoints directory, or the train stage's output directory")
+        if name != "list":
+            q.add_argument("--step", type=int, help="this step only (default: inspect the latest, verify all)")
+        _add_json(q)
     return parser
 
 
@@ -170,7 +180,33 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench}
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from palm.checkpoint import describe_checkpoints, inspect_checkpoint, open_checkpoints, verify_checkpoints
+
+    ckpts = open_checkpoints(args.path)
+    if args.checkpoint_command == "list":
+        rows = describe_checkpoints(ckpts)
+        text = "\n".join(f"step {r['step']:>8}  {r['bytes'] / 2**20:9.2f} MiB  loss {r['loss']}  digest {r['digest']}"
+                         for r in rows) or "no checkpoints"
+        _emit(args, {"path": ckpts.directory, "checkpoints": rows}, text)
+        return 0
+    if args.checkpoint_command == "inspect":
+        info = inspect_checkpoint(ckpts, args.step)
+        text = "\n".join([f"step {info['step']} of {ckpts.directory}", f"digest {info['digest']}",
+                          f"parameters {info['num_params']:,}", f"metrics {json.dumps(info['metrics'])}",
+                          f"loss spikes {len(info['spikes'])}"]
+                         + [f"  {p['path']}: {p['shape']} {p['dtype']}" for p in info["params"]])
+        _emit(args, info, text)
+        return 0
+    results = verify_checkpoints(ckpts, args.step)
+    ok = all(r["ok"] for r in results)
+    text = "\n".join(f"step {r['step']}: {'ok' if r['ok'] else 'FAILED: ' + r['error']}" for r in results)
+    _emit(args, {"path": ckpts.directory, "ok": ok, "checkpoints": results}, text)
+    return 0 if ok else 1
+
+
+COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench,
+            "checkpoint": _cmd_checkpoint}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
