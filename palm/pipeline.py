@@ -54,6 +54,12 @@ def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     return lambda out: run_data_stage(spec.data, out)
 
 
+def _build_tokenizer(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.tokenizer import build_tokenizer_stage
+
+    return lambda out: build_tokenizer_stage(spec.tokenizer, Path(inputs["data"].path), out)
+
+
 def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.data.pack import run_pack_stage
 
@@ -75,6 +81,7 @@ RESUMABLE = frozenset({"train"})
 #: Stage builders in this version; a stage missing here is reported as not built, never faked.
 BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Path], dict[str, Any]]]] = {
     "data": _build_data,
+    "tokenizer": _build_tokenizer,
     "pack": _build_pack,
     "train": _build_train,
 }
@@ -122,14 +129,22 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
               hooks: Hooks | None = None) -> dict[str, StageOutput]:
     """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
     missing = [s for s in stages if s not in BUILT]
+    needed: set[str] = set()
+
+    def need(stage: str) -> None:
+        if stage not in needed:
+            needed.add(stage)
+            for dep in STAGE_INPUTS[stage]:
+                need(dep)
+
+    for stage in stages:
+        if stage in BUILT:
+            need(stage)
     outputs: dict[str, StageOutput] = {}
-    for stage in STAGE_ORDER:
-        needed = stage in stages or any(stage in STAGE_INPUTS[s] for s in stages if s in BUILT)
-        if not needed or stage in missing:
+    for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
+        if stage not in needed:
             continue
-        inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage] if dep in outputs}
-        if len(inputs) < len(STAGE_INPUTS[stage]):
-            continue
+        inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage]}
         if stage in stages:
             outputs[stage] = run_stage_named(spec, stage, root, inputs, force=stage in force, hooks=hooks)
         else:

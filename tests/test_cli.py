@@ -15,25 +15,32 @@ TINY = str(ROOT / "specs" / "tiny.yaml")
 
 
 def test_run_builds_what_exists_and_says_plainly_what_is_not_built(capsys, tmp_path):
-    rc = main(["run", TINY, "--output", str(tmp_path)])
+    rc = main(["run", TINY, "--output", str(tmp_path), "--set", "train.steps=4"])
     out, err = capsys.readouterr()
     assert rc == 1
     assert "not built yet" in err
     for stage in STAGE_ORDER:
         if stage not in BUILT:
             assert f"{stage} (issue" in err, stage
-    assert f"stage data: built" in err and "manifest.json" in err
+    assert "stage data: built" in err and "stage train: built" in err and "manifest.json" in err
     assert list((tmp_path / "data").glob("*/manifest.json"))
     assert "Traceback" not in err
     assert out == ""
 
 
 def test_run_selected_stages_names_only_those(capsys, tmp_path):
-    rc = main(["run", TINY, "--stages", "train,data", "--output", str(tmp_path)])
+    rc = main(["run", TINY, "--stages", "eval,data", "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "train (issue" in err and "Ran: data" in err
-    assert "eval (issue" not in err
+    assert "eval (issue" in err and "Ran: data" in err
+    assert "train (issue" not in err and "tokenizer (issue" not in err
+
+
+def test_a_stage_whose_inputs_were_never_built_is_bad_input(capsys, tmp_path):
+    rc = main(["run", TINY, "--stages", "train", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "stage 'data' has no complete output" in err and "run it first" in err
 
 
 def test_run_unknown_stage_is_bad_input(capsys):

@@ -1,0 +1,110 @@
+"""The train stage of the tiny spec as real `palm run` processes: SIGKILL and SIGTERM, then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palm.cli import main
+from tests.conftest import ROOT, SPECS
+
+STEPS = 30
+TRAIN = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint.every_steps=5", "--set", "train.log_every=1",
+         "--set", "train.checkpoint.keep_last=20"]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """data, tokenizer and pack for the tiny spec, built once and copied into each test's root."""
+    base = tmp_path_factory.mktemp("upstream")
+    assert main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack", "--output", str(base)]) == 0
+    return base
+
+
+def fresh_root(upstream: Path, tmp_path: Path, name: str) -> Path:
+    root = tmp_path / name
+    shutil.copytree(upstream, root)
+    return root
+
+
+def palm_run(root: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "palm.cli", "run", str(SPECS / "tiny.yaml"), "--stages", "train",
+           "--output", str(root), "--json", *TRAIN, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
+    """Read the progress lines until training has finished `step` steps."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            return seen
+    raise AssertionError("the run ended before step %d:\n%s" % (step, "".join(seen[-30:])))
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out)
+
+
+def train_manifest(root: Path) -> dict:
+    return json.loads(next((root / "train").glob("*/manifest.json")).read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(upstream, tmp_path_factory):
+    root = fresh_root(upstream, tmp_path_factory.mktemp("straight"), "run")
+    result = finish(palm_run(root))
+    manifest = train_manifest(root)
+    assert result["final_step"] == STEPS and manifest["resumed_from"] is None
+    return manifest
+
+
+def test_tiny_loss_falls(straight):
+    losses = [json.loads(line)["loss"] for line in Path(straight["metrics"]).read_text().splitlines()]
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_sigkill_at_three_random_steps_then_resume_gives_the_same_digest(upstream, straight, tmp_path):
+    root = fresh_root(upstream, tmp_path, "killed")
+    kills = sorted(random.Random(2026).sample(range(3, STEPS - 2), 3))
+    for step in kills:
+        proc = palm_run(root)
+        wait_for_step(proc, step)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    result = finish(palm_run(root))
+    manifest = train_manifest(root)
+    assert result["final_step"] == STEPS
+    assert manifest["resumed_from"] is not None and manifest["resumed_from"] > 0
+    assert manifest["digest"] == straight["digest"]
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(upstream, straight, tmp_path):
+    root = fresh_root(upstream, tmp_path, "preempted")
+    proc = palm_run(root)
+    wait_for_step(proc, 12)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    stopped = int(err.split("preempted at step ")[1].split(";")[0])
+    assert stopped >= 12
+    checkpoints = next((root / "train").glob("*/checkpoints"))
+    assert (checkpoints / str(stopped)).is_dir()  # a checkpoint at exactly that step
+    assert not list((root / "train").glob("*/manifest.json"))  # the stage is not complete
+    result = finish(palm_run(root))
+    manifest = train_manifest(root)
+    assert manifest["resumed_from"] == stopped and result["final_step"] == STEPS
+    assert manifest["digest"] == straight["digest"]
