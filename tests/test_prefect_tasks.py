@@ -44,3 +44,41 @@ def test_retry_policy_comes_from_the_spec():
     task = with_retry_policy(data_task, spec, "data")
     assert task.retries == 3
     assert task.retry_delay_seconds == [2.0, 6.0, 18.0]
+
+
+def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
+    import time
+
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    from tasks.pack import pack_task
+    from tasks.tokenizer import tokenizer_task
+    from tasks.train import CHECKPOINT_SAVED, train_task
+
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=6", "train.checkpoint.every_steps=3"])
+    root = str(tmp_path)
+
+    @flow(name="tiny-train")
+    def tiny_train():
+        data = data_task(spec, root)
+        tokenizer = tokenizer_task(spec, root, data)
+        return train_task(spec, root, pack_task(spec, root, data, tokenizer))
+
+    out = tiny_train()
+    assert out.manifest["final_step"] == 6
+
+    async def saved_events():
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=[CHECKPOINT_SAVED])),
+                                            limit=50)  # the server caps pages at 50
+            return [e for e in page.events if e.resource.get("palm.checkpoint.path", "").startswith(root)]
+
+    deadline = time.time() + 60
+    events = []
+    while time.time() < deadline and len(events) < 3:  # events reach the server asynchronously
+        events = asyncio.run(saved_events())
+        time.sleep(1)
+    assert sorted(e.payload["step"] for e in events) == [0, 3, 6]
+    for e in events:
+        assert e.payload["run"] == "tiny" and e.resource["palm.run"] == "tiny"
+        assert e.payload["path"].endswith(f"/checkpoints/{e.payload['step']}")
