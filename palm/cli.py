@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-datatrove", action="store_true", help="time palm alone (datatrove need not be installed)")
     q.add_argument("--max-docs", type=int, default=None, metavar="N",
                    help="use only the first N documents of each source (for quick checks and tests)")
+    q = bench_sub.add_parser("input", help="tokenize-and-pack tokens/s per core and the loader's batches/s "
+                             "against what one H100 consumes for specs/palm-1b-gpu.yaml")
+    _add_json(q)
+    q.add_argument("--data-dir", metavar="DIR", help="the shared corpora (default: ../shared/data next to the "
+                   "repository)")
+    q.add_argument("--vocab-size", type=int, default=16_000, metavar="N",
+                   help="SentencePiece vocabulary trained on the corpora (default 16000; their ~3.5 MB "
+                   "support at most ~17,600 pieces)")
+    q.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="packed sequence length (default: palm-1b-gpu's model.seq_len, 2048)")
+    q.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="sequences per global batch (default: palm-1b-gpu's global batch, 8)")
+    q.add_argument("--batches", type=int, default=200, metavar="N",
+                   help="timed loader batches after a short warm-up (default 200)")
     p = sub.add_parser("checkpoint", help="list, inspect and verify training checkpoints")
     ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
     for name, text in (("list", "steps, sizes, metrics and parameter digests"),
@@ -136,11 +150,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return Preempted.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
-    payload = {"status": "completed", "root": root,
+    from palm.report import write_report
+
+    report = write_report(root, spec.name, outputs)
+    print(f"report: {report}", file=sys.stderr)
+    payload = {"status": "completed", "root": root, "report": str(report),
                "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
     if "train" in outputs:
         m = outputs["train"].manifest
         payload.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
+    if "eval" in outputs:
+        payload["eval"] = outputs["eval"].manifest.get("results")
     _emit(args, payload, "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
     return 0
 
@@ -161,6 +181,8 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "data":
         return _cmd_bench_data(args)
+    if args.bench_command == "input":
+        return _cmd_bench_input(args)
     from palm.bench import bench_train, render_train
     from palm.spec import load_spec
 
@@ -177,6 +199,15 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
     result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs)
     _emit(args, result, render_data(result))
+    return 0
+
+
+def _cmd_bench_input(args: argparse.Namespace) -> int:
+    from palm.bench import bench_input, render_input
+
+    result = bench_input(args.data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len, batch=args.batch,
+                         batches=args.batches)
+    _emit(args, result, render_input(result))
     return 0
 
 
