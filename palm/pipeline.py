@@ -124,11 +124,8 @@ def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, S
     return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE)
 
 
-def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
-              on_stage: Callable[[StageOutput], None] | None = None,
-              hooks: Hooks | None = None) -> dict[str, StageOutput]:
-    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
-    missing = [s for s in stages if s not in BUILT]
+def needed_stages(stages: list[str]) -> set[str]:
+    """The selected built stages and every stage they read from, transitively."""
     needed: set[str] = set()
 
     def need(stage: str) -> None:
@@ -140,6 +137,15 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
     for stage in stages:
         if stage in BUILT:
             need(stage)
+    return needed
+
+
+def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
+              on_stage: Callable[[StageOutput], None] | None = None,
+              hooks: Hooks | None = None) -> dict[str, StageOutput]:
+    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
+    missing = [s for s in stages if s not in BUILT]
+    needed = needed_stages(stages)
     outputs: dict[str, StageOutput] = {}
     for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
         if stage not in needed:

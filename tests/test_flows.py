@@ -1,0 +1,40 @@
+"""The pretrain flow under a real (ephemeral) Prefect server: caching, lineage, selective re-runs."""
+
+from __future__ import annotations
+
+import time
+
+from flows.pretrain import pretrain
+from tests.conftest import SPECS
+
+TINY = str(SPECS / "tiny.yaml")
+QUICK = ["train.steps=6", "train.checkpoint.every_steps=3"]
+STAGES = "data,tokenizer,pack,train"
+
+
+def test_rerun_is_cached_and_a_changed_stage_reruns_with_its_downstream(prefect_server, tmp_path):
+    first = pretrain(TINY, QUICK, str(tmp_path), STAGES)
+    assert first["status"] == "completed" and first["final_step"] == 6
+    assert not any(s["cached"] for s in first["stages"].values())
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "loss.png").is_file()
+
+    t0 = time.perf_counter()
+    again = pretrain(TINY, QUICK, str(tmp_path), STAGES)
+    assert all(s["cached"] for s in again["stages"].values())
+    assert time.perf_counter() - t0 < 30  # seconds: nothing is recomputed
+    assert {k: v["output"] for k, v in again["stages"].items()} == {k: v["output"] for k, v in first["stages"].items()}
+
+    longer = pretrain(TINY, ["train.steps=8", "train.checkpoint.every_steps=4"], str(tmp_path), STAGES)
+    cached = {name: s["cached"] for name, s in longer["stages"].items()}
+    assert cached == {"data": True, "tokenizer": True, "pack": True, "train": False}
+    assert longer["stages"]["train"]["output"] != first["stages"]["train"]["output"]
+
+    retok = pretrain(TINY, QUICK + ["tokenizer.vocab_size=512"], str(tmp_path), STAGES)
+    cached = {name: s["cached"] for name, s in retok["stages"].items()}
+    assert cached == {"data": True, "tokenizer": False, "pack": False, "train": False}
+
+
+def test_forced_stage_reruns(prefect_server, tmp_path):
+    pretrain(TINY, QUICK, str(tmp_path), "data")
+    forced = pretrain(TINY, QUICK, str(tmp_path), "data", force=["data"])
+    assert forced["stages"]["data"]["cached"] is False
