@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             q.add_argument("--step", type=int, help="this step only (default: inspect the latest, verify all)")
         _add_json(q)
+    p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
+                       "GSM8K exact match")
+    p.add_argument("task", choices=("humaneval", "gsm8k"), help="the evaluation task")
+    p.add_argument("--samples", required=True, metavar="FILE",
+                   help="samples as JSONL or .jsonl.gz: humaneval {task_id, completion}, gsm8k {question, completion}")
+    p.add_argument("--data", metavar="FILE", help="the problems (default: ../shared/data/humaneval/HumanEval.jsonl.gz "
+                   "or ../shared/data/gsm8k/test.jsonl next to the repository)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="HumanEval programs run at once, each in its own sandbox (default: 2 per core, at most 16)")
+    _add_json(p)
     return parser
 
 
@@ -236,8 +246,54 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_eval_score(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from palm.evaltasks import default_data_file, read_jsonl
+
+    if args.workers is not None and args.workers < 1:
+        raise PalmError(f"--workers must be at least 1, got {args.workers}")
+    data = args.data or str(default_data_file(args.task))
+    if not Path(args.samples).is_file():
+        raise PalmError(f"samples file not found: {args.samples}")
+    start = time.monotonic()
+    if args.task == "humaneval":
+        from palm.evaltasks import humaneval
+
+        problems = humaneval.load_problems(data)
+        samples = read_jsonl(args.samples, required={"task_id": str, "completion": str}, what="samples",
+                             validate=lambda r: None if r["task_id"] in problems else
+                             f"unknown HumanEval task_id {r['task_id']!r}")
+        workers = args.workers or humaneval.default_workers()
+        print(f"eval-score: running {len(samples)} programs in the sandbox, {workers} at a time",
+              file=sys.stderr, flush=True)
+        metrics = humaneval.score_samples(samples, problems, workers=workers)
+        what = f"{metrics['n']} samples over {metrics['tasks']} tasks"
+    else:
+        from palm.evaltasks import gsm8k
+
+        problems = gsm8k.load_problems(data)
+        questions = {p["question"].strip() for p in problems}
+        samples = read_jsonl(args.samples, required={"question": str, "completion": str}, what="samples",
+                             validate=lambda r: None if r["question"].strip() in questions else
+                             f"question is not among the GSM8K problems: {r['question'][:200]!r}")
+        metrics = gsm8k.score_samples(samples, problems)
+        what = f"{metrics['n']} samples"
+    seconds = time.monotonic() - start
+    print(f"eval-score: scored {what} in {seconds:.1f} s", file=sys.stderr)
+    names = [key for key in metrics if key.startswith("pass@") or key == "exact_match"]
+    text = "\n".join([f"{args.task}: {what} ({args.samples})"]
+                     + [f"{name:<12} {metrics[name]:.4f}" for name in names]
+                     + ["", "| metric | value |", "| --- | --- |"]
+                     + [f"| {name} | {metrics[name]:.4f} |" for name in names])
+    _emit(args, {"task": args.task, "samples": str(args.samples), "data": data, **metrics,
+                 "seconds": round(seconds, 3)}, text)
+    return 0
+
+
 COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench,
-            "checkpoint": _cmd_checkpoint}
+            "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """Training input: a deterministic Grain pipeline over the pack stage's ArrayRecord shards.
 
-Per source, sequences are shuffled globally by seed; the sources are then interleaved by weight
-(the realized sequence counts, so every source runs out at the same moment: one epoch, no repeats);
-each host takes every `process_count`-th sequence from its `process_index`. The iterator's state is
+The data stage already realized the mixture: each source's share of the packed sequences is its
+weight. So the loader shuffles all sources' sequences together, globally, by seed: every window of
+the stream holds the sources in their weights' proportions (in expectation), and the epoch is exact
+(every sequence once, none repeated, none lost). Each host takes every `process_count`-th sequence
+from its `process_index`. The iterator's state is
 a small dict saved in the training checkpoint, so a resumed run continues with exactly the next
 sequence. Threads prefetch ahead of the accelerator.
 """
@@ -28,14 +30,11 @@ def sequence_dataset(pack_dir: str | Path, manifest: dict[str, Any], split: str 
     if not sources:
         raise PalmError(f"the pack stage output {pack_dir} has no {split} sequences; the data is too small "
                         "for model.seq_len (lower it or add data)")
-    parts, weights = [], []
-    for i, source in enumerate(sources):
-        files = [str(Path(pack_dir) / f) for f in by_source[source]["files"]]
-        files = [f for f in files if Path(f).stat().st_size > 0]
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)).seed(seed + i).shuffle()
-        parts.append(ds)
-        weights.append(len(ds))
-    mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+    files = []
+    for source in sources:
+        files += [str(Path(pack_dir) / f) for f in by_source[source]["files"]]
+    files = [f for f in files if Path(f).stat().st_size > 0]
+    mixed = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)).seed(seed).shuffle()
     if process_count > 1:
         mixed = mixed[process_index::process_count]
     seq_len = manifest["seq_len"]
