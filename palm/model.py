@@ -7,6 +7,17 @@
 
 No biases anywhere (LayerNorm has a scale only). Kernels start N(0, 1/fan_in), the embedding N(0, 1).
 Every parameter carries logical axis names (`palm.sharding` maps them to the mesh); layers are scanned.
+
+Decoding with a key/value cache: `PaLM(config)(tokens, positions, cache=cache)` with a `KVCache` from
+`init_cache` returns (logits, updated cache); without `cache` the call is the training forward pass,
+unchanged. The cache holds every layer's rotated keys and values, [layers, batch, max_len, kv_heads,
+head_dim] (kv_heads = 1 for multi-query: one key and one value per token and layer, whatever the number
+of query heads). Slot s of a row holds that row's token at position s, so one call covers both modes:
+prefill passes a prompt [batch, length] at positions 0..length-1, each decode step one token [batch, 1]
+at each row's next position. A call first writes its keys/values at their positions, then each query
+attends to the slots at or before its own position. Prompts of different lengths are right-padded: the
+padding's keys land in slots past the row's real tokens, which no query of that row can see until the
+row's own next token has overwritten them (a row's tokens must arrive at consecutive positions).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -193,6 +204,56 @@ def _splash_attention(q: Array, k: Array, v: Array, interpret: bool) -> Array:
                          out_specs=P(*q_spec), check_vma=False)(q, k, v)
 
 
+class KVCache(NamedTuple):
+    """Keys (after RoPE) and values of every layer: each [layers, batch, max_len, kv_heads, head_dim].
+
+    Slot s of a row holds the key/value of that row's token at position s (see the module docstring).
+    """
+
+    key: Array
+    value: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.key.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` positions, in the compute dtype by default."""
+    c = config
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    dtype = jnp.dtype(c.dtype if dtype is None else dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def write_cache(cache: Array, new: Array, positions: Array) -> Array:
+    """cache [b, max_len, kv, h] with new [b, t, kv, h] written at slots positions [b, t] (each row its own).
+
+    Positions at or past max_len are dropped (their keys could never be attended to correctly anyway)."""
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def cached_attention(q: Array, k: Array, v: Array, positions: Array) -> Array:
+    """Softmax attention of q [b, t, heads, h] at `positions` [b, t] over cached k, v [b, max_len, kv, h].
+
+    A query at position p sees slots 0..p (the causal mask in cache coordinates); later slots are either
+    unused or hold right-padding. Query heads are grouped over the kv heads as in
+    jax.nn.dot_product_attention (head i uses kv head i // (heads / kv_heads)); logits scaled by 1/sqrt(h),
+    softmax in float32.
+    """
+    b, t, heads, h = q.shape
+    max_len, kv_heads = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / math.sqrt(h))
+    visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [b, t, max_len]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, heads, h)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with a learned scale and no bias, computed in float32."""
 
@@ -217,7 +278,10 @@ class Block(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, positions: Array,
+                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """x [b, t, d] at `positions` [b, t]; with `cache` (this layer's, [b, max_len, kv, h] each) the
+        new keys/values are written into it and attention reads it; the updated cache is returned."""
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
 
@@ -241,7 +305,11 @@ class Block(nn.Module):
         key, value = jnp.einsum("btd,dskh->sbtkh", y, w_kv)
         q = rope(self.constrain(q, ("batch", "length", "heads_act", None)), positions, c.rope_max_wavelength)
         key = rope(key, positions, c.rope_max_wavelength)
-        att = causal_attention(q, key, value, self.attention)
+        if cache is None:
+            att = causal_attention(q, key, value, self.attention)
+        else:
+            cache = KVCache(write_cache(cache.key, key, positions), write_cache(cache.value, value, positions))
+            att = cached_attention(q, cache.key, cache.value, positions)
         att = self.constrain(att, ("batch", "length", "heads_act", None))
         att_out = jnp.einsum("btnh,nhd->btd", att, w_o)
 
@@ -250,7 +318,7 @@ class Block(nn.Module):
         mlp_out = jnp.einsum("btf,fd->btd", hidden, w_down)
 
         out = x + (att_out + mlp_out).astype(x.dtype)
-        return self.constrain(out, ("batch", "length", "embed_act")), None
+        return self.constrain(out, ("batch", "length", "embed_act")), cache
 
 
 REMAT_POLICIES = {
@@ -261,14 +329,20 @@ REMAT_POLICIES = {
 
 
 class PaLM(nn.Module):
-    """tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
+    """tokens [batch, length] -> logits [batch, length, vocab] (float32).
+
+    With `cache` (a KVCache, see `init_cache`) it returns (logits, updated cache) instead: keys and values
+    of `tokens` are written at `positions` and attention reads the whole cache (prefill and decoding; see
+    the module docstring). The parameters are the same in both modes.
+    """
 
     config: ModelConfig
     constrain: Constrain = _no_constraint
     platform: str = "cpu"
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+    def __call__(self, tokens: Array, positions: Array | None = None,
+                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if positions is None:
@@ -281,22 +355,36 @@ class PaLM(nn.Module):
         x = self.constrain(x, ("batch", "length", "embed_act"))
 
         block = Block
-        if c.remat != "none":
+        if c.remat != "none" and cache is None:  # nothing to rematerialize without a backward pass
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat](), prevent_cse=not c.scan_layers)
         kwargs = dict(config=c, constrain=self.constrain,
                       attention=attention_implementation(c.attention, self.platform))
+        if cache is not None and cache.key.shape[:2] != (c.num_layers, tokens.shape[0]):
+            raise PalmError(f"a KV cache shaped {cache.key.shape} does not fit {c.num_layers} layers and a batch "
+                            f"of {tokens.shape[0]}; make it with init_cache(config, batch, max_len)")
         if c.scan_layers:
+            # The cache (when given) is scanned over its leading layers axis and restacked on the way out.
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=nn.broadcast, length=c.num_layers,
+                            in_axes=nn.broadcast if cache is None else (nn.broadcast, 0), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**kwargs, name="layers")(x, positions)
+            layers = stack(**kwargs, name="layers")
+            x, cache = layers(x, positions) if cache is None else layers(x, positions, cache)
         else:
+            per_layer = []
             for i in range(c.num_layers):
-                x, _ = block(**kwargs, name=f"layer_{i}")(x, positions)
+                layer = block(**kwargs, name=f"layer_{i}")
+                if cache is None:
+                    x, _ = layer(x, positions)
+                else:
+                    x, layer_cache = layer(x, positions, jax.tree.map(lambda a: a[i], cache))
+                    per_layer.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
         x = LayerNorm(c.layer_norm_epsilon, jnp.dtype(c.param_dtype), name="final_norm")(x).astype(dtype)
         logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
-        return logits / jnp.sqrt(jnp.float32(c.d_model))
+        logits = logits / jnp.sqrt(jnp.float32(c.d_model))
+        return logits if cache is None else (logits, cache)
 
 
 def abstract_params(config: ModelConfig) -> Any:
