@@ -1,0 +1,274 @@
+"""Hostile generated programs are contained, scored as failures, and leave the machine as it was.
+
+Each attack is written as a HumanEval completion for HumanEval/0: the attack first, then the canonical
+solution. If the sandbox let the attack through, the program would go on to pass; so every test asserts
+a failure, and the machine's state (a sentinel file, no leftover process, the test process alive).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from palm.evaltasks import humaneval
+from palm.evaltasks.sandbox import isolation, processes_of_uid, run_program
+
+TASK = "HumanEval/0"
+
+
+@pytest.fixture(scope="module")
+def problem(shared_data: Path) -> dict:
+    return humaneval.load_problems(shared_data / "humaneval" / "HumanEval.jsonl.gz")[TASK]
+
+
+@pytest.fixture(scope="module")
+def contained() -> dict:
+    """The isolation this machine gives. Attacks such as os.kill(-1, SIGKILL) run only when it is strong
+    enough that they cannot reach the test process: a PID namespace or a switch to another uid."""
+    iso = isolation()
+    if not (iso["pid_ns"] or iso["uid_switch"]):
+        pytest.fail(f"the sandbox has neither a PID namespace nor a uid switch here, so hostile programs "
+                    f"are not run: {iso}")
+    return iso
+
+
+@pytest.fixture()
+def sentinel(tmp_path: Path):
+    """A file outside the sandbox that attacks try to delete; it must survive every test."""
+    path = tmp_path / "precious" / "keep.txt"
+    path.parent.mkdir()
+    path.write_text("do not delete")
+    yield path
+    assert path.read_text() == "do not delete"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["keep.txt"]
+
+
+def attack(problem: dict, code: str, **kwargs):
+    """Run `code` inside HumanEval/0's function, before the canonical solution."""
+    completion = textwrap.indent(textwrap.dedent(code).strip() + "\n", "    ") + problem["canonical_solution"]
+    return humaneval.check_program(problem, completion, **kwargs)
+
+
+def live_processes_with(token: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                if token.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
+                    state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state not in ("Z", "X"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def assert_no_leftovers(result, token: str | None = None) -> None:
+    deadline = time.monotonic() + 2
+    while True:
+        left = (processes_of_uid(result.uid) if result.uid is not None else []) + \
+            (live_processes_with(token) if token else [])
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == [], f"processes left behind by the sandboxed program: {left}"
+
+
+def test_the_isolation_promised_on_this_machine_is_in_effect(contained):
+    assert contained["net_ns"] and contained["pid_ns"] and contained["mount_ns"], contained
+    assert contained["readonly_root"] and contained["workdir_tmpfs_kib"], contained
+    assert contained["uid_switch"] or contained["user_ns"], contained
+    if os.geteuid() == 0:  # root: the program must run as another, unprivileged uid
+        assert contained["uid_switch"], contained
+    assert contained["rlimits"]["core"] == 0 and contained["rlimits"]["nproc"] >= 1
+
+
+def test_a_good_program_passes_with_a_clean_environment(problem, contained, monkeypatch, sentinel):
+    monkeypatch.setenv("PALM_TEST_SECRET", "hunter2")
+    r = run_program("import os, sys\nprint(os.getcwd(), os.environ.get('HOME'), os.environ.get('TMPDIR'))\n"
+                    "print(sorted(os.environ))\nprint(os.getuid(), os.getpid())\nopen('scratch', 'w').write('ok')\n")
+    assert r.passed and r.status == "passed" and r.returncode == 0, r
+    cwd, home, tmp = r.stdout.splitlines()[0].split()
+    assert home == cwd == tmp and "palm-sandbox-" in cwd
+    assert not os.path.exists(os.path.dirname(cwd)), "the throwaway directory is removed afterwards"
+    assert "PALM_TEST_SECRET" not in r.stdout and "hunter2" not in r.stdout
+    uid, pid = map(int, r.stdout.splitlines()[2].split())
+    if contained["uid_switch"]:
+        assert uid == r.uid and uid not in (0, os.getuid())
+    if contained["pid_ns"]:
+        assert pid == 2  # the program's own PID namespace: init is 1, the program 2
+    assert run_program("raise SystemExit(3)").status == "failed"
+    failed = run_program("1 / 0")
+    assert not failed.passed and failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
+
+
+def test_deleting_files_outside_the_sandbox_fails(problem, contained, sentinel):
+    r = attack(problem, f"""
+        import os, shutil
+        os.remove({str(sentinel)!r})
+        shutil.rmtree({str(sentinel.parent)!r})
+        open({str(sentinel.parent / 'planted.txt')!r}, 'w').write('x')
+    """)
+    assert not r.passed and r.status == "failed", r
+    assert "Read-only file system" in r.stderr or "Permission denied" in r.stderr, r.stderr
+
+
+def test_writing_elsewhere_on_the_machine_fails(problem, contained, sentinel, tmp_path):
+    for target in ("/tmp/palm-sandbox-escape", "/dev/shm/palm-sandbox-escape", str(tmp_path / "planted")):
+        r = attack(problem, f"open({target!r}, 'w').write('x')")
+        assert not r.passed and r.status == "failed", (target, r)
+        assert not os.path.exists(target)
+
+
+def test_a_fork_bomb_is_stopped_and_cleaned_up(problem, contained, sentinel):
+    token = secrets.token_hex(8)
+    r = attack(problem, f"""
+        import os
+        marker = {token!r}
+        while True:
+            os.fork()
+    """, timeout_s=5)
+    assert not r.passed and r.status in ("failed", "timeout"), r
+    assert "BlockingIOError" in r.stderr or "Resource temporarily unavailable" in r.stderr or r.status == "timeout"
+    assert_no_leftovers(r)
+    assert subprocess.run(["true"]).returncode == 0  # the machine can still start processes
+
+
+def test_a_fork_bomb_that_ignores_failures_is_killed_at_the_timeout(problem, contained, sentinel):
+    r = attack(problem, """
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+    """, timeout_s=2)
+    assert not r.passed and r.status == "timeout", r
+    assert r.seconds < 4
+    assert_no_leftovers(r)
+
+
+def test_memory_bombs_hit_the_memory_limit(problem, contained, sentinel):
+    r = attack(problem, "x = bytearray(64 * 2**30)")
+    assert not r.passed and r.status == "failed" and "MemoryError" in r.stderr, r
+    r = attack(problem, """
+        hoard = []
+        while True:
+            hoard.append(bytearray(16 * 2**20))
+    """, memory_mb=256)
+    assert not r.passed and r.status == "failed" and "MemoryError" in r.stderr, r
+
+
+def test_an_infinite_loop_times_out(problem, contained, sentinel):
+    start = time.monotonic()
+    r = attack(problem, "while True:\n    pass", timeout_s=2)
+    assert not r.passed and r.status == "timeout", r
+    assert 2 <= r.seconds < 4 and time.monotonic() - start < 5
+    assert_no_leftovers(r)
+
+
+def test_no_network_not_even_the_callers_localhost(problem, contained, sentinel):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        for target in (("127.0.0.1", port), ("1.1.1.1", 53), ("8.8.8.8", 443)):
+            r = attack(problem, f"""
+                import socket
+                s = socket.create_connection({target!r}, timeout=3)
+                s.sendall(b'escaped')
+            """)
+            assert not r.passed and r.status == "failed", (target, r)
+            assert "OSError" in r.stderr or "PermissionError" in r.stderr or "timed out" in r.stderr, r.stderr
+        with pytest.raises(socket.timeout):
+            server.accept()
+
+
+def test_killing_the_parent_or_anything_else_fails(problem, contained, sentinel):
+    me = os.getpid()
+    for target in ("os.getppid()", str(me), "1", "-1"):
+        # As root without the sandbox, the last one would kill every process on the machine.
+        r = attack(problem, f"import os, signal\nos.kill({target}, signal.SIGKILL)\nraise SystemExit('sent')")
+        assert not r.passed and r.status == "failed", (target, r)
+        assert_no_leftovers(r)
+    assert os.getpid() == me and os.getppid() > 0  # this test process is still here to say so
+    if contained["uid_switch"]:  # init runs as root: the program may not signal it at all
+        r = run_program("import os\nos.kill(os.getppid(), 9)\n")
+        assert not r.passed and "PermissionError" in r.stderr, r
+
+
+def test_writing_a_huge_file_hits_the_file_size_limit(problem, contained, sentinel):
+    r = attack(problem, "open('huge.bin', 'wb').write(b'x' * (200 * 2**20))")
+    assert not r.passed and r.status == "failed" and "File too large" in r.stderr, r
+    r = attack(problem, "import sys\nsys.stdout.write('x' * (200 * 2**20))")
+    assert not r.passed and r.status == "failed", r
+    assert len(r.stdout) <= 8192  # only a tail comes back
+
+
+def test_a_background_daemon_does_not_outlive_the_program(problem, contained, sentinel, tmp_path):
+    token = secrets.token_hex(8)
+    late = tmp_path / "written-by-the-daemon"
+    r = attack(problem, f"""
+        import os, sys
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                code = "import time; print('daemon up', flush=True); time.sleep(3); open({str(late)!r}, 'w').write('x')"
+                os.execv(sys.executable, [sys.executable, '-c', code, {token!r}])
+            os._exit(0)
+        import time
+        time.sleep(0.5)
+        raise SystemExit('the daemon is running')
+    """)
+    assert not r.passed and r.status == "failed" and "the daemon is running" in r.stderr, r
+    assert "daemon up" in r.stdout  # it did start
+    assert_no_leftovers(r, token)
+    time.sleep(0.5)
+    assert live_processes_with(token) == [] and not late.exists()
+
+
+def test_a_batch_of_hostile_samples_scores_zero_and_the_harness_finishes(problem, contained, sentinel):
+    attacks = [
+        f"import os\nos.remove({str(sentinel)!r})",
+        "import os\nwhile True:\n    os.fork()",
+        "x = bytearray(64 * 2**30)",
+        "while True:\n    pass",
+        "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)",
+        "import os\nos.kill(os.getppid(), 9)\nraise SystemExit(1)",
+        "import os\nos.kill(-1, 9)\nraise SystemExit(1)",
+        "open('huge.bin', 'wb').write(b'x' * (200 * 2**20))",
+        "import sys\nsys.exit(0)",  # leaving early with status 0 is not passing
+        "import os\nos._exit(0)",
+    ]
+    samples = [{"task_id": TASK, "completion": textwrap.indent(a + "\n", "    ") + problem["canonical_solution"]}
+               for a in attacks]
+    start = time.monotonic()
+    results = humaneval.evaluate_samples(samples, {TASK: problem}, timeout_s=3)
+    assert time.monotonic() - start < 20
+    assert [r.passed for r in results] == [False] * len(attacks), [(r.status, r.detail) for r in results]
+    assert all(r.status in ("failed", "timeout") for r in results), [(r.status, r.detail) for r in results]
+    metrics = humaneval.score_samples(samples[-2:], {TASK: problem}, k=(1, 2))
+    assert metrics["pass@1"] == 0.0 and metrics["pass@2"] == 0.0
+    for r in results:
+        assert_no_leftovers(r)
+
+
+def test_the_fallback_socket_block_refuses_sockets_from_python(tmp_path):
+    # Not in effect where a network namespace can be made (see the isolation test); checked on its own.
+    from palm.evaltasks.sandbox import _NO_NETWORK_PRELUDE
+
+    program = tmp_path / "main.py"
+    program.write_text("import socket, sys\nprint(__name__, sys.argv)\nsocket.socket()\n")
+    out = subprocess.run([sys.executable, "-I", "-c", _NO_NETWORK_PRELUDE, str(program)], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 1 and "PermissionError" in out.stderr and "network access is disabled" in out.stderr
+    assert out.stdout.startswith(f"__main__ [{str(program)!r}]")
