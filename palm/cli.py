@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             q.add_argument("--step", type=int, help="this step only (default: inspect the latest, verify all)")
         _add_json(q)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (PaLM's protocol, YAML and lm-eval tasks)")
+    p.add_argument("checkpoint", help="a checkpoint step dir, a checkpoints dir, or a train stage dir (latest step)")
+    p.add_argument("--tasks", required=True, help="comma-separated: validation_loss, memorization, gsm8k, "
+                   "humaneval, mc:<task.yaml>, lm_eval:<task>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an eval setting, e.g. --set max_examples=50 (keys of the spec's eval section)")
+    _add_json(p)
+
     p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
                        "GSM8K exact match")
     p.add_argument("task", choices=("humaneval", "gsm8k"), help="the evaluation task")
@@ -246,6 +254,33 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from palm.evaltasks.run import evaluate_checkpoint, results_markdown
+    from palm.spec import EvalSpec
+
+    values: dict = {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
+    for assignment in args.overrides:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise PalmError(f"--set: expected key=value, got {assignment!r}")
+        values[key.strip().removeprefix("eval.")] = yaml.safe_load(raw)
+    try:
+        eval_spec = EvalSpec.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise PalmError(f"--set {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    for task in eval_spec.tasks:
+        kind, _, arg = task.partition(":")
+        if task not in ("validation_loss", "memorization", "gsm8k", "humaneval") and not (kind in ("mc", "lm_eval") and arg):
+            raise PalmError(f"--tasks: unknown task {task!r}")
+    result = evaluate_checkpoint(args.checkpoint, eval_spec)
+    _emit(args, result, f"{result['checkpoint']} (step {result['step']})\n" + results_markdown(result["results"]))
+    return 0
+
+
 def _cmd_eval_score(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -293,7 +328,7 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench,
-            "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score}
+            "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score, "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

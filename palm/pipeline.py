@@ -9,6 +9,7 @@ functions as tasks; `run_local` is the plain in-process path.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "pack", "tokenizer"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
-PLANNED_BY = {"tokenizer": "#5", "pack": "#5", "eval": "#7"}
+PLANNED_BY: dict[str, str] = {}
 
 
 def stage_config(spec: Any, stage: str) -> dict[str, Any]:
@@ -75,6 +76,18 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
                                        on_checkpoint=hooks.on_checkpoint, stop=hooks.stop)
 
 
+def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.evaltasks.run import evaluate_checkpoint, results_markdown
+
+    def build(out: Path) -> dict[str, Any]:
+        result = evaluate_checkpoint(inputs["train"].manifest["checkpoint"], spec.eval)
+        (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+        (out / "results.md").write_text(results_markdown(result["results"]))
+        return result
+
+    return build
+
+
 #: Stages that build in their final directory and resume from what a failed attempt left there.
 RESUMABLE = frozenset({"train"})
 
@@ -84,6 +97,7 @@ BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Pat
     "tokenizer": _build_tokenizer,
     "pack": _build_pack,
     "train": _build_train,
+    "eval": _build_eval,
 }
 BUILT = frozenset(BUILDERS)
 

@@ -159,12 +159,24 @@ class PackSpec(_Strict):
 
 
 class EvalSpec(_Strict):
+    """What to evaluate on each checkpoint. Task names: validation_loss, memorization, gsm8k, humaneval,
+    mc:<path to a multiple-choice task YAML>, lm_eval:<lm-eval task name>."""
+
     tasks: list[str] = ["validation_loss"]
     #: Cap on examples per task (null: all).
     max_examples: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     batch_size: int = Field(8, gt=0)
     seed: int = 0
+    #: Where gsm8k/ and humaneval/ live (local path).
+    data_dir: str = "../shared/data"
+    #: HumanEval samples per problem: 1 is greedy pass@1; more adds pass@k with T=0.8, top-p 0.95.
+    humaneval_samples: int = Field(1, ge=1)
+    #: Memorization (section 7): prefix and continuation lengths in tokens.
+    memorization_prefix: int = Field(50, gt=0)
+    memorization_continuation: int = Field(50, gt=0)
+    #: Extra lm-eval task YAMLs (local data files only).
+    lm_eval_include_path: str | None = None
 
 
 # ---------------------------------------------------------------------------------------- infra
@@ -397,6 +409,16 @@ def check_consistency(spec: Spec) -> None:
     if spec.data.beam.runner in ("flink", "spark") and not spec.data.beam.master_url:
         raise SpecError(f"the {spec.data.beam.runner} runner needs its master's address",
                         key="data.beam.master_url")
+    for i, task in enumerate(spec.eval.tasks):
+        kind, _, arg = task.partition(":")
+        if task not in ("validation_loss", "memorization", "gsm8k", "humaneval") and not (
+                kind in ("mc", "lm_eval") and arg):
+            raise SpecError(f"unknown task {task!r}; use validation_loss, memorization, gsm8k, humaneval, "
+                            "mc:<task.yaml> or lm_eval:<task>", key=f"eval.tasks.{i}")
+    e = spec.eval
+    if "memorization" in e.tasks and e.memorization_prefix + e.memorization_continuation >= m.seq_len:
+        raise SpecError(f"memorization needs prefix + continuation < model.seq_len ({m.seq_len})",
+                        key="eval.memorization_prefix")
     if spec.infra.launcher.kind != "local" and spec.infra.hardware.accelerator == "cpu":
         raise SpecError(f"launcher {spec.infra.launcher.kind!r} needs an accelerator, not cpu",
                         key="infra.hardware.accelerator")

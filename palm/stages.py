@@ -21,6 +21,7 @@ from typing import Any, Callable
 import palm
 
 MANIFEST = "manifest.json"
+CONTEXT = "context.json"
 
 #: Bumped when a stage's output format or semantics change, so old outputs are not reused.
 STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "train": 1, "eval": 1}
@@ -96,6 +97,12 @@ def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str
             shutil.rmtree(final)
         final.mkdir(parents=True, exist_ok=True)
         (final / MANIFEST).unlink(missing_ok=True)
+        # What produced this directory, readable while the stage is still running (e.g. by evaluation
+        # of its checkpoints).
+        _write_atomically(final / CONTEXT, json.dumps(
+            {"stage": stage, "key": key, "config": config,
+             "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())}},
+            indent=2, sort_keys=True, default=str))
         started = time.time()
         manifest = _manifest(stage, key, config, inputs, started, build(final))
         _write_atomically(final / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,208 @@
+"""Run a spec's evaluation tasks on one checkpoint: PaLM's protocol, plus YAML and lm-eval tasks.
+
+    validation_loss   token loss, perplexity and bits per byte on the data stage's validation split
+    memorization      section 7: 50-token prefixes of training sequences, exact match of the next 50 greedy
+    gsm8k             8-shot chain of thought (Wei et al. 2022 exemplars), exact match
+    humaneval         0-shot, greedy pass@1 (and pass@k with T=0.8, top-p 0.95), sandboxed execution
+    mc:<task.yaml>    few-shot multiple choice by rank classification (acc, acc_norm)
+    lm_eval:<task>    any lm-evaluation-harness task with local data, through palm.lmeval
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palm.errors import PalmError
+
+
+def _validation_texts(data_dir: Path, limit: int | None) -> list[str]:
+    texts = []
+    for shard in sorted(Path(data_dir).glob("validation-*.jsonl.gz")) or sorted(Path(data_dir).glob("train-*.jsonl.gz")):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in f]
+    return texts[:limit] if limit else texts
+
+
+def validation_loss(lm: Any, data_dir: Path, limit: int | None) -> dict[str, float]:
+    texts = _validation_texts(data_dir, limit)
+    if not texts:
+        raise PalmError(f"no validation documents in {data_dir}")
+    return {**lm.perplexity_and_bits_per_byte(texts), "documents": len(texts)}
+
+
+def memorization(lm: Any, pack_dir: Path, pack_manifest: dict[str, Any], prefix: int, continuation: int,
+                 limit: int | None, seed: int) -> dict[str, float]:
+    """Fraction of training sequences whose next `continuation` tokens the model reproduces greedily."""
+    from palm.data.loader import sequence_dataset
+
+    ds = sequence_dataset(pack_dir, pack_manifest, "train", seed=seed)
+    n = min(len(ds), limit or 128)
+    rows = np.stack([ds[i] for i in range(n)])
+    prompts, targets = rows[:, :prefix], rows[:, prefix:prefix + continuation]
+    generated = greedy_tokens(lm, prompts, continuation)
+    exact = (generated == targets).all(axis=1)
+    return {"exact_match": float(exact.mean()), "token_match": float((generated == targets).mean()),
+            "examples": n, "prefix_tokens": prefix, "continuation_tokens": continuation}
+
+
+def greedy_tokens(lm: Any, prompts: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy continuation token ids of each prompt row (the prompts are training token ids).
+
+    One fixed-length buffer, filled left to right: attention is causal, so the unfilled tail cannot
+    change the logits at the filled positions, and every step reuses one compiled shape.
+    """
+    n, p = prompts.shape
+    buffer = np.full((n, 1 + p + steps), lm.pad_id, np.int32)
+    buffer[:, 0] = lm.start_token
+    buffer[:, 1:1 + p] = prompts
+    for t in range(steps):
+        logits = np.asarray(lm.logits(buffer))
+        buffer[:, 1 + p + t] = logits[:, p + t].argmax(-1)
+    return buffer[:, 1 + p:]
+
+
+def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> dict[str, float]:
+    from palm.evaltasks import gsm8k as task
+
+    problems = task.load_problems(Path(data_dir) / "gsm8k" / "test.jsonl")[: limit or None]
+    prompts = [task.build_prompt(p["question"]) for p in problems]
+    completions = lm.generate(prompts, min(max_new_tokens, lm.seq_len // 2), stop=["\n\nQ:", "\nQ:"])
+    samples = [{"question": p["question"], "completion": c} for p, c in zip(problems, completions)]
+    return task.score_samples(samples, problems)
+
+
+def humaneval(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int, samples: int,
+              seed: int) -> dict[str, float]:
+    from palm.evaltasks import humaneval as task
+
+    by_id = task.load_problems(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")
+    problems = list(by_id.values())[: limit or None]
+    stop = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+    new = min(max_new_tokens, lm.seq_len // 2)
+    rows = []
+    if samples == 1:
+        completions = lm.generate([p["prompt"] for p in problems], new, stop=stop)
+        rows = [{"task_id": p["task_id"], "completion": c} for p, c in zip(problems, completions)]
+    else:
+        for k in range(samples):
+            completions = lm.generate([p["prompt"] for p in problems], new, temperature=0.8, top_p=0.95,
+                                      stop=stop, seed=seed + k)
+            rows += [{"task_id": p["task_id"], "completion": c} for p, c in zip(problems, completions)]
+    return task.score_samples(rows, {p["task_id"]: p for p in problems})
+
+
+def multiple_choice(lm: Any, task_file: str | Path, limit: int | None) -> dict[str, float]:
+    """A few-shot multiple-choice task defined in YAML (see docs/evaluation.md for the format)."""
+    import yaml
+
+    path = Path(task_file)
+    try:
+        task = yaml.safe_load(path.read_text())
+        data = path.parent / task["data"]
+        docs = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+        q_field, c_field, a_field = task.get("question", "question"), task.get("choices", "choices"), \
+            task.get("answer", "answer")
+        shots = int(task.get("num_shots", 0))
+        prefix = task.get("answer_prefix", " ")
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+        raise PalmError(f"multiple-choice task {path}: {type(e).__name__}: {e}") from None
+    context_shots = "".join(f"{d[q_field]}{prefix}{d[c_field][d[a_field]]}\n\n" for d in docs[:shots])
+    acc, acc_norm = [], []
+    for doc in docs[shots:][: limit or None]:
+        ranked = lm.rank_choices(context_shots + doc[q_field], [prefix + c for c in doc[c_field]], gold=doc[a_field])
+        acc.append(ranked["acc"])
+        acc_norm.append(ranked["acc_norm"])
+    if not acc:
+        raise PalmError(f"multiple-choice task {path}: no examples after the {shots} shots")
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "examples": len(acc)}
+
+
+def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir: Path | None = None,
+              pack_manifest: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Every task of `eval_spec.tasks` on one loaded model: {task: {metric: value}}."""
+    e = eval_spec
+    results: dict[str, dict[str, float]] = {}
+    lm_eval_tasks = []
+    for task in e.tasks:
+        if task == "validation_loss":
+            if data_dir is None:
+                raise PalmError("validation_loss needs the data stage's output")
+            results[task] = validation_loss(lm, data_dir, e.max_examples)
+        elif task == "memorization":
+            if pack_dir is None:
+                raise PalmError("memorization needs the pack stage's output")
+            results[task] = memorization(lm, pack_dir, pack_manifest, e.memorization_prefix,
+                                         e.memorization_continuation, e.max_examples, e.seed)
+        elif task == "gsm8k":
+            results[task] = gsm8k(lm, Path(e.data_dir), e.max_examples, e.max_new_tokens)
+        elif task == "humaneval":
+            results[task] = humaneval(lm, Path(e.data_dir), e.max_examples, e.max_new_tokens, e.humaneval_samples,
+                                      e.seed)
+        elif task.startswith("mc:"):
+            results[task] = multiple_choice(lm, task[3:], e.max_examples)
+        elif task.startswith("lm_eval:"):
+            lm_eval_tasks.append(task[len("lm_eval:"):])
+        else:
+            raise PalmError(f"unknown evaluation task {task!r}")
+    if lm_eval_tasks:
+        from palm.lmeval import run_lm_eval
+
+        for name, metrics in run_lm_eval(lm, lm_eval_tasks, e.lm_eval_include_path, e.max_examples).items():
+            results[f"lm_eval:{name}"] = metrics
+    return results
+
+
+def locate_run(checkpoint: str | Path) -> dict[str, Any]:
+    """From a checkpoint path (a step dir, the checkpoints dir or the train stage dir) to everything
+    evaluation needs: the train stage dir, the model config, the tokenizer, the data and pack outputs."""
+    from palm.stages import CONTEXT, read_manifest
+
+    path = Path(checkpoint).resolve()
+    step = int(path.name) if path.name.isdigit() else None
+    for train_dir in (path, *path.parents[:3]):
+        if (train_dir / CONTEXT).is_file():
+            break
+    else:
+        raise PalmError(f"{checkpoint} is not inside a train stage directory (no {CONTEXT} above it)")
+    context = json.loads((train_dir / CONTEXT).read_text())
+    pack_dir = Path(context["inputs"]["pack"]["path"])
+    pack = read_manifest(pack_dir)
+    if pack is None:
+        raise PalmError(f"the pack stage output {pack_dir} that trained {train_dir} is missing or incomplete")
+    return {"train_dir": train_dir, "step": step, "model": context["config"]["model"], "pack_dir": pack_dir,
+            "pack_manifest": pack, "tokenizer": Path(pack["inputs"]["tokenizer"]["path"]) / "tokenizer.model",
+            "data_dir": Path(pack["inputs"]["data"]["path"])}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None) -> dict[str, Any]:
+    """Load one checkpoint of a training run and run `eval_spec`'s tasks on it."""
+    from palm.config import ModelConfig
+    from palm.eval import load_language_model
+
+    from palm.checkpoint import open_checkpoints
+
+    run = locate_run(checkpoint)
+    step = run["step"] if step is None else step
+    if step is None:
+        ckpts = open_checkpoints(run["train_dir"])
+        step = ckpts.steps()[-1]
+        ckpts.close()
+    lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), run["tokenizer"], step=step,
+                             batch_size=eval_spec.batch_size)
+    results = run_tasks(lm, eval_spec, data_dir=run["data_dir"], pack_dir=run["pack_dir"],
+                        pack_manifest=run["pack_manifest"])
+    return {"checkpoint": f"{run['train_dir']}/checkpoints/{step}", "step": step, "results": results}
+
+
+def results_markdown(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | metric | value |", "| --- | --- | --- |"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            lines.append(f"| {task} | {metric} | {value:.4g} |" if isinstance(value, float)
+                         else f"| {task} | {metric} | {value} |")
+    return "\n".join(lines) + "\n"
