@@ -18,15 +18,24 @@ from palm.report import write_report
 from palm.spec import load_spec
 from tasks.common import with_retry_policy
 from tasks.data import data_task
+from tasks.eval import eval_task
 from tasks.pack import pack_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 
-TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "train": train_task}
+TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "train": train_task, "eval": eval_task}
 
 
 def run_root(spec: Any, output: str | None) -> str:
     return output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+
+
+def record_spec(spec: Any, root: str) -> None:
+    """Keep the resolved spec beside the run's outputs, for evaluations triggered by its events."""
+    from pathlib import Path
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))
 
 
 @flow(name="pretrain", log_prints=True)
@@ -36,6 +45,7 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
     logger = get_run_logger()
     spec = load_spec(spec_path, overrides or [])
     root = run_root(spec, output)
+    record_spec(spec, root)
     selected = select_stages(stages)
     force = set(force or [])
     outputs = {}

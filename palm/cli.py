@@ -157,6 +157,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def saved(path, step, record) -> None:
         print(f"checkpoint {step}: {path}", file=sys.stderr, flush=True)
 
+    from pathlib import Path
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))  # for event-triggered evaluation
+
     # SIGTERM (preemption) asks the train stage to checkpoint at the current step and stop.
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())

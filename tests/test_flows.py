@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from flows.pretrain import pretrain
 from tests.conftest import SPECS
@@ -38,3 +39,22 @@ def test_forced_stage_reruns(prefect_server, tmp_path):
     pretrain(TINY, QUICK, str(tmp_path), "data")
     forced = pretrain(TINY, QUICK, str(tmp_path), "data", force=["data"])
     assert forced["stages"]["data"]["cached"] is False
+
+
+def test_two_simultaneous_evaluation_runs_evaluate_each_checkpoint_once(prefect_server, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.evaluate import evaluate_new_checkpoints
+    from palm.ledger import EvalLedger
+
+    out = pretrain(TINY, QUICK + ["eval.max_examples=4"], str(tmp_path), STAGES)
+    checkpoint = out["checkpoint"]  # .../checkpoints/6; the run also kept 0 and 3
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: evaluate_new_checkpoints(checkpoint=checkpoint), range(2)))
+    evaluated = sorted(c for r in runs for c in r["evaluated"])
+    assert [Path(c).name for c in evaluated] == ["0", "3", "6"]  # each exactly once, split between the runs
+    ledger = EvalLedger(Path(checkpoint).parent.parent / "evals")
+    assert sorted(ledger.results()) == [0, 3, 6]
+    assert "validation_loss" in ledger.result(6)["results"]
+    again = evaluate_new_checkpoints(spec_path=TINY, overrides=QUICK, output=str(tmp_path))  # the scheduled path
+    assert again["evaluated"] == []

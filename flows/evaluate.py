@@ -1,0 +1,69 @@
+"""Evaluate every checkpoint of a run that has no result yet, exactly once.
+
+Started by each `palm.checkpoint.saved` event (with that checkpoint's path) and on a schedule as a
+fallback (with no checkpoint: every run under the spec's root). Claims in the run's ledger make two
+evaluation runs that start at the same moment split the work instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+
+from palm.checkpoint import open_checkpoints
+from palm.errors import PalmError
+from palm.evaltasks.run import locate_run
+from palm.ledger import EvalLedger
+from palm.spec import Spec, load_spec
+from tasks.eval import eval_checkpoint_task
+
+SPEC_RECORD = "spec.json"
+
+
+def spec_of_run(root: Path) -> Spec:
+    """The resolved spec a run root was started with (written by `palm run` and the pretrain flow)."""
+    try:
+        return Spec.model_validate(json.loads((root / SPEC_RECORD).read_text()))
+    except FileNotFoundError:
+        raise PalmError(f"{root} has no {SPEC_RECORD}; pass spec_path") from None
+
+
+@flow(name="eval-new-checkpoints", log_prints=True)
+def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | None = None,
+                             overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoints without results: of `checkpoint`'s run, or of every run under the root."""
+    logger = get_run_logger()
+    if checkpoint is not None:
+        train_dirs = [locate_run(checkpoint)["train_dir"]]
+        root = train_dirs[0].parent.parent
+        spec = load_spec(spec_path, overrides or []) if spec_path else spec_of_run(root)
+    else:
+        if spec_path is None:
+            raise PalmError("give a checkpoint (event-triggered) or a spec_path (scheduled)")
+        spec = load_spec(spec_path, overrides or [])
+        root = Path(output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}")
+        train_dirs = sorted(p.parent for p in root.glob("train/*/context.json"))
+    owner = str(get_run_context().flow_run.id)
+    evaluated, skipped = [], []
+    for train_dir in train_dirs:
+        ledger = EvalLedger(train_dir / "evals")
+        ckpts = open_checkpoints(train_dir)
+        steps = ckpts.steps()
+        ckpts.close()
+        for step in ledger.pending(steps):
+            if not ledger.claim(step, owner):
+                skipped.append(f"{train_dir}/checkpoints/{step}")
+                continue
+            try:
+                result = eval_checkpoint_task(f"{train_dir}/checkpoints/{step}", spec.eval, spec.name)
+            except BaseException:
+                ledger.release(step)
+                raise
+            ledger.record(step, {**result, "evaluated_by": owner})
+            evaluated.append(result["checkpoint"])
+            logger.info("evaluated %s: %s", result["checkpoint"], result["results"])
+    return {"evaluated": evaluated, "claimed_elsewhere": skipped}
