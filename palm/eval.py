@@ -369,12 +369,22 @@ class LanguageModel:
 # ------------------------------------------------------------------------------------- loading
 
 
-def restore_params(checkpoint_dir: str | Path, step: int | None = None, verify: bool = True) -> tuple[Any, int]:
-    """(host parameter tree, step) of a checkpoint written by palm.checkpoint.Checkpoints.
+def _param_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {jax.tree_util.keystr(path): (tuple(int(n) for n in leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in flat}
+
+
+def restore_params(checkpoint_dir: str | Path, model_config: ModelConfig, step: int | None = None,
+                   verify: bool = True) -> tuple[Any, int]:
+    """(parameter tree as host numpy arrays, step) of a checkpoint written by palm.checkpoint.Checkpoints.
 
     `checkpoint_dir` is the checkpoints directory or the train stage directory holding `checkpoints/`;
-    the latest step by default. With `verify` the parameters' digest is checked against the recorded one.
+    the latest step by default. Only the parameters are read (not the optimizer state, about twice their
+    size), after checking their recorded shapes against `model_config`; with `verify` their digest is
+    checked against the one recorded at save time.
     """
+    import flax.linen as nn
     import orbax.checkpoint as ocp
 
     from palm.checkpoint import open_checkpoints, params_digest
@@ -385,9 +395,18 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, verify: 
         step = steps[-1] if step is None else int(step)
         if step not in steps:
             raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
-        restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        state = restored["state"]
-        params = state["params"] if isinstance(state, dict) else state.params
+        abstract = nn.unbox(abstract_params(model_config))
+        want = _param_table(abstract)
+        got = _param_table(ckpts.manager.item_metadata(step)["state"].tree["params"])
+        if want != got:
+            diff = sorted(set(want.items()) ^ set(got.items()))[:6]
+            raise PalmError(f"checkpoint {ckpts.directory}/{step}: its parameters do not fit the model config "
+                            f"(another architecture?); differences (path, (shape, dtype)): {diff}")
+        # The train state is the "state" item of an Orbax CheckpointManager step; restore its params only.
+        host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+        with ocp.PyTreeCheckpointer() as reader:
+            params = reader.restore(f"{ckpts.directory}/{step}/state", args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": host}, partial_restore=True))["params"]
         if verify:
             recorded = ckpts.meta(step).get("digest")
             digest = params_digest(params)
@@ -399,20 +418,6 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, verify: 
     return params, step
 
 
-def _check_params_fit(params: Any, config: ModelConfig) -> None:
-    import flax.linen as nn
-
-    def table(tree):
-        return {jax.tree_util.keystr(path): (tuple(np.shape(leaf)), np.dtype(leaf.dtype).name)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    want, got = table(nn.unbox(abstract_params(config))), table(params)
-    if want != got:
-        diff = sorted(set(want.items()) ^ set(got.items()))[:6]
-        raise PalmError("the checkpoint's parameters do not fit the model config (another architecture?); "
-                        f"differences (path, (shape, dtype)): {diff}")
-
-
 def load_language_model(checkpoint_dir: str | Path, model_config: ModelConfig, tokenizer_path: str | Path,
                         step: int | None = None, *, batch_size: int = 8, verify: bool = True) -> LanguageModel:
     """A LanguageModel from a training run's checkpoint (latest step by default) and its tokenizer.
@@ -421,8 +426,7 @@ def load_language_model(checkpoint_dir: str | Path, model_config: ModelConfig, t
     """
     from palm.tokenizer import Tokenizer
 
-    params, _ = restore_params(checkpoint_dir, step, verify=verify)
-    _check_params_fit(params, model_config)
+    params, _ = restore_params(checkpoint_dir, model_config, step, verify=verify)
     path = Path(tokenizer_path)
     if path.is_dir():
         path = path / "tokenizer.model"
