@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per global batch (default: palm-1b-gpu's global batch, 8)")
     q.add_argument("--batches", type=int, default=200, metavar="N",
                    help="timed loader batches after a short warm-up (default 200)")
+    q = bench_sub.add_parser("decode", help="decode tokens/s per batch size (KV cache, jitted step) against "
+                             "the memory-bandwidth roofline")
+    _add_spec_args(q)
+    _add_json(q)
+    q.add_argument("--batches", default="1,64", metavar="N,N", help="comma-separated batch sizes (default 1,64)")
+    q.add_argument("--steps", type=int, default=64, help="timed decode steps per batch size (default 64)")
+    q.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default 2)")
+    q.add_argument("--prompt-len", type=int, default=128, metavar="N",
+                   help="random prompt tokens per row, prefilled once (default 128)")
     p = sub.add_parser("checkpoint", help="list, inspect and verify training checkpoints")
     ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
     for name, text in (("list", "steps, sizes, metrics and parameter digests"),
@@ -206,6 +215,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_data(args)
     if args.bench_command == "input":
         return _cmd_bench_input(args)
+    if args.bench_command == "decode":
+        return _cmd_bench_decode(args)
     from palm.bench import bench_train, render_train
     from palm.spec import load_spec
 
@@ -231,6 +242,20 @@ def _cmd_bench_input(args: argparse.Namespace) -> int:
     result = bench_input(args.data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len, batch=args.batch,
                          batches=args.batches)
     _emit(args, result, render_input(result))
+    return 0
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from palm.bench import bench_decode, render_decode
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        raise PalmError(f"--batches takes comma-separated integers, got {args.batches!r}") from None
+    result = bench_decode(spec, batches=batches, steps=args.steps, prompt_len=args.prompt_len, warmup=args.warmup)
+    _emit(args, result, render_decode(result))
     return 0
 
 

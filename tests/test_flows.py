@@ -9,8 +9,9 @@ from flows.pretrain import pretrain
 from tests.conftest import SPECS
 
 TINY = str(SPECS / "tiny.yaml")
-QUICK = ["train.steps=6", "train.checkpoint.every_steps=3"]
+QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
 STAGES = "data,tokenizer,pack,train"
+ALL = "data,tokenizer,pack,train,eval"
 
 
 def test_rerun_is_cached_and_a_changed_stage_reruns_with_its_downstream(prefect_server, tmp_path):
@@ -29,6 +30,12 @@ def test_rerun_is_cached_and_a_changed_stage_reruns_with_its_downstream(prefect_
     cached = {name: s["cached"] for name, s in longer["stages"].items()}
     assert cached == {"data": True, "tokenizer": True, "pack": True, "train": False}
     assert longer["stages"]["train"]["output"] != first["stages"]["train"]["output"]
+
+    evaluated = pretrain(TINY, QUICK, str(tmp_path), ALL)
+    assert evaluated["stages"]["eval"]["cached"] is False and "validation_loss" in evaluated["eval"]
+    re_eval = pretrain(TINY, QUICK[:2] + ["eval.max_examples=2"], str(tmp_path), ALL)  # only eval settings change
+    cached = {name: s["cached"] for name, s in re_eval["stages"].items()}
+    assert cached == {"data": True, "tokenizer": True, "pack": True, "train": True, "eval": False}
 
     retok = pretrain(TINY, QUICK + ["tokenizer.vocab_size=512"], str(tmp_path), STAGES)
     cached = {name: s["cached"] for name, s in retok["stages"].items()}
