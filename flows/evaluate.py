@@ -40,7 +40,14 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
     if checkpoint is not None:
         train_dirs = [locate_run(checkpoint)["train_dir"]]
         root = train_dirs[0].parent.parent
-        spec = load_spec(spec_path, overrides or []) if spec_path else spec_of_run(root)
+        # The run's own recorded spec first: a deployment's spec_path is the scheduled fallback's, and
+        # would evaluate another run's checkpoints with the wrong settings.
+        try:
+            spec = spec_of_run(root)
+        except PalmError:
+            if spec_path is None:
+                raise
+            spec = load_spec(spec_path, overrides or [])
     else:
         if spec_path is None:
             raise PalmError("give a checkpoint (event-triggered) or a spec_path (scheduled)")
