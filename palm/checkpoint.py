@@ -3,9 +3,13 @@
 A checkpoint at step s holds the train state after s steps (parameters, optimizer state, step), the
 data iterator's state after the batches of steps < s, and `meta`: the spec's hash, the parameters'
 digest, the seed, the step's metrics and the run's loss-spike events. Orbax writes each checkpoint to
-a temporary directory and renames it when complete, so a half-written checkpoint is never listed.
+a temporary directory and renames it when complete (on GCS, which cannot rename, it writes the step in
+place and a `commit_success.txt` marker last), so a half-written checkpoint is never listed.
 On restore the digest is recomputed: a checkpoint that fails to load or whose digest differs is moved
 aside to `corrupt/` and the previous one is used.
+
+`directory` may be local or `gs://`. `gcs_settings` is the one place that reads the environment to
+point Google Cloud Storage clients at an emulator (STORAGE_EMULATOR_HOST); see there.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import shutil
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from palm.config import CheckpointConfig
 from palm.errors import PalmError
@@ -39,6 +45,44 @@ def params_digest(params: Any) -> str:
     return h.hexdigest()
 
 
+def gcs_settings() -> dict[str, str]:
+    """Point every GCS client a `gs://` checkpoint goes through at STORAGE_EMULATOR_HOST, when it is set.
+
+    STORAGE_EMULATOR_HOST (`host:port` or a URL) is the emulator convention of Google's client
+    libraries and gcsfs. This is the only place in palm that reads storage settings from the environment,
+    and it has to *write* some, because Orbax passes no options to the clients it uses:
+
+    - TensorStore (the arrays, in OCDBT) opens `{"driver": "gcs", "bucket", "path"}` kvstores that Orbax
+      builds itself; that driver has no endpoint field, so its endpoint is TENSORSTORE_GCS_HTTP_URL,
+      read when a kvstore is opened. GOOGLE_AUTH_TOKEN_FOR_TESTING gives it a fixed bearer token, so it
+      does not look for application-default credentials or a GCE metadata server (read once per process,
+      on the first GCS access).
+    - gcsfs (etils.epath's `gs://` backend without TensorFlow: Orbax's listings, JSON items and commit
+      markers, and `quarantine`) and google-cloud-storage (Orbax's bucket lookup before listing steps)
+      honour STORAGE_EMULATOR_HOST themselves; the latter only as a URL, so a bare `host:port` is
+      rewritten to `http://host:port`. gcsfs also needs GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read
+      when gcsfs is imported: otherwise it asks the Storage Control API, which no emulator serves, for
+      each bucket's layout.
+
+    Without STORAGE_EMULATOR_HOST nothing changes and the clients talk to GCS with their own
+    credentials. Returns the variables set.
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host in ("", "default"):
+        return {}
+    url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+    settings = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url.rstrip("/"),
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator"),
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    os.environ.update(settings)
+    gcsfs = sys.modules.get("gcsfs")
+    if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
+        log.warning("gcsfs was imported before STORAGE_EMULATOR_HOST was seen, with its experimental %s: it "
+                    "will ask the Storage Control API for bucket layouts (and fall back when that fails)",
+                    gcsfs.GCSFileSystem.__name__)
+    return settings
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -53,6 +97,8 @@ class Checkpoints:
     def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False):
         self.directory = str(directory)
         self.config = config
+        if self.directory.startswith("gs://"):
+            gcs_settings()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_last, keep_period=config.keep_every,
             enable_async_checkpointing=config.async_save and not read_only,
@@ -96,14 +142,17 @@ class Checkpoints:
 
     def quarantine(self, step: int, reason: str) -> None:
         """Move a bad checkpoint out of the manager's sight, keeping it for inspection."""
-        src = Path(self.directory) / str(step)
-        dst = Path(self.directory).parent / "corrupt" / str(step)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        # epath works on local paths and gs:// alike. On GCS a folder is a name prefix, so the reason is
+        # written first: it makes `corrupt/` exist, which rename checks for.
+        src = epath.Path(self.directory) / str(step)
+        corrupt = epath.Path(self.directory).parent / "corrupt"
+        corrupt.mkdir(parents=True, exist_ok=True)
+        (corrupt / f"{step}.reason.txt").write_text(reason)
+        dst = corrupt / str(step)
         if dst.exists():
-            shutil.rmtree(dst)
+            dst.rmtree()
         if src.exists():
             src.rename(dst)
-        (dst.parent / f"{step}.reason.txt").write_text(reason)
         self.manager.reload()
 
     def restore_latest_valid(self, abstract_state: Any, before: int | None = None) -> Restored | None:
@@ -128,14 +177,18 @@ class Checkpoints:
 
 
 def checkpoint_size(directory: str | Path, step: int) -> int:
-    """Bytes on disk of one local checkpoint."""
-    root = Path(directory) / str(step)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    """Bytes of one checkpoint, local or gs://."""
+    from etils import epath
+
+    root = epath.Path(str(directory)) / str(step)
+    return sum(p.stat().length for p in root.rglob("*") if p.is_file())
 
 
 def open_checkpoints(path: str | Path) -> Checkpoints:
     """Read-only access to the checkpoints under `path` (the checkpoints dir or the train stage dir)."""
     path = str(path).rstrip("/")
+    if path.startswith("gs://"):
+        gcs_settings()  # before anything imports gcsfs
     candidates = [path, f"{path}/checkpoints"]
     for candidate in candidates:
         ckpts = Checkpoints(candidate, CheckpointConfig(), read_only=True) if _exists(candidate) else None

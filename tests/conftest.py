@@ -33,3 +33,33 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on loopback (tests/gcs.py) with bucket "bucket", named by STORAGE_EMULATOR_HOST.
+
+    Fails, never skips, when it cannot start. palm.checkpoint.gcs_settings derives the rest of the
+    storage settings from STORAGE_EMULATOR_HOST; everything it sets is put back afterwards.
+    """
+    from palm.checkpoint import gcs_settings
+    from tests.gcs import Emulator
+
+    keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        emulator = Emulator(bucket="bucket")
+    except Exception as e:  # noqa: BLE001 - any failure to start is a test failure
+        pytest.fail(f"the GCS emulator could not start: {e}")
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
+    gcs_settings()  # before anything imports gcsfs, which reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT once
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
