@@ -178,10 +178,12 @@ class Checkpoints:
 
 def checkpoint_size(directory: str | Path, step: int) -> int:
     """Bytes of one checkpoint, local or gs://."""
-    from etils import epath
+    root = f"{str(directory).rstrip('/')}/{step}"
+    if root.startswith("gs://"):
+        import gcsfs
 
-    root = epath.Path(str(directory)) / str(step)
-    return sum(p.stat().length for p in root.rglob("*") if p.is_file())
+        return int(sum(gcsfs.GCSFileSystem().du(root, total=False).values()))
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
 
 
 def open_checkpoints(path: str | Path) -> Checkpoints:
