@@ -152,7 +152,14 @@ class Checkpoints:
         if dst.exists():
             dst.rmtree()
         if src.exists():
-            src.rename(dst)
+            try:
+                src.rename(dst)
+            except FileNotFoundError:
+                # GCS has no directory rename: objects move one by one, and a stale listing entry can name
+                # one already moved. What is left is removed below, so the step still leaves Orbax's view.
+                pass
+        if src.exists():
+            src.rmtree()
         self.manager.reload()
 
     def restore_latest_valid(self, abstract_state: Any, before: int | None = None) -> Restored | None:

@@ -61,7 +61,7 @@ def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
     assert list(ramped_order) == list(range(18))
     assert list(ramped_order[:16]) == list(flat_order)
 
-    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=4", "model.seq_len=16",
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=4", "model.seq_len=16", "eval.tasks=[validation_loss]",
                                            "train.batch_ramp=[{from_step: 0, global_batch: 2}, "
                                            "{from_step: 2, global_batch: 4}]"])
     trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
