@@ -82,3 +82,34 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     for e in events:
         assert e.payload["run"] == "tiny" and e.resource["palm.run"] == "tiny"
         assert e.payload["path"].endswith(f"/checkpoints/{e.payload['step']}")
+
+
+def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
+    from palm.train import Trainer
+    from tasks.pack import pack_task
+    from tasks.tokenizer import tokenizer_task
+    from tasks.train import train_task
+
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=8", "train.checkpoint.every_steps=3",
+                                            "retries.train.retries=2", "retries.train.delay_seconds=0"])
+    root = str(tmp_path)
+    real_step, calls = Trainer.step, {"n": 0}
+
+    def crash_once(self, state, tokens, weights=None):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the fifth step of the first attempt: after the checkpoint at step 3
+            raise RuntimeError("simulated host failure")
+        return real_step(self, state, tokens, weights)
+
+    monkeypatch.setattr(Trainer, "step", crash_once)
+
+    @flow(name="tiny-train-retry")
+    def tiny_train():
+        data = data_task(spec, root)
+        tokenizer = tokenizer_task(spec, root, data)
+        return with_retry_policy(train_task, spec, "train")(spec, root, pack_task(spec, root, data, tokenizer))
+
+    out = tiny_train()
+    assert out.manifest["final_step"] == 8
+    assert out.manifest["resumed_from"] == 3  # the retry continued from the checkpoint, not from step 0
+    assert calls["n"] == 4 + 1 + 5  # 4 good steps, the crash, then steps 3..7 again
