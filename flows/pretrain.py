@@ -12,8 +12,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from palm.errors import StageNotBuiltError
-from palm.pipeline import BUILT, PLANNED_BY, STAGE_INPUTS, STAGE_ORDER, existing_output, needed_stages, select_stages
+from palm.pipeline import (STAGE_INPUTS, STAGE_ORDER, existing_output, needed_stages, record_spec, run_summary,
+                           select_stages)
 from palm.report import write_report
 from palm.spec import load_spec
 from tasks.common import with_retry_policy
@@ -28,14 +28,6 @@ TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "tra
 
 def run_root(spec: Any, output: str | None) -> str:
     return output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-
-
-def record_spec(spec: Any, root: str) -> None:
-    """Keep the resolved spec beside the run's outputs, for evaluations triggered by its events."""
-    from pathlib import Path
-
-    Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))
 
 
 @flow(name="pretrain", log_prints=True)
@@ -59,16 +51,4 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
         else:
             outputs[stage] = existing_output(spec, stage, root, inputs)
         logger.info("stage %s: %s (%s)", stage, outputs[stage].path, "cached" if outputs[stage].cached else "built")
-    missing = [s for s in selected if s not in BUILT]
-    if missing:
-        raise StageNotBuiltError("not built yet: " + ", ".join(f"{s} (issue {PLANNED_BY[s]})" for s in missing))
-    report = write_report(root, spec.name, outputs)
-    summary: dict[str, Any] = {
-        "status": "completed", "root": root, "report": str(report),
-        "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
-    if "train" in outputs:
-        m = outputs["train"].manifest
-        summary.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
-    if "eval" in outputs:
-        summary["eval"] = outputs["eval"].manifest.get("results")
-    return summary
+    return run_summary(root, write_report(root, spec.name, outputs), outputs)

@@ -143,7 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from palm.pipeline import Hooks, run_local, select_stages
+    from palm.pipeline import Hooks, record_spec, run_local, run_summary, select_stages
     from palm.spec import load_spec
     from palm.train import Preempted
 
@@ -166,10 +166,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def saved(path, step, record) -> None:
         print(f"checkpoint {step}: {path}", file=sys.stderr, flush=True)
 
-    from pathlib import Path
-
-    Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))  # for event-triggered evaluation
+    record_spec(spec, root)  # for event-triggered evaluation
 
     # SIGTERM (preemption) asks the train stage to checkpoint at the current step and stop.
     stop = threading.Event()
@@ -186,14 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     report = write_report(root, spec.name, outputs)
     print(f"report: {report}", file=sys.stderr)
-    payload = {"status": "completed", "root": root, "report": str(report),
-               "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
-    if "train" in outputs:
-        m = outputs["train"].manifest
-        payload.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
-    if "eval" in outputs:
-        payload["eval"] = outputs["eval"].manifest.get("results")
-    _emit(args, payload, "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
+    _emit(args, run_summary(root, report, outputs), "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
     return 0
 
 

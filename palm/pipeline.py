@@ -176,3 +176,22 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
         done = ", ".join(f"{s} -> {o.path}" for s, o in outputs.items()) or "nothing"
         raise StageNotBuiltError(f"not built yet: {detail}. Ran: {done}")
     return outputs
+
+
+def record_spec(spec: Any, root: str | Path) -> None:
+    """Keep the resolved spec beside a run's outputs, for evaluations triggered by its events."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))
+
+
+def run_summary(root: str | Path, report: Path, outputs: dict[str, StageOutput]) -> dict[str, Any]:
+    """What `palm run --json` prints and the pretrain flow returns."""
+    summary: dict[str, Any] = {
+        "status": "completed", "root": str(root), "report": str(report),
+        "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
+    if "train" in outputs:
+        m = outputs["train"].manifest
+        summary.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
+    if "eval" in outputs:
+        summary["eval"] = outputs["eval"].manifest.get("results")
+    return summary
