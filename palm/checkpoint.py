@@ -95,7 +95,8 @@ class Checkpoints:
     """The checkpoints of one training run, in `directory` (a local path or gs://)."""
 
     def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False):
-        self.directory = str(directory)
+        # Orbax (TensorStore's OCDBT) needs absolute local paths; the default storage root is relative.
+        self.directory = str(directory) if "://" in str(directory) else str(Path(directory).absolute())
         self.config = config
         if self.directory.startswith("gs://"):
             gcs_settings()

@@ -32,6 +32,16 @@ def test_run_runs_every_stage_and_writes_the_report(capsys, tmp_path):
     assert "Traceback" not in err
 
 
+def test_run_with_a_relative_storage_root(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the README's command writes to the spec's relative root, runs/tiny
+    rc = main(["run", TINY, "--set", "train.steps=2", "--set", "eval.tasks=[validation_loss]",
+               "--set", "eval.max_examples=2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    assert list((tmp_path / "runs" / "tiny" / "train").glob("*/checkpoints/2"))
+    assert (tmp_path / "runs" / "tiny" / "report.md").is_file()
+
+
 def test_selected_stages_need_their_inputs_built_first(capsys, tmp_path):
     rc = main(["run", TINY, "--stages", "eval,data", "--output", str(tmp_path)])
     err = capsys.readouterr().err
