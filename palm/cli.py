@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from palm.errors import PalmError, StageNotBuiltError
+from palm.errors import PalmError
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -355,9 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except StageNotBuiltError as e:
-        print(f"palm: {e}", file=sys.stderr)
-        return 1
     except PalmError as e:
         print(f"palm: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,3 @@ class SpecError(PalmError):
         self.file, self.key, self.detail = file, key, message
         where = ": ".join(p for p in (file, key) if p)
         super().__init__(f"{where}: {message}" if where else message)
-
-
-class StageNotBuiltError(PalmError):
-    """A pipeline stage that this version of palm-pipeline does not implement yet."""

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from palm.errors import PalmError, StageNotBuiltError
+from palm.errors import PalmError
 from palm.stages import StageOutput, read_manifest, run_stage, stage_key
 
 #: Each stage and the stages whose outputs it reads.
@@ -25,7 +25,6 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "pack", "tokenizer"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
-PLANNED_BY: dict[str, str] = {}
 
 
 def stage_config(spec: Any, stage: str) -> dict[str, Any]:
@@ -91,7 +90,7 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
 #: Stages that build in their final directory and resume from what a failed attempt left there.
 RESUMABLE = frozenset({"train"})
 
-#: Stage builders in this version; a stage missing here is reported as not built, never faked.
+#: One builder per stage of the DAG.
 BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Path], dict[str, Any]]]] = {
     "data": _build_data,
     "tokenizer": _build_tokenizer,
@@ -132,14 +131,12 @@ def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, S
 def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput],
                     force: bool = False, hooks: Hooks | None = None) -> StageOutput:
     """Run (or reuse) one stage's content-addressed output."""
-    if stage not in BUILDERS:
-        raise StageNotBuiltError(f"stage {stage!r} is not built yet (issue {PLANNED_BY.get(stage, '?')})")
     build = BUILDERS[stage](spec, inputs, hooks or Hooks())
     return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE)
 
 
 def needed_stages(stages: list[str]) -> set[str]:
-    """The selected built stages and every stage they read from, transitively."""
+    """The selected stages and every stage they read from, transitively."""
     needed: set[str] = set()
 
     def need(stage: str) -> None:
@@ -149,8 +146,7 @@ def needed_stages(stages: list[str]) -> set[str]:
                 need(dep)
 
     for stage in stages:
-        if stage in BUILT:
-            need(stage)
+        need(stage)
     return needed
 
 
@@ -158,7 +154,6 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
               on_stage: Callable[[StageOutput], None] | None = None,
               hooks: Hooks | None = None) -> dict[str, StageOutput]:
     """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
-    missing = [s for s in stages if s not in BUILT]
     needed = needed_stages(stages)
     outputs: dict[str, StageOutput] = {}
     for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
@@ -171,10 +166,6 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
             outputs[stage] = existing_output(spec, stage, root, inputs)
         if on_stage is not None:
             on_stage(outputs[stage])
-    if missing:
-        detail = ", ".join(f"{s} (issue {PLANNED_BY[s]})" for s in missing)
-        done = ", ".join(f"{s} -> {o.path}" for s, o in outputs.items()) or "nothing"
-        raise StageNotBuiltError(f"not built yet: {detail}. Ran: {done}")
     return outputs
 
 
