@@ -12,8 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from palm.pipeline import (STAGE_INPUTS, STAGE_ORDER, existing_output, needed_stages, record_spec, run_summary,
-                           select_stages)
+from palm.pipeline import Hooks, attached, record_spec, run_dag, run_summary, select_stages
 from palm.report import write_report
 from palm.spec import load_spec
 from tasks.common import with_retry_policy
@@ -33,22 +32,22 @@ def run_root(spec: Any, output: str | None) -> str:
 @flow(name="pretrain", log_prints=True)
 def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | None = None,
              stages: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
-    """Run a spec's pipeline; returns the same summary `palm run --json` prints."""
+    """Run a spec's pipeline; returns the same summary `palm run --json` prints.
+
+    Each selected stage is its spec's retryable task; stages not selected must already have a complete
+    output. Hooks attached in this process (`palm run`'s progress display) hear every stage.
+    """
     logger = get_run_logger()
     spec = load_spec(spec_path, overrides or [])
     root = run_root(spec, output)
     record_spec(spec, root)
-    selected = select_stages(stages)
-    force = set(force or [])
-    outputs = {}
-    for stage in STAGE_ORDER:
-        if stage not in needed_stages(selected):
-            continue
-        inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage]}
-        if stage in selected:
-            task = with_retry_policy(TASKS[stage], spec, stage)
-            outputs[stage] = task(spec, root, **inputs, force=stage in force)
-        else:
-            outputs[stage] = existing_output(spec, stage, root, inputs)
-        logger.info("stage %s: %s (%s)", stage, outputs[stage].path, "cached" if outputs[stage].cached else "built")
+
+    def run(stage: str, inputs: dict[str, Any], forced: bool) -> Any:
+        return with_retry_policy(TASKS[stage], spec, stage)(spec, root, **inputs, force=forced)
+
+    def done(out: Any) -> None:
+        logger.info("stage %s: %s (%s)", out.stage, out.path, "cached" if out.cached else "built")
+
+    outputs = run_dag(spec, root, select_stages(stages), frozenset(force or ()), run=run,
+                      hooks=Hooks(on_stage=done) + attached())
     return run_summary(root, write_report(root, spec.name, outputs), outputs)

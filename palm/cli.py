@@ -34,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the wall-time "
                    "estimate (default: PaLM's 46.2%%)")
 
-    p = sub.add_parser("run", help="run the pipeline locally")
+    p = sub.add_parser("run", help="run the pipeline as the Prefect flow `pretrain` (ephemeral mode unless "
+                       "PREFECT_API_URL names a server)")
     _add_spec_args(p)
     _add_json(p)
     p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>)")
     p.add_argument("--stages", help="comma-separated stages to run (default: all)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage")
+    p.add_argument("--verbose", "-v", action="store_true", help="also show Prefect's own log lines")
 
     p = sub.add_parser("spec", help="spec utilities")
     spec_sub = p.add_subparsers(dest="spec_command", required=True)
@@ -139,14 +141,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_prefect_console() -> list[tuple[Any, int]]:
+    """Prefect's own console lines off (warnings and errors stay in the flow run's logs on the API):
+    `palm run` draws its own progress. Returns what to put back."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]
+    saved = []
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                saved.append((handler, handler.level))
+                handler.setLevel(logging.CRITICAL + 1)
+    return saved
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    import signal
+    import os
     import threading
 
-    from palm.pipeline import Hooks, record_spec, run_local, run_summary, select_stages
+    from palm.errors import Preempted
+    from palm.pipeline import attach, select_stages
     from palm.spec import load_spec
-    from palm.train import Preempted
 
+    # Bad input fails here, in a second, before Prefect starts.
     spec = load_spec(args.spec, args.overrides)
     stages = select_stages(args.stages)
     for forced in args.force:
@@ -154,36 +174,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
 
-    def report(out) -> None:
-        state = "cached" if out.cached else f"built in {out.manifest.get('seconds', 0):.1f} s"
-        print(f"stage {out.stage}: {state}; manifest {out.path}/manifest.json", file=sys.stderr, flush=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL
 
-    def progress(log, state) -> None:
-        if log.step % spec.train.log_every == 0 or log.step + 1 == spec.train.steps:
-            print(f"step {log.step + 1}/{spec.train.steps} loss {log.loss:.4f} lr {log.learning_rate:.2e} "
-                  f"batch {log.global_batch} {log.tokens_per_second:,.0f} tokens/s", file=sys.stderr, flush=True)
+    from flows.pretrain import pretrain
+    from palm.console import RunConsole
 
-    def saved(path, step, record) -> None:
-        print(f"checkpoint {step}: {path}", file=sys.stderr, flush=True)
+    api = PREFECT_API_URL.value()
+    print(f"prefect: flow 'pretrain' on {api}" if api else
+          "prefect: flow 'pretrain' in ephemeral mode (a temporary local API server; takes a few seconds to start)",
+          file=sys.stderr, flush=True)
+    restore = [] if args.verbose else _quiet_prefect_console()
 
-    record_spec(spec, root)  # for event-triggered evaluation
-
-    # SIGTERM (preemption) asks the train stage to checkpoint at the current step and stop.
+    # The train task turns SIGTERM into this event: checkpoint at the current step, raise Preempted.
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        outputs = run_local(spec, root, stages, frozenset(args.force), on_stage=report,
-                            hooks=Hooks(on_step=progress, on_checkpoint=saved, stop=stop))
+        with RunConsole(spec.train.steps, spec.train.log_every) as console, attach(console.hooks(stop)):
+            state = pretrain(args.spec, list(args.overrides), root, ",".join(stages), list(args.force),
+                             return_state=True)
+        summary = state.result()  # the flow's exception when it failed: PalmError (exit 2), Preempted (75)
     except Preempted as e:
         print(f"palm: {e}", file=sys.stderr)
         return Preempted.exit_code
+    except TerminationSignal:  # SIGTERM outside training: the stage in progress is incomplete, never reused
+        print("palm: terminated; complete stages are kept, re-run to continue", file=sys.stderr)
+        return Preempted.exit_code
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    from palm.report import write_report
-
-    report = write_report(root, spec.name, outputs)
-    print(f"report: {report}", file=sys.stderr)
-    _emit(args, run_summary(root, report, outputs), "\n".join(f"{s}: {o.path}/manifest.json" for s, o in outputs.items()))
+        for handler, level in restore:
+            handler.setLevel(level)
+    summary["flow_run"] = str(state.state_details.flow_run_id)
+    print(f"report: {summary['report']}", file=sys.stderr)
+    _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
     return 0
 
 

@@ -3,15 +3,16 @@
 Each stage's output is content-addressed (`palm.stages`): its key hashes the stage's slice of the spec
 and its inputs' keys, so re-running a spec skips complete stages and changing one stage's config
 re-runs it and everything downstream. The Prefect flow (flows/pretrain.py) runs the same stage
-functions as tasks; `run_local` is the plain in-process path.
+functions as tasks through `run_dag`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from palm.errors import PalmError
 from palm.stages import StageOutput, read_manifest, run_stage, stage_key
@@ -41,11 +42,54 @@ def stage_config(spec: Any, stage: str) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class Hooks:
-    """What the caller (the CLI or a Prefect task) wants to hear from long stages, and how to stop them."""
+    """What the caller (the CLI or a Prefect task) wants to hear from the stages, and how to stop them.
 
+    on_stage_start(stage) and on_stage(output) bracket each stage; on_step(log, state) and
+    on_checkpoint(path, step, record) come from the train stage; `stop` (a threading.Event) asks the
+    train stage to checkpoint at the current step and raise `palm.train.Preempted`.
+    """
+
+    on_stage_start: Callable[[str], None] | None = None
+    on_stage: Callable[[StageOutput], None] | None = None
     on_step: Callable[..., None] | None = None
     on_checkpoint: Callable[..., None] | None = None
     stop: Any = None
+
+    def __add__(self, other: "Hooks") -> "Hooks":
+        """Both sets of callbacks, self's first; the first stop event given."""
+        def both(a: Callable[..., None] | None, b: Callable[..., None] | None) -> Callable[..., None] | None:
+            if a is None or b is None:
+                return a or b
+            return lambda *args: (a(*args), b(*args))[-1]
+
+        return Hooks(**{f.name: both(getattr(self, f.name), getattr(other, f.name))
+                        for f in dataclasses.fields(self) if f.name != "stop"},
+                     stop=self.stop if self.stop is not None else other.stop)
+
+
+_attached: list[Hooks] = []
+
+
+@contextlib.contextmanager
+def attach(hooks: Hooks) -> Iterator[Hooks]:
+    """Make `hooks` heard by every stage run in this process while the block runs.
+
+    This is how `palm run` sees inside the Prefect flow it starts (progress bar, SIGTERM): the flow and
+    its tasks run in this process and add `attached()` to their own hooks. Deployments attach nothing.
+    """
+    _attached.append(hooks)
+    try:
+        yield hooks
+    finally:
+        _attached.remove(hooks)
+
+
+def attached() -> Hooks:
+    """The hooks attached in this process (all of them, combined), or empty hooks."""
+    combined = Hooks()
+    for hooks in _attached:
+        combined = combined + hooks
+    return combined
 
 
 def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
@@ -150,10 +194,16 @@ def needed_stages(stages: list[str]) -> set[str]:
     return needed
 
 
-def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
-              on_stage: Callable[[StageOutput], None] | None = None,
-              hooks: Hooks | None = None) -> dict[str, StageOutput]:
-    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output."""
+def run_dag(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
+            run: Callable[[str, dict[str, StageOutput], bool], StageOutput] | None = None,
+            hooks: Hooks | None = None) -> dict[str, StageOutput]:
+    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output.
+
+    `run(stage, inputs, force)` runs one stage: the Prefect flow passes its retryable tasks; the
+    default runs the stage in process. Unselected ancestors must already have a complete output.
+    """
+    hooks = hooks or Hooks()
+    run = run or (lambda stage, inputs, forced: run_stage_named(spec, stage, root, inputs, forced, hooks))
     needed = needed_stages(stages)
     outputs: dict[str, StageOutput] = {}
     for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
@@ -161,11 +211,13 @@ def run_local(spec: Any, root: str | Path, stages: list[str], force: frozenset[s
             continue
         inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage]}
         if stage in stages:
-            outputs[stage] = run_stage_named(spec, stage, root, inputs, force=stage in force, hooks=hooks)
+            if hooks.on_stage_start is not None:
+                hooks.on_stage_start(stage)
+            outputs[stage] = run(stage, inputs, stage in force)
         else:
             outputs[stage] = existing_output(spec, stage, root, inputs)
-        if on_stage is not None:
-            on_stage(outputs[stage])
+        if hooks.on_stage is not None:
+            hooks.on_stage(outputs[stage])
     return outputs
 
 

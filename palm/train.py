@@ -22,7 +22,7 @@ import optax
 
 from palm import optimizer as palm_optimizer
 from palm.config import ModelConfig, TrainConfig
-from palm.errors import PalmError
+from palm.errors import PalmError, Preempted
 from palm.model import PaLM, abstract_params, count_params, model_flops_per_token
 from palm.sharding import Sharding, make_mesh
 
@@ -163,16 +163,6 @@ class StepLog:
     step_seconds: float
     tokens_per_second: float
     mfu: float | None
-
-
-class Preempted(Exception):
-    """Training stopped on request (SIGTERM) after saving a checkpoint at the current step."""
-
-    exit_code = 75  # EX_TEMPFAIL: the orchestrator retries, and the retry resumes from that checkpoint
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; a checkpoint was saved, re-run to resume")
-        self.step = step
 
 
 @dataclasses.dataclass
@@ -330,10 +320,14 @@ def train(trainer: Trainer, sequences: Iterable[np.ndarray], state: TrainState |
 
 
 def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, Any], out_dir: str | Path, *,
+                    checkpoint_dir: str | None = None,
                     on_step: Callable[[StepLog, TrainState], None] | None = None,
                     on_checkpoint: Callable[[str, int, dict[str, Any]], None] | None = None,
                     stop: Any = None) -> dict[str, Any]:
-    """The train stage: resume from `out_dir/checkpoints` if any, train, return the manifest fields.
+    """The train stage: resume from the checkpoints if any, train, return the manifest fields.
+
+    Checkpoints go to `checkpoint_dir` (a local path or gs://…; default `out_dir/checkpoints`); the
+    local `out_dir` holds the per-step metrics.
 
     `spec` is the validated Spec (read by attribute, so this module needs no pydantic). Per-step
     metrics are appended to `out_dir/metrics.jsonl` (after a resume, later lines supersede earlier
@@ -364,7 +358,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
     sequences = SequenceIterator(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed,
                                                   process_index=jax.process_index(),
                                                   process_count=jax.process_count()))
-    checkpoints = Checkpoints(out_dir / "checkpoints", spec.train.checkpoint)
+    checkpoints = Checkpoints(checkpoint_dir or out_dir / "checkpoints", spec.train.checkpoint)
     metrics_path = out_dir / "metrics.jsonl"
 
     def step_hook(log: StepLog, state: TrainState) -> None:

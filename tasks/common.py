@@ -6,15 +6,30 @@ from typing import Any
 
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State, TaskRun
 
+from palm.errors import PalmError, Preempted
 from palm.stages import StageOutput
+
+
+def worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry crashes and transient failures, never bad input (a PalmError fails the same way every
+    time) nor a stop this process was asked for (Preempted: the caller exits 75 and resumes later)."""
+    try:
+        state.result()
+    except (PalmError, Preempted):
+        return False
+    except BaseException:  # noqa: BLE001 - anything else may be transient: that is what retries are for
+        return True
+    return True
 
 
 def with_retry_policy(task: Task, spec: Any, stage: str) -> Task:
     """The task with the spec's retries for this stage: count, first delay, exponential backoff."""
     policy = spec.retry_policy(stage)
     delays = [policy.delay_seconds * policy.backoff**i for i in range(policy.retries)]
-    return task.with_options(retries=policy.retries, retry_delay_seconds=delays or 0)
+    return task.with_options(retries=policy.retries, retry_delay_seconds=delays or 0,
+                             retry_condition_fn=worth_retrying)
 
 
 def artifact_key(spec: Any, stage: str, kind: str) -> str:

@@ -2,15 +2,23 @@
 
 A retry (after a crash, a preemption or a bad host) runs the same content-addressed stage again,
 which resumes from its latest valid checkpoint: it never starts again from step 0.
+
+SIGTERM while training (a preempted VM, a stopped container, a cancelled flow run) saves a checkpoint
+at the current step first. Then, under `palm run`, the task raises `Preempted` (the CLI exits 75);
+under a worker, Prefect's own SIGTERM handling runs (it marks the run crashed or cancelled).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 
-from palm.pipeline import Hooks, run_stage_named
+from palm.errors import Preempted
+from palm.pipeline import Hooks, attached, run_stage_named
 from palm.stages import StageOutput
 from tasks.common import publish_summary
 
@@ -28,6 +36,23 @@ def emit_checkpoint_saved(spec: Any, path: str, step: int, record: dict[str, Any
                payload={"run": spec.name, "step": step, "loss": loss, "path": path})
 
 
+@contextlib.contextmanager
+def sigterm_sets(stop: threading.Event) -> Iterator[Any]:
+    """While training, SIGTERM sets `stop` (checkpoint now, then stop); yields the handler it replaced.
+
+    Prefect's flow engine installs a SIGTERM handler that raises at once, which would lose the steps
+    since the last checkpoint. Signals belong to the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        yield previous
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @task(name="train", task_run_name="train[{spec.name}]")
 def train_task(spec: Any, root: str, pack: StageOutput, force: bool = False) -> StageOutput:
     """Train (or resume training) the model on the packed data; checkpoints as the spec says."""
@@ -42,7 +67,16 @@ def train_task(spec: Any, root: str, pack: StageOutput, force: bool = False) -> 
         logger.info("checkpoint %d saved: %s", step, path)
         emit_checkpoint_saved(spec, path, step, record)
 
-    out = run_stage_named(spec, "train", root, {"pack": pack}, force=force,
-                          hooks=Hooks(on_step=on_step, on_checkpoint=on_checkpoint))
+    caller = attached()  # `palm run`'s display and stop event; nothing under a worker
+    stop = caller.stop if caller.stop is not None else threading.Event()
+    hooks = Hooks(on_step=on_step, on_checkpoint=on_checkpoint, stop=stop) + caller
+    with sigterm_sets(stop) as previous:
+        try:
+            out = run_stage_named(spec, "train", root, {"pack": pack}, force=force, hooks=hooks)
+        except Preempted as e:
+            logger.warning("%s", e)
+            if caller.stop is None and callable(previous):
+                previous(signal.SIGTERM, None)  # the worker's (Prefect's) SIGTERM handling, now that it is saved
+            raise
     publish_summary(spec, out)
     return out

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
 
 
-def test_run_runs_every_stage_and_writes_the_report(capsys, tmp_path):
+def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_path):
     import json
 
     rc = main(["run", TINY, "--output", str(tmp_path), "--json", "--set", "train.steps=4",
@@ -22,6 +22,12 @@ def test_run_runs_every_stage_and_writes_the_report(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
     result = json.loads(out)
+    assert "prefect: flow 'pretrain' on http://" in err  # the session's server stands in for ephemeral mode
+    # `palm run` is the pretrain flow: one Completed flow run with one Completed task run per stage.
+    flow_run, task_runs = flow_run_and_tasks(result["flow_run"])
+    assert flow_run.state.is_completed() and flow_run.parameters["output"] == str(tmp_path)
+    assert sorted(t.name.split("[")[0] for t in task_runs) == sorted(STAGE_ORDER)
+    assert all(t.state.is_completed() for t in task_runs)
     assert result["status"] == "completed" and result["final_step"] == 4
     assert set(result["stages"]) == set(STAGE_ORDER) == set(BUILT)
     assert {"validation_loss", "memorization"} <= set(result["eval"])
@@ -32,7 +38,7 @@ def test_run_runs_every_stage_and_writes_the_report(capsys, tmp_path):
     assert "Traceback" not in err
 
 
-def test_run_with_a_relative_storage_root(capsys, tmp_path, monkeypatch):
+def test_run_with_a_relative_storage_root(prefect_server, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's command writes to the spec's relative root, runs/tiny
     rc = main(["run", TINY, "--set", "train.steps=2", "--set", "eval.tasks=[validation_loss]",
                "--set", "eval.max_examples=2"])
@@ -42,18 +48,57 @@ def test_run_with_a_relative_storage_root(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "tiny" / "report.md").is_file()
 
 
-def test_selected_stages_need_their_inputs_built_first(capsys, tmp_path):
+def test_selected_stages_need_their_inputs_built_first(prefect_server, capsys, tmp_path):
     rc = main(["run", TINY, "--stages", "eval,data", "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2
     assert "stage data: built" in err and "stage 'tokenizer' has no complete output" in err
+    assert "Traceback" not in err  # one line naming what to do, not Prefect's log of the failure
 
 
-def test_a_stage_whose_inputs_were_never_built_is_bad_input(capsys, tmp_path):
+def test_a_stage_whose_inputs_were_never_built_is_bad_input(prefect_server, capsys, tmp_path):
     rc = main(["run", TINY, "--stages", "train", "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2
     assert "stage 'data' has no complete output" in err and "run it first" in err
+
+
+def test_bad_input_inside_a_task_is_not_retried(prefect_server, capsys, tmp_path):
+    """The tiny spec gives train 2 retries; a PalmError fails the same way each time, so none is spent."""
+    import json
+
+    assert main(["run", TINY, "--stages", "data,tokenizer,pack", "--output", str(tmp_path), "--json"]) == 0
+    capsys.readouterr()
+    # More steps than the packed data holds: bad input the train stage reports before it trains.
+    rc = main(["run", TINY, "--stages", "train", "--output", str(tmp_path), "--set", "train.steps=1000000"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert "train.steps=1000000" in err
+    flows = prefect_flow_runs(parameter_output=str(tmp_path))
+    failed = [f for f in flows if f.state.is_failed()]
+    assert len(failed) == 1
+    train = [t for t in flow_run_and_tasks(str(failed[0].id))[1] if t.name.startswith("train[")]
+    assert len(train) == 1 and train[0].state.is_failed() and train[0].run_count == 1
+
+
+def flow_run_and_tasks(flow_run_id: str):
+    """The flow run and its task runs, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return flow_run, task_runs
+
+
+def prefect_flow_runs(parameter_output: str):
+    """The pretrain flow runs whose `output` parameter is this directory."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    return [r for r in runs if r.parameters.get("output") == parameter_output]
 
 
 def test_run_unknown_stage_is_bad_input(capsys):

@@ -178,7 +178,7 @@ def test_stage_is_atomic_and_content_addressed(tmp_path):
     assert read_manifest(first.path)["docs"] == 1
 
 
-def test_palm_run_data_stage_prints_its_manifest(tmp_path, capsys):
+def test_palm_run_data_stage_prints_its_manifest(prefect_server, tmp_path, capsys):
     rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data", "--output", str(tmp_path), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)

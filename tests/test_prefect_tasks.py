@@ -113,3 +113,28 @@ def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server
     assert out.manifest["final_step"] == 8
     assert out.manifest["resumed_from"] == 3  # the retry continued from the checkpoint, not from step 0
     assert calls["n"] == 4 + 1 + 5  # 4 good steps, the crash, then steps 3..7 again
+
+
+def test_sigterm_during_training_sets_the_stop_event_and_the_old_handler_comes_back():
+    import os
+    import signal
+    import threading
+
+    from tasks.train import sigterm_sets
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda *a: seen.append("outer"))
+    try:
+        stop = threading.Event()
+        with sigterm_sets(stop) as previous:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.wait(5) and seen == []  # the train stage checkpoints and stops; nothing else runs
+        assert callable(previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            if seen:
+                break
+            threading.Event().wait(0.01)
+        assert seen == ["outer"]  # the handler it replaced (Prefect's, under a worker) is back
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -22,7 +22,7 @@ TRAIN = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint.every_steps
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream(prefect_server, tmp_path_factory):
     """data, tokenizer and pack for the tiny spec, built once and copied into each test's root."""
     base = tmp_path_factory.mktemp("upstream")
     assert main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack", "--output", str(base)]) == 0
@@ -36,10 +36,13 @@ def fresh_root(upstream: Path, tmp_path: Path, name: str) -> Path:
 
 
 def palm_run(root: Path, *extra: str) -> subprocess.Popen:
+    """`palm run` in its own process, its flow run on the session's Prefect server (not an ephemeral one)."""
+    from prefect.settings import PREFECT_API_URL
+
     cmd = [sys.executable, "-m", "palm.cli", "run", str(SPECS / "tiny.yaml"), "--stages", "train",
            "--output", str(root), "--json", *TRAIN, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", PREFECT_API_URL=PREFECT_API_URL.value()))
 
 
 def wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
