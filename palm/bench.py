@@ -550,11 +550,10 @@ def h100_consumption(spec: Spec) -> dict[str, Any]:
 
 def time_loader(pack_dir: Path, manifest: dict[str, Any], batch: int, batches: int,
                 warmup: int = LOADER_WARMUP_BATCHES) -> dict[str, Any]:
-    """Global batches from the Grain loader as the train loop takes them (palm.train._Stream.take)."""
+    """Global batches from the loader as the train stage takes them (palm.data.loader.HostBatches, one host)."""
     import math
 
-    from palm.data.loader import SequenceIterator, sequence_dataset
-    from palm.train import _Stream
+    from palm.data.loader import HostBatches, sequence_dataset
 
     dataset = sequence_dataset(pack_dir, manifest, "train", seed=0)
     sequences = len(dataset)
@@ -562,7 +561,7 @@ def time_loader(pack_dir: Path, manifest: dict[str, Any], batch: int, batches: i
     epochs = max(1, math.ceil(needed / sequences))
     if epochs > 1:
         dataset = dataset.repeat(epochs)
-    stream = _Stream(SequenceIterator(dataset))
+    stream = HostBatches(dataset, rows=lambda n: (0, n))
     t0 = time.perf_counter()
     first = stream.take(batch, 0)
     first_batch_seconds = time.perf_counter() - t0
@@ -577,6 +576,7 @@ def time_loader(pack_dir: Path, manifest: dict[str, Any], batch: int, batches: i
         times.append(time.perf_counter() - t)
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    stream.close()
     seq_len = manifest["seq_len"]
     if first.shape != (batch, seq_len) or tokens.shape != (batch, seq_len) or tokens.dtype != np.int32:
         raise RuntimeError(f"the loader gave a {tokens.dtype} batch of shape {tokens.shape}, expected int32 "
@@ -584,7 +584,7 @@ def time_loader(pack_dir: Path, manifest: dict[str, Any], batch: int, batches: i
     return {
         "batch": batch, "seq_len": seq_len, "batches": batches, "warmup_batches": warmup,
         "sequences_in_dataset": sequences, "epochs": epochs,
-        "iterator": "SequenceIterator(sequence_dataset(...)): Grain, 2 read threads, prefetch 256",
+        "iterator": "HostBatches(sequence_dataset(...)): Grain random access, 4 read threads, one batch ahead",
         "first_batch_seconds": first_batch_seconds,
         "seconds": seconds, "cpu_seconds": cpu,
         "batch_seconds_median": statistics.median(times), "batch_seconds_max": max(times),

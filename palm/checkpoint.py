@@ -38,6 +38,10 @@ def params_digest(params: Any) -> str:
     h = hashlib.sha256()
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # sharded over hosts: every host
+            from jax.experimental import multihost_utils  # gathers the whole array (a collective)
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         array = np.asarray(jax.device_get(leaf))
         h.update(jax.tree_util.keystr(path).encode())
         h.update(f"{array.dtype.str}{array.shape}".encode())
@@ -145,6 +149,17 @@ class Checkpoints:
         """Move a bad checkpoint out of the manager's sight, keeping it for inspection."""
         # epath works on local paths and gs:// alike. On GCS a folder is a name prefix, so the reason is
         # written first: it makes `corrupt/` exist, which rename checks for.
+        if jax.process_count() > 1:  # every host found it bad; one moves it, the others wait for that
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self._move_aside(step, reason)
+            multihost_utils.sync_global_devices(f"palm-quarantine-{step}")
+        else:
+            self._move_aside(step, reason)
+        self.manager.reload()
+
+    def _move_aside(self, step: int, reason: str) -> None:
         src = epath.Path(self.directory) / str(step)
         corrupt = epath.Path(self.directory).parent / "corrupt"
         corrupt.mkdir(parents=True, exist_ok=True)
@@ -161,7 +176,6 @@ class Checkpoints:
                 pass
         if src.exists():
             src.rmtree()
-        self.manager.reload()
 
     def restore_latest_valid(self, abstract_state: Any, before: int | None = None) -> Restored | None:
         """The newest checkpoint (optionally with step < `before`) that loads and verifies, or None.

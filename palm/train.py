@@ -132,12 +132,34 @@ class Trainer:
         with jax.set_mesh(self.sharding.mesh):  # Pallas kernels read the mesh to shard_map themselves
             return self._init(jax.random.key(seed))
 
-    def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None):
-        """One optimizer step on a global batch [batch, seq_len] of token ids."""
+    def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None,
+             global_batch: int | None = None):
+        """One optimizer step on a global batch [batch, seq_len] of token ids.
+
+        With several processes (hosts), `tokens` are this host's rows of the global batch
+        (`host_rows(global_batch)`), and the global array is assembled from every host's rows.
+        """
         if weights is None:
             weights = np.ones(tokens.shape, np.float32)
+        if jax.process_count() > 1:
+            shape = (global_batch or tokens.shape[0] * jax.process_count(), tokens.shape[1])
+            tokens = jax.make_array_from_process_local_data(self.batch_sharding, tokens, shape)
+            weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
         with jax.set_mesh(self.sharding.mesh):
             return self._step(state, tokens, weights)
+
+    def host_rows(self, global_batch: int) -> tuple[int, int]:
+        """The rows [start, stop) of a global batch that this process's devices hold."""
+        if jax.process_count() == 1:
+            return 0, global_batch
+        shape = (global_batch, self.model_config.seq_len)
+        spans = {(i[0].start or 0, global_batch if i[0].stop is None else i[0].stop)
+                 for i in self.batch_sharding.addressable_devices_indices_map(shape).values()}
+        start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != stop - start:
+            raise PalmError(f"this host's devices hold rows {sorted(spans)} of the global batch, not one contiguous "
+                            "block; order the mesh's devices by host (data and fsdp outermost)")
+        return start, stop
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the train state, for restoring a checkpoint onto this mesh."""
@@ -209,6 +231,19 @@ def batches(sequences: Iterable[np.ndarray], train_config: TrainConfig, start_st
         yield step, stream.take(train_config.global_batch_at(step), step)
 
 
+def stop_requested(stop: Any) -> bool:
+    """Whether to checkpoint and stop now. With several hosts, a stop on any host stops them all at the
+    same step (a checkpoint is a collective; hosts that disagreed would wait for each other forever)."""
+    if stop is None:
+        return False
+    asked = bool(stop.is_set())
+    if jax.process_count() == 1:
+        return asked
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([asked]))))
+
+
 def is_spike(loss: float, recent: list[float], threshold: float) -> bool:
     """Non-finite, or above `threshold` times the median of the recent losses (section 5.1)."""
     if not np.isfinite(loss):
@@ -229,16 +264,19 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
     from palm.checkpoint import params_digest
 
     cfg, spike_cfg = trainer.train_config, trainer.train_config.loss_spike
-    stream = _Stream(sequences)
+    stream = sequences if hasattr(sequences, "take") else _Stream(sequences)  # HostBatches, or any iterable
     meta = dict(meta or {})
     logs: list[StepLog] = []
     spikes: list[dict[str, Any]] = []
     recent: list[float] = []
     resumed_from = None
 
+    saved: list[int] = []  # the last step saved by this run
+
     def save(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
         if checkpoints is None:
             return
+        saved[:] = [step]
         record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
                   "metrics": metrics, "spikes": spikes}
         checkpoints.save(step, state, stream.state(), record)
@@ -256,6 +294,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         restored = restore()
         if restored is not None:
             state, resumed_from = restored.state, restored.step
+            saved[:] = [restored.step]
             spikes.extend(restored.meta.get("spikes", []))
     if state is None:
         state = trainer.init()
@@ -263,14 +302,15 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
     step = int(state.step)
 
     while step < cfg.steps:
-        if stop is not None and stop.is_set():
-            save(step, state, logs[-1].__dict__ if logs else {})
+        if stop_requested(stop):
+            if saved != [step]:  # a stop right after a scheduled checkpoint has nothing new to save
+                save(step, state, logs[-1].__dict__ if logs else {})
             checkpoints.wait() if checkpoints is not None else None
             raise Preempted(step)
         size = cfg.global_batch_at(step)
         tokens = stream.take(size, step)
         t0 = time.perf_counter()
-        new_state, metrics = trainer.step(state, tokens)
+        new_state, metrics = trainer.step(state, tokens, global_batch=size)
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
         loss = float(metrics["loss"])
@@ -288,11 +328,12 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
             spikes.append({"step": step, "loss": loss, "median": float(np.median(recent[-spike_cfg.window:]))
                            if recent else None, "rolled_back_to": restored.step, "skipped_batches": skip})
             state, step = restored.state, restored.step
+            saved[:] = [step]
             continue
 
         state = new_state
         recent.append(loss)
-        tps = tokens.size / dt
+        tps = size * tokens.shape[1] / dt  # the global batch's tokens, over all hosts
         mfu = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.num_devices) if trainer.peak_flops else None
         log = StepLog(step=step, loss=loss, z_loss=float(metrics["z_loss"]), accuracy=float(metrics["accuracy"]),
                       grad_norm=float(metrics["grad_norm"]), update_norm=float(metrics["update_norm"]),
@@ -336,7 +377,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
     import json
 
     from palm.checkpoint import Checkpoints
-    from palm.data.loader import SequenceIterator, sequence_dataset
+    from palm.data.loader import HostBatches, sequence_dataset
 
     out_dir = Path(out_dir)
     if pack_manifest["vocab_size"] > spec.model.vocab_size:
@@ -355,15 +396,16 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
                         f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
 
     trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
-    sequences = SequenceIterator(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed,
-                                                  process_index=jax.process_index(),
-                                                  process_count=jax.process_count()))
+    sequences = HostBatches(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed),
+                            rows=trainer.host_rows)
     checkpoints = Checkpoints(checkpoint_dir or out_dir / "checkpoints", spec.train.checkpoint)
     metrics_path = out_dir / "metrics.jsonl"
+    leader = jax.process_index() == 0  # one host writes the run's files; all hosts write checkpoints
 
     def step_hook(log: StepLog, state: TrainState) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(dataclasses.asdict(log)) + "\n")
+        if leader:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(dataclasses.asdict(log)) + "\n")
         if on_step is not None:
             on_step(log, state)
 
@@ -376,6 +418,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
                               on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop)
     finally:
         checkpoints.close()
+        sequences.close()
     from palm.checkpoint import params_digest
 
     last = result.logs[-1] if result.logs else None

@@ -75,7 +75,8 @@ def test_preempted_runs_resume_bitwise_identically(tmp_path):
     cfg = config()
     expected = uninterrupted(tmp_path, cfg)
     directory = tmp_path / "interrupted"
-    for stop_at in (5, 11, 19):  # inside a checkpoint interval, at the ramp, after it
+    # Inside a checkpoint interval, at the ramp, on a scheduled checkpoint (nothing new to save), after it.
+    for stop_at in (5, 11, 16, 19):
         stopper = StopAt(stop_at)
         ckpts = Checkpoints(directory, cfg.checkpoint)
         with pytest.raises(Preempted) as e:
@@ -83,6 +84,13 @@ def test_preempted_runs_resume_bitwise_identically(tmp_path):
         ckpts.close()
         assert e.value.step == stop_at and e.value.exit_code == 75
         assert stop_at in Checkpoints(directory, cfg.checkpoint, read_only=True).steps()  # saved at that step
+    already = threading.Event()
+    already.set()  # stopped again as soon as it resumed: step 19 is saved already
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    with pytest.raises(Preempted) as e:
+        run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts, stop=already)
+    ckpts.close()
+    assert e.value.step == 19
     ckpts = Checkpoints(directory, cfg.checkpoint)
     result = run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts)
     ckpts.close()

@@ -12,6 +12,7 @@ import pytest
 from palm.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
+from palm.errors import PalmError
 from palm.data.pipeline import stable_unit
 from palm.tokenizer import Tokenizer
 from tests.conftest import SPECS
@@ -104,12 +105,30 @@ def test_loader_is_one_epoch_deterministic_and_resumes_exactly(run):
     assert [tuple(next(resumed)) for _ in range(25)] == rest == epoch[37:62]
 
 
-def test_hosts_read_disjoint_slices_that_cover_the_epoch(run):
+def test_hosts_read_their_rows_of_the_same_global_batches(run):
+    """1, 2 or 4 hosts: the union of the hosts' rows at every step is the single host's global batch,
+    in order, under a batch ramp; a host reads only its own rows; the state resumes exactly."""
+    from palm.data.loader import HostBatches
+
     stage, manifest = run
-    full = [tuple(x) for x in sequence_dataset(stage["pack"], manifest, seed=3)]
-    hosts = [[tuple(x) for x in sequence_dataset(stage["pack"], manifest, seed=3, process_index=i, process_count=2)]
-             for i in range(2)]
-    assert hosts[0] == full[0::2] and hosts[1] == full[1::2]
+    ds = sequence_dataset(stage["pack"], manifest, seed=3)
+    sizes = [4, 4, 8, 8, 8]  # a ramp from 4 to 8 sequences per global batch
+    single = HostBatches(ds, rows=lambda n: (0, n))
+    expected = [single.take(n, step) for step, n in enumerate(sizes)]
+    full = [x for x in ds]
+    assert np.array_equal(np.concatenate(expected), np.stack(full[:sum(sizes)]))
+    for hosts in (2, 4):
+        readers = [HostBatches(ds, rows=lambda n, h=h, k=hosts: (h * n // k, (h + 1) * n // k)) for h in range(hosts)]
+        for step, n in enumerate(sizes):
+            parts = [r.take(n, step) for r in readers]
+            assert all(len(p) == n // hosts for p in parts)
+            assert np.array_equal(np.concatenate(parts), expected[step])
+    resumed = HostBatches(ds, rows=lambda n: (0, n))
+    resumed.restore(single.state())
+    assert resumed.state() == {"position": sum(sizes)}
+    assert np.array_equal(resumed.take(4, 5), np.stack(full[sum(sizes):sum(sizes) + 4]))
+    with pytest.raises(PalmError, match="ran out at step 9"):
+        HostBatches(ds, rows=lambda n: (0, n)).take(len(ds) + 1, 9)
 
 
 def test_mixture_interleaves_sources_by_weight(run):

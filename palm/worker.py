@@ -1,0 +1,149 @@
+"""One host of a multi-host training job: `palm worker SPEC --output ROOT`.
+
+Every launcher runs this same command on every host (local processes, TPU VM workers, GKE pods).
+It joins the job (`jax.distributed`), finds the run's packed data (the pack stage must be complete
+under ROOT), and runs the train stage together with the other hosts: one global mesh over all of
+their devices, each host reading only its rows of each global batch, Orbax checkpoints written and
+restored by all hosts at once. Host 0 (the leader) writes the stage's files (context.json,
+metrics.jsonl, manifest.json); a re-run after a crash or a preemption resumes from the latest
+checkpoint. Exit codes: 0 done, 2 bad input, 75 preempted (SIGTERM: checkpointed; run again).
+
+How a host joins, in order:
+  - JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (the local launcher, or any
+    cluster that names them): `jax.distributed.initialize` with them; CPU hosts use gloo collectives;
+  - PALM_DISTRIBUTED=auto, or a TPU host (/dev/accel* or /dev/vfio): `jax.distributed.initialize()`,
+    which reads the TPU VM's metadata (and MEGASCALE_* for multi-slice) itself;
+  - otherwise a single process.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from palm.errors import PalmError
+
+ENV_ADDRESS, ENV_COUNT, ENV_INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def initialize_distributed() -> dict[str, Any]:
+    """Join the job as the environment describes (see the module doc); returns how."""
+    import jax
+
+    address = os.environ.get(ENV_ADDRESS)
+    mode = os.environ.get("PALM_DISTRIBUTED", "")
+    if address:
+        try:
+            count, index = int(os.environ[ENV_COUNT]), int(os.environ[ENV_INDEX])
+        except (KeyError, ValueError) as e:
+            raise PalmError(f"{ENV_ADDRESS} is set, so {ENV_COUNT} and {ENV_INDEX} must be integers too ({e})") from None
+        if not 0 <= index < count:
+            raise PalmError(f"{ENV_INDEX}={index} is not in [0, {ENV_COUNT}={count})")
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _tpu_host():
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+        how = "explicit"
+    elif mode == "auto" or (mode != "off" and _tpu_host()):
+        jax.distributed.initialize()
+        how = "auto"
+    else:
+        how = "single"
+    return {"mode": how, "process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count()}
+
+
+def _tpu_host() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def run_worker(spec: Any, root: str, log: Any = None) -> dict[str, Any]:
+    """Run (or resume, or find complete) the train stage of `spec` under `root` on this host."""
+    import jax
+
+    from palm.pipeline import BUILDERS, Hooks, existing_output, run_stage_named, stage_config
+    from palm.stages import read_manifest, stage_key
+
+    data = existing_output(spec, "data", root, {})
+    tokenizer = existing_output(spec, "tokenizer", root, {"data": data})
+    pack = existing_output(spec, "pack", root, {"data": data, "tokenizer": tokenizer})
+    inputs = {"pack": pack}
+    leader = jax.process_index() == 0
+    stop = threading.Event()
+
+    def on_step(entry: Any, state: Any) -> None:
+        if log is not None and leader and (entry.step % spec.train.log_every == 0 or entry.step + 1 == spec.train.steps):
+            log(f"step {entry.step + 1}/{spec.train.steps} loss {entry.loss:.4f} lr {entry.learning_rate:.2e} "
+                f"batch {entry.global_batch} {entry.tokens_per_second:,.0f} tokens/s")
+
+    hooks = Hooks(on_step=on_step, stop=stop)
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if leader:
+            out = run_stage_named(spec, "train", root, inputs, hooks=hooks)
+            return {"output": out.path, "cached": out.cached, **{k: out.manifest.get(k) for k in
+                                                                  ("final_step", "final_loss", "digest", "checkpoint")}}
+        # Followers train in the same directory and leave the stage's files to the leader.
+        final = Path(root) / "train" / stage_key("train", stage_config(spec, "train"), inputs)
+        manifest = read_manifest(final)
+        if manifest is not None:
+            return {"output": str(final), "cached": True, "final_step": manifest["final_step"]}
+        final.mkdir(parents=True, exist_ok=True)
+        fields = BUILDERS["train"](spec, inputs, hooks)(final)
+        return {"output": str(final), "cached": False, "final_step": fields["final_step"], "digest": fields["digest"]}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool) -> int:
+    import json
+
+    from palm.spec import load_spec
+
+    spec = load_spec(spec_path, overrides)  # bad input fails before joining the job
+    root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    # stdout is for the one JSON result: what libraries print there (gloo's C++ connection lines)
+    # goes to stderr until then.
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        code, result = _run(spec, root)
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
+    if code == 0:
+        if as_json:
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            print(f"train: {result['output']} (step {result['final_step']}{', cached' if result['cached'] else ''})",
+                  file=sys.stderr)
+    return code
+
+
+def _run(spec: Any, root: str) -> tuple[int, dict[str, Any]]:
+    from palm.errors import Preempted
+
+    joined = initialize_distributed()
+    import jax
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if joined["process_index"] == 0:
+        log(f"worker: {joined['process_count']} process(es), {joined['devices']} devices "
+            f"({joined['local_devices']} here), joined {joined['mode']}")
+    try:
+        result = run_worker(spec, root, log)
+    except Preempted as e:
+        log(f"palm: {e}")
+        return Preempted.exit_code, {}
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()  # a barrier: after an error it is skipped, the others see this host gone
+    result.update(process_index=joined["process_index"], process_count=joined["process_count"])
+    return 0, result
