@@ -8,26 +8,27 @@ evaluation runs that start at the same moment split the work instead of repeatin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from palm import storage
 from palm.checkpoint import open_checkpoints
 from palm.errors import PalmError
 from palm.evaltasks.run import locate_run
 from palm.ledger import EvalLedger
+from palm.pipeline import SPEC_RECORD
 from palm.spec import Spec, load_spec
+from palm.stages import CONTEXT
 from tasks.eval import eval_checkpoint_task
 
-SPEC_RECORD = "spec.json"
 
-
-def spec_of_run(root: Path) -> Spec:
-    """The resolved spec a run root was started with (written by `palm run` and the pretrain flow)."""
+def spec_of_run(root: str) -> Spec:
+    """The resolved spec a run root (local or gs://) was started with (written by `palm run` and the
+    pretrain flow)."""
     try:
-        return Spec.model_validate(json.loads((root / SPEC_RECORD).read_text()))
+        return Spec.model_validate(json.loads(storage.read_text(storage.join(root, SPEC_RECORD))))
     except FileNotFoundError:
         raise PalmError(f"{root} has no {SPEC_RECORD}; pass spec_path") from None
 
@@ -39,7 +40,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
     logger = get_run_logger()
     if checkpoint is not None:
         train_dirs = [locate_run(checkpoint)["train_dir"]]
-        root = train_dirs[0].parent.parent
+        root = storage.parent(storage.parent(train_dirs[0]))
         # The run's own recorded spec first: a deployment's spec_path is the scheduled fallback's, and
         # would evaluate another run's checkpoints with the wrong settings.
         try:
@@ -52,21 +53,21 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
         if spec_path is None:
             raise PalmError("give a checkpoint (event-triggered) or a spec_path (scheduled)")
         spec = load_spec(spec_path, overrides or [])
-        root = Path(output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}")
-        train_dirs = sorted(p.parent for p in root.glob("train/*/context.json"))
+        root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+        train_dirs = [storage.parent(p) for p in storage.glob(storage.join(root, "train", "*", CONTEXT))]
     owner = str(get_run_context().flow_run.id)
     evaluated, skipped = [], []
     for train_dir in train_dirs:
-        ledger = EvalLedger(train_dir / "evals")
+        ledger = EvalLedger(storage.join(train_dir, "evals"))
         ckpts = open_checkpoints(train_dir)
         steps = ckpts.steps()
         ckpts.close()
         for step in ledger.pending(steps):
             if not ledger.claim(step, owner):
-                skipped.append(f"{train_dir}/checkpoints/{step}")
+                skipped.append(storage.join(train_dir, "checkpoints", str(step)))
                 continue
             try:
-                result = eval_checkpoint_task(f"{train_dir}/checkpoints/{step}", spec.eval, spec.name)
+                result = eval_checkpoint_task(storage.join(train_dir, "checkpoints", str(step)), spec.eval, spec.name)
             except BaseException:
                 ledger.release(step)
                 raise

@@ -11,11 +11,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from palm import storage
 from palm.errors import PalmError
 from palm.stages import StageOutput, read_manifest, run_stage, stage_key
+
+#: The train stage's per-step metrics, one JSON object per line.
+METRICS = "metrics.jsonl"
+#: The resolved spec a run root was started with.
+SPEC_RECORD = "spec.json"
 
 #: Each stage and the stages whose outputs it reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -92,7 +99,7 @@ def attached() -> Hooks:
     return combined
 
 
-def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
     from palm.data.pipeline import run_data_stage
 
     return lambda out: run_data_stage(spec.data, out)
@@ -101,22 +108,58 @@ def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
 def _build_tokenizer(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.tokenizer import build_tokenizer_stage
 
-    return lambda out: build_tokenizer_stage(spec.tokenizer, Path(inputs["data"].path), out)
+    return lambda out: build_tokenizer_stage(spec.tokenizer, inputs["data"].local(), out)
 
 
 def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.data.pack import run_pack_stage
 
     return lambda out: run_pack_stage(spec.data, spec.pack.num_shards, spec.model.seq_len,
-                                      Path(inputs["data"].path), Path(inputs["tokenizer"].path), out)
+                                      inputs["data"].local(), inputs["tokenizer"].local(), out)
 
 
-def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
+    """Train in the stage directory. Under a gs:// root the checkpoints go straight to the bucket (Orbax),
+    and the per-step metrics are kept in a local scratch directory, uploaded with each checkpoint (so a
+    resume on another machine keeps them) and at the end. On several hosts only host 0 writes metrics."""
     from palm.train import run_train_stage
 
     pack = inputs["pack"]
-    return lambda out: run_train_stage(spec, pack.path, pack.manifest, out, on_step=hooks.on_step,
-                                       on_checkpoint=hooks.on_checkpoint, stop=hooks.stop)
+
+    def build(out: Any) -> dict[str, Any]:
+        pack_dir = pack.local()  # ArrayRecord and Grain read local files
+        if not storage.is_remote(out):
+            return run_train_stage(spec, pack_dir, pack.manifest, out, on_step=hooks.on_step,
+                                   on_checkpoint=hooks.on_checkpoint, stop=hooks.stop)
+        import jax
+
+        leader = jax.process_index() == 0
+        metrics = storage.join(out, METRICS)
+        work = storage.scratch_dir("train-")
+        local_metrics = work / METRICS
+
+        def upload_metrics() -> None:
+            if leader and local_metrics.exists():
+                storage.upload_file(local_metrics, metrics)
+
+        def on_checkpoint(path: str, step: int, record: dict[str, Any]) -> None:
+            upload_metrics()
+            if hooks.on_checkpoint is not None:
+                hooks.on_checkpoint(path, step, record)
+
+        try:
+            # The bucket holds the metrics up to the last checkpoint, which is where a resume starts.
+            if leader and storage.exists(metrics):
+                local_metrics.write_bytes(storage.read_bytes(metrics))
+            fields = run_train_stage(spec, pack_dir, pack.manifest, work,
+                                     checkpoint_dir=storage.join(out, "checkpoints"), on_step=hooks.on_step,
+                                     on_checkpoint=on_checkpoint, stop=hooks.stop)
+            upload_metrics()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return {**fields, "metrics": metrics}
+
+    return build
 
 
 def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
@@ -135,7 +178,7 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
 RESUMABLE = frozenset({"train"})
 
 #: One builder per stage of the DAG.
-BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Path], dict[str, Any]]]] = {
+BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Any], dict[str, Any]]]] = {
     "data": _build_data,
     "tokenizer": _build_tokenizer,
     "pack": _build_pack,
@@ -164,19 +207,29 @@ def select_stages(requested: str | None) -> list[str]:
 def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput]) -> StageOutput:
     """The complete output a stage would have for this spec, or a PalmError saying to run it first."""
     key = stage_key(stage, stage_config(spec, stage), inputs)
-    path = Path(root) / stage / key
+    path = storage.join(root, stage, key)
     manifest = read_manifest(path)
     if manifest is None:
         raise PalmError(f"stage {stage!r} has no complete output for this spec under {root}; "
                         f"run it first (e.g. --stages {stage},...)")
-    return StageOutput(stage, key, str(path), manifest, cached=True)
+    return StageOutput(stage, key, path, manifest, cached=True)
+
+
+def _writes_remotely(spec: Any, stage: str) -> bool:
+    """Whether the stage's builder writes its gs:// output itself: Beam on remote workers (Dataflow)."""
+    if stage != "data":
+        return False
+    from palm.data.pipeline import LOCAL_RUNNERS
+
+    return spec.data.beam.runner not in LOCAL_RUNNERS
 
 
 def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput],
                     force: bool = False, hooks: Hooks | None = None) -> StageOutput:
     """Run (or reuse) one stage's content-addressed output."""
     build = BUILDERS[stage](spec, inputs, hooks or Hooks())
-    return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE)
+    return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE,
+                     in_place=_writes_remotely(spec, stage))
 
 
 def needed_stages(stages: list[str]) -> set[str]:
@@ -222,12 +275,16 @@ def run_dag(spec: Any, root: str | Path, stages: list[str], force: frozenset[str
 
 
 def record_spec(spec: Any, root: str | Path) -> None:
-    """Keep the resolved spec beside a run's outputs, for evaluations triggered by its events."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    (Path(root) / "spec.json").write_text(spec.model_dump_json(indent=2))
+    """Keep the resolved spec beside a run's outputs, for evaluations triggered by its events.
+
+    First in every run, so a storage root that cannot be used (no bucket, no credentials, no emulator)
+    fails here with what to change, before any stage starts.
+    """
+    storage.check_root(root)
+    storage.write_text_atomic(storage.join(root, SPEC_RECORD), spec.model_dump_json(indent=2))
 
 
-def run_summary(root: str | Path, report: Path, outputs: dict[str, StageOutput]) -> dict[str, Any]:
+def run_summary(root: str | Path, report: str | Path, outputs: dict[str, StageOutput]) -> dict[str, Any]:
     """What `palm run --json` prints and the pretrain flow returns."""
     summary: dict[str, Any] = {
         "status": "completed", "root": str(root), "report": str(report),

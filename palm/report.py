@@ -1,23 +1,27 @@
-"""The run report: `report.md` with the loss curve (PNG) and the evaluation table, in the run directory."""
+"""The run report: `report.md` with the loss curve (PNG) and the evaluation table, in the run directory
+(local or gs://; each file is written whole, never seen half-written)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from palm import storage
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Per-step metrics from the train stage's metrics.jsonl; after a resume the later line for a step wins."""
     by_step: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         if line.strip():
             row = json.loads(line)
             by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> str | Path:
     """Loss (and learning rate on a second axis) against step, as a PNG."""
     import matplotlib
 
@@ -36,9 +40,10 @@ def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> Pa
     ax.set_title(title)
     fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    storage.write_bytes_atomic(path, png.getvalue())
     return path
 
 
@@ -61,16 +66,14 @@ def eval_rows(eval_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
             for metric, value in metrics.items() if isinstance(value, (int, float))]
 
 
-def write_report(root: str | Path, spec_name: str, outputs: dict[str, Any]) -> Path:
+def write_report(root: str | Path, spec_name: str, outputs: dict[str, Any]) -> str:
     """Write `report.md` (and `loss.png`) into the run directory; returns the report's path."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run report: {spec_name}", "", "## Stages", "",
              _table([{"stage": s, "cached": o.cached, "output": o.path} for s, o in outputs.items()])]
     train = outputs.get("train")
     if train is not None:
         m = train.manifest
-        metrics = read_metrics(m["metrics"]) if Path(m["metrics"]).exists() else []
+        metrics = read_metrics(m["metrics"]) if storage.exists(m["metrics"]) else []
         lines += ["## Training", "",
                   f"- steps: {m['final_step']}, final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None
                   else f"- steps: {m['final_step']}",
@@ -78,10 +81,10 @@ def write_report(root: str | Path, spec_name: str, outputs: dict[str, Any]) -> P
                   f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
                   f"- loss spikes handled: {len(m.get('loss_spikes', []))}", ""]
         if metrics:
-            plot_loss(metrics, root / "loss.png", f"{spec_name}: training loss")
+            plot_loss(metrics, storage.join(root, "loss.png"), f"{spec_name}: training loss")
             lines += ["![loss curve](loss.png)", ""]
     if "eval" in outputs:
         lines += ["## Evaluation", "", _table(eval_rows(outputs["eval"].manifest))]
-    path = root / "report.md"
-    path.write_text("\n".join(lines))
+    path = storage.join(root, "report.md")
+    storage.write_text_atomic(path, "\n".join(lines))
     return path

@@ -1,13 +1,19 @@
 """Content-addressed stage outputs: a stage's directory is named by the hash of what determines it.
 
-key = hash(stage name, the stage's config, its inputs' keys, the code version). A stage writes into a
-private temporary directory; `manifest.json` is written last and the directory is then renamed into
-place, so a directory with a complete manifest is a complete output and nothing half-written is ever
-picked up. A stage whose output exists with a complete manifest is not run again (unless forced).
+key = hash(stage name, the stage's config, its inputs' keys, the code version). `manifest.json` marks
+an output complete and is always written last, so nothing half-written is ever picked up; a stage
+whose output exists with a complete manifest is not run again (unless forced).
+
+Under a local root a stage builds in a private temporary directory renamed into place at the end.
+Under a gs:// root (which cannot rename) it builds in a local scratch directory that is then uploaded,
+manifest last (`palm.storage.upload_dir`); consumers that need local files take `StageOutput.local()`,
+a copy in the local cache. A resumable stage (training) and a stage whose builder writes remotely
+itself build in their final directory, local or remote, and write the manifest there last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import palm
+from palm import storage
+from palm.errors import PalmError
 
 MANIFEST = "manifest.json"
 CONTEXT = "context.json"
@@ -31,9 +39,13 @@ STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "train": 1, "eval": 
 class StageOutput:
     stage: str
     key: str
-    path: str
+    path: str  # a local directory or gs://…
     manifest: dict[str, Any]
     cached: bool
+
+    def local(self) -> Path:
+        """A local directory with this output's files: the output itself, or its copy in the local cache."""
+        return local_copy(self.path, self.manifest)
 
 
 def code_version(stage: str) -> str:
@@ -49,12 +61,54 @@ def stage_key(stage: str, config: Any, inputs: dict[str, StageOutput]) -> str:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a complete stage output, or None when absent, unreadable or incomplete."""
+    """The manifest of a complete stage output (local or gs://), or None when absent, unreadable or incomplete."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        manifest = json.loads(storage.read_text(storage.join(path, MANIFEST)))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if storage.is_remote(path):  # the network, not the output: never mistake it for a missing output
+            raise
+        return None
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") is True else None
+
+
+def _same_build(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two manifests describe the same build of an output (a forced re-run is a new build)."""
+    if a is None or b is None:
+        return False
+    return (a.get("key"), a.get("started_at")) == (b.get("key"), b.get("started_at"))
+
+
+def local_copy(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> Path:
+    """A complete stage output as a local directory: a local output itself; a gs:// one downloaded once.
+
+    The copy lives at `palm.storage.cache_path(path)` and is reused while its manifest is the remote
+    one's (`manifest`, when the caller has it already); it is replaced when the remote output was
+    rebuilt, and appears complete or not at all.
+    """
+    if not storage.is_remote(path):
+        return Path(path)
+    path = str(path).rstrip("/")
+    remote = manifest if manifest is not None else read_manifest(path)
+    if remote is None:
+        raise PalmError(f"{path} is not a complete stage output (no complete {MANIFEST}); run its stage first")
+    dest = storage.cache_path(path)
+    if _same_build(_read_local_manifest(dest), remote):
+        return dest
+    storage.download_dir(path, dest, first=MANIFEST)
+    if not _same_build(_read_local_manifest(dest), remote):
+        raise PalmError(f"{path} changed while it was being copied to {dest} (a forced re-run?); try again")
+    return dest
+
+
+def _read_local_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("complete") is True else None
 
 
 def _manifest(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], started: float,
@@ -72,55 +126,117 @@ def _manifest(stage: str, key: str, config: Any, inputs: dict[str, StageOutput],
     }
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def _relocated(value: Any, old: str, new: str) -> Any:
+    """`value` with every string path under the build directory `old` moved to the final directory `new`."""
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new + value[len(old):]
+    if isinstance(value, dict):
+        return {k: _relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relocated(v, old, new) for v in value]
+    return value
+
+
+def _write_context(final: str, stage: str, key: str, config: Any, inputs: dict[str, StageOutput]) -> None:
+    # What produced this directory, readable while the stage is still running (e.g. by evaluation of
+    # its checkpoints).
+    storage.write_text_atomic(storage.join(final, CONTEXT), _dumps(
+        {"stage": stage, "key": key, "config": config,
+         "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())}}))
 
 
 def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str | os.PathLike,
-              build: Callable[[Path], dict[str, Any]], force: bool = False, resumable: bool = False) -> StageOutput:
+              build: Callable[[Any], dict[str, Any]], force: bool = False, resumable: bool = False,
+              in_place: bool = False) -> StageOutput:
     """Return the stage's output, building it with `build(dir) -> manifest fields` if needed.
+
+    `dir` is a local `Path`, except for a resumable or `in_place` stage under a gs:// root, whose
+    builder gets the final gs:// directory as a string and writes there itself.
 
     A resumable stage (training) builds in its final directory, so what it leaves there (checkpoints)
     survives a crash and the next attempt continues from it; its manifest, written last and atomically,
-    still marks it complete. Other stages build in a private directory renamed into place at the end.
+    still marks it complete. Other stages build in a private directory renamed into place (local root)
+    or uploaded, manifest last (gs:// root), at the end.
     """
     key = stage_key(stage, config, inputs)
-    final = Path(root) / stage / key
+    final = storage.join(root, stage, key)
     if not force:
         manifest = read_manifest(final)
         if manifest is not None:
-            return StageOutput(stage, key, str(final), manifest, cached=True)
+            return StageOutput(stage, key, final, manifest, cached=True)
+    if storage.is_remote(final):
+        if resumable or in_place:
+            return _build_in_place(stage, key, config, inputs, final, build, force, resumable)
+        return _build_and_upload(stage, key, config, inputs, final, build)
     if resumable:
-        if force and final.exists():
-            shutil.rmtree(final)
-        final.mkdir(parents=True, exist_ok=True)
-        (final / MANIFEST).unlink(missing_ok=True)
-        # What produced this directory, readable while the stage is still running (e.g. by evaluation
-        # of its checkpoints).
-        _write_atomically(final / CONTEXT, json.dumps(
-            {"stage": stage, "key": key, "config": config,
-             "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())}},
-            indent=2, sort_keys=True, default=str))
-        started = time.time()
-        manifest = _manifest(stage, key, config, inputs, started, build(final))
-        _write_atomically(final / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        return StageOutput(stage, key, str(final), manifest, cached=False)
+        return _build_in_place(stage, key, config, inputs, final, build, force, resumable)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    final_dir = Path(final)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     started = time.time()
     try:
-        manifest = _manifest(stage, key, config, inputs, started, build(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        if final.exists():  # a forced re-run, or an incomplete leftover without a manifest
-            stale = final.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
-            final.rename(stale)
+        fields = _relocated(build(tmp), str(tmp), final)
+        manifest = _manifest(stage, key, config, inputs, started, fields)
+        (tmp / MANIFEST).write_text(_dumps(manifest))
+        if final_dir.exists():  # a forced re-run, or an incomplete leftover without a manifest
+            stale = final_dir.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
+            final_dir.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.rename(final)
+        tmp.rename(final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return StageOutput(stage, key, str(final), manifest, cached=False)
+    return StageOutput(stage, key, final, manifest, cached=False)
+
+
+def _build_in_place(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], final: str,
+                    build: Callable[[Any], dict[str, Any]], force: bool, resumable: bool) -> StageOutput:
+    """Build in the final directory (local or gs://); the manifest, written last, marks it complete."""
+    if force:
+        storage.remove_tree(final)
+    if not storage.is_remote(final):
+        Path(final).mkdir(parents=True, exist_ok=True)
+    storage.remove(storage.join(final, MANIFEST))
+    if resumable:
+        _write_context(final, stage, key, config, inputs)
+    started = time.time()
+    out = final if storage.is_remote(final) else Path(final)
+    manifest = _manifest(stage, key, config, inputs, started, build(out))
+    storage.write_text_atomic(storage.join(final, MANIFEST), _dumps(manifest))
+    return StageOutput(stage, key, final, manifest, cached=False)
+
+
+def _build_and_upload(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], final: str,
+                      build: Callable[[Any], dict[str, Any]]) -> StageOutput:
+    """Build in a local scratch directory, then upload it to the gs:// `final`, manifest last."""
+    tmp = storage.scratch_dir(f"{stage}-{key}-")
+    try:
+        started = time.time()
+        fields = _relocated(build(tmp), str(tmp), final)
+        manifest = _manifest(stage, key, config, inputs, started, fields)
+        (tmp / MANIFEST).write_text(_dumps(manifest))
+        storage.upload_dir(tmp, final, last=MANIFEST)
+        _keep_as_local_copy(tmp, final)  # the next stage reads it from there instead of downloading it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return StageOutput(stage, key, final, manifest, cached=False)
+
+
+def _keep_as_local_copy(built: Path, final: str) -> None:
+    dest = storage.cache_path(final)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            dest.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        built.rename(dest)
+    except OSError:  # another process's copy landed first; either is a complete copy
+        pass

@@ -91,7 +91,9 @@ class Tokenizer:
         if isinstance(model, (bytes, bytearray, memoryview)):
             self._proto = bytes(model)
         else:
-            self._proto = Path(model).read_bytes()
+            from palm import storage
+
+            self._proto = storage.read_bytes(model)  # a local path or gs://
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
         # With byte_fallback every byte has a piece; without it, unknown pieces map to unk.

@@ -65,6 +65,7 @@ def run_worker(spec: Any, root: str, log: Any = None) -> dict[str, Any]:
     """Run (or resume, or find complete) the train stage of `spec` under `root` on this host."""
     import jax
 
+    from palm import storage
     from palm.pipeline import BUILDERS, Hooks, existing_output, run_stage_named, stage_config
     from palm.stages import read_manifest, stage_key
 
@@ -87,14 +88,15 @@ def run_worker(spec: Any, root: str, log: Any = None) -> dict[str, Any]:
             out = run_stage_named(spec, "train", root, inputs, hooks=hooks)
             return {"output": out.path, "cached": out.cached, **{k: out.manifest.get(k) for k in
                                                                   ("final_step", "final_loss", "digest", "checkpoint")}}
-        # Followers train in the same directory and leave the stage's files to the leader.
-        final = Path(root) / "train" / stage_key("train", stage_config(spec, "train"), inputs)
+        # Followers train in the same directory (local or gs://) and leave the stage's files to the leader.
+        final = storage.join(root, "train", stage_key("train", stage_config(spec, "train"), inputs))
         manifest = read_manifest(final)
         if manifest is not None:
-            return {"output": str(final), "cached": True, "final_step": manifest["final_step"]}
-        final.mkdir(parents=True, exist_ok=True)
-        fields = BUILDERS["train"](spec, inputs, hooks)(final)
-        return {"output": str(final), "cached": False, "final_step": fields["final_step"], "digest": fields["digest"]}
+            return {"output": final, "cached": True, "final_step": manifest["final_step"]}
+        if not storage.is_remote(final):
+            Path(final).mkdir(parents=True, exist_ok=True)
+        fields = BUILDERS["train"](spec, inputs, hooks)(final if storage.is_remote(final) else Path(final))
+        return {"output": final, "cached": False, "final_step": fields["final_step"], "digest": fields["digest"]}
     finally:
         signal.signal(signal.SIGTERM, previous)
 

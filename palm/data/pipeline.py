@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from palm import storage
 from palm.data import builtin, filters, minhash
 from palm.errors import PalmError
 from palm.spec import DataSpec, Source
@@ -458,7 +459,7 @@ def _write_accounting(counts, out_dir: str, mixture: dict[str, Any]) -> None:
 
 def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
     """Per-source accounting from accounting.json, checked to balance; the manifest's data fields."""
-    payload = json.loads(Path(out_dir, "accounting.json").read_text())
+    payload = json.loads(storage.read_text(storage.join(out_dir, "accounting.json")))  # local or gs:// (Dataflow)
     per_source: dict[str, dict[str, Any]] = {
         s.name: {"docs_in": 0, "docs_kept": 0, "kept_by_split": {"train": 0, "validation": 0}, "dropped": {},
                  "repaired_utf8": 0, "bytes_kept": 0, "weight": s.weight} for s in spec.sources}
@@ -484,7 +485,7 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
     for name, entry in per_source.items():
         entry["estimated_tokens"] = mixture["achieved_tokens"][name]
         entry["share"] = mixture["achieved_tokens"][name] / total
-    shards = sorted(p.name for p in Path(out_dir).glob("*.jsonl.gz"))
+    shards = sorted(storage.name(p) for p in storage.glob(storage.join(out_dir, "*.jsonl.gz")))
     return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards,
             "docs_in": sum(e["docs_in"] for e in per_source.values()),
             "docs_kept": sum(e["docs_kept"] for e in per_source.values())}

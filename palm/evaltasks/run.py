@@ -158,33 +158,41 @@ def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir
 
 
 def locate_run(checkpoint: str | Path) -> dict[str, Any]:
-    """From a checkpoint path (a step dir, the checkpoints dir or the train stage dir) to everything
-    evaluation needs: the train stage dir, the model config, the tokenizer, the data and pack outputs."""
+    """From a checkpoint path (a step dir, the checkpoints dir or the train stage dir; local or gs://) to
+    everything evaluation needs: the train stage dir, the model config, and the tokenizer, data and pack
+    stage outputs (where they are stored: `local_copy` them before reading their files)."""
+    from palm import storage
     from palm.stages import CONTEXT, read_manifest
 
-    path = Path(checkpoint).resolve()
-    step = int(path.name) if path.name.isdigit() else None
-    for train_dir in (path, *path.parents[:3]):
-        if (train_dir / CONTEXT).is_file():
+    path = str(checkpoint).rstrip("/") if storage.is_remote(checkpoint) else str(Path(checkpoint).resolve())
+    name = storage.name(path)
+    step = int(name) if name.isdigit() else None
+    candidates = [path]
+    for _ in range(3):
+        candidates.append(storage.parent(candidates[-1]))
+    for train_dir in candidates:
+        try:
+            context = json.loads(storage.read_text(storage.join(train_dir, CONTEXT)))
             break
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):  # look further up
+            continue
     else:
         raise PalmError(f"{checkpoint} is not inside a train stage directory (no {CONTEXT} above it)")
-    context = json.loads((train_dir / CONTEXT).read_text())
-    pack_dir = Path(context["inputs"]["pack"]["path"])
+    pack_dir = context["inputs"]["pack"]["path"]
     pack = read_manifest(pack_dir)
     if pack is None:
         raise PalmError(f"the pack stage output {pack_dir} that trained {train_dir} is missing or incomplete")
     return {"train_dir": train_dir, "step": step, "model": context["config"]["model"], "pack_dir": pack_dir,
-            "pack_manifest": pack, "tokenizer": Path(pack["inputs"]["tokenizer"]["path"]) / "tokenizer.model",
-            "data_dir": Path(pack["inputs"]["data"]["path"])}
+            "pack_manifest": pack, "tokenizer_dir": pack["inputs"]["tokenizer"]["path"],
+            "data_dir": pack["inputs"]["data"]["path"]}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None) -> dict[str, Any]:
-    """Load one checkpoint of a training run and run `eval_spec`'s tasks on it."""
+    """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it."""
+    from palm.checkpoint import open_checkpoints
     from palm.config import ModelConfig
     from palm.eval import load_language_model
-
-    from palm.checkpoint import open_checkpoints
+    from palm.stages import local_copy
 
     run = locate_run(checkpoint)
     step = run["step"] if step is None else step
@@ -192,10 +200,14 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
         ckpts = open_checkpoints(run["train_dir"])
         step = ckpts.steps()[-1]
         ckpts.close()
-    lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), run["tokenizer"], step=step,
+    # SentencePiece, the validation shards and ArrayRecord read local files: copies of gs:// outputs,
+    # fetched only for the tasks that read them.
+    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
+    lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
                              batch_size=eval_spec.batch_size)
-    results = run_tasks(lm, eval_spec, data_dir=run["data_dir"], pack_dir=run["pack_dir"],
-                        pack_manifest=run["pack_manifest"])
+    data_dir = local_copy(run["data_dir"]) if "validation_loss" in eval_spec.tasks else None
+    pack_dir = local_copy(run["pack_dir"], run["pack_manifest"]) if "memorization" in eval_spec.tasks else None
+    results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
     return {"checkpoint": f"{run['train_dir']}/checkpoints/{step}", "step": step, "results": results}
 
 
