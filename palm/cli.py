@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the wall-time "
                    "estimate (default: PaLM's 46.2%%)")
+    p.add_argument("--price-per-chip-hour", type=float, default=None, metavar="USD",
+                   help="price of one accelerator chip for one hour, for the cost estimate (default for tpu-v4: "
+                   "$3.22, the on-demand price; see palm/plan.py)")
 
     p = sub.add_parser("run", help="run the pipeline as the Prefect flow `pretrain` (ephemeral mode unless "
                        "PREFECT_API_URL names a server)")
@@ -42,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated stages to run (default: all)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage")
     p.add_argument("--verbose", "-v", action="store_true", help="also show Prefect's own log lines")
+
+    p = sub.add_parser("worker", help="run the train stage as one host of a (multi-host) job; launchers run this on "
+                       "every host (see palm/worker.py)")
+    _add_spec_args(p)
+    _add_json(p)
+    p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
+                   "must be complete there")
+
+    p = sub.add_parser("launch", help="launch the train stage's workers where infra.launcher says (local processes, "
+                       "TPU VMs, a GKE JobSet) and follow them to the end; --dry-run prints what would run")
+    _add_spec_args(p)
+    _add_json(p)
+    p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
+                   "must be complete there")
+    p.add_argument("--dry-run", action="store_true", help="print the commands (or the JobSet manifest) and exit")
 
     p = sub.add_parser("spec", help="spec utilities")
     spec_sub = p.add_subparsers(dest="spec_command", required=True)
@@ -136,7 +154,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     mfu = PALM_MFU if args.mfu is None else args.mfu
     if not 0 < mfu <= 1:
         raise PalmError(f"--mfu must be in (0, 1], got {mfu}")
-    result = plan(spec, mfu)
+    if args.price_per_chip_hour is not None and not args.price_per_chip_hour > 0:
+        raise PalmError(f"--price-per-chip-hour must be positive, got {args.price_per_chip_hour}")
+    result = plan(spec, mfu, args.price_per_chip_hour)
     _emit(args, result, render(result))
     return 0
 
@@ -173,6 +193,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if forced not in stages:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    from palm import storage
+
+    storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.exceptions import TerminationSignal
@@ -206,6 +229,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary["flow_run"] = str(state.state_details.flow_run_id)
     print(f"report: {summary['report']}", file=sys.stderr)
     _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from palm.worker import main as worker_main
+
+    return worker_main(args.spec, list(args.overrides), args.output, args.json)
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from palm.errors import Preempted
+    from palm.launch import JobFailed, JobPreempted, launch, plan_json, plan_launch, render
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    plan = plan_launch(spec, args.spec, root, args.overrides)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps(plan_json(plan), indent=2))
+        else:
+            print(render(plan), end="")
+        return 0
+    # SIGTERM stops the job the way a preemption would: the workers checkpoint, then exit 75.
+    stop = threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
+    try:
+        launch(plan, stop=stop)
+    except (JobPreempted, Preempted) as e:
+        print(f"palm: {e}", file=sys.stderr)
+        return Preempted.exit_code
+    except JobFailed as e:
+        print(f"palm: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    _emit(args, {"status": "completed", "kind": plan.kind, "name": plan.name, "root": plan.root},
+          f"{plan.name}: completed ({plan.kind})")
     return 0
 
 
@@ -369,8 +435,9 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "spec": _cmd_spec, "bench": _cmd_bench,
-            "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score, "eval": _cmd_eval}
+COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch": _cmd_launch,
+            "spec": _cmd_spec, "bench": _cmd_bench, "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score,
+            "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,14 @@ from palm.spec import Spec
 #: The paper's measured MFU for PaLM 540B (Table 3), the default for wall-time estimates.
 PALM_MFU = 0.462
 
+#: Default price per chip-hour (USD) for the cost estimate, by accelerator. TPU v4: the Cloud TPU v4
+#: on-demand ("evaluation") price in us-central2-b, $3.22 per chip-hour, as listed on
+#: https://cloud.google.com/tpu/pricing on 2022-08-11 (as quoted by infer-pub.com, question 1114; the
+#: page itself could not be read when this was written). Committed-use prices are lower: pass
+#: `--price-per-chip-hour`. Other accelerators have no default.
+PRICE_PER_CHIP_HOUR = {"tpu-v4": 3.22}
+PRICE_SOURCE = {"tpu-v4": "Cloud TPU v4 on-demand, us-central2-b, cloud.google.com/tpu/pricing as of 2022-08-11"}
+
 
 def training_tokens(spec: Spec) -> int:
     """Tokens consumed by `train.steps` steps under the batch-size ramp."""
@@ -25,8 +33,21 @@ def training_tokens(spec: Spec) -> int:
     return total * spec.model.seq_len
 
 
-def plan(spec: Spec, mfu: float = PALM_MFU) -> dict[str, Any]:
-    """Parameters, FLOPs, memory per device, mesh, stage DAG and estimated wall time for a spec."""
+def training_cost(spec: Spec, seconds: float | None, price_per_chip_hour: float | None = None) -> dict[str, Any] | None:
+    """Chip-hours and dollars of the training run at a price per chip-hour (default: PRICE_PER_CHIP_HOUR for
+    the accelerator); None without a wall-time estimate or a price."""
+    hw = spec.infra.hardware
+    price = price_per_chip_hour if price_per_chip_hour is not None else PRICE_PER_CHIP_HOUR.get(hw.accelerator)
+    if seconds is None or price is None:
+        return None
+    chip_hours = hw.num_devices * seconds / 3600
+    source = "--price-per-chip-hour" if price_per_chip_hour is not None else PRICE_SOURCE[hw.accelerator]
+    return {"price_per_chip_hour": price, "price_source": source, "chip_hours": chip_hours,
+            "usd": chip_hours * price}
+
+
+def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = None) -> dict[str, Any]:
+    """Parameters, FLOPs, memory per device, mesh, stage DAG, estimated wall time and cost for a spec."""
     m, hw = spec.model, spec.infra.hardware
     mesh = spec.resolved_mesh()
     boxed = abstract_params(m)
@@ -75,6 +96,7 @@ def plan(spec: Spec, mfu: float = PALM_MFU) -> dict[str, Any]:
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
         "estimated_days": seconds / 86400 if seconds is not None else None,
+        "cost": training_cost(spec, seconds, price_per_chip_hour),
     }
 
 
@@ -111,4 +133,10 @@ def render(p: dict[str, Any]) -> str:
         lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU")
     else:
         lines.append("wall time       n/a (no peak FLOP/s for this accelerator)")
+    cost = p.get("cost")
+    if cost is not None:
+        lines.append(f"cost            ${cost['usd'] / 1e6:,.2f} M: {cost['chip_hours'] / 1e6:,.2f} M chip-hours at "
+                     f"${cost['price_per_chip_hour']:g}/chip-hour ({cost['price_source']})")
+    elif p["estimated_seconds"] is not None:
+        lines.append(f"cost            n/a (no default price for {hw['accelerator']}; pass --price-per-chip-hour)")
     return "\n".join(lines)

@@ -210,12 +210,32 @@ class Hardware(_Strict):
 
 
 class Launcher(_Strict):
+    """How the train stage runs (palm/launch.py): in this process, as local worker processes, on TPU
+    VMs (gcloud) or as a JobSet on GKE. Cross-field checks happen when launching (`palm launch`)."""
+
     kind: Literal["local", "tpu-vm", "gke"] = "local"
+    #: GCP project and zone of the TPU VMs (tpu-vm).
     project: str | None = None
     zone: str | None = None
+    #: TPU VM software version (tpu-vm), e.g. tpu-ubuntu2204-base.
     runtime_version: str | None = None
+    #: Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke).
     image: str | None = None
+    #: Kubernetes namespace of the JobSet (gke; default "default").
     namespace: str | None = None
+    #: local: worker processes on this machine (jax.distributed over loopback). With 1 the train task
+    #: trains in its own process; `palm launch` starts one worker.
+    processes: int = Field(1, ge=1)
+    #: local: the coordinator's port on 127.0.0.1; 0 picks a free one when launching.
+    coordinator_port: int = Field(0, ge=0, le=65535)
+    #: gke: whole-JobSet restarts (every slice at once) before the job counts as preempted.
+    max_restarts: int = Field(3, ge=0)
+    #: tpu-vm: Spot TPUs (cheaper, preemptible).
+    spot: bool = False
+    #: tpu-vm: the service account the TPU VMs run as (default: the project's Compute Engine default).
+    service_account: str | None = None
+    #: Seconds between status checks while following a launched job.
+    poll_seconds: float = Field(15.0, gt=0)
 
 
 class InfraSpec(_Strict):
@@ -543,10 +563,36 @@ def _format_validation_error(err: ValidationError, file: str) -> SpecError:
     return SpecError(msg + extra, file=file, key=key)
 
 
+def _load_remote_tree(path: str) -> dict[str, Any]:
+    """A spec on gs:// (the resolved spec.json a run records, which launched workers read): one file,
+    no `extends` (a recorded spec is already merged)."""
+    from palm import storage
+
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise SpecError("file not found", file=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid YAML/JSON: {e}", file=path) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=path)
+    if "extends" in data:
+        raise SpecError("a spec on gs:// cannot extend another; record the resolved spec (palm spec show)",
+                        file=path, key="extends")
+    return data
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
-    """Read, merge, override, validate and check a spec. Raises SpecError on any problem."""
-    path = Path(path)
-    tree = _load_tree(path)
+    """Read, merge, override, validate and check a spec (a local file, or gs://). Raises SpecError."""
+    if str(path).startswith("gs://"):
+        path_text = str(path)
+        tree = _load_remote_tree(path_text)
+        path = path_text  # for messages; pathlib would fold gs:// into gs:/
+    else:
+        path = Path(path)
+        tree = _load_tree(path)
     for assignment in overrides:
         tree = apply_override(tree, assignment)
     try:

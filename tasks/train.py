@@ -3,6 +3,9 @@
 A retry (after a crash, a preemption or a bad host) runs the same content-addressed stage again,
 which resumes from its latest valid checkpoint: it never starts again from step 0.
 
+With `infra.launcher.kind` tpu-vm or gke (or local with several processes) the stage runs on launched
+workers (palm.launch): the task launches them, follows the job and returns the manifest they wrote.
+
 SIGTERM while training (a preempted VM, a stopped container, a cancelled flow run) saves a checkpoint
 at the current step first. Then, under `palm run`, the task raises `Preempted` (the CLI exits 75);
 under a worker, Prefect's own SIGTERM handling runs (it marks the run crashed or cancelled).
@@ -53,10 +56,37 @@ def sigterm_sets(stop: threading.Event) -> Iterator[Any]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def launched(spec: Any) -> bool:
+    """Whether the train stage runs on launched workers (palm.launch) instead of in this process."""
+    return spec.infra.launcher.kind != "local" or spec.infra.launcher.processes > 1
+
+
+def train_launched(spec: Any, root: str, pack: StageOutput, force: bool, logger: Any) -> StageOutput:
+    """The train stage on the launcher's workers (palm.launch.train_on_workers), with this task's SIGTERM
+    handling: SIGTERM stops the job, whose workers checkpoint first. A preempted job raises
+    `JobPreempted`, which the retry policy retries; the retry's workers resume from the checkpoints."""
+    from palm.launch import train_on_workers
+
+    caller = attached()
+    stop = caller.stop if caller.stop is not None else threading.Event()
+    with sigterm_sets(stop) as previous:
+        try:
+            return train_on_workers(spec, root, pack, force, stop=stop, log=lambda line: logger.info("%s", line))
+        except Preempted as e:  # JobStopped: this process was asked to stop, and stopped the job
+            logger.warning("%s", e)
+            if caller.stop is None and callable(previous):
+                previous(signal.SIGTERM, None)  # the worker's (Prefect's) SIGTERM handling
+            raise
+
+
 @task(name="train", task_run_name="train[{spec.name}]")
 def train_task(spec: Any, root: str, pack: StageOutput, force: bool = False) -> StageOutput:
     """Train (or resume training) the model on the packed data; checkpoints as the spec says."""
     logger = get_run_logger()
+    if launched(spec):
+        out = train_launched(spec, root, pack, force, logger)
+        publish_summary(spec, out)
+        return out
 
     def on_step(log, state) -> None:
         if log.step % spec.train.log_every == 0 or log.step + 1 == spec.train.steps:

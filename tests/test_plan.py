@@ -133,3 +133,46 @@ def test_text_mode(capsys):
     assert any(line.startswith("stages") and "data -> tokenizer -> pack -> train -> eval" in line
                for line in lines)
     assert any(line.startswith("wall time") and "days" in line for line in lines)
+
+
+@pytest.mark.parametrize("name", ["palm-8b.yaml", "palm-62b.yaml", "palm-540b.yaml"])
+def test_cost_is_chip_hours_at_the_tpu_v4_on_demand_price(capsys, name):
+    p = plan_json(capsys, SPECS / name)
+    cost = p["cost"]
+    assert cost["price_per_chip_hour"] == 3.22 and "2022-08-11" in cost["price_source"]
+    assert cost["chip_hours"] == pytest.approx(p["hardware"]["num_devices"] * p["estimated_seconds"] / 3600)
+    assert cost["usd"] == pytest.approx(cost["chip_hours"] * 3.22)
+
+
+def test_540b_cost(plan_540b):
+    # 2.543e24 FLOPs at 46.2% of 6144 x 275 TFLOP/s: 37.7 days, 5.56 M chip-hours, $17.9 M on demand.
+    cost = plan_540b["cost"]
+    seconds = plan_540b["total_training_flops"] / (6144 * 275e12 * 0.462)
+    assert cost["chip_hours"] == pytest.approx(6144 * seconds / 3600)
+    assert cost["chip_hours"] == pytest.approx(5.56e6, rel=1e-3)
+    assert cost["usd"] == pytest.approx(17.91e6, rel=1e-3)
+
+
+def test_price_per_chip_hour_option(capsys):
+    p = plan_json(capsys, SPECS / "palm-540b.yaml", "--price-per-chip-hour", "1.45")
+    assert p["cost"]["price_per_chip_hour"] == 1.45 and p["cost"]["price_source"] == "--price-per-chip-hour"
+    assert p["cost"]["usd"] == pytest.approx(p["cost"]["chip_hours"] * 1.45)
+    assert main(["plan", str(SPECS / "palm-540b.yaml")]) == 0
+    cost_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cost"))
+    assert "$17.91 M" in cost_line and "5.56 M chip-hours" in cost_line and "$3.22/chip-hour" in cost_line
+
+
+def test_no_default_price_outside_tpu_v4(capsys):
+    p = plan_json(capsys, SPECS / "palm-1b-gpu.yaml")
+    assert p["estimated_seconds"] is not None and p["cost"] is None
+    assert main(["plan", str(SPECS / "palm-1b-gpu.yaml")]) == 0
+    assert "pass --price-per-chip-hour" in capsys.readouterr().out
+    p = plan_json(capsys, SPECS / "palm-1b-gpu.yaml", "--price-per-chip-hour", "2.5")
+    assert p["cost"]["usd"] == pytest.approx(p["estimated_seconds"] / 3600 * 2.5)
+    assert plan_json(capsys, SPECS / "tiny.yaml", "--price-per-chip-hour", "2.5")["cost"] is None  # no wall time
+
+
+def test_price_must_be_positive(capsys):
+    assert main(["plan", str(SPECS / "palm-8b.yaml"), "--price-per-chip-hour", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--price-per-chip-hour" in err and "Traceback" not in err

@@ -1,0 +1,785 @@
+"""Launching the train stage's workers where the spec's `infra.launcher` says, and following them.
+
+`plan_launch(spec, spec_path, root, overrides)` turns a validated spec into exactly what would run, and
+`render` prints it (`palm launch --dry-run`); `launch(plan)` runs it and follows the job to its end.
+Every host runs the same worker command (`worker_command`: `palm worker SPEC --output ROOT --set …`):
+
+- local: `infra.launcher.processes` worker processes on this machine, joined by jax.distributed over
+  loopback (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
+- tpu-vm: a queued resource of `num_slices` TPU slices (gcloud), the worker started in the launcher's
+  image on every VM of every slice over `gcloud compute tpus tpu-vm ssh --worker=all`, the TPUs deleted
+  at the end whatever happened;
+- gke: one JobSet (jobset.x-k8s.io/v1alpha2) with one Job per slice and one pod per TPU host, followed
+  with kubectl (its status, and the leader pod's log).
+
+How a job ends: `launch` returns when every worker succeeded; otherwise it raises
+- `JobPreempted`: the machines were taken away (a worker exited 75 after checkpointing, the TPUs were
+  suspended, the JobSet used up its restarts); a retry resumes from the checkpoints;
+- `WorkerRejected` (a PalmError): a worker exited 2, bad input; a retry would fail the same way;
+- `JobFailed`: anything else (a crash, a cluster problem); a retry may help;
+- `JobStopped` (a `Preempted`): this process was asked to stop (the `stop` event), and stopped the job.
+
+The JobSet is checked against infra/schemas/jobset-v1alpha2.schema.json and its Job template against
+Kubernetes' own batch/v1 schema (kubernetes-validate, when installed) before anything is sent.
+
+`train_on_workers` is the train stage run this way (the Prefect train task calls it): launch, follow,
+then read the manifest the workers wrote; their spec is the resolved one recorded at `<root>/spec.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from palm.errors import PalmError, Preempted, SpecError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JOBSET_SCHEMA = REPO_ROOT / "infra" / "schemas" / "jobset-v1alpha2.schema.json"
+#: The Kubernetes API version whose batch/v1 Job schema the JobSet's Job template is checked against.
+KUBERNETES_VERSION = "1.30"
+
+#: Worker exit codes (palm/worker.py): bad input, and checkpointed-after-SIGTERM.
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75
+
+#: Seconds a pod gets between SIGTERM and SIGKILL: enough for the workers to write a checkpoint.
+TERMINATION_GRACE_SECONDS = 600
+#: Seconds the other local workers or ssh sessions get to exit after one failed or a stop was asked.
+LOCAL_GRACE_SECONDS = 120
+
+WORKER_CONTAINER = "worker"
+REPLICATED_JOB = "slice"
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    prefix: str               # the accelerator type's prefix: v4-<TensorCores>
+    cores_per_chip: int       # v2-v4 (and v5p) accelerator types count TensorCores, not chips
+    chips_per_host: int
+    gke_accelerator: str      # the node label cloud.google.com/gke-tpu-accelerator
+
+
+TPU_GENERATIONS = {
+    "tpu-v4": TpuGeneration("v4", 2, 4, "tpu-v4-podslice"),
+    "tpu-v5p": TpuGeneration("v5p", 2, 4, "tpu-v5p-slice"),
+}
+
+
+# ------------------------------------------------------------------------------------------ outcomes
+
+
+class JobPreempted(Exception):
+    """The job lost its machines (preemption, maintenance) or used up its restarts: run it again; the
+    workers resume from their latest checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class JobFailed(Exception):
+    """The job failed for a reason that is not bad input; running it again may help."""
+
+    exit_code = 1
+
+
+class WorkerRejected(PalmError):
+    """A worker exited with code 2: its spec or data is bad, and it would fail the same way again."""
+
+
+class JobStopped(Preempted):
+    """This process was asked to stop (SIGTERM) and stopped the job; the workers checkpoint on SIGTERM."""
+
+    def __init__(self, what: str):
+        Exception.__init__(self, f"{what}: stopped on request (the workers checkpoint on SIGTERM); re-run to resume")
+        self.step = None
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command line: its arguments, the environment it adds, and what it reads on stdin."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    stdin: str | None = None
+
+    def shell(self) -> str:
+        """The command as one shell line, every word quoted as needed."""
+        line = shlex.join(self.argv)
+        if self.env:
+            line = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env) + " " + line
+        return line + (" < manifest" if self.stdin is not None else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Exactly what `launch` runs, in order: setup (each must succeed), then the workers (all at once,
+    followed to their end), teardown (always, whatever happened)."""
+
+    kind: str
+    name: str
+    root: str
+    summary: str
+    setup: tuple[Command, ...] = ()
+    workers: tuple[Command, ...] = ()
+    teardown: tuple[Command, ...] = ()
+    #: gke: the JobSet; its kubectl commands are `kubectl_commands(name, namespace)`.
+    manifest: dict[str, Any] | None = None
+    namespace: str | None = None
+    max_restarts: int = 0
+    #: tpu-vm: the command whose output is the queued resource's state.
+    status: Command | None = None
+    poll_seconds: float = 15.0
+
+
+def worker_command(spec_path: str, root: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The command every host of the job runs: the train stage on that host (palm/worker.py)."""
+    argv = ["palm", "worker", str(spec_path), "--output", str(root)]
+    for assignment in overrides:
+        argv += ["--set", assignment]
+    return argv
+
+
+def job_name(spec: Any) -> str:
+    """The job's name (queued resource, TPU nodes, JobSet): an RFC 1035 label of at most 40 characters,
+    so that pod hostnames (<name>-slice-<job>-<pod>) stay within 63."""
+    name = spec.name if spec.name[:1].isalpha() else f"palm-{spec.name}"
+    return name[:40].rstrip("-")
+
+
+def mesh_overrides(spec: Any) -> list[str]:
+    """The resolved mesh as --set assignments: every host builds the same mesh, -1 already filled in."""
+    return [f"infra.mesh.{axis}={size}" for axis, size in spec.resolved_mesh().items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceShape:
+    chips: int            # per slice
+    hosts: int            # per slice
+    topology: str         # AxBxC, A <= B <= C
+    accelerator_type: str  # e.g. v4-6144: TensorCores, not chips
+    generation: TpuGeneration
+
+
+def slice_shape(spec: Any) -> SliceShape:
+    """Chips, hosts, topology and accelerator type of one TPU slice; SpecError naming the key that is
+    inconsistent. TPU v4 and v5p types count TensorCores (two per chip): a 3072-chip v4 slice is v4-6144."""
+    hw = spec.infra.hardware
+    gen = TPU_GENERATIONS.get(hw.accelerator)
+    if gen is None:
+        raise SpecError(f"the {spec.infra.launcher.kind} launcher runs TPU slices ({', '.join(TPU_GENERATIONS)}), "
+                        f"not {hw.accelerator}", key="infra.hardware.accelerator")
+    chips = hw.num_devices // hw.num_slices
+    if hw.devices_per_host != gen.chips_per_host:
+        raise SpecError(f"a {hw.accelerator} host (TPU VM) has {gen.chips_per_host} chips, not {hw.devices_per_host}",
+                        key="infra.hardware.devices_per_host")
+    if chips % gen.chips_per_host:
+        raise SpecError(f"a slice of {chips} chips (num_devices / num_slices) is not a whole number of "
+                        f"{gen.chips_per_host}-chip hosts", key="infra.hardware.num_devices")
+    if not hw.topology:
+        raise SpecError(f"required by the {spec.infra.launcher.kind} launcher: the physical shape of one slice, "
+                        "AxBxC chips (e.g. 12x16x16)", key="infra.hardware.topology")
+    if not re.fullmatch(r"\d+x\d+x\d+", hw.topology):
+        raise SpecError(f"expected AxBxC (chips along each axis, e.g. 8x8x16), got {hw.topology!r}",
+                        key="infra.hardware.topology")
+    dims = [int(d) for d in hw.topology.split("x")]
+    if dims != sorted(dims) or any(d <= 0 or (d > 4 and d % 4) for d in dims):
+        raise SpecError(f"{hw.topology} is not a TPU topology: write AxBxC with A <= B <= C, each at most 4 or a "
+                        f"multiple of 4 (e.g. {'x'.join(map(str, sorted(dims)))} if its sizes are right)",
+                        key="infra.hardware.topology")
+    if math.prod(dims) != chips:
+        raise SpecError(f"{hw.topology} is {math.prod(dims)} chips ({math.prod(dims) // gen.chips_per_host} hosts) "
+                        f"but a slice has {chips} (num_devices {hw.num_devices} / num_slices {hw.num_slices}, "
+                        f"{chips // gen.chips_per_host} hosts)", key="infra.hardware.topology")
+    return SliceShape(chips, chips // gen.chips_per_host, hw.topology,
+                      f"{gen.prefix}-{chips * gen.cores_per_chip}", gen)
+
+
+def check_launcher(spec: Any, root: str) -> None:
+    """Everything the spec's launcher needs, checked across fields; SpecError naming the key to change."""
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    if la.kind == "local":
+        if la.processes > 1 and hw.accelerator in TPU_GENERATIONS:
+            raise SpecError("one process drives all of a TPU host's chips; for several TPU hosts use the tpu-vm "
+                            "or gke launcher", key="infra.launcher.processes")
+        if hw.num_devices % la.processes:
+            raise SpecError(f"{la.processes} processes cannot split {hw.num_devices} devices "
+                            "(infra.hardware.num_devices) evenly", key="infra.launcher.processes")
+        return
+    if la.processes != 1:
+        raise SpecError(f"the {la.kind} launcher runs one worker per TPU host; processes applies to kind local",
+                        key="infra.launcher.processes")
+    required = ("project", "zone", "runtime_version", "image") if la.kind == "tpu-vm" else ("image",)
+    for key in required:
+        if not getattr(la, key):
+            what = {"image": "the container image holding this repository, with `palm` on PATH",
+                    "project": "the GCP project of the TPUs", "zone": "the zone of the TPUs (e.g. us-central2-b)",
+                    "runtime_version": "the TPU VM software version (e.g. tpu-ubuntu2204-base)"}[key]
+            raise SpecError(f"required by the {la.kind} launcher: {what}", key=f"infra.launcher.{key}")
+    slice_shape(spec)
+    if not str(root).startswith("gs://"):
+        raise SpecError(f"the {la.kind} workers run on other machines and cannot write to the local path {root}: "
+                        "use a gs:// bucket (or --output gs://…)", key="infra.storage_root")
+
+
+def worker_spec_path(spec_path: str | os.PathLike, kind: str) -> str:
+    """The spec as the workers see it: for remote workers, its path in the image (which holds this
+    repository at its working directory); locally, the path as given."""
+    path = str(spec_path)
+    if kind == "local" or path.startswith("gs://"):
+        return path
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        raise PalmError(f"{path}: the {kind} workers read the spec from the image, which holds this repository; "
+                        f"put the spec under {REPO_ROOT}") from None
+
+
+def plan_launch(spec: Any, spec_path: str | os.PathLike, root: str, overrides: Sequence[str] = ()) -> LaunchPlan:
+    """What would run for this spec's launcher; SpecError/PalmError on a launcher that cannot work."""
+    try:
+        check_launcher(spec, root)
+    except SpecError as e:
+        raise SpecError(e.detail, file=e.file or str(spec_path), key=e.key) from None
+    kind = spec.infra.launcher.kind
+    command = worker_command(worker_spec_path(spec_path, kind), root, [*overrides, *mesh_overrides(spec)])
+    plan = {"local": _plan_local, "tpu-vm": _plan_tpu_vm, "gke": _plan_gke}[kind](spec, root, command)
+    if plan.manifest is not None:
+        validate_jobset(plan.manifest)
+    return plan
+
+
+def _mesh_text(spec: Any) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in spec.resolved_mesh().items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plan_local(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    n = la.processes
+    port = la.coordinator_port or _free_port()
+    per_process = hw.num_devices // n
+    workers = []
+    for i in range(n):
+        env = [("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{port}"), ("JAX_NUM_PROCESSES", str(n)),
+               ("JAX_PROCESS_ID", str(i))]
+        if hw.accelerator == "cpu":
+            env += [("JAX_PLATFORMS", "cpu")]
+            if per_process > 1:  # CPU "devices" per process; merged into any XLA_FLAGS already set
+                env += [("XLA_FLAGS", f"--xla_force_host_platform_device_count={per_process}")]
+        else:  # GPUs: each process takes its own devices
+            env += [("JAX_LOCAL_DEVICE_IDS", ",".join(str(d) for d in range(i * per_process, (i + 1) * per_process)))]
+        workers.append(Command(tuple(command), tuple(env)))
+    summary = (f"local: {n} worker process(es) on this machine, {per_process} {hw.accelerator} device(s) each, "
+               f"coordinator 127.0.0.1:{port}; mesh {_mesh_text(spec)}")
+    return LaunchPlan("local", job_name(spec), root, summary, workers=tuple(workers), poll_seconds=la.poll_seconds)
+
+
+def gcloud_location(spec: Any) -> list[str]:
+    la = spec.infra.launcher
+    return [f"--project={la.project}", f"--zone={la.zone}"]
+
+
+def _plan_tpu_vm(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    shape, name = slice_shape(spec), job_name(spec)
+    where = gcloud_location(spec)
+    qr = ["gcloud", "compute", "tpus", "queued-resources"]
+    create = [*qr, "create", name, *where, f"--accelerator-type={shape.accelerator_type}",
+              f"--runtime-version={la.runtime_version}"]
+    if hw.num_slices > 1:
+        create += [f"--node-count={hw.num_slices}", f"--node-prefix={name}"]  # nodes <name>-0, <name>-1, …
+        nodes = [f"{name}-{i}" for i in range(hw.num_slices)]
+    else:
+        create += [f"--node-id={name}"]
+        nodes = [name]
+    if la.spot:
+        create += ["--spot"]
+    if la.service_account:
+        create += [f"--service-account={la.service_account}"]
+    status = [*qr, "describe", name, *where, "--format=value(state.state)"]
+    delete = [*qr, "delete", name, *where, "--force", "--quiet", "--async"]
+    # On each VM the worker runs in the image; TPU VMs of a multi-slice queued resource carry the
+    # MEGASCALE_* settings in their metadata, which the TPU runtime reads, so nothing is passed for them.
+    docker = ["sudo", "docker", "run", "--rm", "--net=host", "--privileged", "--env=PALM_DISTRIBUTED=auto",
+              la.image, *command]
+    script = shlex.join(docker)
+    registry = la.image.split("/", 1)[0]
+    if "." in registry and "/" in la.image:  # a private registry (Artifact Registry): docker needs gcloud's token
+        script = f"sudo gcloud auth configure-docker {shlex.quote(registry)} --quiet && {script}"
+    workers = [Command(("gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *where, "--worker=all", "--quiet",
+                        f"--command={script}")) for node in nodes]
+    summary = (f"tpu-vm: queued resource {name}, {hw.num_slices} slice(s) of {shape.accelerator_type} "
+               f"({shape.topology}: {shape.chips} chips, {shape.hosts} hosts of {shape.generation.chips_per_host}), "
+               f"mesh {_mesh_text(spec)}")
+    return LaunchPlan("tpu-vm", name, root, summary, setup=(Command(tuple(create)),), workers=tuple(workers),
+                      teardown=(Command(tuple(delete)),), status=Command(tuple(status)),
+                      poll_seconds=la.poll_seconds)
+
+
+def kubectl_commands(name: str, namespace: str) -> dict[str, list[str]]:
+    """The kubectl commands the gke launcher runs; `logs` takes the leader pod's name appended."""
+    ns = f"--namespace={namespace}"
+    leader = (f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/job-index=0,"
+              "batch.kubernetes.io/job-completion-index=0")
+    return {
+        "delete": ["kubectl", "delete", "jobset", name, ns, "--ignore-not-found", "--wait=true"],
+        "create": ["kubectl", "create", "-f", "-"],
+        "status": ["kubectl", "get", "jobset", name, ns, "--output=json"],
+        "leader": ["kubectl", "get", "pods", ns, f"--selector={leader}", "--output=json"],
+        "logs": ["kubectl", "logs", ns, f"--container={WORKER_CONTAINER}", "--follow"],
+    }
+
+
+def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]) -> dict[str, Any]:
+    """The JobSet: one Job per slice (replicas = num_slices), one pod per TPU host of the slice."""
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    shape = slice_shape(spec)
+    env: list[dict[str, Any]] = [{"name": "PALM_DISTRIBUTED", "value": "auto"}]
+    if hw.num_slices > 1:  # the slices join over the data-center network; the first slice's first host leads
+        env += [
+            {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": f"{name}-{REPLICATED_JOB}-0-0.{name}"},
+            {"name": "MEGASCALE_NUM_SLICES", "value": str(hw.num_slices)},
+            {"name": "MEGASCALE_SLICE_ID",
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}},
+        ]
+    labels = {"app.kubernetes.io/name": "palm-pipeline", "app.kubernetes.io/component": "train",
+              "app.kubernetes.io/instance": name}
+    pod = {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "restartPolicy": "Never",
+            "hostNetwork": True,  # the slices talk over the data-center network at the host's full bandwidth
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+            "nodeSelector": {"cloud.google.com/gke-tpu-accelerator": shape.generation.gke_accelerator,
+                             "cloud.google.com/gke-tpu-topology": shape.topology},
+            "containers": [{
+                "name": WORKER_CONTAINER,
+                "image": la.image,
+                "command": list(command),
+                "env": env,
+                "ports": [{"containerPort": 8471, "name": "tpu-runtime"},
+                          {"containerPort": 8080, "name": "megascale"}],
+                "resources": {"limits": {"google.com/tpu": shape.generation.chips_per_host}},
+            }],
+        },
+    }
+    job = {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "parallelism": shape.hosts,
+            "completions": shape.hosts,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,  # one lost host fails the slice's Job: the JobSet restarts every slice together
+            # Bad input (exit 2) fails the Job with reason PodFailurePolicy, which the JobSet turns into
+            # failing at once instead of spending its restarts on it.
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": WORKER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}}]},
+            "template": pod,
+        },
+    }
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            # One slice per node pool, one node pool per slice.
+            "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"},
+        },
+        "spec": {
+            "failurePolicy": {
+                "maxRestarts": la.max_restarts,
+                "rules": [{"name": "BadInput", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+            },
+            "network": {"enableDNSHostnames": True},
+            "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": hw.num_slices, "template": job}],
+        },
+    }
+
+
+def _plan_gke(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    shape, name = slice_shape(spec), job_name(spec)
+    namespace = la.namespace or "default"
+    manifest = jobset_manifest(spec, name, namespace, command)
+    k = kubectl_commands(name, namespace)
+    summary = (f"gke: JobSet {name} in namespace {namespace}, {hw.num_slices} slice(s) x {shape.hosts} host(s) x "
+               f"{shape.generation.chips_per_host} chips of {hw.accelerator} ({shape.topology}), "
+               f"mesh {_mesh_text(spec)}")
+    return LaunchPlan("gke", name, root, summary,
+                      setup=(Command(tuple(k["delete"])), Command(tuple(k["create"]), stdin=manifest_yaml(manifest))),
+                      manifest=manifest, namespace=namespace, max_restarts=la.max_restarts,
+                      poll_seconds=la.poll_seconds)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def manifest_yaml(manifest: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+def _where(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def validate_jobset(manifest: dict[str, Any]) -> None:
+    """Check a JobSet against our JobSet v1alpha2 schema and each Job template against Kubernetes'
+    batch/v1 Job schema (kubernetes-validate's bundled, strict schemas; skipped when not installed)."""
+    import jsonschema
+
+    schema = json.loads(JOBSET_SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        raise PalmError(f"the JobSet manifest is invalid at {_where(errors[0].absolute_path)}: {errors[0].message}")
+    try:
+        import kubernetes_validate
+    except ImportError:
+        return
+    for i, rjob in enumerate(manifest["spec"]["replicatedJobs"]):
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{manifest['metadata']['name']}-{rjob['name']}-0"},
+               **{k: v for k, v in rjob["template"].items() if k != "metadata"}}
+        try:
+            kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise PalmError(f"the JobSet's Job template (spec.replicatedJobs.{i}.template) is not a valid batch/v1 "
+                            f"Job at {_where(e.absolute_path)}: {e.message}") from None
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def render(plan: LaunchPlan) -> str:
+    """What `palm launch --dry-run` prints: comment lines (#), then one shell line per command, or for
+    gke the JobSet manifest as YAML after the kubectl commands (as comments)."""
+    lines = [f"# {plan.summary}"]
+    if plan.kind == "local":
+        lines += [w.shell() for w in plan.workers]
+    elif plan.kind == "tpu-vm":
+        lines += [c.shell() for c in plan.setup]
+        lines.append(f"# wait until ACTIVE, every {plan.poll_seconds:g} s: {plan.status.shell()}")
+        lines += [w.shell() for w in plan.workers]
+        lines.append("# at the end, whatever happened:")
+        lines += [c.shell() for c in plan.teardown]
+    else:
+        k = kubectl_commands(plan.name, plan.namespace)
+        lines += [f"# {plan.setup[0].shell()}", f"# {shlex.join(k['create'])}   (stdin: the manifest below)",
+                  f"# then every {plan.poll_seconds:g} s: {shlex.join(k['status'])}",
+                  f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD"]
+        return "\n".join(lines) + "\n" + manifest_yaml(plan.manifest)
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(plan: LaunchPlan) -> dict[str, Any]:
+    """The plan as one JSON object (`palm launch --dry-run --json`)."""
+    def cmd(c: Command) -> dict[str, Any]:
+        return {"argv": list(c.argv), "env": dict(c.env), "stdin": "manifest" if c.stdin is not None else None}
+
+    return {"kind": plan.kind, "name": plan.name, "root": plan.root, "summary": plan.summary,
+            "setup": [cmd(c) for c in plan.setup], "workers": [cmd(c) for c in plan.workers],
+            "status": cmd(plan.status) if plan.status else None, "teardown": [cmd(c) for c in plan.teardown],
+            "manifests": [plan.manifest] if plan.manifest is not None else []}
+
+
+# ---------------------------------------------------------------------------------------- running
+
+_INSTALL = {"gcloud": "install the Google Cloud CLI (https://cloud.google.com/sdk)",
+            "kubectl": "install kubectl (gcloud components install kubectl) and point it at the cluster",
+            "palm": "install this package (uv sync) and run from its environment"}
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(list(argv), **kwargs)
+    except FileNotFoundError:
+        raise PalmError(f"{argv[0]}: command not found on PATH; {_INSTALL.get(argv[0], 'install it')}") from None
+
+
+def _run(argv: Sequence[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command to its end, its output captured; JobFailed (with its stderr) when it fails."""
+    proc = _popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    out, err = proc.communicate(stdin)
+    result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise JobFailed(f"`{shlex.join(argv)}` failed with exit code {proc.returncode}: {err.strip()[-2000:]}")
+    return result
+
+
+class _Child:
+    """A process whose output goes to `log` line by line (with a prefix), read by a thread."""
+
+    def __init__(self, argv: Sequence[str], log: Log, prefix: str = "", env: dict[str, str] | None = None):
+        self.argv = list(argv)
+        self.proc = _popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, errors="replace", bufsize=1, env=env)
+        self.terminated = False
+        self._thread = threading.Thread(target=self._pump, args=(log, prefix), daemon=True)
+        self._thread.start()
+
+    def _pump(self, log: Log, prefix: str) -> None:
+        for line in self.proc.stdout:
+            log(prefix + line.rstrip("\n"))
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.terminated = True
+            self.proc.terminate()
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._thread.join(5)
+        return code
+
+
+def _wait_all(children: list[_Child], stop: threading.Event, poll: float) -> tuple[dict[int, int], int | None]:
+    """Wait for every child; once one fails (or `stop` is set) the others get SIGTERM and a grace period.
+    Returns each child's exit code and the index of the first one that failed (None if none did)."""
+    first: int | None = None
+    while True:
+        codes = {i: c.poll() for i, c in enumerate(children)}
+        if first is None:
+            failed = [i for i, code in codes.items() if code not in (None, 0)]
+            if failed:
+                first = failed[0]
+        if all(code is not None for code in codes.values()):
+            return {i: c.wait() for i, c in enumerate(children)}, first
+        if first is not None or stop.is_set():
+            for c in children:
+                c.terminate()
+            return {i: c.wait(LOCAL_GRACE_SECONDS) for i, c in enumerate(children)}, first
+        stop.wait(poll)
+
+
+def _outcome(what: str, codes: dict[int, int], first: int | None, label: str) -> None:
+    """Raise for the exit codes of a set of workers (the first failure decides), or return if all succeeded."""
+    if first is None:
+        return
+    code = codes[first]
+    if code == EXIT_PREEMPTED:
+        raise JobPreempted(f"{what}: {label} {first} was preempted (exit {code}) after checkpointing; run again to resume")
+    if code == EXIT_BAD_INPUT:
+        raise WorkerRejected(f"{what}: {label} {first} rejected its input (exit {code}); see its log above")
+    raise JobFailed(f"{what}: {label} {first} failed with exit code {code}")
+
+
+def _run_local(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+    children = []
+    try:
+        for i, worker in enumerate(plan.workers):
+            env = dict(os.environ)
+            for key, value in worker.env:
+                env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
+            children.append(_Child(worker.argv, log, f"[worker {i}] ", env))
+        codes, first = _wait_all(children, stop, 0.1)
+    finally:
+        for c in children:  # an interrupted launcher leaves no workers behind
+            c.terminate()
+    if stop.is_set():
+        raise JobStopped(f"{len(children)} local worker(s)")
+    _outcome(f"{plan.name} (local)", codes, first, "worker")
+
+
+def _queued_resource_state(plan: LaunchPlan) -> str:
+    return _run(plan.status.argv).stdout.strip()
+
+
+def _run_tpu_vm(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+    try:
+        for command in plan.setup:
+            log(f"$ {command.shell()}")
+            _run(command.argv)
+        state = ""
+        while state != "ACTIVE":
+            seen, state = state, _queued_resource_state(plan)
+            if state != seen:
+                log(f"{plan.name}: {state}")
+            if state == "FAILED":
+                raise JobFailed(f"{plan.name}: the queued resource FAILED (no capacity in time, or a bad request): "
+                                f"`{plan.status.shell().replace('value(state.state)', 'yaml')}` says why")
+            if state in ("SUSPENDING", "SUSPENDED"):
+                raise JobPreempted(f"{plan.name}: the TPUs were {state.lower()} before the workers started")
+            if state != "ACTIVE" and stop.wait(plan.poll_seconds):
+                raise JobStopped(plan.name)
+        children = [_Child(w.argv, log, f"[slice {i}] ") for i, w in enumerate(plan.workers)]
+        try:
+            codes, first = _wait_all(children, stop, min(plan.poll_seconds, 1.0))
+        finally:
+            for c in children:
+                c.terminate()
+        if stop.is_set():
+            raise JobStopped(plan.name)
+        if first is not None and codes[first] != EXIT_BAD_INPUT:
+            state = _run(plan.status.argv, check=False).stdout.strip()
+            if state in ("SUSPENDING", "SUSPENDED") or EXIT_PREEMPTED in codes.values():
+                raise JobPreempted(f"{plan.name}: preempted (queued resource {state or 'gone'}, ssh exit codes "
+                                   f"{sorted(set(codes.values()))}); run again to resume from the checkpoints")
+        _outcome(plan.name, codes, first, "slice")
+    finally:
+        for command in plan.teardown:
+            log(f"$ {command.shell()}")
+            result = _run(command.argv, check=False)
+            if result.returncode:
+                log(f"{plan.name}: deleting the TPUs failed (exit {result.returncode}): {result.stderr.strip()[-500:]}; "
+                    f"delete them yourself: {command.shell()}")
+
+
+def _conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+
+
+def _run_gke(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+    k = kubectl_commands(plan.name, plan.namespace)
+    for command in plan.setup:
+        log(f"$ {command.shell()}")
+        _run(command.argv, stdin=command.stdin)
+    followed: set[str] = set()
+    logs: _Child | None = None
+    restarts, misses = 0, 0
+    try:
+        while True:
+            got = _run(k["status"], check=False)
+            if got.returncode:
+                misses += 1
+                if misses >= 5:
+                    raise JobFailed(f"{plan.name}: cannot read the JobSet: {got.stderr.strip()[-1000:]}")
+                status: dict[str, Any] = {}
+            else:
+                misses = 0
+                status = json.loads(got.stdout).get("status") or {}
+            if status.get("restarts", 0) > restarts:
+                restarts = status["restarts"]
+                log(f"{plan.name}: restarted every slice ({restarts} of at most {plan.max_restarts} restarts)")
+            if logs is None or logs.poll() is not None:
+                pod = _leader_pod(k, followed)
+                if pod is not None:
+                    followed.add(pod)
+                    logs = _Child([*k["logs"], pod], log)
+            done = _conditions(status)
+            if "Completed" in done:
+                _drain(logs)
+                return
+            if "Failed" in done:
+                _drain(logs)
+                reason, message = done["Failed"].get("reason", ""), done["Failed"].get("message", "")
+                if reason == "ReachedMaxRestarts":
+                    raise JobPreempted(f"{plan.name}: {message or reason} ({plan.max_restarts}); run again to "
+                                       "resume from the checkpoints")
+                if reason.startswith("FailJobSet"):  # our BadInput rule: a worker exited 2
+                    raise WorkerRejected(f"{plan.name}: a worker rejected its input (exit {EXIT_BAD_INPUT}); "
+                                         f"see its log: {message}")
+                raise JobFailed(f"{plan.name} failed: {reason}: {message}")
+            if stop.wait(plan.poll_seconds):
+                log(f"$ {shlex.join(k['delete'])}")
+                _run(k["delete"], check=False)  # the pods get SIGTERM: the workers checkpoint and exit
+                raise JobStopped(f"JobSet {plan.name}")
+    finally:
+        if logs is not None:
+            logs.terminate()
+
+
+def _leader_pod(k: dict[str, list[str]], followed: set[str]) -> str | None:
+    """The newest leader pod (slice 0, host 0) that has started and whose log is not followed yet."""
+    got = _run(k["leader"], check=False)
+    if got.returncode:
+        return None
+    pods = [p for p in json.loads(got.stdout).get("items", [])
+            if (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
+            and p["metadata"]["name"] not in followed]
+    if not pods:
+        return None
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))["metadata"]["name"]
+
+
+def _drain(logs: _Child | None) -> None:
+    """Let the leader's log reach its end (its container has exited), within a minute."""
+    if logs is not None:
+        logs.wait(60)
+
+
+def launch(plan: LaunchPlan, stop: threading.Event | None = None, log: Log | None = None) -> None:
+    """Run the plan and follow the job to its end, its logs to `log` (default: stderr), line by line.
+
+    Returns when every worker succeeded; raises JobPreempted, WorkerRejected, JobFailed or JobStopped
+    (see the module doc). Setting `stop` stops the job: local workers and pods get SIGTERM (and
+    checkpoint), TPU VMs are deleted.
+    """
+    stop = stop if stop is not None else threading.Event()
+    log = log or _stderr
+    log(f"launch: {plan.summary}")
+    {"local": _run_local, "tpu-vm": _run_tpu_vm, "gke": _run_gke}[plan.kind](plan, stop, log)
+    log(f"launch: {plan.name} finished")
+
+
+# ------------------------------------------------------------------------------ the train stage's output
+
+
+def train_output(spec: Any, root: str, pack: Any) -> tuple[str, str]:
+    """(key, directory) of the train stage's output for this spec and pack output, as the workers name it."""
+    from palm import storage
+    from palm.pipeline import stage_config
+    from palm.stages import stage_key
+
+    key = stage_key("train", stage_config(spec, "train"), {"pack": pack})
+    return key, storage.join(root, "train", key)
+
+
+def train_on_workers(spec: Any, root: str, pack: Any, force: bool = False, stop: threading.Event | None = None,
+                     log: Log | None = None) -> Any:
+    """The train stage on the launcher's workers: launch them, follow the job to its end, return the
+    StageOutput from the manifest they wrote. A complete output is returned without launching anything
+    (unless `force`, which deletes it first, as a forced stage in process does)."""
+    from palm import storage
+    from palm.pipeline import SPEC_RECORD, record_spec
+    from palm.stages import StageOutput, read_manifest
+
+    key, path = train_output(spec, root, pack)
+    if force:
+        storage.remove_tree(path)
+    else:
+        manifest = read_manifest(path)
+        if manifest is not None:
+            return StageOutput("train", key, path, manifest, cached=True)
+    # The workers load the resolved spec the flow validated (<root>/spec.json, which the flow records
+    # too), not a spec file that may have changed since.
+    record_spec(spec, root)
+    plan = plan_launch(spec, storage.join(root, SPEC_RECORD), root)
+    launch(plan, stop=stop, log=log)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise JobFailed(f"{plan.name}: the workers finished but {path} has no complete manifest.json")
+    return StageOutput("train", key, path, manifest, cached=False)

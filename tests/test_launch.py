@@ -1,0 +1,571 @@
+"""`palm launch` and palm/launch.py: what each launcher would run (golden files), that every JobSet is
+valid, that bad launcher settings are bad input (exit 2, naming the key), and launching for real through
+fake `gcloud`, `kubectl` and `palm` executables that record their calls and play a scenario: success,
+preemption, failure, bad input.
+
+Golden files live in tests/golden/. After an intended change to what the launchers emit, regenerate them
+and review the diff:
+
+    PALM_UPDATE_GOLDEN=1 uv run pytest -n 0 tests/test_launch.py -k golden
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from palm.cli import main
+from palm.errors import PalmError
+from palm.launch import (
+    JobFailed,
+    JobPreempted,
+    JobStopped,
+    WorkerRejected,
+    launch,
+    plan_launch,
+    validate_jobset,
+    worker_command,
+)
+from palm.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "specs"
+GOLDEN = ROOT / "tests" / "golden"
+S540 = str(SPECS / "palm-540b.yaml")
+FAST = ["--set", "infra.launcher.poll_seconds=0.01"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["launch", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ------------------------------------------------------------------------------------ golden files
+
+GOLDEN_CASES = {
+    "palm-540b-gke": [S540, "--dry-run"],
+    "palm-540b-tpu-vm": [S540, "--set", "infra.launcher.kind=tpu-vm", "--dry-run"],
+    "palm-8b-tpu-vm": [str(SPECS / "palm-8b.yaml"), "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_dry_run_matches_golden(capsys, case):
+    rc, out, err = run_cli(capsys, *GOLDEN_CASES[case])
+    assert rc == 0, err
+    golden = GOLDEN / f"launch-{case}.txt"
+    if os.environ.get("PALM_UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(out)
+    assert golden.is_file(), f"missing {golden}; create it with PALM_UPDATE_GOLDEN=1 (see this module's doc)"
+    assert out == golden.read_text(), (f"`palm launch {' '.join(GOLDEN_CASES[case])}` no longer prints {golden}; "
+                                       "if the change is intended, regenerate it with PALM_UPDATE_GOLDEN=1")
+
+
+def jobset_540b(capsys, *extra: str) -> dict:
+    rc, out, err = run_cli(capsys, S540, "--dry-run", *extra)
+    assert rc == 0, err
+    return yaml.safe_load(out)  # the commands before the manifest are YAML comments
+
+
+def test_540b_jobset_is_two_slices_of_3072_chips(capsys):
+    js = jobset_540b(capsys)
+    assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
+    assert js["spec"]["failurePolicy"]["maxRestarts"] == 3
+    [rjob] = js["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    pod = job["template"]["spec"]
+    [container] = pod["containers"]
+    chips_per_host = container["resources"]["limits"]["google.com/tpu"]
+    assert rjob["replicas"] == 2  # slices
+    assert job["parallelism"] == job["completions"] == 768  # hosts per slice
+    assert chips_per_host == 4
+    assert job["parallelism"] * chips_per_host == 3072  # chips per slice
+    assert rjob["replicas"] * job["parallelism"] == 1536 and rjob["replicas"] * job["parallelism"] * 4 == 6144
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    topology = pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
+    assert topology == "12x16x16"  # AxBxC with A <= B <= C, as Cloud TPU writes v4 topologies
+    assert math.prod(int(d) for d in topology.split("x")) == 3072
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v4-podslice"
+
+    # The worker gets the mesh: per slice model 12 x fsdp 256 = its 3072 chips; data 2 = one per slice.
+    command = container["command"]
+    assert command[:5] == ["palm", "worker", "specs/palm-540b.yaml", "--output", "gs://palm-runs/palm-540b"]
+    sets = dict(command[i + 1].split("=", 1) for i, word in enumerate(command) if word == "--set")
+    mesh = {axis: int(sets[f"infra.mesh.{axis}"]) for axis in ("data", "fsdp", "model")}
+    assert mesh == {"data": 2, "fsdp": 256, "model": 12}
+    assert mesh["model"] * mesh["fsdp"] == job["parallelism"] * chips_per_host
+    assert mesh["data"] == rjob["replicas"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MEGASCALE_NUM_SLICES"]["value"] == "2"
+    assert env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['jobset.sigs.k8s.io/job-index']"
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "palm-540b-slice-0-0.palm-540b"
+
+
+def test_540b_on_tpu_vms_asks_for_two_v4_6144_slices(capsys):
+    rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=tpu-vm", "--dry-run", "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    [create] = plan["setup"]
+    # v4 accelerator types count TensorCores (2 per chip): a 3072-chip slice is v4-6144.
+    assert "--accelerator-type=v4-6144" in create["argv"]
+    assert "--node-count=2" in create["argv"] and "--node-prefix=palm-540b" in create["argv"]
+    assert [w["argv"][5] for w in plan["workers"]] == ["palm-540b-0", "palm-540b-1"]
+    for worker in plan["workers"]:
+        assert worker["argv"][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in worker["argv"]
+        script = next(a for a in worker["argv"] if a.startswith("--command="))
+        assert "palm worker specs/palm-540b.yaml --output gs://palm-runs/palm-540b" in script
+        assert "--set infra.mesh.fsdp=256 --set infra.mesh.model=12" in script
+    [delete] = plan["teardown"]
+    assert delete["argv"][:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "palm-540b"]
+    assert "--force" in delete["argv"]
+
+
+@pytest.mark.parametrize("spec, extra", [
+    ("palm-540b.yaml", []),
+    ("palm-62b.yaml", ["--set", "infra.launcher.kind=gke"]),
+    ("palm-8b.yaml", ["--set", "infra.launcher.kind=gke", "--set", "infra.launcher.namespace=training"]),
+    ("palm-540b.yaml", ["--set", "infra.hardware.num_slices=1", "--set", "infra.hardware.num_devices=3072",
+                        "--set", "infra.mesh.data=1"]),
+], ids=["540b", "62b", "8b", "540b-one-slice"])
+def test_every_generated_jobset_validates(capsys, spec, extra):
+    rc, out, err = run_cli(capsys, str(SPECS / spec), "--dry-run", "--json", *extra)
+    assert rc == 0, err
+    [manifest] = json.loads(out)["manifests"]
+    validate_jobset(manifest)  # our JobSet v1alpha2 schema, and Kubernetes' own for the Job template
+    for rjob in manifest["spec"]["replicatedJobs"]:  # the Job template, independently: strict batch/v1 Job
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "check"}, "spec": rjob["template"]["spec"]}
+        kubernetes_validate.validate(job, "1.30", strict=True)
+
+
+@pytest.mark.parametrize("path, value, where", [
+    (("spec", "suspended"), True, "spec"),                                   # not a JobSet field
+    (("spec", "failurePolicy", "maxRestart"), 3, "spec.failurePolicy"),       # misspelt
+    (("metadata", "name"), "Palm_540B", "metadata.name"),                     # not a DNS label
+    (("spec", "replicatedJobs", 0, "template", "spec", "template", "spec", "containers", 0, "resource"),
+     {"limits": {}}, "spec.replicatedJobs.0.template"),                       # not a Container field (k8s schema)
+    (("spec", "replicatedJobs", 0, "template", "spec", "backoffLimit"), "none", "spec.replicatedJobs.0.template"),
+])
+def test_a_broken_jobset_is_rejected_with_its_path(capsys, path, value, where):
+    manifest = jobset_540b(capsys)
+    node = manifest
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    with pytest.raises(PalmError) as info:
+        validate_jobset(manifest)
+    assert where in str(info.value)
+
+
+def test_worker_command():
+    assert worker_command("specs/palm-8b.yaml", "gs://b/runs/palm-8b", ["train.steps=5"]) == [
+        "palm", "worker", "specs/palm-8b.yaml", "--output", "gs://b/runs/palm-8b", "--set", "train.steps=5"]
+
+
+BROKEN = [
+    ("gke-without-image", [S540, "--set", "infra.launcher.image=null"], "infra.launcher.image"),
+    ("tpu-vm-without-runtime", [S540, "--set", "infra.launcher.kind=tpu-vm", "--set", "infra.launcher.runtime_version=null"],
+     "infra.launcher.runtime_version"),
+    ("tpu-vm-without-project", [S540, "--set", "infra.launcher.kind=tpu-vm", "--set", "infra.launcher.project=null"],
+     "infra.launcher.project"),
+    ("devices-not-divisible-by-host", [S540, "--set", "infra.hardware.devices_per_host=5"],
+     "infra.hardware.devices_per_host"),
+    ("not-a-v4-host", [S540, "--set", "infra.hardware.devices_per_host=8"], "infra.hardware.devices_per_host"),
+    ("hosts-do-not-match-topology", [S540, "--set", "infra.hardware.topology=16x16x16"], "infra.hardware.topology"),
+    ("topology-out-of-order", [S540, "--set", "infra.hardware.topology=16x16x12"], "infra.hardware.topology"),
+    ("topology-malformed", [S540, "--set", "infra.hardware.topology=3072"], "infra.hardware.topology"),
+    ("no-topology", [S540, "--set", "infra.hardware.topology=null"], "infra.hardware.topology"),
+    ("gpu-on-gke", [S540, "--set", "infra.hardware.accelerator=h100"], "infra.hardware.accelerator"),
+    ("cpu-on-gke", [S540, "--set", "infra.hardware.accelerator=cpu"], "infra.hardware.accelerator"),
+    ("local-root-on-gke", [S540, "--output", "/tmp/runs"], "infra.storage_root"),
+    ("processes-on-gke", [S540, "--set", "infra.launcher.processes=2"], "infra.launcher.processes"),
+    ("uneven-local-processes", [str(SPECS / "tiny.yaml"), "--set", "infra.launcher.processes=3",
+                                "--set", "infra.hardware.num_devices=2"], "infra.launcher.processes"),
+]
+
+
+@pytest.mark.parametrize("argv, key", [c[1:] for c in BROKEN], ids=[c[0] for c in BROKEN])
+def test_a_broken_launcher_is_bad_input_naming_the_key(capsys, argv, key):
+    rc, out, err = run_cli(capsys, *argv, "--dry-run")
+    assert rc == 2, (out, err)
+    assert key in err and Path(argv[0]).name in err
+    assert err.startswith("palm: error:") and "Traceback" not in err and out == ""
+
+
+def test_a_spec_outside_the_repository_cannot_reach_remote_workers(capsys, tmp_path):
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(f"extends: {SPECS / 'palm-540b.yaml'}\nname: mine\n")
+    rc, out, err = run_cli(capsys, str(spec), "--dry-run")
+    assert rc == 2 and "image" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------- fakes
+
+FAKE = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOOL = Path(sys.argv[0]).name
+ARGS = sys.argv[1:]
+SCENARIO = json.loads((HERE / "scenario.json").read_text()).get(TOOL, {})
+STATE = HERE / "state.json"
+
+
+def record(stdin=None):
+    entry = {"tool": TOOL, "argv": ARGS, "stdin": stdin,
+             "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_FLAGS"))}}
+    with open(HERE / "calls.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def state():
+    return json.loads(STATE.read_text()) if STATE.exists() else {}
+
+
+def save(s):
+    STATE.write_text(json.dumps(s))
+
+
+def upload(target, text):
+    if target.startswith("gs://"):
+        import urllib.parse, urllib.request
+        bucket, _, name = target[5:].partition("/")
+        url = (os.environ["STORAGE_EMULATOR_HOST"].rstrip("/") + f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+               + urllib.parse.quote(name, safe=""))
+        if not url.startswith("http"):
+            url = "http://" + url
+        urllib.request.urlopen(urllib.request.Request(url, data=text.encode(), method="POST",
+                                                      headers={"Content-Type": "application/octet-stream"}))
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+
+
+def kubectl():
+    if ARGS[:2] == ["create", "-f"]:
+        record(sys.stdin.read())
+        s = state()
+        s["attempt"] = s.get("attempt", 0) + 1
+        s["polls"] = 0
+        save(s)
+        return 0
+    record()
+    s = state()
+    attempt = SCENARIO["attempts"][s.get("attempt", 1) - 1]
+    if ARGS[:2] == ["get", "jobset"]:
+        s["polls"] = s.get("polls", 0) + 1
+        save(s)
+        status = {"restarts": attempt.get("restarts", 0) if s["polls"] > 1 else 0}
+        if s["polls"] > attempt.get("polls", 2):
+            outcome = attempt["outcome"]
+            if outcome == "Completed":
+                status["conditions"] = [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
+                                         "message": "jobset completed successfully"}]
+                if SCENARIO.get("manifest_to") and not s.get(f"wrote{s['attempt']}"):
+                    upload(SCENARIO["manifest_to"], json.dumps(SCENARIO["manifest"]))
+                    s[f"wrote{s['attempt']}"] = True
+                    save(s)
+            else:
+                status["conditions"] = [{"type": "Failed", "status": "True", "reason": outcome,
+                                         "message": attempt.get("message", outcome)}]
+        print(json.dumps({"kind": "JobSet", "metadata": {"name": ARGS[2]}, "status": status}))
+        return 0
+    if ARGS[:2] == ["get", "pods"]:
+        n = s.get("attempt", 1)
+        print(json.dumps({"items": [{"metadata": {"name": f"leader-{n}", "creationTimestamp": f"2030-01-01T00:00:0{n}Z"},
+                                     "status": {"phase": "Running"}}]}))
+        return 0
+    if ARGS[0] == "logs":
+        for line in attempt.get("log", []):
+            print(line, flush=True)
+        return 0
+    if ARGS[0] == "delete":
+        return 0
+    print(f"fake kubectl: unexpected {ARGS}", file=sys.stderr)
+    return 3
+
+
+def gcloud():
+    record()
+    s = state()
+    if "create" in ARGS:
+        s["describes"] = 0
+        save(s)
+        return SCENARIO.get("create_exit", 0)
+    if "describe" in ARGS:
+        states = SCENARIO["states"]
+        s["describes"] = s.get("describes", 0) + 1
+        save(s)
+        print(states[min(s["describes"], len(states)) - 1])
+        return 0
+    if "ssh" in ARGS:
+        node = ARGS[ARGS.index("ssh") + 1]
+        for line in SCENARIO.get("log", []):
+            print(f"{node}: {line}", flush=True)
+        time.sleep(SCENARIO.get("sleep", {}).get(node, 0))
+        return SCENARIO.get("ssh_exit", {}).get(node, 0)
+    if "delete" in ARGS:
+        return 0
+    return 3
+
+
+def palm():
+    record()
+    index = os.environ["JAX_PROCESS_ID"]
+    signal.signal(signal.SIGTERM, lambda *_: (print(f"worker {index}: checkpointed, stopping", flush=True),
+                                              os._exit(75)))
+    print(f"worker {index} of {os.environ['JAX_NUM_PROCESSES']} at {os.environ['JAX_COORDINATOR_ADDRESS']}", flush=True)
+    deadline = time.time() + SCENARIO.get("sleep", {}).get(index, 0)
+    while time.time() < deadline:
+        time.sleep(0.01)
+    return SCENARIO.get("exit", {}).get(index, 0)
+
+
+sys.exit({"kubectl": kubectl, "gcloud": gcloud, "palm": palm}[TOOL]())
+'''
+
+
+class Fakes:
+    """Fake gcloud, kubectl and palm on PATH, playing `scenario`; `calls()` is what they were run with."""
+
+    def __init__(self, tmp_path: Path, monkeypatch, scenario: dict):
+        self.dir = tmp_path / "fakebin"
+        self.dir.mkdir()
+        (self.dir / "scenario.json").write_text(json.dumps(scenario))
+        source = f"#!{sys.executable}\n" + textwrap.dedent(FAKE)
+        for tool in ("gcloud", "kubectl", "palm"):
+            path = self.dir / tool
+            path.write_text(source)
+            path.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{self.dir}{os.pathsep}{os.environ['PATH']}")
+
+    def calls(self, tool: str | None = None) -> list[dict]:
+        path = self.dir / "calls.jsonl"
+        entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [e for e in entries if tool is None or e["tool"] == tool]
+
+
+# ------------------------------------------------------------------------------------------- gke
+
+
+def kubectl_verbs(fakes: Fakes) -> list[str]:
+    return [" ".join(c["argv"][:2]) for c in fakes.calls("kubectl")]
+
+
+def test_gke_launch_runs_the_jobset_follows_the_leader_and_streams_its_log(capsys, tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
+        {"outcome": "Completed", "polls": 2, "log": ["step 1/255000 loss 12.5", "step 255000/255000 loss 1.9"]}]}})
+    expected = jobset_540b(capsys, *FAST)
+    rc, out, err = run_cli(capsys, S540, *FAST)
+    assert rc == 0, err
+    assert out.strip() == "palm-540b: completed (gke)"
+    calls = fakes.calls("kubectl")
+    assert calls[0]["argv"] == ["delete", "jobset", "palm-540b", "--namespace=palm", "--ignore-not-found", "--wait=true"]
+    assert calls[1]["argv"] == ["create", "-f", "-"]
+    assert yaml.safe_load(calls[1]["stdin"]) == expected  # exactly the manifest the dry run printed
+    assert ["get", "jobset", "palm-540b", "--namespace=palm", "--output=json"] in [c["argv"] for c in calls]
+    logs = [c["argv"] for c in calls if c["argv"][0] == "logs"]
+    assert logs == [["logs", "--namespace=palm", "--container=worker", "--follow", "leader-1"]]
+    assert "step 1/255000 loss 12.5" in err and "step 255000/255000 loss 1.9" in err  # streamed to stderr
+    assert kubectl_verbs(fakes).count("get jobset") == 3  # twice running, then completed: it stopped there
+
+
+@pytest.mark.parametrize("reason, rc, exception", [
+    ("ReachedMaxRestarts", 75, JobPreempted),
+    ("FailedJobs", 1, JobFailed),
+    ("FailJobSetFailurePolicyAction", 2, WorkerRejected),
+], ids=["preempted", "failed", "bad-input"])
+def test_gke_outcomes(capsys, tmp_path, monkeypatch, reason, rc, exception):
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
+        {"outcome": reason, "polls": 2, "restarts": 3, "message": "jobset failed", "log": ["step 7 loss 3.0"]}]}})
+    code, out, err = run_cli(capsys, S540, *FAST)
+    assert code == rc and out == ""
+    assert "step 7 loss 3.0" in err and "Traceback" not in err
+    if reason == "ReachedMaxRestarts":
+        assert "restarted every slice (3 of at most 3 restarts)" in err
+    # The same through the API: the exception the train task's retry policy sees.
+    (fakes.dir / "state.json").unlink()
+    spec = load_spec(S540, ["infra.launcher.poll_seconds=0.01"])
+    with pytest.raises(exception):
+        launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None)
+    assert kubectl_verbs(fakes).count("create -f") == 2
+
+
+# ----------------------------------------------------------------------------------------- tpu-vm
+
+TPU_VM = [S540, "--set", "infra.launcher.kind=tpu-vm", *FAST]
+
+
+def test_tpu_vm_launch_creates_waits_runs_every_slice_and_deletes(capsys, tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"gcloud": {
+        "states": ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], "log": ["step 10/255000 loss 9.1"]}})
+    rc, out, err = run_cli(capsys, *TPU_VM)
+    assert rc == 0, err
+    dry = json.loads(run_cli(capsys, *TPU_VM, "--dry-run", "--json")[1])
+    calls = [c["argv"] for c in fakes.calls("gcloud")]
+    creates = [c for c in calls if "create" in c]
+    describes = [c for c in calls if "describe" in c]
+    sshes = [c for c in calls if "ssh" in c]
+    assert ["gcloud", *calls[0]] == dry["setup"][0]["argv"]
+    assert len(creates) == 1 and len(describes) == 3  # until ACTIVE
+    assert sorted(["gcloud", *c] for c in sshes) == sorted(w["argv"] for w in dry["workers"])
+    assert ["gcloud", *calls[-1]] == dry["teardown"][0]["argv"]
+    assert "[slice 0] palm-540b-0: step 10/255000 loss 9.1" in err
+    assert "[slice 1] palm-540b-1: step 10/255000 loss 9.1" in err
+    assert "WAITING_FOR_RESOURCES" in err and "ACTIVE" in err
+
+
+@pytest.mark.parametrize("scenario, rc, exception", [
+    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-1": 75}}, 75, JobPreempted),
+    ({"states": ["ACTIVE", "SUSPENDED"], "ssh_exit": {"palm-540b-0": 255}}, 75, JobPreempted),
+    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-0": 1}, "sleep": {"palm-540b-1": 30}}, 1, JobFailed),
+    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-0": 2}}, 2, WorkerRejected),
+    ({"states": ["WAITING_FOR_RESOURCES", "FAILED"]}, 1, JobFailed),
+], ids=["worker-preempted", "tpus-suspended", "worker-crashed", "bad-input", "no-capacity"])
+def test_tpu_vm_outcomes_always_delete_the_tpus(capsys, tmp_path, monkeypatch, scenario, rc, exception):
+    fakes = Fakes(tmp_path, monkeypatch, {"gcloud": scenario})
+    started = time.monotonic()
+    code, out, err = run_cli(capsys, *TPU_VM)
+    assert code == rc, err
+    assert time.monotonic() - started < 20  # a failed slice stops the other's session; it does not wait 30 s
+    assert "delete" in fakes.calls("gcloud")[-1]["argv"] and "Traceback" not in err
+    spec = load_spec(S540, ["infra.launcher.kind=tpu-vm", "infra.launcher.poll_seconds=0.01"])
+    (fakes.dir / "state.json").unlink()
+    with pytest.raises(exception):
+        launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None)
+
+
+def test_missing_gcloud_is_bad_input(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    rc, out, err = run_cli(capsys, *TPU_VM)
+    assert rc == 2 and "gcloud: command not found" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ local
+
+TINY = str(SPECS / "tiny.yaml")
+LOCAL = [TINY, "--set", "infra.launcher.processes=2", "--set", "infra.hardware.num_devices=4",
+         "--set", "infra.launcher.coordinator_port=45123"]
+
+
+def test_local_dry_run(capsys):
+    rc, out, err = run_cli(capsys, *LOCAL, "--output", "/data/runs/tiny", "--dry-run")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("# local: 2 worker process(es)")
+    for i, line in enumerate(lines[1:]):
+        assert line.startswith(f"JAX_COORDINATOR_ADDRESS=127.0.0.1:45123 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID={i} "
+                               "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 palm worker ")
+        assert f" {TINY} --output /data/runs/tiny " in line
+        assert line.endswith("--set infra.mesh.data=1 --set infra.mesh.fsdp=4 --set infra.mesh.model=1")
+    assert len(lines) == 3
+
+
+def test_local_launch_runs_every_process_and_waits(capsys, tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"palm": {"sleep": {"0": 0.3}}})
+    rc, out, err = run_cli(capsys, *LOCAL, "--output", str(tmp_path / "run"))
+    assert rc == 0, err
+    calls = fakes.calls("palm")
+    assert sorted(c["env"]["JAX_PROCESS_ID"] for c in calls) == ["0", "1"]
+    assert {c["env"]["JAX_COORDINATOR_ADDRESS"] for c in calls} == {"127.0.0.1:45123"}
+    assert all(c["env"]["JAX_NUM_PROCESSES"] == "2" for c in calls)
+    assert all(c["argv"][:4] == ["worker", TINY, "--output", str(tmp_path / "run")] for c in calls)
+    assert "[worker 0] worker 0 of 2 at 127.0.0.1:45123" in err and "[worker 1] worker 1 of 2" in err
+
+
+def test_a_preempted_local_worker_stops_the_others(capsys, tmp_path, monkeypatch):
+    Fakes(tmp_path, monkeypatch, {"palm": {"exit": {"1": 75}, "sleep": {"0": 30}}})
+    started = time.monotonic()
+    rc, out, err = run_cli(capsys, *LOCAL, "--output", str(tmp_path / "run"))
+    assert rc == 75, err
+    assert "[worker 0] worker 0: checkpointed, stopping" in err  # SIGTERM, not 30 s of waiting
+    assert time.monotonic() - started < 20
+
+
+def test_stop_asks_every_worker_to_checkpoint_and_stop(tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"palm": {"sleep": {"0": 30, "1": 30}}})
+    spec = load_spec(TINY, ["infra.launcher.processes=2", "infra.hardware.num_devices=2"])
+    plan = plan_launch(spec, TINY, str(tmp_path / "run"))
+    stop, lines, result = threading.Event(), [], []
+    thread = threading.Thread(target=lambda: result.append(_launch(plan, stop, lines)))
+    thread.start()
+    for _ in range(1000):
+        if len(fakes.calls("palm")) == 2:
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # both have installed their SIGTERM handler
+    stop.set()
+    thread.join(20)
+    assert result and isinstance(result[0], JobStopped)
+    assert sum("checkpointed, stopping" in line for line in lines) == 2
+
+
+def _launch(plan, stop, lines):
+    try:
+        launch(plan, stop=stop, log=lines.append)
+    except BaseException as e:  # noqa: BLE001 - the test inspects it
+        return e
+    return None
+
+
+# ---------------------------------------------------------------------------- the train task on gke
+
+
+def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_server, gcs_emulator, tmp_path,
+                                                                        monkeypatch):
+    from prefect import flow
+
+    from palm.launch import train_output
+    from palm.stages import StageOutput, read_manifest
+    from tasks.common import with_retry_policy
+    from tasks.train import train_task
+
+    root = "gs://bucket/launch-test"
+    spec = load_spec(TINY, ["infra.hardware.accelerator=tpu-v4", "infra.hardware.num_devices=8",
+                            "infra.hardware.devices_per_host=4", "infra.hardware.topology=2x2x2",
+                            "infra.launcher.kind=gke", "infra.launcher.image=example/palm:1",
+                            "infra.launcher.namespace=palm", "infra.launcher.poll_seconds=0.01",
+                            "retries.train.retries=1", "retries.train.delay_seconds=0"])
+    pack = StageOutput("pack", "0123456789abcdef", f"{root}/pack/0123456789abcdef", {"complete": True}, cached=True)
+    key, path = train_output(spec, root, pack)
+    manifest = {"stage": "train", "key": key, "complete": True, "final_step": 180, "final_loss": 3.8,
+                "checkpoint": f"{path}/checkpoints/180", "seconds": 12.0, "code_version": "test"}
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {
+        "manifest_to": f"{path}/manifest.json", "manifest": manifest,
+        "attempts": [{"outcome": "ReachedMaxRestarts", "polls": 2, "restarts": 3, "log": ["step 50/180 loss 4.2"]},
+                     {"outcome": "Completed", "polls": 2, "log": ["step 180/180 loss 3.8"]}]}})
+
+    @flow(name="train-on-gke")
+    def train_on_gke():
+        return with_retry_policy(train_task, spec, "train")(spec, root, pack)
+
+    out = train_on_gke()
+    assert (out.stage, out.key, out.path, out.cached) == ("train", key, path, False)
+    assert out.manifest == manifest == read_manifest(path)
+    assert kubectl_verbs(fakes).count("create -f") == 2  # the preempted attempt, then Prefect's retry
+    created = yaml.safe_load(fakes.calls("kubectl")[1]["stdin"])
+    command = created["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    # The workers load the resolved spec this flow validated, recorded beside the run.
+    assert command[:5] == ["palm", "worker", f"{root}/spec.json", "--output", root]
+    from palm import storage
+
+    assert json.loads(storage.read_text(f"{root}/spec.json")) == spec.model_dump(mode="json")
+
+    # Run again: the output is complete, so nothing is launched.
+    calls = len(fakes.calls())
+    again = train_on_gke()
+    assert again.cached and again.manifest == manifest and len(fakes.calls()) == calls
