@@ -197,7 +197,7 @@ def test_multi_process_runner(tmp_path):
         builtin.PLANTED["invalid_utf8"])
 
 
-def test_cluster_runner_options_come_from_the_spec():
+def test_cluster_runner_options_come_from_the_spec(tmp_path):
     from palm.data.pipeline import pipeline_options
 
     dataflow = data_spec(beam={"runner": "dataflow", "project": "proj", "region": "us-central2",
@@ -216,8 +216,9 @@ def test_cluster_runner_options_come_from_the_spec():
                                              "sdk_container_image": "img:1"})).get_all_options(drop_default=True)
     assert (flink["runner"], flink["flink_master"], flink["environment_type"]) == ("FlinkRunner", "localhost:8081",
                                                                                   "DOCKER")
-    spark = pipeline_options(data_spec(beam={"runner": "spark", "master_url": "spark://m:7077"}))
+    spark = pipeline_options(data_spec(beam={"runner": "spark", "master_url": "spark://m:7077"}), package_dir=tmp_path)
     assert spark.get_all_options()["spark_master_url"] == "spark://m:7077"
+    assert spark.get_all_options()["extra_packages"] == [str(tmp_path / "palm_pipeline-0.1.0-py3-none-any.whl")]
 
     local = pipeline_options(data_spec()).get_all_options()
     assert local["direct_running_mode"] == "in_memory"

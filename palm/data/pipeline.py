@@ -349,13 +349,18 @@ def shard_of(item, num_shards: dict[str, int]):
 LOCAL_RUNNERS = ("in_process", "multi_process")
 
 
-def pipeline_options(spec: DataSpec, job_name: str = "palm-data") -> PipelineOptions:
+def pipeline_options(spec: DataSpec, job_name: str = "palm-data",
+                     package_dir: str | Path | None = None) -> PipelineOptions:
     """Beam options for the spec's runner.
 
     Locally the in-process FnApiRunner is pinned (plain DirectRunner may try Prism, which downloads a
     binary). On Dataflow, Flink or Spark the workers need palm-pipeline itself: either an SDK container
-    image with it installed, or the wheel (`uv build`) in `extra_packages` plus a requirements file
-    (`uv export --no-dev --no-hashes`); see infra/dataflow.md.
+    image with it installed (`data.beam.sdk_container_image`), or wheels in `data.beam.extra_packages`
+    plus a requirements file. When the spec names neither an image nor extra packages, palm packages
+    itself here (palm/data/package.py): the project's wheel and requirements.txt exported from uv.lock,
+    written to `package_dir` (default: a fresh temporary directory, which Beam stages when the job is
+    submitted); a `data.beam.requirements_file` in the spec is used instead of the exported one. See
+    infra/dataflow.md.
     """
     b = spec.beam
     if b.runner == "in_process":
@@ -363,12 +368,22 @@ def pipeline_options(spec: DataSpec, job_name: str = "palm-data") -> PipelineOpt
     if b.runner == "multi_process":
         return PipelineOptions(flags=[], direct_running_mode="multi_processing", direct_num_workers=b.num_workers)
     packaging: dict[str, Any] = {"save_main_session": False}
+    extra_packages, requirements_file = list(b.extra_packages), b.requirements_file
+    if not b.sdk_container_image and not extra_packages:
+        import tempfile
+
+        from palm.data.package import build_worker_package
+
+        out = package_dir if package_dir is not None else tempfile.mkdtemp(prefix="palm-worker-package-")
+        built = build_worker_package(out, requirements=requirements_file is None)
+        extra_packages = [built["wheel"]]
+        requirements_file = requirements_file or built["requirements"]
     if b.sdk_container_image:
         packaging["sdk_container_image"] = b.sdk_container_image
-    if b.extra_packages:
-        packaging["extra_packages"] = list(b.extra_packages)
-    if b.requirements_file:
-        packaging["requirements_file"] = b.requirements_file
+    if extra_packages:
+        packaging["extra_packages"] = extra_packages
+    if requirements_file:
+        packaging["requirements_file"] = requirements_file
     if b.runner == "dataflow":
         cloud = {"runner": "DataflowRunner", "project": b.project, "region": b.region,
                  "temp_location": b.temp_location, "job_name": job_name, "num_workers": b.num_workers}
