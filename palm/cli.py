@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = spec_sub.add_parser("show", help="print a spec after extends and overrides, validated")
     _add_spec_args(q)
 
+    p = sub.add_parser("data", help="data stage utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("package", help="build what remote Beam workers (Dataflow, Flink, Spark) install: "
+                            "palm-pipeline's wheel and requirements.txt from uv.lock (see infra/dataflow.md)")
+    q.add_argument("--out", required=True, metavar="DIR", help="directory to write the wheel and requirements.txt to")
+    _add_json(q)
+
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     q = bench_sub.add_parser("train", help="time the jitted train step after warm-up")
@@ -198,6 +205,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its ephemeral server by default; its first start on a busy 2-core machine
+    # (creating the database) can take longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect.exceptions import TerminationSignal
     from prefect.settings import PREFECT_API_URL
 
@@ -285,6 +295,14 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from palm.data.package import build_worker_package
+
+    result = build_worker_package(args.out)
+    _emit(args, result, f"wheel: {result['wheel']}\nrequirements: {result['requirements']}")
     return 0
 
 
@@ -436,8 +454,8 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch": _cmd_launch,
-            "spec": _cmd_spec, "bench": _cmd_bench, "checkpoint": _cmd_checkpoint, "eval-score": _cmd_eval_score,
-            "eval": _cmd_eval}
+            "spec": _cmd_spec, "data": _cmd_data, "bench": _cmd_bench, "checkpoint": _cmd_checkpoint,
+            "eval-score": _cmd_eval_score, "eval": _cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,8 +29,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def prefect_server():
     """One ephemeral Prefect server (SQLite) shared by the whole test session."""
+    from prefect.logging.configuration import setup_logging
     from prefect.testing.utilities import prefect_test_harness
 
+    # Prefect configures its console handlers lazily, binding them to whatever sys.stderr is then. If that
+    # happens inside a test using capsys, the handlers (the root logger's among them) keep writing to
+    # capsys's stream after pytest closed it, and pytest's own capture fails in later tests. So bind
+    # them now, to the session's stream.
+    setup_logging()
     with prefect_test_harness(server_startup_timeout=120):
         yield
 

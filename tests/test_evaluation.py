@@ -12,7 +12,7 @@ from tests.conftest import SPECS
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(prefect_server, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack,train", "--output", str(root),
                "--set", "train.steps=6", "--set", "train.checkpoint.every_steps=3"])

@@ -26,7 +26,7 @@ def test_pack_sequences_cuts_without_padding():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(prefect_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack", "--output", str(root)])
     assert rc == 0

@@ -293,7 +293,7 @@ def test_memory_estimate_and_check():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(prefect_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-run")
     capture = {}
     import contextlib
