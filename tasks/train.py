@@ -61,15 +61,69 @@ def launched(spec: Any) -> bool:
     return spec.infra.launcher.kind != "local" or spec.infra.launcher.processes > 1
 
 
+class CheckpointWatcher:
+    """Finds the checkpoints launched workers commit (local or gs://), each once, so the task that follows
+    the job can announce them (`palm.checkpoint.saved`) as an in-process train stage does."""
+
+    def __init__(self, directory: str):
+        self.directory, self.seen = directory, set()
+
+    def new(self) -> list[tuple[int, dict[str, Any]]]:
+        """(step, metadata) of each committed checkpoint not returned before, oldest first."""
+        from palm import storage
+        from palm.checkpoint import Checkpoints
+        from palm.config import CheckpointConfig
+
+        if not storage.exists(self.directory):
+            return []
+        ckpts = Checkpoints(self.directory, CheckpointConfig(), read_only=True)  # Orbax lists committed steps only
+        found = []
+        for step in ckpts.steps():
+            if step not in self.seen:
+                self.seen.add(step)
+                found.append((step, ckpts.meta(step)))
+        return found
+
+
+@contextlib.contextmanager
+def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any) -> Iterator[CheckpointWatcher]:
+    """While the block runs (and once after it), emit an event for each new checkpoint under `directory`."""
+    watcher, done = CheckpointWatcher(directory), threading.Event()
+
+    def announce() -> None:
+        try:
+            for step, meta in watcher.new():
+                logger.info("checkpoint %d saved by the workers: %s/%d", step, directory, step)
+                emit_checkpoint_saved(spec, f"{directory}/{step}", step, meta)
+        except Exception as e:  # noqa: BLE001 - a failed look must never fail the training job it watches
+            logger.warning("could not list checkpoints in %s: %s", directory, e)
+
+    def loop() -> None:
+        while not done.wait(every):
+            announce()
+
+    thread = threading.Thread(target=loop, name="palm-checkpoint-watch", daemon=True)
+    thread.start()
+    try:
+        yield watcher
+    finally:
+        done.set()
+        thread.join()
+        announce()
+
+
 def train_launched(spec: Any, root: str, pack: StageOutput, force: bool, logger: Any) -> StageOutput:
     """The train stage on the launcher's workers (palm.launch.train_on_workers), with this task's SIGTERM
     handling: SIGTERM stops the job, whose workers checkpoint first. A preempted job raises
     `JobPreempted`, which the retry policy retries; the retry's workers resume from the checkpoints."""
-    from palm.launch import train_on_workers
+    from palm import storage
+    from palm.launch import train_on_workers, train_output
 
     caller = attached()
     stop = caller.stop if caller.stop is not None else threading.Event()
-    with sigterm_sets(stop) as previous:
+    checkpoints = storage.join(train_output(spec, root, pack)[1], "checkpoints")
+    with sigterm_sets(stop) as previous, \
+            announcing_checkpoints(spec, checkpoints, spec.infra.launcher.poll_seconds, logger):
         try:
             return train_on_workers(spec, root, pack, force, stop=stop, log=lambda line: logger.info("%s", line))
         except Preempted as e:  # JobStopped: this process was asked to stop, and stopped the job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -138,3 +139,39 @@ def test_sigterm_during_training_sets_the_stop_event_and_the_old_handler_comes_b
         assert seen == ["outer"]  # the handler it replaced (Prefect's, under a worker) is back
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_checkpoints_of_launched_workers_are_announced_once_each(tmp_path, monkeypatch):
+    """The task following a launched job emits palm.checkpoint.saved for each checkpoint the workers
+    commit, as it appears and once at the end, never twice, so evaluation triggers on launched runs too."""
+    import logging
+
+    import numpy as np
+
+    import tasks.train as train_module
+    from palm.checkpoint import Checkpoints
+    from palm.config import CheckpointConfig
+    from tasks.train import announcing_checkpoints
+
+    emitted = []
+    monkeypatch.setattr(train_module, "emit_checkpoint_saved",
+                        lambda spec, path, step, record: emitted.append((path, step, record["metrics"]["loss"])))
+    directory = str(tmp_path / "train" / "k" / "checkpoints")
+    writer = None
+    with announcing_checkpoints(None, directory, 0.05, logging.getLogger("test")) as watcher:
+        time.sleep(0.2)  # nothing yet: the directory does not exist
+        writer = Checkpoints(directory, CheckpointConfig(async_save=False))
+        for step in (0, 3):
+            writer.save(step, {"params": {"w": np.full(3, step, np.float32)}}, {"position": step},
+                        {"digest": "x", "metrics": {"loss": 10.0 - step}})
+        writer.wait()
+        for _ in range(100):
+            if len(emitted) == 2:
+                break
+            time.sleep(0.05)
+        assert [e[1] for e in emitted] == [0, 3]  # seen while the job runs
+        writer.save(6, {"params": {"w": np.full(3, 6, np.float32)}}, {"position": 6},
+                    {"digest": "x", "metrics": {"loss": 4.0}})
+        writer.close()
+    assert emitted == [(f"{directory}/0", 0, 10.0), (f"{directory}/3", 3, 7.0), (f"{directory}/6", 6, 4.0)]
+    assert watcher.new() == []  # each once
