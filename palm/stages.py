@@ -13,7 +13,6 @@ itself build in their final directory, local or remote, and write the manifest t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -229,14 +228,4 @@ def _build_and_upload(stage: str, key: str, config: Any, inputs: dict[str, Stage
 
 
 def _keep_as_local_copy(built: Path, final: str) -> None:
-    dest = storage.cache_path(final)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):
-            dest.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        built.rename(dest)
-    except OSError:  # another process's copy landed first; either is a complete copy
-        pass
+    storage.install_dir(built, storage.cache_path(final))

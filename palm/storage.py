@@ -366,17 +366,24 @@ def download_dir(remote_dir: str, local_dir: str | os.PathLike, first: str | Non
             rest = order[1:] if order[:1] == [first] else order
             if rest:
                 fs.get([f"{remote_dir}/{n}" for n in rest], [str(tmp / n) for n in rest])
-        if dest.exists():
-            stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(FileNotFoundError):
-                dest.rename(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another process put its copy there in the meantime: keep theirs
-            if not dest.exists():
-                raise
+        install_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
+
+
+def install_dir(built: Path, dest: Path) -> None:
+    """Move a complete local directory into place, replacing what is there (moved aside, then removed).
+    When another process put its own complete copy there in the meantime, theirs is kept."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        stale = dest.with_name(f".{dest.name}.stale-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            dest.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        built.rename(dest)
+    except OSError:
+        if not dest.exists():
+            raise
