@@ -20,8 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from palm.errors import PalmError
-
-MESH_AXES = ("data", "fsdp", "model")
+from palm.topology import MESH_AXES, slice_mesh_shape, torus_assignment
 
 #: Logical name -> candidate mesh axes, tried in order. Unlisted names are never sharded.
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -33,18 +32,61 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp", ("model",)),
     ("heads_act", ("model",)),
     ("mlp_act", ("model",)),
+    # The residual stream between layers (what full remat keeps per layer) is split over `model` too:
+    # compiled for palm-62b on one 8x8x8 slice (64-way FSDP x 8-way model, batch 1024), 13.9 GiB per chip,
+    # against 14.7 GiB unsplit and 28.5 GiB with the sequence split over `model` instead (docs/benchmarks.md).
+    ("embed_act", ("model",)),
+    ("vocab_act", ("model",)),
 )
 
 
+def _tpu_device_mesh(sizes: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """TPU devices arranged as the mesh: each slice's torus laid out by `torus_assignment`, the slices
+    stacked along `data`."""
+    by_slice: dict[int, list[jax.Device]] = {}
+    for d in devices:
+        by_slice.setdefault(int(getattr(d, "slice_index", 0) or 0), []).append(d)
+    num_slices = len(by_slice)
+    per_slice = slice_mesh_shape(dict(zip(MESH_AXES, sizes)), num_slices)
+    per_sizes = tuple(per_slice[a] for a in MESH_AXES)
+    blocks = []
+    for index in sorted(by_slice):
+        slice_devices = by_slice[index]
+        coords = np.array([list(d.coords) + [getattr(d, "core_on_chip", 0)] for d in slice_devices])
+        physical = tuple(int(c) for c in coords.max(0) + 1)
+        if math.prod(physical) != len(slice_devices):
+            raise PalmError(f"the devices of slice {index} do not fill a torus (coordinates up to {physical})")
+        grid = np.empty(physical, dtype=object)
+        for d, c in zip(slice_devices, coords):
+            grid[tuple(c)] = d
+        assignment = torus_assignment(physical, per_sizes)
+        if assignment is None:
+            raise PalmError(f"mesh {dict(zip(MESH_AXES, sizes))} does not lay out on {num_slices} slice(s) of "
+                            f"{'x'.join(map(str, physical[:-1] if physical[-1] == 1 else physical))} TPU chips: "
+                            "each axis of a slice must be a product of whole torus axes")
+        order = [i for axes in assignment for i in axes]
+        order += [i for i in range(len(physical)) if i not in order]  # axes of size 1
+        blocks.append(grid.transpose(order).reshape(per_sizes))
+    return np.concatenate(blocks, axis=0)
+
+
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over (data, fsdp, model) with automatic (GSPMD) sharding propagation."""
+    """A mesh over (data, fsdp, model) with automatic (GSPMD) sharding propagation.
+
+    On TPUs the mesh follows the physical torus of each slice, with `data` across slices (the hybrid
+    ICI x DCN mesh of a multi-slice job); `devices` may be the abstract devices of a topology that this
+    host does not have (`palm.aot`). Elsewhere the devices are taken in JAX's order.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = tuple(shape.get(a, 1) for a in MESH_AXES)
     need = math.prod(sizes)
     if need != len(devices):
         raise PalmError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {need} devices but {len(devices)} are "
                         "available; set infra.hardware.num_devices and infra.mesh to match")
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if devices[0].platform == "tpu" and len(devices) > 1:
+        return Mesh(_tpu_device_mesh(sizes, devices), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)

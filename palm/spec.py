@@ -27,10 +27,10 @@ from palm.config import (
     ScheduleConfig,
     TrainConfig,
 )
-from palm.errors import SpecError
+from palm.errors import PalmError, SpecError
+from palm.topology import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_topology
 
-MESH_AXES = ("data", "fsdp", "model")
-STAGES = ("data", "tokenizer", "pack", "train", "eval")
+STAGES = ("compile", "data", "tokenizer", "pack", "train", "eval")
 
 
 class _Strict(BaseModel):
@@ -271,7 +271,7 @@ class Spec(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalSpec = EvalSpec()
     infra: InfraSpec = InfraSpec()
-    retries: dict[Literal["data", "tokenizer", "pack", "train", "eval"], RetryPolicy] = {}
+    retries: dict[Literal["compile", "data", "tokenizer", "pack", "train", "eval"], RetryPolicy] = {}
 
     def resolved_mesh(self) -> dict[str, int]:
         """The mesh with -1 filled in, every axis present, in (data, fsdp, model) order."""
@@ -341,6 +341,22 @@ def check_consistency(spec: Spec) -> None:
     if hw.num_slices > 1 and mesh["data"] % hw.num_slices:
         raise SpecError(f"the data axis ({mesh['data']}) must be a multiple of num_slices "
                         f"({hw.num_slices}): only data parallelism crosses slices", key="infra.mesh.data")
+    if hw.topology is not None:
+        try:
+            dims = parse_topology(hw.topology)
+        except PalmError as e:
+            raise SpecError(str(e), key="infra.hardware.topology") from None
+        if math.prod(dims) * hw.num_slices != hw.num_devices:
+            raise SpecError(f"{hw.num_slices} slice(s) of {hw.topology} are {math.prod(dims) * hw.num_slices} chips, "
+                            f"but num_devices is {hw.num_devices}", key="infra.hardware.topology")
+        if hw.accelerator.startswith("tpu") and not mesh_fits_topology(mesh, dims, hw.num_slices):
+            near = nearest_mesh(mesh, dims, hw.num_slices, heads=m.num_heads,
+                                batches=[s.global_batch for s in spec.train.batch_ramp])
+            hint = f"; the nearest that does: {{{', '.join(f'{a}: {v}' for a, v in near.items())}}}" if near else ""
+            raise SpecError(f"mesh {', '.join(f'{a}={v}' for a, v in mesh.items())} does not lay out on "
+                            f"{hw.num_slices} slice(s) of {hw.topology}: within a slice each axis must span whole "
+                            f"torus axes (sizes that are products of {', '.join(map(str, dims))}), and data must be "
+                            f"a multiple of the slices{hint}", key="infra.mesh")
     if hw.num_devices % hw.devices_per_host:
         raise SpecError(f"{hw.num_devices} devices do not split evenly into hosts of {hw.devices_per_host}",
                         key="infra.hardware.devices_per_host")

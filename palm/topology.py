@@ -1,0 +1,110 @@
+"""TPU slices as tori, and which (data, fsdp, model) meshes lay out on them; no JAX needed.
+
+A TPU v4 slice is a 3D torus of chips (e.g. 12x16x16), its rings closed by wrap-around links. A mesh
+axis that spans whole torus axes keeps those rings: its collectives run over every link at full
+bandwidth. An axis that took part of a torus axis would cut rings, so such meshes are refused before
+any work (`palm.spec` checks a spec's mesh against its topology and suggests the nearest that lays out),
+and `palm.sharding.make_mesh` builds the device mesh from the same assignment. Several slices (pods)
+are joined only by the data-center network: the `data` axis spans them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+from palm.errors import PalmError
+
+MESH_AXES = ("data", "fsdp", "model")
+
+
+def torus_assignment(physical: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, ...]] | None:
+    """Which physical axes of one slice's torus each mesh axis spans, or None if they cannot be laid out.
+
+    Every mesh axis must be the product of whole physical axes (never a part of one, which would cut a
+    torus ring and its wrap-around links), all physical axes used. Axes are placed from the last (model,
+    the most communication-heavy) to the first, each preferring as many physical axes as it can take, so
+    model parallelism gets the widest, fastest neighbourhoods; among equals the first physical axes win.
+    This is the same preference as jax.experimental.mesh_utils, but searched exhaustively, so a layout is
+    found whenever one exists.
+    """
+    physical, sizes = tuple(int(p) for p in physical), tuple(int(s) for s in sizes)
+    if math.prod(physical) != math.prod(sizes):
+        return None
+    free_axes = [i for i, p in enumerate(physical) if p > 1]
+
+    def place(k: int, free: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+        if k < 0:
+            return [] if not free else None
+        candidates = [c for n in range(len(free), -1, -1) for c in itertools.combinations(free, n)
+                      if math.prod(physical[i] for i in c) == sizes[k]]
+        for chosen in candidates:
+            rest = place(k - 1, tuple(i for i in free if i not in chosen))
+            if rest is not None:
+                return rest + [chosen]
+        return None
+
+    return place(len(sizes) - 1, tuple(free_axes))
+
+
+def parse_topology(topology: str) -> tuple[int, ...]:
+    """'12x16x16' -> (12, 16, 16): chips along each physical axis of one slice."""
+    try:
+        dims = tuple(int(x) for x in topology.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise PalmError(f"TPU topology {topology!r} is not of the form AxBxC (chips along each torus axis), "
+                        "e.g. 8x8x16")
+    return dims
+
+
+def slice_mesh_shape(shape: dict[str, int], num_slices: int) -> dict[str, int]:
+    """One slice's share of the mesh: `data` spans the slices (over the data-center network) first."""
+    data = shape.get("data", 1)
+    if data % num_slices:
+        raise PalmError(f"mesh data={data} must be a multiple of the {num_slices} slices: the data axis "
+                        "spans the slices (their only link is the data-center network)")
+    return {"data": data // num_slices, "fsdp": shape.get("fsdp", 1), "model": shape.get("model", 1)}
+
+
+def mesh_fits_topology(shape: dict[str, int], topology: Sequence[int], num_slices: int = 1) -> bool:
+    """Whether the (data, fsdp, model) mesh lays out on `num_slices` slices of this torus."""
+    try:
+        per_slice = slice_mesh_shape(shape, num_slices)
+    except PalmError:
+        return False
+    return torus_assignment(topology, [per_slice[a] for a in MESH_AXES]) is not None
+
+
+def valid_meshes(num_devices: int, topology: Sequence[int], num_slices: int = 1) -> list[dict[str, int]]:
+    """Every (data, fsdp, model) mesh of `num_devices` that lays out on the slices' torus."""
+    out = []
+    for data in range(1, num_devices + 1):
+        if num_devices % data:
+            continue
+        for model in range(1, num_devices // data + 1):
+            if (num_devices // data) % model:
+                continue
+            shape = {"data": data, "fsdp": num_devices // data // model, "model": model}
+            if mesh_fits_topology(shape, topology, num_slices):
+                out.append(shape)
+    return out
+
+
+def nearest_mesh(shape: dict[str, int], topology: Sequence[int], num_slices: int = 1,
+                 heads: int | None = None, batches: Sequence[int] = ()) -> dict[str, int] | None:
+    """The valid mesh closest to `shape` (model size first, then data): model dividing `heads` and
+    data x fsdp dividing every global batch where such a mesh exists."""
+    num_devices = math.prod(shape.get(a, 1) for a in MESH_AXES)
+    candidates = valid_meshes(num_devices, topology, num_slices)
+
+    def usable(m: dict[str, int]) -> bool:
+        return (heads is None or heads % m["model"] == 0) and all(b % (m["data"] * m["fsdp"]) == 0 for b in batches)
+
+    def distance(m: dict[str, int]) -> tuple[float, ...]:
+        return tuple(abs(math.log2(m[a] / shape.get(a, 1))) for a in ("model", "data", "fsdp"))
+
+    ranked = sorted(candidates, key=lambda m: (not usable(m), distance(m)))
+    return ranked[0] if ranked else None
