@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -33,20 +34,104 @@ from palm.errors import PalmError
 log = logging.getLogger("palm.checkpoint")
 
 
-def params_digest(params: Any) -> str:
-    """sha256 over every parameter's path, dtype, shape and bytes: the same on any machine and mesh."""
-    h = hashlib.sha256()
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # sharded over hosts: every host
-            from jax.experimental import multihost_utils  # gathers the whole array (a collective)
+#: Seeds of the digest's four independent 32-bit lanes (any fixed distinct values).
+_LANES = (0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F)
 
-            leaf = multihost_utils.process_allgather(leaf, tiled=True)
-        array = np.asarray(jax.device_get(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: every input bit reaches every output bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of each element as uint32 (16- and 8-bit types widened, booleans as 0/1)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    raise PalmError(f"cannot digest an array of {x.dtype}")
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """[4] uint32: per lane, the wrapping sum over elements of a hash of (element index, element bits).
+
+    A sum of per-element terms is the same however the array is split over devices and hosts (each
+    device sums its own shard; only these 16 bytes cross the network), and hashing the index with the
+    bits makes it sensitive to any changed or moved element. Indices are hashed coordinate by
+    coordinate, so arrays of more than 2^32 elements need no 64-bit counters."""
+    bits = _as_uint32(x)
+    lanes = []
+    for seed in _LANES:
+        h = jnp.full(x.shape, seed, jnp.uint32)
+        for axis in range(x.ndim):
+            h = _mix32(h ^ jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis))
+        lanes.append(jnp.sum(_mix32(h ^ _mix32(bits + jnp.uint32(seed))), dtype=jnp.uint32))
+    return jnp.stack(lanes)
+
+
+_leaf_sums_jit = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """A leaf's path as names joined by "/", whatever the containers: a TrainState's `.opt_state[1].count`
+    and the `['opt_state'][1]['count']` of the same state restored without a target are one name."""
+    return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and content hash (`_leaf_sums`).
+
+    The same on any machine, mesh and number of processes, and computed from each device's own shards:
+    nothing is gathered. With several processes it is a collective (every host calls it)."""
+    flat = sorted(((_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]),
+                  key=lambda kv: kv[0])
+    leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for _, leaf in flat]
+    # One computation per set of devices the leaves live on (a sharded state and host-side scalars).
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+    sums: list[Any] = [None] * len(leaves)
+    for indices in groups.values():
+        for i, out in zip(indices, _leaf_sums_jit([leaves[i] for i in indices])):
+            sums[i] = np.asarray(out.addressable_shards[0].data)  # a replicated scalar vector on every host
+    h = hashlib.sha256()
+    for (path, _), leaf, lane_sums in zip(flat, leaves, sums):
+        h.update(path.encode())
+        h.update(f"{jnp.dtype(leaf.dtype).str}{tuple(leaf.shape)}".encode())
+        h.update(lane_sums.astype("<u4").tobytes())
     return h.hexdigest()
+
+
+def params_digest(params: Any) -> str:
+    """The parameters' digest (`tree_digest`), recorded with every checkpoint as `digest`."""
+    return tree_digest(params)
+
+
+def state_digest(state: Any) -> str:
+    """The whole train state's digest (step, parameters, optimizer state), recorded as `state_digest`."""
+    return tree_digest(state)
+
+
+def check_digests(state: Any, meta: dict[str, Any], where: str) -> None:
+    """Raise PalmError unless a restored train state matches the digests recorded with it: the whole
+    state's (`state_digest`) where recorded, and the parameters' (`digest`)."""
+    params = state.params if hasattr(state, "params") else state["params"]
+    if "state_digest" in meta:
+        digest = state_digest(state)
+        if digest != meta["state_digest"]:
+            raise PalmError(f"{where}: train state digest {digest[:12]} does not match the recorded "
+                            f"{str(meta['state_digest'])[:12]}")
+    digest = params_digest(params)
+    if digest != meta.get("digest"):
+        raise PalmError(f"{where}: parameter digest {digest[:12]} does not match the recorded "
+                        f"{str(meta.get('digest'))[:12]}")
 
 
 def gcs_settings() -> dict[str, str]:
@@ -139,10 +224,7 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         meta = out["meta"]
-        digest = params_digest(out["state"].params if hasattr(out["state"], "params") else out["state"]["params"])
-        if digest != meta.get("digest"):
-            raise PalmError(f"checkpoint {self.directory}/{step}: parameter digest {digest[:12]} does not match "
-                            f"the recorded {str(meta.get('digest'))[:12]}")
+        check_digests(out["state"], meta, f"checkpoint {self.directory}/{step}")
         return out["state"], out["data"], meta
 
     def quarantine(self, step: int, reason: str) -> None:
@@ -255,7 +337,7 @@ def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str,
 
 
 def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict[str, Any]]:
-    """Restore each checkpoint's parameters on the host and compare their digest with the recorded one."""
+    """Restore each checkpoint's train state on the host and compare its digests with the recorded ones."""
     results = []
     for s in ckpts.steps() if step is None else [step]:
         try:
@@ -263,9 +345,12 @@ def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict
             out = ckpts.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
             state = out["state"]
             digest = params_digest(state["params"] if isinstance(state, dict) else state.params)
-            ok = digest == meta.get("digest")
-            results.append({"step": s, "ok": ok, "digest": digest,
-                            "error": "" if ok else f"digest {digest[:12]} != recorded {str(meta.get('digest'))[:12]}"})
+            try:
+                check_digests(state, meta, f"step {s}")
+                error = ""
+            except PalmError as e:
+                error = str(e)
+            results.append({"step": s, "ok": not error, "digest": digest, "error": error})
         except Exception as e:  # report every failure, keep checking the others
             results.append({"step": s, "ok": False, "digest": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return results
