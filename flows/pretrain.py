@@ -1,6 +1,8 @@
 """The pretraining flow: one Prefect flow built from a spec, one retryable task per stage.
 
-    data -> tokenizer -> pack -> train -> eval
+    [compile] -> data -> tokenizer -> pack -> train -> eval
+
+(compile: TPU specs only, the pre-flight check that every step fits the pods' chips, run first; palm.aot.)
 
 Stage outputs are content-addressed (palm.stages), so a re-run skips complete stages, a changed stage
 re-runs with everything downstream, and a retried train task resumes from its checkpoints.
@@ -16,13 +18,15 @@ from palm.pipeline import Hooks, attached, record_spec, run_dag, run_summary, se
 from palm.report import write_report
 from palm.spec import load_spec
 from tasks.common import with_retry_policy
+from tasks.compile import compile_task
 from tasks.data import data_task
 from tasks.eval import eval_task
 from tasks.pack import pack_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 
-TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "train": train_task, "eval": eval_task}
+TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "compile": compile_task,
+         "train": train_task, "eval": eval_task}
 
 
 def run_root(spec: Any, output: str | None) -> str:
@@ -48,6 +52,6 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
     def done(out: Any) -> None:
         logger.info("stage %s: %s (%s)", out.stage, out.path, "cached" if out.cached else "built")
 
-    outputs = run_dag(spec, root, select_stages(stages), frozenset(force or ()), run=run,
+    outputs = run_dag(spec, root, select_stages(spec, stages), frozenset(force or ()), run=run,
                       hooks=Hooks(on_stage=done) + attached())
     return run_summary(root, write_report(root, spec.name, outputs), outputs)

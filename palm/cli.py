@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-per-chip-hour", type=float, default=None, metavar="USD",
                    help="price of one accelerator chip for one hour, for the cost estimate (default for tpu-v4: "
                    "$3.22, the on-demand price; see palm/plan.py)")
+    p.add_argument("--compile", action="store_true", help="compile the train step (every batch size of the ramp) "
+                   "and the evaluation step ahead of time for the spec's TPU slices with libtpu, on this host, and "
+                   "hold each one's memory per chip against the chip's; exit 1 if one does not fit")
+    p.add_argument("--layers", type=int, default=None, metavar="N", help=argparse.SUPPRESS)  # tests: a shallower model
 
     p = sub.add_parser("run", help="run the pipeline as the Prefect flow `pretrain` (ephemeral mode unless "
                        "PREFECT_API_URL names a server)")
@@ -164,7 +169,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.price_per_chip_hour is not None and not args.price_per_chip_hour > 0:
         raise PalmError(f"--price-per-chip-hour must be positive, got {args.price_per_chip_hour}")
     result = plan(spec, mfu, args.price_per_chip_hour)
-    _emit(args, result, render(result))
+    if not args.compile:
+        _emit(args, result, render(result))
+        return 0
+    from palm.aot import compile_spec, largest_misfit, render_compiled
+
+    if not args.json:
+        print(render(result), flush=True)
+
+    def progress(step: Any) -> None:
+        if not args.json:
+            print(render_compiled([step], header=False), flush=True)
+
+    if not args.json:
+        print(render_compiled([], header=True), flush=True)
+    result["compiled"] = compile_spec(spec, num_layers=args.layers, on_step=progress)
+    misfit = largest_misfit(result["compiled"])
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    if misfit is not None:
+        hbm = result["compiled"]["hbm_bytes_per_device"]
+        print(f"palm: the {misfit['kind']} step at global batch {misfit['global_batch']} needs "
+              f"{misfit['memory_per_device_bytes'] / 2**30:.2f} GiB per chip, "
+              f"{(misfit['memory_per_device_bytes'] - hbm) / 2**30:.2f} GiB more than the "
+              f"{hbm / 2**30:.2f} GiB of a {spec.infra.hardware.accelerator} chip; shard wider (infra.mesh), lower "
+              "the batch, or use more chips", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -195,7 +225,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # Bad input fails here, in a second, before Prefect starts.
     spec = load_spec(args.spec, args.overrides)
-    stages = select_stages(args.stages)
+    stages = select_stages(spec, args.stages)
     for forced in args.force:
         if forced not in stages:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
@@ -458,8 +488,24 @@ COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch":
             "eval-score": _cmd_eval_score, "eval": _cmd_eval}
 
 
+def _cpu_unless_accelerated() -> None:
+    """On a host without TPU chips that has libtpu installed (the `tpu` dependency group, for compiling
+    ahead of time), JAX would start a TPU backend at first use and print libtpu's complaints about the
+    missing chips; use the CPU unless JAX_PLATFORMS says otherwise or a GPU plugin is installed."""
+    import importlib.util
+
+    from palm.worker import tpu_host
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_host():
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cpu_unless_accelerated()
     try:
         return COMMANDS[args.command](args)
     except PalmError as e:

@@ -109,11 +109,14 @@ def _splash_block(length: int) -> int:
     return block
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, mqa: bool, interpret: bool):
     """A splash attention kernel for one example: q [heads, length, h]; k, v [length, h] (MQA) or
-    [kv_heads, length, h] (MHA/GQA). Cached: its block-sparsity tables are numpy work per shape (seconds at
-    32k tokens), built as concrete arrays even when first called while tracing, so no tracer is cached."""
+    [kv_heads, length, h] (MHA/GQA).
+
+    Called while tracing: the kernel's block-sparsity tables (numpy work per shape, seconds at 32k tokens,
+    cached by JAX's mask processing) are lifted into the current trace as constants. They are never made
+    concrete device arrays, so the step also lowers ahead of time for devices this host does not have
+    (`palm.aot`: a TPU pod's abstract topology on a CPU host), and no tracer outlives its trace."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     # What the kernel requires, here as well as on a TPU (all checked in Python before any lowering, so
@@ -128,8 +131,7 @@ def _splash_kernel(heads: int, length: int, mqa: bool, interpret: bool):
                               block_q_dq=block, block_kv_dq=block)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
     make = splash.make_splash_mqa_single_device if mqa else splash.make_splash_mha_single_device
-    with jax.ensure_compile_time_eval():
-        return make(mask, block_sizes=sizes, interpret=interpret)
+    return make(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash_local(q: Array, k: Array, v: Array, interpret: bool) -> Array:
@@ -333,16 +335,20 @@ class PaLM(nn.Module):
 
     With `cache` (a KVCache, see `init_cache`) it returns (logits, updated cache) instead: keys and values
     of `tokens` are written at `positions` and attention reads the whole cache (prefill and decoding; see
-    the module docstring). The parameters are the same in both modes.
+    the module docstring). The parameters are the same in both modes. With `hidden=True` (training, no
+    cache) it returns the final LayerNorm's output [batch, length, d_model] instead of logits, for a loss
+    that projects onto the vocabulary a chunk at a time (`output_logits`, `palm.train.loss_fn`).
     """
 
     config: ModelConfig
     constrain: Constrain = _no_constraint
     platform: str = "cpu"
+    #: Whether the vocabulary divides over the `model` mesh axis (see output_logits).
+    vocab_split: bool = False
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None,
-                 cache: KVCache | None = None) -> Array | tuple[Array, KVCache]:
+                 cache: KVCache | None = None, hidden: bool = False) -> Array | tuple[Array, KVCache]:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if positions is None:
@@ -382,9 +388,31 @@ class PaLM(nn.Module):
                 cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
         x = LayerNorm(c.layer_norm_epsilon, jnp.dtype(c.param_dtype), name="final_norm")(x).astype(dtype)
-        logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(jnp.float32(c.d_model))
+        if hidden:
+            return x
+        logits = output_logits(x, embedding, c, self.constrain, self.vocab_split)
         return logits if cache is None else (logits, cache)
+
+
+def output_logits(x: Array, embedding: Array, config: ModelConfig, constrain: Constrain = _no_constraint,
+                  vocab_split: bool = False) -> Array:
+    """Float32 logits [b, t, vocab] of final hidden states x [b, t, d]: x E^T / sqrt(d_model), E the tied
+    input embedding.
+
+    With `vocab_split` (the vocabulary divides over `model`), each device scores its slice of the
+    vocabulary against whole hidden states. Left to itself, the compiler contracts over d_model split
+    over `model` (the residual stream's layout), so that every device holds partial sums over the whole
+    vocabulary before they are reduce-scattered: 2 GiB of float32 per device for 8B at 8 sequences x 256
+    tokens, against 0.25 GiB. Where the vocabulary does not divide (540B: 256,000 over 12) that is the
+    layout left, and each device holds the whole vocabulary's logits, which the loss bounds by taking
+    fewer tokens at a time (palm.train.loss_chunks).
+    """
+    table = embedding.astype(jnp.dtype(config.dtype))
+    if vocab_split:
+        x = constrain(x, ("batch", "length", None))
+        table = constrain(table, ("vocab_act", None))
+    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+    return constrain(logits / jnp.sqrt(jnp.float32(config.d_model)), ("batch", "length", "vocab_act"))
 
 
 def abstract_params(config: ModelConfig) -> Any:

@@ -1,4 +1,9 @@
-"""The stage DAG (data -> tokenizer -> pack -> train -> eval) and running it locally.
+"""The stage DAG ([compile], data -> tokenizer -> pack -> train -> eval) and running it locally.
+
+`compile` is the pre-flight check of TPU specs: the train and evaluation steps compiled ahead of time
+for the spec's own pods (palm.aot), refused with what to change when they do not fit. It gates the
+train stage (which waits for it) without being one of its inputs: the train stage's key, and so its
+checkpoints, do not depend on the hardware it runs on.
 
 Each stage's output is content-addressed (`palm.stages`): its key hashes the stage's slice of the spec
 and its inputs' keys, so re-running a spec skips complete stages and changing one stage's config
@@ -26,6 +31,7 @@ SPEC_RECORD = "spec.json"
 
 #: Each stage and the stages whose outputs it reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "compile": (),  # first: a spec that cannot fit its pods fails in minutes, before hours of data processing
     "data": (),
     "tokenizer": ("data",),
     "pack": ("data", "tokenizer"),
@@ -33,6 +39,22 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "pack", "tokenizer"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
+#: Stages that must be complete before a stage starts, though it does not read their outputs.
+GATES: dict[str, tuple[str, ...]] = {"train": ("compile",)}
+
+
+def stage_applies(spec: Any, stage: str) -> bool:
+    """Whether the spec's pipeline has this stage: the compile check is for TPU hardware only."""
+    if stage == "compile":
+        from palm.aot import TPU_GENERATIONS
+
+        return spec.infra.hardware.accelerator in TPU_GENERATIONS
+    return True
+
+
+def stages_for(spec: Any) -> list[str]:
+    """The spec's stages in DAG order."""
+    return [s for s in STAGE_ORDER if stage_applies(spec, s)]
 
 
 def stage_config(spec: Any, stage: str) -> dict[str, Any]:
@@ -42,6 +64,8 @@ def stage_config(spec: Any, stage: str) -> dict[str, Any]:
         "data": lambda: dump["data"],
         "tokenizer": lambda: dump["tokenizer"],
         "pack": lambda: {"pack": dump["pack"], "seq_len": dump["model"]["seq_len"]},
+        "compile": lambda: {"model": dump["model"], "train": dump["train"], "hardware": dump["infra"]["hardware"],
+                            "mesh": spec.resolved_mesh()},
         "train": lambda: {"model": dump["model"], "train": dump["train"]},
         "eval": lambda: dump["eval"],
     }[stage]()
@@ -174,6 +198,25 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     return build
 
 
+def _build_compile(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.aot import compile_spec, gib, largest_misfit
+
+    def build(out: Path) -> dict[str, Any]:
+        compiled = compile_spec(spec)
+        (out / "compiled.json").write_text(json.dumps(compiled, indent=2))
+        misfit = largest_misfit(compiled)
+        if misfit is not None:  # no manifest: a spec that does not fit is never taken as checked
+            hbm = compiled["hbm_bytes_per_device"]
+            raise PalmError(f"the {misfit['kind']} step at global batch {misfit['global_batch']} needs "
+                            f"{gib(misfit['memory_per_device_bytes'])} per chip, "
+                            f"{gib(misfit['memory_per_device_bytes'] - hbm)} more than a chip's {gib(hbm)}; "
+                            "shard wider (infra.mesh), lower the batch, or use more chips "
+                            "(palm plan SPEC --compile shows every step)")
+        return compiled
+
+    return build
+
+
 #: Stages that build in their final directory and resume from what a failed attempt left there.
 RESUMABLE = frozenset({"train"})
 
@@ -182,26 +225,30 @@ BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Any
     "data": _build_data,
     "tokenizer": _build_tokenizer,
     "pack": _build_pack,
+    "compile": _build_compile,
     "train": _build_train,
     "eval": _build_eval,
 }
 BUILT = frozenset(BUILDERS)
 
 
-def stage_graph() -> list[dict[str, Any]]:
-    """The DAG as a list in run order, each stage with its inputs and whether it is built."""
-    return [{"name": s, "inputs": list(STAGE_INPUTS[s]), "built": s in BUILT} for s in STAGE_ORDER]
+def stage_graph(spec: Any) -> list[dict[str, Any]]:
+    """The spec's DAG as a list in run order, each stage with its inputs, its gates and whether it is built."""
+    stages = stages_for(spec)
+    return [{"name": s, "inputs": list(STAGE_INPUTS[s]), "after": [g for g in GATES.get(s, ()) if g in stages],
+             "built": s in BUILT} for s in stages]
 
 
-def select_stages(requested: str | None) -> list[str]:
-    """Stages to run for `--stages a,b` (all when None), in DAG order."""
+def select_stages(spec: Any, requested: str | None) -> list[str]:
+    """The spec's stages to run for `--stages a,b` (all when None), in DAG order."""
+    available = stages_for(spec)
     if not requested:
-        return list(STAGE_ORDER)
+        return available
     names = [s.strip() for s in requested.split(",") if s.strip()]
-    unknown = [s for s in names if s not in STAGE_INPUTS]
+    unknown = [s for s in names if s not in available]
     if unknown:
-        raise PalmError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(STAGE_ORDER)}")
-    return [s for s in STAGE_ORDER if s in names]
+        raise PalmError(f"--stages: unknown stage(s) {unknown} for this spec; choose from {', '.join(available)}")
+    return [s for s in available if s in names]
 
 
 def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput]) -> StageOutput:
@@ -232,14 +279,14 @@ def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, S
                      in_place=_writes_remotely(spec, stage))
 
 
-def needed_stages(stages: list[str]) -> set[str]:
-    """The selected stages and every stage they read from, transitively."""
+def needed_stages(spec: Any, stages: list[str]) -> set[str]:
+    """The selected stages and every stage they read from or wait for, transitively."""
     needed: set[str] = set()
 
     def need(stage: str) -> None:
-        if stage not in needed:
+        if stage not in needed and stage_applies(spec, stage):
             needed.add(stage)
-            for dep in STAGE_INPUTS[stage]:
+            for dep in STAGE_INPUTS[stage] + GATES.get(stage, ()):
                 need(dep)
 
     for stage in stages:
@@ -257,7 +304,7 @@ def run_dag(spec: Any, root: str | Path, stages: list[str], force: frozenset[str
     """
     hooks = hooks or Hooks()
     run = run or (lambda stage, inputs, forced: run_stage_named(spec, stage, root, inputs, forced, hooks))
-    needed = needed_stages(stages)
+    needed = needed_stages(spec, stages)
     outputs: dict[str, StageOutput] = {}
     for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
         if stage not in needed:

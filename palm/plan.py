@@ -6,6 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from palm.config import ModelConfig, TrainConfig
 from palm.model import abstract_params, count_params, hardware_flops_per_token, model_flops_per_token
 from palm.pipeline import stage_graph
 from palm.sharding import Sharding
@@ -59,19 +60,12 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
     total_flops = flops_tok * tokens
 
     layout = Sharding.planned(mesh)
-    param_bytes = layout.param_bytes_per_device(boxed, jnp.dtype(m.param_dtype).itemsize)
-    f32 = layout.param_bytes_per_device(boxed, 4)
-    opt = spec.train.optimizer
-    # Unfactored Adafactor keeps one float32 second moment per parameter, plus momentum if beta1 > 0.
-    momentum = layout.param_bytes_per_device(boxed, jnp.dtype(opt.momentum_dtype).itemsize) if opt.beta1 else 0
-    second_moment = f32 if not opt.factored else 0
-    grads = f32
-    memory = {
-        "params": param_bytes,
-        "optimizer_state": second_moment + momentum,
-        "gradients": grads,
-        "total": param_bytes + second_moment + momentum + grads,
-    }
+    batches = sorted({stage.global_batch for stage in spec.train.batch_ramp})
+    by_step = [{"kind": "train", "global_batch": b, "bytes": estimate_memory(m, spec.train, mesh, b, "train")}
+               for b in batches]
+    by_step.append({"kind": "eval", "global_batch": batches[-1],
+                    "bytes": estimate_memory(m, spec.train, mesh, batches[-1], "eval")})
+    memory = max(by_step, key=lambda s: s["bytes"]["total"])["bytes"]
 
     peak = hw.peak_flops
     seconds = total_flops / (hw.num_devices * peak * mfu) if peak else None
@@ -88,16 +82,90 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "total_training_flops": total_flops,
         "mesh": mesh,
         "hardware": {"accelerator": hw.accelerator, "num_devices": hw.num_devices, "num_slices": hw.num_slices,
-                     "peak_flops_per_device": peak},
+                     "topology": hw.topology, "memory_bytes": hw.memory_bytes, "peak_flops_per_device": peak},
         "memory_per_device_bytes": memory,
+        "memory_by_step": by_step,
         "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
         "layout": [{"param": p, "shape": list(s), "partition": part} for p, s, part in layout.describe(boxed)],
-        "stages": stage_graph(),
+        "stages": stage_graph(spec),
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
         "estimated_days": seconds / 86400 if seconds is not None else None,
         "cost": training_cost(spec, seconds, price_per_chip_hour),
     }
+
+
+#: How many bytes of each kind the compiled steps hold per byte of the quantity named, read off the TPU
+#: compiler's buffer assignment (XLA_FLAGS=--xla_dump_to) and fitted over the configurations in
+#: docs/benchmarks.md (8B, 62B and 540B on their specs' slices, on five other meshes and at other depths:
+#: 29 compiled steps).
+#: The names say what dominates each term; a coefficient above 1 is copies XLA keeps alive together
+#: (a value and its gradient, a buffer and the next layer's prefetch).
+MEMORY_COEFFICIENTS = {
+    "train": {"gradients_and_optimizer": 0.6, "saved_activations": 2.0, "embedding": 4 / 3,
+              "layer_weights": 3.0, "final_hidden": 1.6, "logits": 2.0},
+    "eval": {"embedding": 0.4, "layer_weights": 1.9, "final_hidden": 0.3, "logits": 1.0},
+}
+
+
+def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int], global_batch: int,
+                    kind: str = "train") -> dict[str, int]:
+    """Bytes per device of one train (or evaluation) step at its peak, by part, from shapes and the
+    sharding rules alone (no compiler): within 20% of the TPU compiler for every training step measured,
+    and within 25% for the evaluation step but one: pure FSDP without model parallelism, where the compiler
+    gathers the float32 embedding table twice for the forward pass alone (docs/benchmarks.md).
+
+    The parts: the train state (parameters and unfactored Adafactor's moments, as laid out on the mesh);
+    the float32 gradients and the optimizer's temporaries (less than the parameters' size: gradients are
+    reduce-scattered layer by layer and the update reuses the donated state); the activations kept for
+    the backward pass under the remat policy (full remat: the residual stream of every layer, split over
+    `model`); the tied embedding table gathered over FSDP with its float32 gradient; one layer's weights
+    gathered over FSDP; the final hidden states and their gradient in float32; and one chunk of the loss's
+    float32 logits (palm.train.loss_chunks) with its gradient. MEMORY_COEFFICIENTS weighs each.
+    """
+    from palm.train import loss_chunks
+
+    if kind not in MEMORY_COEFFICIENTS:
+        raise ValueError(f"unknown step kind {kind!r}")
+    c = MEMORY_COEFFICIENTS[kind]
+    layout = Sharding.planned(mesh)
+    boxed = abstract_params(model)
+    mp, dp = layout.axis_sizes["model"], layout.data_parallel_size
+    m, t = model, model.seq_len
+    b = -(-global_batch // dp)  # sequences per device
+    tokens = b * t
+    f32, act = 4, jnp.dtype(m.dtype).itemsize
+    opt = train.optimizer
+
+    params_f32 = layout.param_bytes_per_device(boxed, 4)
+    params = layout.param_bytes_per_device(boxed, jnp.dtype(m.param_dtype).itemsize)
+    momentum = layout.param_bytes_per_device(boxed, jnp.dtype(opt.momentum_dtype).itemsize) if opt.beta1 else 0
+    second_moment = params_f32 if not opt.factored else 0
+
+    per_layer = (count_params(m) - m.vocab_size * m.d_model - m.d_model) // m.num_layers
+    layer_weights = per_layer // mp * act  # one layer gathered over FSDP, split over `model`
+    residual = tokens * act * m.d_model // mp
+    layer_act = tokens * act * (2 * m.d_model + 2 * m.num_heads * m.head_dim // mp + 2 * m.num_kv_heads * m.head_dim
+                                + 3 * m.d_ff // mp)
+    kept_per_layer = {"full": residual, "save_dots": residual + layer_act, "offload": residual,
+                      "none": residual + 2 * layer_act}[m.remat]
+    vocab_split = mp > 1 and m.vocab_size % mp == 0  # as palm.train.Trainer decides
+    vocab_per_device = m.vocab_size // mp if vocab_split else m.vocab_size
+    logits = b * (t // loss_chunks(b, t, vocab_per_device)) * vocab_per_device * f32
+    table = m.vocab_size * m.d_model // mp * f32
+    hidden = tokens * m.d_model * f32 // (1 if vocab_split else mp)
+
+    parts = {"params": params}
+    if kind == "train":
+        parts.update(optimizer_state=momentum + second_moment,
+                     gradients_and_optimizer=int(c["gradients_and_optimizer"] * params_f32),
+                     saved_activations=int(c["saved_activations"] * m.num_layers * kept_per_layer))
+    parts.update(gathered_embedding=int(c["embedding"] * table),
+                 gathered_layer_weights=int(c["layer_weights"] * layer_weights),
+                 final_hidden=int(c["final_hidden"] * hidden),
+                 logits=int(c["logits"] * logits))
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -125,8 +193,17 @@ def render(p: dict[str, Any]) -> str:
         f"{p['total_training_flops']:.3e} FLOPs",
         f"hardware        {hw['num_devices']} x {hw['accelerator']} in {hw['num_slices']} slice(s)",
         "mesh            " + " x ".join(f"{k}={v}" for k, v in p["mesh"].items()),
-        f"memory/device   params {_gib(mem['params'])} + optimizer {_gib(mem['optimizer_state'])} + "
-        f"grads {_gib(mem['gradients'])} = {_gib(mem['total'])} (activations not included)",
+        f"memory/device   {_gib(mem['total'])}"
+        + (f" of {_gib(hw['memory_bytes'])} ({'fits' if p['fits_device_memory'] else 'DOES NOT FIT'})"
+           if hw.get("memory_bytes") else "")
+        + f": state {mem['params'] / 2**30 + mem['optimizer_state'] / 2**30:.2f} + gradients and optimizer "
+        f"{mem['gradients_and_optimizer'] / 2**30:.2f} + saved activations "
+        f"{mem['saved_activations'] / 2**30:.2f} + gathered weights "
+        f"{(mem['gathered_embedding'] + mem['gathered_layer_weights']) / 2**30:.2f} + loss "
+        f"{(mem['final_hidden'] + mem['logits']) / 2**30:.2f} GiB",
+        "  by step       " + ", ".join(f"{s['kind']} {s['global_batch']}: {_gib(s['bytes']['total'])}"
+                                      for s in p["memory_by_step"])
+        + (" (estimated; --compile checks)" if str(hw["accelerator"]).startswith("tpu") else " (estimated)"),
         "stages          " + " -> ".join(s["name"] for s in p["stages"]),
     ]
     if p["estimated_seconds"] is not None:

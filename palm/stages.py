@@ -31,7 +31,8 @@ MANIFEST = "manifest.json"
 CONTEXT = "context.json"
 
 #: Bumped when a stage's output format or semantics change, so old outputs are not reused.
-STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "train": 1, "eval": 1}
+#: train 2: whole-state digests from each device's shards, the chunked loss.
+STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "compile": 1, "train": 2, "eval": 1}
 
 
 @dataclasses.dataclass(frozen=True)

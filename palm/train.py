@@ -23,7 +23,7 @@ import optax
 from palm import optimizer as palm_optimizer
 from palm.config import ModelConfig, TrainConfig
 from palm.errors import PalmError, Preempted
-from palm.model import PaLM, abstract_params, count_params, model_flops_per_token
+from palm.model import PaLM, abstract_params, count_params, model_flops_per_token, output_logits
 from palm.sharding import Sharding, make_mesh
 
 #: Token placed before the first token of each packed sequence (the end-of-document id).
@@ -49,19 +49,72 @@ class TrainState:
     opt_state: Any
 
 
-def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_loss: float):
-    """Mean next-token cross-entropy plus z_loss·log²Z over the weighted (unmasked) targets."""
-    inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], axis=1)
-    logits = model.apply({"params": params}, inputs)
+#: Float32 logits per device above which the loss projects onto the vocabulary a chunk of the sequence
+#: at a time. At 62B on 64-way FSDP x 8-way model with batch 1024 the whole [batch, length, vocab]
+#: logits would be 4 GiB per device (33 GiB without the vocabulary split), and their gradient as much again.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def _target_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, ...]:
+    """Weighted sums over the targets of cross-entropy, log²Z and correct argmax predictions."""
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    cross_entropy = log_z - target_logit
-    z_term = z_loss * jnp.square(log_z)
+    # The target's logit picked by comparison, not a gather: with the vocabulary split over devices a gather
+    # would first assemble every device's logits (the whole vocabulary per device); this stays per shard.
+    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    target_logit = jnp.where(vocab == targets[..., None], logits, 0.0).sum(-1)
+    correct = jnp.argmax(logits, -1) == targets
+    return ((log_z - target_logit) * weights).sum(), (jnp.square(log_z) * weights).sum(), (correct * weights).sum()
+
+
+def _chunked_target_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                         model: PaLM, chunks: int) -> tuple[jax.Array, ...]:
+    """`_target_sums` of the logits of hidden states x [b, t, d], `chunks` slices of the sequence at a time.
+
+    A scan over the slices, each rematerialized: the forward and the backward pass hold one slice's
+    logits (and their gradient) at a time, never the whole batch's. Same value and gradient as the whole
+    logits, up to the order of float32 sums."""
+    b, t, d = x.shape
+    if t % chunks:
+        raise PalmError(f"the loss's {chunks} chunks must divide the sequence length {t}")
+
+    def split(a: jax.Array) -> jax.Array:  # [b, t, ...] -> [chunks, b, t / chunks, ...]
+        return jnp.moveaxis(a.reshape(b, chunks, t // chunks, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, chunk):
+        xc, tc, wc = chunk
+        logits = output_logits(xc, embedding, model.config, model.constrain, model.vocab_split)
+        return tuple(a + s for a, s in zip(carry, _target_sums(logits, tc, wc))), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), (split(x), split(targets), split(weights)))
+    return sums
+
+
+def loss_chunks(batch_per_device: int, seq_len: int, vocab_per_device: int,
+                budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Fewest slices of the sequence (a divisor of its length) whose float32 logits per device fit `budget`."""
+    whole = batch_per_device * seq_len * vocab_per_device * 4
+    for chunks in range(1, seq_len + 1):
+        if seq_len % chunks == 0 and whole <= budget * chunks:
+            return chunks
+    return seq_len
+
+
+def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_loss: float, chunks: int = 1):
+    """Mean next-token cross-entropy plus z_loss·log²Z over the weighted (unmasked) targets.
+
+    With `chunks` > 1 the logits are computed a slice of the sequence at a time (`_chunked_target_sums`)."""
+    inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], axis=1)
+    if chunks == 1:
+        sums = _target_sums(model.apply({"params": params}, inputs), tokens, weights)
+    else:
+        x = model.apply({"params": params}, inputs, hidden=True)
+        sums = _chunked_target_sums(x, params["embedding"], tokens, weights, model, chunks)
+    ce_sum, z_sum, correct = sums
     denom = jnp.maximum(weights.sum(), 1.0)
-    ce = (cross_entropy * weights).sum() / denom
-    z = (z_term * weights).sum() / denom
-    accuracy = ((jnp.argmax(logits, -1) == tokens) * weights).sum() / denom
-    return ce + z, {"loss": ce, "z_loss": z, "accuracy": accuracy}
+    ce, z = ce_sum / denom, z_loss * z_sum / denom
+    return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
 
 
 def layer_axes(boxed: Any) -> Any:
@@ -81,7 +134,9 @@ class Trainer:
         self.sharding = Sharding.on(make_mesh(mesh_shape, devices))
         platform = devices[0].platform
         constrain = self.sharding.constrain if len(devices) > 1 else (lambda x, names: x)
-        self.model = PaLM(model_config, constrain=constrain, platform=platform)
+        model_ways = self.sharding.axis_sizes["model"]
+        self.model = PaLM(model_config, constrain=constrain, platform=platform,
+                          vocab_split=model_ways > 1 and model_config.vocab_size % model_ways == 0)
         boxed = abstract_params(model_config)
         self.num_params = count_params(model_config)
         self.flops_per_token = model_flops_per_token(model_config, self.num_params)
@@ -106,6 +161,8 @@ class Trainer:
         self._step = jax.jit(self._step_fn, donate_argnums=0,
                              in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
                              out_shardings=(self.state_shardings, self.sharding.replicated))
+        self._eval = jax.jit(self._eval_fn, in_shardings=(param_shardings, self.batch_sharding, self.batch_sharding),
+                             out_shardings=self.sharding.replicated)
 
     # -- jitted bodies ----------------------------------------------------------------------------
 
@@ -114,15 +171,29 @@ class Trainer:
         params = nn.unbox(self.model.init(rng, tokens)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
+    def loss_chunks(self, global_batch: int) -> int:
+        """How many slices of the sequence the loss projects onto the vocabulary at a time (see loss_fn)."""
+        sizes = self.sharding.axis_sizes
+        per_device = -(-global_batch // self.sharding.data_parallel_size)
+        vocab = self.model_config.vocab_size
+        vocab_per_device = vocab // sizes["model"] if vocab % sizes["model"] == 0 else vocab
+        return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device)
+
     def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss)
+        (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss,
+                                      self.loss_chunks(tokens.shape[0]))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
                        learning_rate=self.learning_rate(state.step),
                        finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads)))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_fn(self, params: Any, tokens: jax.Array, weights: jax.Array):
+        _, metrics = loss_fn(params, self.model, tokens, weights, self.train_config.z_loss,
+                             self.loss_chunks(tokens.shape[0]))
+        return metrics
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -147,6 +218,39 @@ class Trainer:
             weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
         with jax.set_mesh(self.sharding.mesh):
             return self._step(state, tokens, weights)
+
+    def evaluate(self, params: Any, tokens: np.ndarray, weights: np.ndarray | None = None,
+                 global_batch: int | None = None) -> dict[str, Any]:
+        """Loss, z-loss and accuracy of `params` on a global batch (the evaluation step: the training
+        forward pass without gradients, on the training mesh). Rows as in `step`."""
+        if weights is None:
+            weights = np.ones(tokens.shape, np.float32)
+        if jax.process_count() > 1:
+            shape = (global_batch or tokens.shape[0] * jax.process_count(), tokens.shape[1])
+            tokens = jax.make_array_from_process_local_data(self.batch_sharding, tokens, shape)
+            weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
+        with jax.set_mesh(self.sharding.mesh):
+            return jax.device_get(self._eval(params, tokens, weights))
+
+    def step_arguments(self, kind: str, global_batch: int) -> tuple[Any, ...]:
+        """Abstract arguments (shapes, dtypes, shardings) of the train ("train") or evaluation ("eval") step."""
+        batch = jax.ShapeDtypeStruct((global_batch, self.model_config.seq_len), jnp.int32,
+                                     sharding=self.batch_sharding)
+        weights = jax.ShapeDtypeStruct(batch.shape, jnp.float32, sharding=self.batch_sharding)
+        state = self.abstract_state()
+        if kind == "train":
+            return state, batch, weights
+        if kind == "eval":
+            return state.params, batch, weights
+        raise ValueError(f"unknown step kind {kind!r}")
+
+    def lower(self, kind: str, global_batch: int) -> Any:
+        """The train or evaluation step lowered for a global batch, from abstract shapes and shardings
+        alone: nothing is allocated, so the devices may be a topology this host does not have (see
+        palm.aot). `.compile()` it for the executable and its memory analysis."""
+        args = self.step_arguments(kind, global_batch)
+        with jax.set_mesh(self.sharding.mesh):
+            return (self._step if kind == "train" else self._eval).lower(*args)
 
     def host_rows(self, global_batch: int) -> tuple[int, int]:
         """The rows [start, stop) of a global batch that this process's devices hold."""
@@ -261,7 +365,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
     object with `is_set()` (a threading.Event set by a SIGTERM handler): the loop then saves at the
     current step and raises `Preempted`.
     """
-    from palm.checkpoint import params_digest
+    from palm.checkpoint import params_digest, state_digest
 
     cfg, spike_cfg = trainer.train_config, trainer.train_config.loss_spike
     stream = sequences if hasattr(sequences, "take") else _Stream(sequences)  # HostBatches, or any iterable
@@ -278,6 +382,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
             return
         saved[:] = [step]
         record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
+                  "state_digest": state_digest(state),
                   "metrics": metrics, "spikes": spikes}
         checkpoints.save(step, state, stream.state(), record)
         if on_checkpoint is not None:

@@ -44,11 +44,11 @@ def initialize_distributed() -> dict[str, Any]:
             raise PalmError(f"{ENV_ADDRESS} is set, so {ENV_COUNT} and {ENV_INDEX} must be integers too ({e})") from None
         if not 0 <= index < count:
             raise PalmError(f"{ENV_INDEX}={index} is not in [0, {ENV_COUNT}={count})")
-        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _tpu_host():
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not tpu_host():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(address, num_processes=count, process_id=index)
         how = "explicit"
-    elif mode == "auto" or (mode != "off" and _tpu_host()):
+    elif mode == "auto" or (mode != "off" and tpu_host()):
         jax.distributed.initialize()
         how = "auto"
     else:
@@ -57,7 +57,8 @@ def initialize_distributed() -> dict[str, Any]:
             "devices": jax.device_count(), "local_devices": jax.local_device_count()}
 
 
-def _tpu_host() -> bool:
+def tpu_host() -> bool:
+    """Whether this host has TPU chips (their device files), without starting any JAX backend."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 

@@ -11,6 +11,10 @@ import pytest
 # Tests never touch the user's ~/.prefect: one private Prefect home for the whole session.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="palm-test-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The tests install libtpu (to compile for TPU topologies ahead of time); on these chip-less hosts JAX
+# would otherwise try to start a TPU backend at first use and print libtpu's complaints. palm's CLI does
+# the same for its users (palm.cli._cpu_unless_accelerated).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"

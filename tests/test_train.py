@@ -50,6 +50,70 @@ def test_masked_targets_do_not_count():
     assert float(masked["loss"]) == pytest.approx(log_z0 - 2.0, rel=1e-6)
 
 
+def test_the_chunked_loss_has_the_same_value_and_gradient():
+    """Projecting onto the vocabulary a slice of the sequence at a time (what keeps 540B's float32 logits
+    off the chips) changes nothing but the order of float32 sums."""
+    import jax
+    import flax.linen as nn
+
+    from palm.config import ModelConfig
+    from palm.model import PaLM
+
+    config = ModelConfig(num_layers=2, d_model=32, num_heads=4, head_dim=8, vocab_size=300, seq_len=64,
+                         dtype="float32", remat="full")
+    model = PaLM(config)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, config.seq_len)), jnp.int32)
+    weights = jnp.asarray(rng.random((3, config.seq_len)) < 0.9, jnp.float32)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+
+    def run(chunks):
+        grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, model, tokens, weights, 1e-2, chunks), has_aux=True))
+        (total, metrics), grads = grad_fn(params)
+        return float(total), jax.tree.map(float, metrics), grads
+
+    total, metrics, grads = run(1)
+    for chunks in (2, 8, 64):
+        got_total, got_metrics, got_grads = run(chunks)
+        assert got_total == pytest.approx(total, rel=1e-6), chunks
+        for key in ("loss", "z_loss", "accuracy"):
+            assert got_metrics[key] == pytest.approx(metrics[key], rel=1e-6), (chunks, key)
+        for path, a, b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads),
+                              jax.tree.leaves(got_grads)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-7, err_msg=f"{chunks} {path[0]}")
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # the comparison is not vacuous
+    with pytest.raises(Exception, match="must divide the sequence length"):
+        run(3)
+
+
+def test_the_evaluation_step_is_the_training_loss_without_an_update():
+    import jax
+
+    from palm.config import ModelConfig
+
+    config = ModelConfig(num_layers=1, d_model=32, num_heads=2, head_dim=16, vocab_size=128, seq_len=16,
+                         dtype="float32", remat="none")
+    trainer = Trainer(config, TrainConfig(steps=1, batch_ramp=(RampStage(0, 4),)))
+    state = trainer.init()
+    tokens = np.random.default_rng(0).integers(0, 128, (4, 16)).astype(np.int32)
+    got = trainer.evaluate(state.params, tokens)
+    _, want = jax.jit(lambda p: loss_fn(p, trainer.model, jnp.asarray(tokens), jnp.ones((4, 16)), 1e-4))(state.params)
+    for key in ("loss", "z_loss", "accuracy"):
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6), key
+    _, metrics = trainer.step(state, tokens)
+    assert float(metrics["loss"]) == pytest.approx(float(got["loss"]), rel=1e-6)  # the step's loss, before its update
+
+
+def test_loss_chunks_keep_each_slice_of_logits_under_the_budget():
+    from palm.train import LOGITS_CHUNK_BYTES, loss_chunks
+
+    assert loss_chunks(8, 128, 256) == 1  # tiny: whole logits
+    # 62B on 64-way FSDP x 8-way model at batch 1024: 16 sequences x 2048 tokens x 32,000 of the vocabulary.
+    chunks = loss_chunks(16, 2048, 32_000)
+    assert 2048 % chunks == 0 and 16 * (2048 // chunks) * 32_000 * 4 <= LOGITS_CHUNK_BYTES
+    assert 16 * (2048 // (chunks // 2)) * 32_000 * 4 > LOGITS_CHUNK_BYTES  # and no more slices than that
+
+
 def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
     ramp = TrainConfig(steps=6, batch_ramp=(RampStage(0, 2), RampStage(3, 4)))
     flat = TrainConfig(steps=4, batch_ramp=(RampStage(0, 4),))

@@ -1,0 +1,127 @@
+"""The TPU compiler, ahead of time on this CPU host (libtpu, no chips): the project's own train and
+evaluation steps compiled for the paper's pods, their memory held against the plan's estimate, and the
+pre-flight compile stage of the pretrain flow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from palm.aot import compile_spec, refused_bytes
+from palm.cli import main
+from palm.plan import estimate_memory
+from palm.spec import load_spec
+from tests.conftest import SPECS
+from tests.test_cli import flow_run_and_tasks, prefect_flow_runs
+
+TINY = str(SPECS / "tiny.yaml")
+#: The tiny model on one TPU v4 slice of 2x2x2 chips (4-way FSDP x 2-way model): compiles in seconds.
+TINY_ON_TPU = ["infra.hardware.accelerator=tpu-v4", "infra.hardware.num_devices=8", "infra.hardware.topology=2x2x2",
+               "infra.hardware.devices_per_host=4", "infra.hardware.memory_bytes=34359738368", "infra.mesh.fsdp=4",
+               "infra.mesh.model=2"]
+GiB = 2**30
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_the_540b_step_compiles_for_two_slices_and_matches_the_plan():
+    """The whole spec: 118 layers, its width and vocabulary, two 12x16x16 slices, data 2 x fsdp 256 x
+    model 12. The layers are scanned, so the full depth compiles about as fast as two layers; the first
+    batch of the ramp only (the others are in docs/benchmarks.md, from `palm plan --compile`)."""
+    from palm.aot import tpu_devices
+    from palm.train import Trainer
+
+    spec = load_spec(SPECS / "palm-540b.yaml")
+    compiled = compile_spec(spec, batches=[512])
+    assert (compiled["devices"], compiled["slices"], compiled["topology"]) == (6144, 2, "12x16x16")
+    assert compiled["mesh"] == {"data": 2, "fsdp": 256, "model": 12} and compiled["num_layers"] == 118
+    assert [(s["kind"], s["global_batch"]) for s in compiled["steps"]] == [("train", 512), ("eval", 512)]
+    model = spec.model
+    for step in compiled["steps"]:
+        assert step["fits"] and step["memory_per_device_bytes"] <= 32 * GiB, step
+        assert step["breakdown"]["temporaries"] > 0 and step["compile_seconds"] > 0
+        estimate = estimate_memory(model, spec.train, compiled["mesh"], step["global_batch"], step["kind"])["total"]
+        assert step["estimated_memory_per_device_bytes"] == estimate
+        assert abs(estimate / step["memory_per_device_bytes"] - 1) <= 0.3, step
+    # TPU specs attend with the Pallas splash kernel (a Mosaic custom call), lowered without any chip.
+    trainer = Trainer(spec.model.__class__(**{**spec.model.__dict__, "num_layers": 1}), spec.train,
+                      compiled["mesh"], tpu_devices("tpu-v4", "12x16x16", 2))
+    assert "tpu_custom_call" in trainer.lower("train", 512).as_text()
+
+
+def test_plan_compile_prints_the_compiled_steps(capsys):
+    rc = main(["plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    plan = json.loads(out)
+    compiled = plan["compiled"]
+    assert {"devices", "slices", "topology", "hbm_bytes_per_device", "steps"} <= set(compiled)
+    assert (compiled["devices"], compiled["slices"], compiled["hbm_bytes_per_device"]) == (8, 1, 32 * GiB)
+    assert [(s["kind"], s["global_batch"]) for s in compiled["steps"]] == [("train", 8), ("train", 16), ("eval", 16)]
+    for step in compiled["steps"]:
+        assert set(step) >= {"kind", "global_batch", "memory_per_device_bytes", "estimated_memory_per_device_bytes",
+                             "fits", "compile_seconds"}
+        assert step["fits"] is True and 0 < step["memory_per_device_bytes"] < 32 * GiB
+    assert [s["name"] for s in plan["stages"]][0] == "compile"
+
+
+def test_plan_compile_exits_1_naming_the_step_that_does_not_fit(capsys):
+    rc = main(["plan", TINY, "--compile", *sets(TINY_ON_TPU), "--set", "infra.hardware.memory_bytes=1048576"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "per chip" in lines[0] and "GiB more than" in lines[0], err
+    assert "global batch 16" in lines[0]  # the largest misfit
+    assert "NO" in out  # the table shows every step
+
+
+def test_a_step_the_tpu_compiler_refuses_is_reported_not_raised():
+    """540B's width on four chips needs far more than a v4 chip's 32 GiB: the compiler refuses it, and the
+    need is read from its message."""
+    spec = load_spec(SPECS / "palm-540b.yaml", ["infra.hardware.num_devices=4", "infra.hardware.num_slices=1",
+                                                 "infra.hardware.topology=2x2x1", "infra.mesh.data=1",
+                                                 "infra.mesh.fsdp=4", "infra.mesh.model=1"])
+    compiled = compile_spec(spec, num_layers=1, batches=[4])
+    train = compiled["steps"][0]
+    assert train["fits"] is False and train["breakdown"] is None
+    assert train["memory_per_device_bytes"] > 32 * GiB
+
+
+def test_the_compilers_out_of_memory_messages_are_read():
+    temps = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(39.45G) exceeds available HBM (30.75G).")
+    assert refused_bytes(temps) == ("temporaries", int(39.45 * GiB), int(30.75 * GiB))
+    used = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 68.21G of 30.75G hbm. Exceeded by 37G"
+    assert refused_bytes(used) == ("total", int(68.21 * GiB), int(30.75 * GiB))
+    assert refused_bytes("INTERNAL: something else") is None
+
+
+def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(prefect_server, capsys, tmp_path):
+    rc = main(["run", TINY, "--stages", "compile", "--output", str(tmp_path), "--json", *sets(TINY_ON_TPU)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    result = json.loads(out)
+    flow_run, tasks = flow_run_and_tasks(result["flow_run"])
+    assert [t.name for t in tasks] == ["compile[tiny]"] and tasks[0].state.is_completed()
+    manifest = json.loads((tmp_path / "compile" / result["stages"]["compile"]["key"] / "manifest.json").read_text())
+    assert manifest["devices"] == 8 and all(s["fits"] for s in manifest["steps"])
+    # Content-addressed like every stage: the same spec is not compiled again.
+    assert main(["run", TINY, "--stages", "compile", "--output", str(tmp_path), "--json", *sets(TINY_ON_TPU)]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["compile"]["cached"] is True
+
+    # A chip too small: bad input, one line, no retry spent, no output left to be taken as checked.
+    small = tmp_path / "small"
+    rc = main(["run", TINY, "--output", str(small), *sets(TINY_ON_TPU), "--set", "infra.hardware.memory_bytes=1048576",
+               "--set", "retries.compile.retries=2", "--set", "retries.compile.delay_seconds=0"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert "palm: error:" in err and "per chip" in err and "Traceback" not in err
+    assert not (small / "data").exists()  # the compile ran first: nothing else was spent
+    assert not list(small.glob("compile/*/manifest.json"))
+    failed = [f for f in prefect_flow_runs(parameter_output=str(small)) if f.state.is_failed()]
+    assert len(failed) == 1
+    compile_runs = [t for t in flow_run_and_tasks(str(failed[0].id))[1] if t.name.startswith("compile[")]
+    assert len(compile_runs) == 1 and compile_runs[0].state.is_failed() and compile_runs[0].run_count == 1
