@@ -111,8 +111,8 @@ MEMORY_COEFFICIENTS = {
 def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int], global_batch: int,
                     kind: str = "train") -> dict[str, int]:
     """Bytes per device of one train (or evaluation) step at its peak, by part, from shapes and the
-    sharding rules alone (no compiler): within 20% of the TPU compiler for every training step measured,
-    and within 25% for the evaluation step but one: pure FSDP without model parallelism, where the compiler
+    sharding rules alone (no compiler): within 25% of the TPU compiler for every training step measured,
+    and within 20% for the evaluation step but one: pure FSDP without model parallelism, where the compiler
     gathers the float32 embedding table twice for the forward pass alone (docs/benchmarks.md).
 
     The parts: the train state (parameters and unfactored Adafactor's moments, as laid out on the mesh);

@@ -210,25 +210,25 @@ class Trainer:
         With several processes (hosts), `tokens` are this host's rows of the global batch
         (`host_rows(global_batch)`), and the global array is assembled from every host's rows.
         """
+        tokens, weights = self._global_batch(tokens, weights, global_batch)
+        with jax.set_mesh(self.sharding.mesh):
+            return self._step(state, tokens, weights)
+
+    def _global_batch(self, tokens: np.ndarray, weights: np.ndarray | None, global_batch: int | None):
+        """(tokens, weights) as global arrays: this host's rows assembled with every other host's."""
         if weights is None:
             weights = np.ones(tokens.shape, np.float32)
         if jax.process_count() > 1:
             shape = (global_batch or tokens.shape[0] * jax.process_count(), tokens.shape[1])
             tokens = jax.make_array_from_process_local_data(self.batch_sharding, tokens, shape)
             weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
-        with jax.set_mesh(self.sharding.mesh):
-            return self._step(state, tokens, weights)
+        return tokens, weights
 
     def evaluate(self, params: Any, tokens: np.ndarray, weights: np.ndarray | None = None,
                  global_batch: int | None = None) -> dict[str, Any]:
         """Loss, z-loss and accuracy of `params` on a global batch (the evaluation step: the training
         forward pass without gradients, on the training mesh). Rows as in `step`."""
-        if weights is None:
-            weights = np.ones(tokens.shape, np.float32)
-        if jax.process_count() > 1:
-            shape = (global_batch or tokens.shape[0] * jax.process_count(), tokens.shape[1])
-            tokens = jax.make_array_from_process_local_data(self.batch_sharding, tokens, shape)
-            weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
+        tokens, weights = self._global_batch(tokens, weights, global_batch)
         with jax.set_mesh(self.sharding.mesh):
             return jax.device_get(self._eval(params, tokens, weights))
 
