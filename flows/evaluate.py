@@ -54,7 +54,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
             raise PalmError("give a checkpoint (event-triggered) or a spec_path (scheduled)")
         spec = load_spec(spec_path, overrides or [])
         root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-        train_dirs = [storage.parent(p) for p in storage.glob(storage.join(root, "train", "*", CONTEXT))]
+        train_dirs = [storage.parent(p) for p in storage.glob(storage.join(root, "*", "*", CONTEXT))]  # every training node
     owner = str(get_run_context().flow_run.id)
     evaluated, skipped = [], []
     for train_dir in train_dirs:

@@ -1,57 +1,96 @@
-"""The pretraining flow: one Prefect flow built from a spec, one retryable task per stage.
+"""The pretraining flow: the spec's workflow graph as one Prefect flow, one retryable task per node.
 
-    [compile] -> data -> tokenizer -> pack -> train -> eval
+    [compile] -> data -> tokenizer -> pack -> train -> eval        (the default graph)
 
-(compile: TPU specs only, the pre-flight check that every step fits the pods' chips, run first; palm.aot.)
+or whatever graph the spec declares (palm.workflow): shared upstream nodes, several models, fine-tuning,
+a scaling report. Each node is the generic stage task (tasks/stage.py) submitted with its upstream tasks'
+futures, so independent branches run concurrently and Prefect records the graph's edges. Node outputs
+are content-addressed (palm.stages): a re-run skips complete nodes, a changed node re-runs with what
+depends on it, and a retried training node resumes from its checkpoints.
 
-Stage outputs are content-addressed (palm.stages), so a re-run skips complete stages, a changed stage
-re-runs with everything downstream, and a retried train task resumes from its checkpoints.
+The flow owns SIGTERM while it runs (the tasks may run in other threads, where a handler cannot be
+installed): it sets the stop event that training reads, which checkpoints at the current step and stops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from palm.pipeline import Hooks, attached, record_spec, run_dag, run_summary, select_stages
+from palm.errors import Preempted
+from palm.pipeline import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary
 from palm.report import write_report
 from palm.spec import load_spec
-from tasks.common import with_retry_policy
-from tasks.compile import compile_task
-from tasks.data import data_task
-from tasks.eval import eval_task
-from tasks.pack import pack_task
-from tasks.tokenizer import tokenizer_task
-from tasks.train import train_task
-
-TASKS = {"data": data_task, "tokenizer": tokenizer_task, "pack": pack_task, "compile": compile_task,
-         "train": train_task, "eval": eval_task}
+from palm.workflow import resolve_workflow
+from tasks.stage import node_task
+from tasks.train import sigterm_sets
 
 
 def run_root(spec: Any, output: str | None) -> str:
     return output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
 
 
+def run_graph(workflow: Any, root: str, selected: list[str], force: frozenset[str]) -> dict[str, Any]:
+    """Submit every selected node as a task once the nodes it needs are submitted (their futures are its
+    inputs); take the complete outputs of unselected upstream nodes as they are. Returns the outputs by
+    node name, after every task has finished; the first failure is raised after all have."""
+    needed = workflow.upstream(selected)
+    results: dict[str, Any] = {}  # node -> StageOutput or PrefectFuture
+    for node in workflow.nodes.values():
+        if node.name not in needed:
+            continue
+        if node.name in selected:
+            inputs = node_inputs(node, results)
+            waits = [results[n] for n in node.after]
+            results[node.name] = node_task(node).submit(node, root, inputs, node.name in force, wait_for=waits)
+        else:  # its key needs its inputs' keys: wait for any of them still being built
+            inputs = {kind: _resolved(out) for kind, out in node_inputs(node, results).items()}
+            results[node.name] = existing_output(node, root, inputs)
+    outputs, failures = {}, []
+    for name, result in results.items():
+        try:
+            outputs[name] = _resolved(result)
+        except BaseException as e:  # noqa: BLE001 - wait for every branch, then raise the first failure
+            failures.append(e)
+    if failures:
+        raise next((e for e in failures if isinstance(e, Preempted)), failures[0])
+    return outputs
+
+
+def _resolved(result: Any) -> Any:
+    """A task's StageOutput (waiting for it), or a StageOutput as it is."""
+    return result.result() if hasattr(result, "task_run_id") else result
+
+
 @flow(name="pretrain", log_prints=True)
 def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | None = None,
              stages: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
-    """Run a spec's pipeline; returns the same summary `palm run --json` prints.
+    """Run a spec's workflow; returns the same summary `palm run --json` prints.
 
-    Each selected stage is its spec's retryable task; stages not selected must already have a complete
-    output. Hooks attached in this process (`palm run`'s progress display) hear every stage.
+    Each selected node is a retryable task; nodes not selected must already have a complete output.
+    Hooks attached in this process (`palm run`'s progress display and stop event) hear every node.
     """
     logger = get_run_logger()
     spec = load_spec(spec_path, overrides or [])
+    workflow = resolve_workflow(spec)
     root = run_root(spec, output)
     record_spec(spec, root)
+    selected = workflow.select(stages)
 
-    def run(stage: str, inputs: dict[str, Any], forced: bool) -> Any:
-        return with_retry_policy(TASKS[stage], spec, stage)(spec, root, **inputs, force=forced)
-
-    def done(out: Any) -> None:
-        logger.info("stage %s: %s (%s)", out.stage, out.path, "cached" if out.cached else "built")
-
-    outputs = run_dag(spec, root, select_stages(spec, stages), frozenset(force or ()), run=run,
-                      hooks=Hooks(on_stage=done) + attached())
-    return run_summary(root, write_report(root, spec.name, outputs), outputs)
+    caller = attached()
+    stop = caller.stop if caller.stop is not None else threading.Event()
+    own = attach(Hooks(stop=stop)) if caller.stop is None else contextlib.nullcontext()
+    with sigterm_sets(stop) as previous, own:
+        try:
+            outputs = run_graph(workflow, root, selected, frozenset(force or ()))
+        except Preempted:
+            if caller.stop is None and callable(previous):
+                previous(signal.SIGTERM, None)  # the worker's (Prefect's) SIGTERM handling, now that it is saved
+            raise
+    for name, out in outputs.items():
+        logger.info("stage %s: %s (%s)", name, out.path, "cached" if out.cached else "built")
+    return run_summary(root, write_report(root, spec.name, workflow, outputs), outputs)

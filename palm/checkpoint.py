@@ -280,6 +280,38 @@ class Checkpoints:
         return None
 
 
+def restore_params_onto(step_dir: str | Path, abstract_params: Any) -> Any:
+    """The parameters of one checkpoint (a step directory, e.g. a train stage's final `checkpoint`),
+    restored straight onto the shardings of `abstract_params` (ShapeDtypeStructs with shardings): each
+    host reads only its shards. Their recorded digest is checked; PalmError if they do not fit."""
+    step_dir = str(step_dir).rstrip("/")
+    directory, _, step = step_dir.rpartition("/")
+    if not step.isdigit():
+        raise PalmError(f"{step_dir} is not a checkpoint step directory (<checkpoints>/<step>)")
+    ckpts = Checkpoints(directory, CheckpointConfig(), read_only=True)
+    try:
+        if int(step) not in ckpts.steps():
+            raise PalmError(f"no checkpoint at step {step} in {directory}")
+        meta = ckpts.meta(int(step))
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                                   dtype=a.dtype), abstract_params)
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                params = reader.restore(f"{step_dir}/state", args=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params}, restore_args={"params": restore_args},
+                    partial_restore=True))["params"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise PalmError(f"the parameters of {step_dir} do not fit this model (another architecture?): "
+                            f"{str(e).splitlines()[0][:300]}") from None
+    finally:
+        ckpts.close()
+    digest = params_digest(params)
+    if digest != meta.get("digest"):
+        raise PalmError(f"{step_dir}: parameter digest {digest[:12]} does not match the recorded "
+                        f"{str(meta.get('digest'))[:12]}")
+    return params
+
+
 def checkpoint_size(directory: str | Path, step: int) -> int:
     """Bytes of one checkpoint, local or gs://."""
     root = f"{str(directory).rstrip('/')}/{step}"

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
                    "must be complete there")
+    p.add_argument("--node", default="train", help="the workflow's training node to run (default: train)")
 
     p = sub.add_parser("launch", help="launch the train stage's workers where infra.launcher says (local processes, "
                        "TPU VMs, a GKE JobSet) and follow them to the end; --dry-run prints what would run")
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
                    "must be complete there")
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the JobSet manifest) and exit")
+    p.add_argument("--node", default="train", help="the workflow's training node to launch (default: train)")
 
     p = sub.add_parser("spec", help="spec utilities")
     spec_sub = p.add_subparsers(dest="spec_command", required=True)
@@ -220,12 +222,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import threading
 
     from palm.errors import Preempted
-    from palm.pipeline import attach, select_stages
+    from palm.pipeline import STAGES, attach
     from palm.spec import load_spec
+    from palm.workflow import resolve_workflow
 
     # Bad input fails here, in a second, before Prefect starts.
     spec = load_spec(args.spec, args.overrides)
-    stages = select_stages(spec, args.stages)
+    workflow = resolve_workflow(spec)
+    stages = workflow.select(args.stages)
     for forced in args.force:
         if forced not in stages:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
@@ -250,10 +254,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     restore = [] if args.verbose else _quiet_prefect_console()
 
-    # The train task turns SIGTERM into this event: checkpoint at the current step, raise Preempted.
+    # The flow turns SIGTERM into this event: training checkpoints at the current step, raises Preempted.
     stop = threading.Event()
+    steps = {n.name: n.spec.train.steps for n in workflow.nodes.values() if STAGES[n.stage].trains and n.name in stages}
     try:
-        with RunConsole(spec.train.steps, spec.train.log_every) as console, attach(console.hooks(stop)):
+        with RunConsole(steps, spec.train.log_every) as console, attach(console.hooks(stop)):
             state = pretrain(args.spec, list(args.overrides), root, ",".join(stages), list(args.force),
                              return_state=True)
         summary = state.result()  # the flow's exception when it failed: PalmError (exit 2), Preempted (75)
@@ -275,7 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from palm.worker import main as worker_main
 
-    return worker_main(args.spec, list(args.overrides), args.output, args.json)
+    return worker_main(args.spec, list(args.overrides), args.output, args.json, args.node)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -288,7 +293,10 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-    plan = plan_launch(spec, args.spec, root, args.overrides)
+    from palm.workflow import training_node
+
+    node = training_node(spec, args.node)
+    plan = plan_launch(node.spec, args.spec, root, args.overrides, node=node.name)
     if args.dry_run:
         if args.json:
             print(json.dumps(plan_json(plan), indent=2))

@@ -145,9 +145,9 @@ class LaunchPlan:
     poll_seconds: float = 15.0
 
 
-def worker_command(spec_path: str, root: str, overrides: Sequence[str] = ()) -> list[str]:
-    """The command every host of the job runs: the train stage on that host (palm/worker.py)."""
-    argv = ["palm", "worker", str(spec_path), "--output", str(root)]
+def worker_command(spec_path: str, root: str, overrides: Sequence[str] = (), node: str = "train") -> list[str]:
+    """The command every host of the job runs: the training node on that host (palm/worker.py)."""
+    argv = ["palm", "worker", str(spec_path), "--output", str(root)] + (["--node", node] if node != "train" else [])
     for assignment in overrides:
         argv += ["--set", assignment]
     return argv
@@ -248,14 +248,18 @@ def worker_spec_path(spec_path: str | os.PathLike, kind: str) -> str:
                         f"put the spec under {REPO_ROOT}") from None
 
 
-def plan_launch(spec: Any, spec_path: str | os.PathLike, root: str, overrides: Sequence[str] = ()) -> LaunchPlan:
-    """What would run for this spec's launcher; SpecError/PalmError on a launcher that cannot work."""
+def plan_launch(spec: Any, spec_path: str | os.PathLike, root: str, overrides: Sequence[str] = (),
+                node: str = "train") -> LaunchPlan:
+    """What would run for this spec's launcher (for a workflow's training node other than "train", `spec`
+    is that node's own, and the job is named after both); SpecError/PalmError on a launcher that cannot work."""
     try:
         check_launcher(spec, root)
     except SpecError as e:
         raise SpecError(e.detail, file=e.file or str(spec_path), key=e.key) from None
     kind = spec.infra.launcher.kind
-    command = worker_command(worker_spec_path(spec_path, kind), root, [*overrides, *mesh_overrides(spec)])
+    command = worker_command(worker_spec_path(spec_path, kind), root, [*overrides, *mesh_overrides(spec)], node)
+    if node != "train":
+        spec = spec.model_copy(update={"name": f"{spec.name}-{node}"})
     plan = {"local": _plan_local, "tpu-vm": _plan_tpu_vm, "gke": _plan_gke}[kind](spec, root, command)
     if plan.manifest is not None:
         validate_jobset(plan.manifest)
@@ -748,38 +752,39 @@ def launch(plan: LaunchPlan, stop: threading.Event | None = None, log: Log | Non
 # ------------------------------------------------------------------------------ the train stage's output
 
 
-def train_output(spec: Any, root: str, pack: Any) -> tuple[str, str]:
-    """(key, directory) of the train stage's output for this spec and pack output, as the workers name it."""
-    from palm import storage
-    from palm.pipeline import stage_config
-    from palm.stages import stage_key
+def train_output(node: Any, root: str, inputs: dict[str, Any]) -> tuple[str, str]:
+    """(key, directory) of a training node's output with these inputs, as the workers name it."""
+    from palm.pipeline import stage_key_of
+    from palm.stages import output_path
 
-    key = stage_key("train", stage_config(spec, "train"), {"pack": pack})
-    return key, storage.join(root, "train", key)
+    key = stage_key_of(node, inputs)
+    return key, output_path(root, node.name, key)
 
 
-def train_on_workers(spec: Any, root: str, pack: Any, force: bool = False, stop: threading.Event | None = None,
-                     log: Log | None = None) -> Any:
-    """The train stage on the launcher's workers: launch them, follow the job to its end, return the
+def train_on_workers(node: Any, root: str, inputs: dict[str, Any], force: bool = False,
+                     stop: threading.Event | None = None, log: Log | None = None) -> Any:
+    """A training node on the launcher's workers: launch them, follow the job to its end, return the
     StageOutput from the manifest they wrote. A complete output is returned without launching anything
     (unless `force`, which deletes it first, as a forced stage in process does)."""
     from palm import storage
     from palm.pipeline import SPEC_RECORD, record_spec
     from palm.stages import StageOutput, read_manifest
 
-    key, path = train_output(spec, root, pack)
+    key, path = train_output(node, root, inputs)
+    label = "" if node.name == node.stage else node.name
     if force:
         storage.remove_tree(path)
     else:
         manifest = read_manifest(path)
         if manifest is not None:
-            return StageOutput("train", key, path, manifest, cached=True)
+            return StageOutput(node.stage, key, path, manifest, cached=True, node=label)
     # The workers load the resolved spec the flow validated (<root>/spec.json, which the flow records
-    # too), not a spec file that may have changed since.
-    record_spec(spec, root)
-    plan = plan_launch(spec, storage.join(root, SPEC_RECORD), root)
+    # too), not a spec file that may have changed since; the node's own overrides they apply themselves.
+    plan = plan_launch(node.spec, storage.join(root, SPEC_RECORD), root, node=node.name)
+    if not node.overrides:  # the workflow's own spec (a node with overrides has its own, without the graph)
+        record_spec(node.spec, root)
     launch(plan, stop=stop, log=log)
     manifest = read_manifest(path)
     if manifest is None:
         raise JobFailed(f"{plan.name}: the workers finished but {path} has no complete manifest.json")
-    return StageOutput("train", key, path, manifest, cached=False)
+    return StageOutput(node.stage, key, path, manifest, cached=False, node=label)

@@ -1,14 +1,24 @@
-"""The stage DAG ([compile], data -> tokenizer -> pack -> train -> eval) and running it locally.
+"""Stage types, one table of them, and running a spec's workflow graph in this process.
+
+A stage type is one `Stage` record in `STAGES`: the types of the outputs it reads, the slice of the spec
+its key hashes, how it builds, whether it resumes, its version. Nothing else enumerates stages: the spec's
+workflow (`palm.workflow`), the CLI, the Prefect flow and its one generic task, the launched workers and
+the retry policies all read this table. Adding a stage type is writing its builder and one row here.
+
+The default workflow is the chain
+
+    [compile] -> data -> tokenizer -> pack -> train -> eval
 
 `compile` is the pre-flight check of TPU specs: the train and evaluation steps compiled ahead of time
 for the spec's own pods (palm.aot), refused with what to change when they do not fit. It gates the
-train stage (which waits for it) without being one of its inputs: the train stage's key, and so its
-checkpoints, do not depend on the hardware it runs on.
+train stage (which waits for it) without being one of its inputs, so the train stage's key, and its
+checkpoints, do not depend on the hardware it runs on. It starts with the run, beside the data branch
+(whose outputs do not depend on the hardware either, so they stay reusable whatever it finds): a spec
+that cannot fit fails in minutes, before any chip-hour.
 
-Each stage's output is content-addressed (`palm.stages`): its key hashes the stage's slice of the spec
-and its inputs' keys, so re-running a spec skips complete stages and changing one stage's config
-re-runs it and everything downstream. The Prefect flow (flows/pretrain.py) runs the same stage
-functions as tasks through `run_dag`.
+Each node's output is content-addressed (`palm.stages`): its key hashes the node's slice of its spec,
+its inputs' keys and the stage type's version, so re-running a spec skips complete nodes and changing
+one node's config re-runs it and everything downstream.
 """
 
 from __future__ import annotations
@@ -17,67 +27,27 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from palm import storage
 from palm.errors import PalmError
-from palm.stages import StageOutput, read_manifest, run_stage, stage_key
+from palm.stages import StageOutput, output_path, read_manifest, run_stage, stage_key
 
 #: The train stage's per-step metrics, one JSON object per line.
 METRICS = "metrics.jsonl"
 #: The resolved spec a run root was started with.
 SPEC_RECORD = "spec.json"
 
-#: Each stage and the stages whose outputs it reads.
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "compile": (),  # first: a spec that cannot fit its pods fails in minutes, before hours of data processing
-    "data": (),
-    "tokenizer": ("data",),
-    "pack": ("data", "tokenizer"),
-    "train": ("pack",),
-    "eval": ("train", "pack", "tokenizer"),
-}
-STAGE_ORDER = tuple(STAGE_INPUTS)
-#: Stages that must be complete before a stage starts, though it does not read their outputs.
-GATES: dict[str, tuple[str, ...]] = {"train": ("compile",)}
-
-
-def stage_applies(spec: Any, stage: str) -> bool:
-    """Whether the spec's pipeline has this stage: the compile check is for TPU hardware only."""
-    if stage == "compile":
-        from palm.aot import TPU_GENERATIONS
-
-        return spec.infra.hardware.accelerator in TPU_GENERATIONS
-    return True
-
-
-def stages_for(spec: Any) -> list[str]:
-    """The spec's stages in DAG order."""
-    return [s for s in STAGE_ORDER if stage_applies(spec, s)]
-
-
-def stage_config(spec: Any, stage: str) -> dict[str, Any]:
-    """The slice of the spec that determines a stage's output (what its key hashes)."""
-    dump = spec.model_dump(mode="json")
-    return {
-        "data": lambda: dump["data"],
-        "tokenizer": lambda: dump["tokenizer"],
-        "pack": lambda: {"pack": dump["pack"], "seq_len": dump["model"]["seq_len"]},
-        "compile": lambda: {"model": dump["model"], "train": dump["train"], "hardware": dump["infra"]["hardware"],
-                            "mesh": spec.resolved_mesh()},
-        "train": lambda: {"model": dump["model"], "train": dump["train"]},
-        "eval": lambda: dump["eval"],
-    }[stage]()
-
 
 @dataclasses.dataclass
 class Hooks:
     """What the caller (the CLI or a Prefect task) wants to hear from the stages, and how to stop them.
 
-    on_stage_start(stage) and on_stage(output) bracket each stage; on_step(log, state) and
-    on_checkpoint(path, step, record) come from the train stage; `stop` (a threading.Event) asks the
-    train stage to checkpoint at the current step and raise `palm.train.Preempted`.
+    on_stage_start(node name) and on_stage(output) bracket each node; on_step(log, state) and
+    on_checkpoint(path, step, record) come from a training node, in the thread that runs it; `stop` (a
+    threading.Event) asks training to checkpoint at the current step and raise `palm.train.Preempted`.
     """
 
     on_stage_start: Callable[[str], None] | None = None
@@ -99,28 +69,58 @@ class Hooks:
 
 
 _attached: list[Hooks] = []
+_attached_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def attach(hooks: Hooks) -> Iterator[Hooks]:
-    """Make `hooks` heard by every stage run in this process while the block runs.
+    """Make `hooks` heard by every stage run in this process (any thread) while the block runs.
 
-    This is how `palm run` sees inside the Prefect flow it starts (progress bar, SIGTERM): the flow and
-    its tasks run in this process and add `attached()` to their own hooks. Deployments attach nothing.
+    This is how `palm run` sees inside the Prefect flow it starts (progress display, SIGTERM): the flow and
+    its tasks run in this process and add `attached()` to their own hooks.
     """
-    _attached.append(hooks)
+    with _attached_lock:
+        _attached.append(hooks)
     try:
         yield hooks
     finally:
-        _attached.remove(hooks)
+        with _attached_lock:
+            _attached.remove(hooks)
 
 
 def attached() -> Hooks:
     """The hooks attached in this process (all of them, combined), or empty hooks."""
     combined = Hooks()
-    for hooks in _attached:
-        combined = combined + hooks
+    with _attached_lock:
+        for hooks in _attached:
+            combined = combined + hooks
     return combined
+
+
+# ------------------------------------------------------------------------------------------- builders
+# A builder takes (the node's spec, its inputs by type (collected ones by node name), hooks) and returns
+# build(dir) -> the manifest's fields.
+
+Builder = Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Any], dict[str, Any]]]
+
+
+def _build_compile(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.aot import compile_spec, gib, largest_misfit
+
+    def build(out: Path) -> dict[str, Any]:
+        compiled = compile_spec(spec)
+        (out / "compiled.json").write_text(json.dumps(compiled, indent=2))
+        misfit = largest_misfit(compiled)
+        if misfit is not None:  # no manifest: a spec that does not fit is never taken as checked
+            hbm = compiled["hbm_bytes_per_device"]
+            raise PalmError(f"the {misfit['kind']} step at global batch {misfit['global_batch']} needs "
+                            f"{gib(misfit['memory_per_device_bytes'])} per chip, "
+                            f"{gib(misfit['memory_per_device_bytes'] - hbm)} more than a chip's {gib(hbm)}; "
+                            "shard wider (infra.mesh), lower the batch, or use more chips "
+                            "(palm plan SPEC --compile shows every step)")
+        return compiled
+
+    return build
 
 
 def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
@@ -145,16 +145,20 @@ def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
 def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
     """Train in the stage directory. Under a gs:// root the checkpoints go straight to the bucket (Orbax),
     and the per-step metrics are kept in a local scratch directory, uploaded with each checkpoint (so a
-    resume on another machine keeps them) and at the end. On several hosts only host 0 writes metrics."""
+    resume on another machine keeps them) and at the end. On several hosts only host 0 writes metrics.
+
+    With a "train" input (a finetune node) training starts from that run's final parameters."""
     from palm.train import run_train_stage
 
     pack = inputs["pack"]
+    base = inputs.get("train")
+    init_from = base.manifest["checkpoint"] if base is not None else None
 
     def build(out: Any) -> dict[str, Any]:
         pack_dir = pack.local()  # ArrayRecord and Grain read local files
         if not storage.is_remote(out):
             return run_train_stage(spec, pack_dir, pack.manifest, out, on_step=hooks.on_step,
-                                   on_checkpoint=hooks.on_checkpoint, stop=hooks.stop)
+                                   on_checkpoint=hooks.on_checkpoint, stop=hooks.stop, init_from=init_from)
         import jax
 
         leader = jax.process_index() == 0
@@ -177,7 +181,7 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
                 local_metrics.write_bytes(storage.read_bytes(metrics))
             fields = run_train_stage(spec, pack_dir, pack.manifest, work,
                                      checkpoint_dir=storage.join(out, "checkpoints"), on_step=hooks.on_step,
-                                     on_checkpoint=on_checkpoint, stop=hooks.stop)
+                                     on_checkpoint=on_checkpoint, stop=hooks.stop, init_from=init_from)
             upload_metrics()
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -190,7 +194,8 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     from palm.evaltasks.run import evaluate_checkpoint, results_markdown
 
     def build(out: Path) -> dict[str, Any]:
-        result = evaluate_checkpoint(inputs["train"].manifest["checkpoint"], spec.eval)
+        result = evaluate_checkpoint(inputs["train"].manifest["checkpoint"], spec.eval, pack=inputs["pack"],
+                                     tokenizer=inputs["tokenizer"])
         (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "results.md").write_text(results_markdown(result["results"]))
         return result
@@ -198,126 +203,165 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     return build
 
 
-def _build_compile(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
-    from palm.aot import compile_spec, gib, largest_misfit
+def _build_scaling(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.scaling import scaling_report
 
-    def build(out: Path) -> dict[str, Any]:
-        compiled = compile_spec(spec)
-        (out / "compiled.json").write_text(json.dumps(compiled, indent=2))
-        misfit = largest_misfit(compiled)
-        if misfit is not None:  # no manifest: a spec that does not fit is never taken as checked
-            hbm = compiled["hbm_bytes_per_device"]
-            raise PalmError(f"the {misfit['kind']} step at global batch {misfit['global_batch']} needs "
-                            f"{gib(misfit['memory_per_device_bytes'])} per chip, "
-                            f"{gib(misfit['memory_per_device_bytes'] - hbm)} more than a chip's {gib(hbm)}; "
-                            "shard wider (infra.mesh), lower the batch, or use more chips "
-                            "(palm plan SPEC --compile shows every step)")
-        return compiled
-
-    return build
+    return lambda out: scaling_report(inputs, out)
 
 
-#: Stages that build in their final directory and resume from what a failed attempt left there.
-RESUMABLE = frozenset({"train"})
+# ---------------------------------------------------------------------------------------- stage table
 
-#: One builder per stage of the DAG.
-BUILDERS: dict[str, Callable[[Any, dict[str, StageOutput], Hooks], Callable[[Any], dict[str, Any]]]] = {
-    "data": _build_data,
-    "tokenizer": _build_tokenizer,
-    "pack": _build_pack,
-    "compile": _build_compile,
-    "train": _build_train,
-    "eval": _build_eval,
-}
-BUILT = frozenset(BUILDERS)
+def _dump(spec: Any) -> dict[str, Any]:
+    return spec.model_dump(mode="json")
 
 
-def stage_graph(spec: Any) -> list[dict[str, Any]]:
-    """The spec's DAG as a list in run order, each stage with its inputs, its gates and whether it is built."""
-    stages = stages_for(spec)
-    return [{"name": s, "inputs": list(STAGE_INPUTS[s]), "after": [g for g in GATES.get(s, ()) if g in stages],
-             "built": s in BUILT} for s in stages]
+def _always(spec: Any) -> bool:
+    return True
 
 
-def select_stages(spec: Any, requested: str | None) -> list[str]:
-    """The spec's stages to run for `--stages a,b` (all when None), in DAG order."""
-    available = stages_for(spec)
-    if not requested:
-        return available
-    names = [s.strip() for s in requested.split(",") if s.strip()]
-    unknown = [s for s in names if s not in available]
-    if unknown:
-        raise PalmError(f"--stages: unknown stage(s) {unknown} for this spec; choose from {', '.join(available)}")
-    return [s for s in available if s in names]
+def _on_tpu(spec: Any) -> bool:
+    from palm.aot import TPU_GENERATIONS
+
+    return spec.infra.hardware.accelerator in TPU_GENERATIONS
 
 
-def existing_output(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput]) -> StageOutput:
-    """The complete output a stage would have for this spec, or a PalmError saying to run it first."""
-    key = stage_key(stage, stage_config(spec, stage), inputs)
-    path = storage.join(root, stage, key)
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise PalmError(f"stage {stage!r} has no complete output for this spec under {root}; "
-                        f"run it first (e.g. --stages {stage},...)")
-    return StageOutput(stage, key, path, manifest, cached=True)
-
-
-def _writes_remotely(spec: Any, stage: str) -> bool:
-    """Whether the stage's builder writes its gs:// output itself: Beam on remote workers (Dataflow)."""
-    if stage != "data":
-        return False
+def _beam_remote(spec: Any) -> bool:
     from palm.data.pipeline import LOCAL_RUNNERS
 
     return spec.data.beam.runner not in LOCAL_RUNNERS
 
 
-def run_stage_named(spec: Any, stage: str, root: str | Path, inputs: dict[str, StageOutput],
-                    force: bool = False, hooks: Hooks | None = None) -> StageOutput:
-    """Run (or reuse) one stage's content-addressed output."""
-    build = BUILDERS[stage](spec, inputs, hooks or Hooks())
-    return run_stage(stage, stage_config(spec, stage), inputs, root, build, force, resumable=stage in RESUMABLE,
-                     in_place=_writes_remotely(spec, stage))
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage type."""
+
+    name: str
+    build: Builder
+    #: The slice of a node's spec that its output's key hashes.
+    config: Callable[[Any], Any]
+    #: The types of the outputs it reads, one node each.
+    inputs: tuple[str, ...] = ()
+    #: Types it reads any number of (the nodes its `needs` name).
+    collects: tuple[str, ...] = ()
+    #: Types that must be complete before it starts, though it does not read them.
+    gates: tuple[str, ...] = ()
+    #: Input types whose place its output can take (a fine-tuned model is a trained model).
+    provides: tuple[str, ...] = ()
+    #: Bumped when the output's format or meaning changes, so old outputs are not reused.
+    version: int = 1
+    #: Builds in its final directory and resumes from what a failed attempt left there.
+    resumable: bool = False
+    #: Part of the default workflow (when the spec declares none) for specs it applies to.
+    default: bool = True
+    applies: Callable[[Any], bool] = _always
+    #: Whether its builder writes a gs:// output itself (Beam on remote workers).
+    writes_remotely: Callable[[Any], bool] = lambda spec: False
+    #: Trains a model (its runs are launched on workers, announce checkpoints, show progress).
+    trains: bool = False
+    summary: str = ""
+
+    def kinds(self) -> tuple[str, ...]:
+        """The input types an output of this stage can stand for: its own and what it provides."""
+        return (self.name, *self.provides)
 
 
-def needed_stages(spec: Any, stages: list[str]) -> set[str]:
-    """The selected stages and every stage they read from or wait for, transitively."""
-    needed: set[str] = set()
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("compile", _build_compile, lambda spec: {**{k: _dump(spec)[k] for k in ("model", "train")},
+                                                     "hardware": _dump(spec)["infra"]["hardware"],
+                                                     "mesh": spec.resolved_mesh()},
+          applies=_on_tpu, summary="the train and evaluation steps compiled for the spec's TPU pods (pre-flight)"),
+    Stage("data", _build_data, lambda spec: _dump(spec)["data"], writes_remotely=_beam_remote,
+          summary="clean, deduplicate and mix the corpus (Beam)"),
+    Stage("tokenizer", _build_tokenizer, lambda spec: _dump(spec)["tokenizer"], inputs=("data",),
+          summary="a lossless SentencePiece vocabulary"),
+    Stage("pack", _build_pack, lambda spec: {"pack": _dump(spec)["pack"], "seq_len": _dump(spec)["model"]["seq_len"]},
+          inputs=("data", "tokenizer"), summary="tokenize and pack fixed-length sequences (Beam -> ArrayRecord)"),
+    Stage("train", _build_train, lambda spec: {k: _dump(spec)[k] for k in ("model", "train")}, inputs=("pack",),
+          gates=("compile",), version=2, resumable=True, trains=True,
+          summary="train the model, with checkpoints (JAX)"),
+    Stage("finetune", _build_train, lambda spec: {k: _dump(spec)[k] for k in ("model", "train")},
+          inputs=("pack", "train"), gates=("compile",), provides=("train",), version=2, resumable=True,
+          default=False, trains=True,
+          summary="continue from a trained model's final parameters on its own data and schedule (fresh optimizer)"),
+    Stage("eval", _build_eval, lambda spec: _dump(spec)["eval"], inputs=("train", "pack", "tokenizer"),
+          summary="evaluate the final checkpoint"),
+    Stage("scaling", _build_scaling, lambda spec: {}, collects=("train", "eval"), default=False,
+          summary="loss against parameters and training FLOPs over several models, with a fitted power law"),
+)}
 
-    def need(stage: str) -> None:
-        if stage not in needed and stage_applies(spec, stage):
-            needed.add(stage)
-            for dep in STAGE_INPUTS[stage] + GATES.get(stage, ()):
-                need(dep)
 
-    for stage in stages:
-        need(stage)
-    return needed
+def stage_key_of(node: Any, inputs: dict[str, StageOutput]) -> str:
+    """The key a workflow node's output has with these inputs."""
+    stage = STAGES[node.stage]
+    return stage_key(node.stage, stage.config(node.spec), inputs, stage.version)
 
 
-def run_dag(spec: Any, root: str | Path, stages: list[str], force: frozenset[str] = frozenset(),
-            run: Callable[[str, dict[str, StageOutput], bool], StageOutput] | None = None,
-            hooks: Hooks | None = None) -> dict[str, StageOutput]:
-    """Run the selected stages in DAG order, reusing complete upstream outputs; returns every output.
+# ---------------------------------------------------------------------------------------- running
 
-    `run(stage, inputs, force)` runs one stage: the Prefect flow passes its retryable tasks; the
-    default runs the stage in process. Unselected ancestors must already have a complete output.
-    """
-    hooks = hooks or Hooks()
-    run = run or (lambda stage, inputs, forced: run_stage_named(spec, stage, root, inputs, forced, hooks))
-    needed = needed_stages(spec, stages)
+def existing_output(node: Any, root: str | Path, inputs: dict[str, StageOutput]) -> StageOutput:
+    """The complete output a node would have with these inputs, or a PalmError saying to run it first."""
+    key = stage_key_of(node, inputs)
+    path = output_path(root, node.name, key)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise PalmError(f"stage {node.name!r} has no complete output for this spec under {root}; "
+                        f"run it first (e.g. --stages {node.name},...)")
+    return StageOutput(node.stage, key, path, manifest, cached=True, node="" if node.name == node.stage else node.name)
+
+
+def run_node(node: Any, root: str | Path, inputs: dict[str, StageOutput], force: bool = False,
+             hooks: Hooks | None = None) -> StageOutput:
+    """Run (or reuse) one node's content-addressed output, in this process."""
+    stage = STAGES[node.stage]
+    build = stage.build(node.spec, inputs, hooks or Hooks())
+    return run_stage(node.stage, stage.config(node.spec), inputs, root, build, force, resumable=stage.resumable,
+                     in_place=stage.writes_remotely(node.spec), node=node.name, version=stage.version)
+
+
+def node_inputs(node: Any, outputs: dict[str, StageOutput]) -> dict[str, StageOutput]:
+    """A node's inputs from the outputs of the nodes it reads: by type, collected ones by node name."""
+    inputs = {kind: outputs[name] for kind, name in node.inputs.items()}
+    inputs.update({name: outputs[name] for name in node.collected})
+    return inputs
+
+
+def upstream_outputs(workflow: Any, root: str | Path, name: str) -> dict[str, StageOutput]:
+    """The complete outputs of every node `name` reads from, transitively (PalmError if one is missing)."""
     outputs: dict[str, StageOutput] = {}
-    for stage in STAGE_ORDER:  # ancestors come first, so every input is in `outputs` by now
-        if stage not in needed:
+    wanted = workflow.upstream([name]) - {name}
+    for node in workflow.nodes.values():
+        if node.name in wanted:
+            outputs[node.name] = existing_output(node, root, node_inputs(node, outputs))
+    return outputs
+
+
+def run_dag(spec: Any, root: str | Path, stages: list[str] | None = None, force: frozenset[str] = frozenset(),
+            run: Callable[[Any, dict[str, StageOutput], bool], StageOutput] | None = None,
+            hooks: Hooks | None = None) -> dict[str, StageOutput]:
+    """Run the selected nodes of the spec's workflow in order, one at a time, reusing complete upstream
+    outputs; returns every output by node name. `run(node, inputs, force)` runs one node (default: in
+    process). Unselected upstream nodes must already have a complete output. (The Prefect flow runs
+    independent branches concurrently instead: flows/pretrain.py.)"""
+    from palm.workflow import resolve_workflow
+
+    workflow = resolve_workflow(spec)
+    hooks = hooks or Hooks()
+    run = run or (lambda node, inputs, forced: run_node(node, root, inputs, forced, hooks))
+    selected = workflow.select(stages)
+    needed = workflow.upstream(selected)
+    outputs: dict[str, StageOutput] = {}
+    for node in workflow.nodes.values():  # in order: every input is in `outputs` by now
+        if node.name not in needed:
             continue
-        inputs = {dep: outputs[dep] for dep in STAGE_INPUTS[stage]}
-        if stage in stages:
+        inputs = node_inputs(node, outputs)
+        if node.name in selected:
             if hooks.on_stage_start is not None:
-                hooks.on_stage_start(stage)
-            outputs[stage] = run(stage, inputs, stage in force)
+                hooks.on_stage_start(node.name)
+            outputs[node.name] = run(node, inputs, node.name in force)
         else:
-            outputs[stage] = existing_output(spec, stage, root, inputs)
+            outputs[node.name] = existing_output(node, root, inputs)
         if hooks.on_stage is not None:
-            hooks.on_stage(outputs[stage])
+            hooks.on_stage(outputs[node.name])
     return outputs
 
 
@@ -332,13 +376,17 @@ def record_spec(spec: Any, root: str | Path) -> None:
 
 
 def run_summary(root: str | Path, report: str | Path, outputs: dict[str, StageOutput]) -> dict[str, Any]:
-    """What `palm run --json` prints and the pretrain flow returns."""
+    """What `palm run --json` prints and the pretrain flow returns: every node's output, and the last
+    training and evaluation nodes' results."""
     summary: dict[str, Any] = {
         "status": "completed", "root": str(root), "report": str(report),
-        "stages": {s: {"output": o.path, "cached": o.cached, "key": o.key} for s, o in outputs.items()}}
-    if "train" in outputs:
-        m = outputs["train"].manifest
+        "stages": {name: {"stage": o.stage, "output": o.path, "cached": o.cached, "key": o.key}
+                   for name, o in outputs.items()}}
+    trained = [o for o in outputs.values() if STAGES[o.stage].trains]
+    if trained:
+        m = trained[-1].manifest
         summary.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
-    if "eval" in outputs:
-        summary["eval"] = outputs["eval"].manifest.get("results")
+    evaluated = [o for o in outputs.values() if o.stage == "eval"]
+    if evaluated:
+        summary["eval"] = evaluated[-1].manifest.get("results")
     return summary

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from palm.config import ModelConfig, TrainConfig
 from palm.model import abstract_params, count_params, hardware_flops_per_token, model_flops_per_token
-from palm.pipeline import stage_graph
 from palm.sharding import Sharding
 from palm.spec import Spec
 
@@ -87,7 +86,7 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "memory_by_step": by_step,
         "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
         "layout": [{"param": p, "shape": list(s), "partition": part} for p, s, part in layout.describe(boxed)],
-        "stages": stage_graph(spec),
+        "stages": workflow_plan(spec),
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
         "estimated_days": seconds / 86400 if seconds is not None else None,
@@ -106,6 +105,25 @@ MEMORY_COEFFICIENTS = {
               "layer_weights": 3.0, "final_hidden": 1.6, "logits": 2.0},
     "eval": {"embedding": 0.4, "layer_weights": 1.9, "final_hidden": 0.3, "logits": 1.0},
 }
+
+
+def workflow_plan(spec: Spec) -> list[dict[str, Any]]:
+    """The spec's workflow graph, node by node (palm.workflow), with each training node's parameters, model
+    FLOPs per token, training tokens and training FLOPs."""
+    from palm.pipeline import STAGES
+    from palm.workflow import resolve_workflow
+
+    rows = []
+    workflow = resolve_workflow(spec)
+    for node, row in zip(workflow.nodes.values(), workflow.describe()):
+        row["declared"] = workflow.declared
+        if STAGES[node.stage].trains:
+            n = count_params(node.spec.model)
+            tokens = training_tokens(node.spec)
+            row.update(params=n, model_flops_per_token=model_flops_per_token(node.spec.model, n),
+                       training_tokens=tokens, training_flops=model_flops_per_token(node.spec.model, n) * tokens)
+        rows.append(row)
+    return rows
 
 
 def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int], global_batch: int,
@@ -179,6 +197,21 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _render_stages(stages: list[dict[str, Any]]) -> list[str]:
+    """The chain on one line; a declared graph one node per line, with what it reads and, for training
+    nodes, their size and compute."""
+    if not any(s["declared"] for s in stages):
+        return ["stages          " + " -> ".join(s["name"] for s in stages)]
+    lines = ["workflow"]
+    for s in stages:
+        reads = sorted({*s["inputs"].values(), *s["collects"]})
+        extra = (f"; {_human(s['params'])} params, {s['training_flops']:.3e} training FLOPs" if "params" in s else "")
+        extra += ("; set " + ", ".join(f"{k}={v}" if len(str(v)) <= 24 else k for k, v in s["set"].items())
+                  if s["set"] else "")
+        lines.append(f"  {s['name']:14s}{s['stage']:10s}" + (f" <- {', '.join(reads)}" if reads else "") + extra)
+    return lines
+
+
 def render(p: dict[str, Any]) -> str:
     """The plan as text for a terminal."""
     mem = p["memory_per_device_bytes"]
@@ -204,7 +237,7 @@ def render(p: dict[str, Any]) -> str:
         "  by step       " + ", ".join(f"{s['kind']} {s['global_batch']}: {_gib(s['bytes']['total'])}"
                                       for s in p["memory_by_step"])
         + (" (estimated; --compile checks)" if str(hw["accelerator"]).startswith("tpu") else " (estimated)"),
-        "stages          " + " -> ".join(s["name"] for s in p["stages"]),
+        *_render_stages(p["stages"]),
     ]
     if p["estimated_seconds"] is not None:
         lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU")

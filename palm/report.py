@@ -66,25 +66,33 @@ def eval_rows(eval_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
             for metric, value in metrics.items() if isinstance(value, (int, float))]
 
 
-def write_report(root: str | Path, spec_name: str, outputs: dict[str, Any]) -> str:
-    """Write `report.md` (and `loss.png`) into the run directory; returns the report's path."""
+def write_report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
+    """Write `report.md` (with a loss curve per training node, and each evaluation and scaling table)
+    into the run directory; returns the report's path."""
+    from palm.pipeline import STAGES
+
     lines = [f"# Run report: {spec_name}", "", "## Stages", "",
-             _table([{"stage": s, "cached": o.cached, "output": o.path} for s, o in outputs.items()])]
-    train = outputs.get("train")
-    if train is not None:
-        m = train.manifest
-        metrics = read_metrics(m["metrics"]) if storage.exists(m["metrics"]) else []
-        lines += ["## Training", "",
-                  f"- steps: {m['final_step']}, final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None
-                  else f"- steps: {m['final_step']}",
-                  f"- checkpoint: `{m['checkpoint']}` (digest `{m['digest'][:16]}`)",
-                  f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
-                  f"- loss spikes handled: {len(m.get('loss_spikes', []))}", ""]
-        if metrics:
-            plot_loss(metrics, storage.join(root, "loss.png"), f"{spec_name}: training loss")
-            lines += ["![loss curve](loss.png)", ""]
-    if "eval" in outputs:
-        lines += ["## Evaluation", "", _table(eval_rows(outputs["eval"].manifest))]
+             _table([{"stage": name, "type": o.stage, "cached": o.cached, "output": o.path} for name, o in outputs.items()])]
+    for name, out in outputs.items():
+        if STAGES[out.stage].trains:
+            m = out.manifest
+            metrics = read_metrics(m["metrics"]) if storage.exists(m["metrics"]) else []
+            lines += [f"## Training: {name}" if workflow.declared else "## Training", "",
+                      f"- steps: {m['final_step']}, final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None
+                      else f"- steps: {m['final_step']}",
+                      f"- checkpoint: `{m['checkpoint']}` (digest `{m['digest'][:16]}`)",
+                      f"- started from: `{m['init_from']}`" if m.get("init_from") else None,
+                      f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
+                      f"- loss spikes handled: {len(m.get('loss_spikes', []))}", ""]
+            if metrics:
+                png = "loss.png" if name == "train" else f"loss-{name}.png"
+                plot_loss(metrics, storage.join(root, png), f"{spec_name}: {name} loss")
+                lines += [f"![loss curve]({png})", ""]
+        elif out.stage == "eval":
+            lines += [f"## Evaluation: {name}" if workflow.declared else "## Evaluation", "", _table(eval_rows(out.manifest))]
+        elif out.stage == "scaling":
+            lines += [f"## Scaling: {name}", "", _table(out.manifest["rows"]), out.manifest.get("fit_text", ""), "",
+                      f"![scaling]({name}/{out.key}/scaling.png)", ""]
     path = storage.join(root, "report.md")
-    storage.write_text_atomic(path, "\n".join(lines))
+    storage.write_text_atomic(path, "\n".join(line for line in lines if line is not None))
     return path

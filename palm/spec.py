@@ -30,7 +30,6 @@ from palm.config import (
 from palm.errors import PalmError, SpecError
 from palm.topology import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_topology
 
-STAGES = ("compile", "data", "tokenizer", "pack", "train", "eval")
 
 
 class _Strict(BaseModel):
@@ -256,6 +255,21 @@ class RetryPolicy(_Strict):
     backoff: float = Field(2.0, ge=1)
 
 
+# ------------------------------------------------------------------------------------- workflow
+
+
+class WorkflowNode(_Strict):
+    """One node of a declared workflow graph (palm.workflow)."""
+
+    #: The stage type it runs (compile, data, tokenizer, pack, train, finetune, eval, scaling); default:
+    #: the node's own name.
+    stage: str | None = None
+    #: The nodes whose outputs it reads.
+    needs: list[str] = []
+    #: Spec overrides for this node alone: dotted keys (as with --set) to values.
+    set: dict[str, Any] = {}
+
+
 # ----------------------------------------------------------------------------------------- spec
 
 
@@ -271,7 +285,10 @@ class Spec(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalSpec = EvalSpec()
     infra: InfraSpec = InfraSpec()
-    retries: dict[Literal["compile", "data", "tokenizer", "pack", "train", "eval"], RetryPolicy] = {}
+    #: Retry policy per stage type.
+    retries: dict[str, RetryPolicy] = {}
+    #: The workflow graph, node name -> node; without it, the default chain of stages (palm.workflow).
+    workflow: dict[str, WorkflowNode] | None = None
 
     def resolved_mesh(self) -> dict[str, int]:
         """The mesh with -1 filled in, every axis present, in (data, fsdp, model) order."""
@@ -463,6 +480,43 @@ def check_consistency(spec: Spec) -> None:
 # -------------------------------------------------------------------------------------- loading
 
 
+def check_graph(spec: Spec) -> None:
+    """The retry policies name stage types, and the workflow graph resolves (palm.workflow)."""
+    from palm.pipeline import STAGES
+    from palm.workflow import resolve_workflow
+
+    for stage in spec.retries:
+        if stage not in STAGES:
+            raise SpecError(f"not a stage type; the types are {', '.join(STAGES)}", key=f"retries.{stage}")
+    for name in spec.workflow or {}:
+        if not _NODE.match(name):
+            raise SpecError("node names are lowercase letters, digits and dashes, starting with a letter or digit",
+                            key=f"workflow.{name}")
+    resolve_workflow(spec)
+
+
+_NODE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def node_spec(spec: Spec, overrides: dict[str, Any]) -> Spec:
+    """The spec a workflow node runs with: `spec` (without its workflow) and the node's overrides, each a
+    dotted key as with --set, validated and checked. SpecError keyed by the override's own key."""
+    if not overrides:
+        return spec
+    tree = spec.model_dump(mode="json", exclude={"workflow"})
+    for key, value in overrides.items():
+        if not _KEY.match(str(key)):
+            raise SpecError(f"expected a dotted key, got {key!r}", key=str(key))
+        tree = set_dotted(tree, str(key), value)
+    try:
+        node = Spec.model_validate(tree)
+    except ValidationError as e:
+        err = _format_validation_error(e, "")
+        raise SpecError(err.detail, key=err.key) from None
+    check_consistency(node)
+    return node
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -528,13 +582,18 @@ def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    return set_dotted(tree, key, value, file="--set")
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, file: str | None = None) -> dict[str, Any]:
+    """A copy of `tree` with `value` at the dotted `key` (list items by index); sections are created."""
     parts = key.split(".")
     out = dict(tree)
     node = out
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             if not (part.isdigit() and int(part) < len(node)):
-                raise SpecError(f"index {part} out of range (list of {len(node)})", file="--set", key=key)
+                raise SpecError(f"index {part} out of range (list of {len(node)})", file=file, key=key)
             child = node[int(part)]
         else:
             child = node.get(part)
@@ -545,7 +604,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
         elif isinstance(child, dict):
             child = dict(child)
         else:
-            raise SpecError(f"{'.'.join(parts[: i + 1])} is a value, not a section", file="--set", key=key)
+            raise SpecError(f"{'.'.join(parts[: i + 1])} is a value, not a section", file=file, key=key)
         if isinstance(node, list):
             node[int(part)] = child
         else:
@@ -555,7 +614,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
     if isinstance(node, list):
         idx = int(last) if last.isdigit() else -1
         if not 0 <= idx < len(node):
-            raise SpecError(f"index {last} out of range (list of {len(node)})", file="--set", key=key)
+            raise SpecError(f"index {last} out of range (list of {len(node)})", file=file, key=key)
         node[idx] = value
     else:
         node[last] = value
@@ -617,6 +676,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise _format_validation_error(e, str(path)) from None
     try:
         check_consistency(spec)
+        check_graph(spec)
     except SpecError as e:
         raise SpecError(e.detail, file=str(path), key=e.key) from None
     return spec
@@ -631,6 +691,6 @@ def spec_schema() -> dict[str, Any]:
 
 __all__ = [
     "Spec", "load_spec", "spec_schema", "check_consistency", "resolve_mesh", "deep_merge",
-    "apply_override", "MESH_AXES", "STAGES", "ModelConfig", "TrainConfig", "OptimizerConfig",
+    "apply_override", "node_spec", "MESH_AXES", "ModelConfig", "TrainConfig", "OptimizerConfig",
     "ScheduleConfig", "RampStage", "CheckpointConfig", "LossSpikeConfig",
 ]

@@ -30,31 +30,34 @@ from palm.errors import PalmError
 MANIFEST = "manifest.json"
 CONTEXT = "context.json"
 
-#: Bumped when a stage's output format or semantics change, so old outputs are not reused.
-#: train 2: whole-state digests from each device's shards, the chunked loss.
-STAGE_CODE_VERSION = {"data": 1, "tokenizer": 1, "pack": 1, "compile": 1, "train": 2, "eval": 1}
-
-
 @dataclasses.dataclass(frozen=True)
 class StageOutput:
-    stage: str
+    stage: str  # the stage type
     key: str
     path: str  # a local directory or gs://…
     manifest: dict[str, Any]
     cached: bool
+    #: The workflow node that produced it (palm.workflow); "" for a node named after its stage type.
+    node: str = ""
+
+    @property
+    def name(self) -> str:
+        """The node's name."""
+        return self.node or self.stage
 
     def local(self) -> Path:
         """A local directory with this output's files: the output itself, or its copy in the local cache."""
         return local_copy(self.path, self.manifest)
 
 
-def code_version(stage: str) -> str:
-    return f"palm-{palm.__version__}/{stage}-v{STAGE_CODE_VERSION[stage]}"
+def code_version(stage: str, version: int = 1) -> str:
+    """`version` is the stage type's, bumped when its output's format or meaning changes (palm.pipeline.STAGES)."""
+    return f"palm-{palm.__version__}/{stage}-v{version}"
 
 
-def stage_key(stage: str, config: Any, inputs: dict[str, StageOutput]) -> str:
+def stage_key(stage: str, config: Any, inputs: dict[str, StageOutput], version: int = 1) -> str:
     """Hash of the stage's config, its inputs' keys and the code version."""
-    blob = json.dumps({"stage": stage, "config": config, "code": code_version(stage),
+    blob = json.dumps({"stage": stage, "config": config, "code": code_version(stage, version),
                        "inputs": {name: out.key for name, out in sorted(inputs.items())}},
                       sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -111,12 +114,28 @@ def _read_local_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def _manifest(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], started: float,
-              fields: dict[str, Any]) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """What names one build: the stage type and its version, the node, the key, the config, the inputs."""
+
+    stage: str
+    version: int
+    node: str
+    key: str
+    config: Any
+    inputs: dict[str, StageOutput]
+
+    def output(self, path: str, manifest: dict[str, Any], cached: bool) -> StageOutput:
+        return StageOutput(self.stage, self.key, path, manifest, cached, "" if self.node == self.stage else self.node)
+
+
+def _manifest(b: _Build, started: float, fields: dict[str, Any]) -> dict[str, Any]:
+    stage, key, config, inputs = b.stage, b.key, b.config, b.inputs
     return {
         "stage": stage,
+        "node": b.node,
         "key": key,
-        "code_version": code_version(stage),
+        "code_version": code_version(stage, b.version),
         "config": config,
         "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())},
         "started_at": started,
@@ -141,18 +160,24 @@ def _relocated(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def _write_context(final: str, stage: str, key: str, config: Any, inputs: dict[str, StageOutput]) -> None:
+def _write_context(final: str, b: _Build) -> None:
     # What produced this directory, readable while the stage is still running (e.g. by evaluation of
     # its checkpoints).
     storage.write_text_atomic(storage.join(final, CONTEXT), _dumps(
-        {"stage": stage, "key": key, "config": config,
-         "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(inputs.items())}}))
+        {"stage": b.stage, "node": b.node, "key": b.key, "config": b.config,
+         "inputs": {name: {"key": out.key, "path": out.path} for name, out in sorted(b.inputs.items())}}))
+
+
+def output_path(root: str | os.PathLike, node: str, key: str) -> str:
+    """Where a node's output with this key lives: <root>/<node>/<key>."""
+    return storage.join(root, node, key)
 
 
 def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str | os.PathLike,
               build: Callable[[Any], dict[str, Any]], force: bool = False, resumable: bool = False,
-              in_place: bool = False) -> StageOutput:
-    """Return the stage's output, building it with `build(dir) -> manifest fields` if needed.
+              in_place: bool = False, node: str | None = None, version: int = 1) -> StageOutput:
+    """Return the output of a stage (of type `stage`, as workflow node `node`, by default the type's own
+    name), building it with `build(dir) -> manifest fields` if needed.
 
     `dir` is a local `Path`, except for a resumable or `in_place` stage under a gs:// root, whose
     builder gets the final gs:// directory as a string and writes there itself.
@@ -162,41 +187,41 @@ def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str
     still marks it complete. Other stages build in a private directory renamed into place (local root)
     or uploaded, manifest last (gs:// root), at the end.
     """
-    key = stage_key(stage, config, inputs)
-    final = storage.join(root, stage, key)
+    b = _Build(stage, version, node or stage, stage_key(stage, config, inputs, version), config, inputs)
+    final = output_path(root, b.node, b.key)
     if not force:
         manifest = read_manifest(final)
         if manifest is not None:
-            return StageOutput(stage, key, final, manifest, cached=True)
+            return b.output(final, manifest, cached=True)
     if storage.is_remote(final):
         if resumable or in_place:
-            return _build_in_place(stage, key, config, inputs, final, build, force, resumable)
-        return _build_and_upload(stage, key, config, inputs, final, build)
+            return _build_in_place(b, final, build, force, resumable)
+        return _build_and_upload(b, final, build)
     if resumable:
-        return _build_in_place(stage, key, config, inputs, final, build, force, resumable)
+        return _build_in_place(b, final, build, force, resumable)
 
     final_dir = Path(final)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_dir.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    tmp = final_dir.parent / f".tmp-{b.key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     started = time.time()
     try:
         fields = _relocated(build(tmp), str(tmp), final)
-        manifest = _manifest(stage, key, config, inputs, started, fields)
+        manifest = _manifest(b, started, fields)
         (tmp / MANIFEST).write_text(_dumps(manifest))
         if final_dir.exists():  # a forced re-run, or an incomplete leftover without a manifest
-            stale = final_dir.parent / f".stale-{key}-{uuid.uuid4().hex[:8]}"
+            stale = final_dir.parent / f".stale-{b.key}-{uuid.uuid4().hex[:8]}"
             final_dir.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.rename(final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return StageOutput(stage, key, final, manifest, cached=False)
+    return b.output(final, manifest, cached=False)
 
 
-def _build_in_place(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], final: str,
-                    build: Callable[[Any], dict[str, Any]], force: bool, resumable: bool) -> StageOutput:
+def _build_in_place(b: _Build, final: str, build: Callable[[Any], dict[str, Any]], force: bool,
+                    resumable: bool) -> StageOutput:
     """Build in the final directory (local or gs://); the manifest, written last, marks it complete."""
     if force:
         storage.remove_tree(final)
@@ -204,28 +229,27 @@ def _build_in_place(stage: str, key: str, config: Any, inputs: dict[str, StageOu
         Path(final).mkdir(parents=True, exist_ok=True)
     storage.remove(storage.join(final, MANIFEST))
     if resumable:
-        _write_context(final, stage, key, config, inputs)
+        _write_context(final, b)
     started = time.time()
     out = final if storage.is_remote(final) else Path(final)
-    manifest = _manifest(stage, key, config, inputs, started, build(out))
+    manifest = _manifest(b, started, build(out))
     storage.write_text_atomic(storage.join(final, MANIFEST), _dumps(manifest))
-    return StageOutput(stage, key, final, manifest, cached=False)
+    return b.output(final, manifest, cached=False)
 
 
-def _build_and_upload(stage: str, key: str, config: Any, inputs: dict[str, StageOutput], final: str,
-                      build: Callable[[Any], dict[str, Any]]) -> StageOutput:
+def _build_and_upload(b: _Build, final: str, build: Callable[[Any], dict[str, Any]]) -> StageOutput:
     """Build in a local scratch directory, then upload it to the gs:// `final`, manifest last."""
-    tmp = storage.scratch_dir(f"{stage}-{key}-")
+    tmp = storage.scratch_dir(f"{b.node}-{b.key}-")
     try:
         started = time.time()
         fields = _relocated(build(tmp), str(tmp), final)
-        manifest = _manifest(stage, key, config, inputs, started, fields)
+        manifest = _manifest(b, started, fields)
         (tmp / MANIFEST).write_text(_dumps(manifest))
         storage.upload_dir(tmp, final, last=MANIFEST)
         _keep_as_local_copy(tmp, final)  # the next stage reads it from there instead of downloading it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return StageOutput(stage, key, final, manifest, cached=False)
+    return b.output(final, manifest, cached=False)
 
 
 def _keep_as_local_copy(built: Path, final: str) -> None:

@@ -158,6 +158,8 @@ class Trainer:
         self.batch_sharding = self.sharding.named(("batch", "length"))
 
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self._init_from = jax.jit(self._init_from_fn, in_shardings=(param_shardings,),
+                                  out_shardings=self.state_shardings)
         self._step = jax.jit(self._step_fn, donate_argnums=0,
                              in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
                              out_shardings=(self.state_shardings, self.sharding.replicated))
@@ -178,6 +180,9 @@ class Trainer:
         vocab = self.model_config.vocab_size
         vocab_per_device = vocab // sizes["model"] if vocab % sizes["model"] == 0 else vocab
         return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device)
+
+    def _init_from_fn(self, params: Any) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -202,6 +207,15 @@ class Trainer:
         seed = self.train_config.seed if seed is None else seed
         with jax.set_mesh(self.sharding.mesh):  # Pallas kernels read the mesh to shard_map themselves
             return self._init(jax.random.key(seed))
+
+    def init_from(self, checkpoint: str) -> TrainState:
+        """Step 0 from another run's parameters (a checkpoint step directory), with a fresh optimizer
+        state: how a fine-tuning run starts (PaLM-Coder continued from PaLM 540B this way)."""
+        from palm.checkpoint import restore_params_onto
+
+        params = restore_params_onto(checkpoint, self.abstract_state().params)
+        with jax.set_mesh(self.sharding.mesh):
+            return self._init_from(params)
 
     def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None,
              global_batch: int | None = None):
@@ -358,7 +372,7 @@ def is_spike(loss: float, recent: list[float], threshold: float) -> bool:
 def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoints: Any = None,
                  meta: dict[str, Any] | None = None, on_step: Callable[[StepLog, TrainState], None] | None = None,
                  on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
-                 stop: Any = None) -> RunResult:
+                 stop: Any = None, init_from: str | None = None) -> RunResult:
     """Train to `train.steps`, resuming from the latest valid checkpoint and surviving loss spikes.
 
     `checkpoints` is a `palm.checkpoint.Checkpoints` (None: no checkpoints, no rollback). `stop` is any
@@ -401,8 +415,8 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
             state, resumed_from = restored.state, restored.step
             saved[:] = [restored.step]
             spikes.extend(restored.meta.get("spikes", []))
-    if state is None:
-        state = trainer.init()
+    if state is None:  # nothing to resume: fresh, or from another run's parameters (fine-tuning)
+        state = trainer.init() if init_from is None else trainer.init_from(init_from)
         save(0, state, {})
     step = int(state.step)
 
@@ -469,8 +483,10 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
                     checkpoint_dir: str | None = None,
                     on_step: Callable[[StepLog, TrainState], None] | None = None,
                     on_checkpoint: Callable[[str, int, dict[str, Any]], None] | None = None,
-                    stop: Any = None) -> dict[str, Any]:
-    """The train stage: resume from the checkpoints if any, train, return the manifest fields.
+                    stop: Any = None, init_from: str | None = None) -> dict[str, Any]:
+    """The train stage: resume from the checkpoints if any, train, return the manifest fields. With
+    `init_from` (a checkpoint step directory: a finetune node's base model) a fresh run starts from those
+    parameters with a new optimizer state.
 
     Checkpoints go to `checkpoint_dir` (a local path or gs://…; default `out_dir/checkpoints`); the
     local `out_dir` holds the per-step metrics.
@@ -520,7 +536,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
 
     try:
         result = run_training(trainer, sequences, checkpoints=checkpoints, meta={"spec_digest": spec.digest()},
-                              on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop)
+                              on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop, init_from=init_from)
     finally:
         checkpoints.close()
         sequences.close()
@@ -537,5 +553,8 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         "loss_spikes": result.spikes,
         "corrupt_checkpoints": result.corrupt_checkpoints,
         "params": trainer.num_params,
+        "model_flops_per_token": trainer.flops_per_token,
+        "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
+        "init_from": init_from,
         "metrics": str(metrics_path),
     }

@@ -62,18 +62,20 @@ def tpu_host() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def run_worker(spec: Any, root: str, log: Any = None) -> dict[str, Any]:
-    """Run (or resume, or find complete) the train stage of `spec` under `root` on this host."""
+def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") -> dict[str, Any]:
+    """Run (or resume, or find complete) a training node of `spec`'s workflow under `root` on this host;
+    every node it reads from must be complete there."""
     import jax
 
     from palm import storage
-    from palm.pipeline import BUILDERS, Hooks, existing_output, run_stage_named, stage_config
-    from palm.stages import read_manifest, stage_key
+    from palm.pipeline import STAGES, Hooks, node_inputs, run_node, stage_key_of, upstream_outputs
+    from palm.stages import output_path, read_manifest
+    from palm.workflow import resolve_workflow, training_node
 
-    data = existing_output(spec, "data", root, {})
-    tokenizer = existing_output(spec, "tokenizer", root, {"data": data})
-    pack = existing_output(spec, "pack", root, {"data": data, "tokenizer": tokenizer})
-    inputs = {"pack": pack}
+    workflow = resolve_workflow(spec)
+    node = training_node(spec, node_name)
+    inputs = node_inputs(node, upstream_outputs(workflow, root, node.name))
+    spec = node.spec
     leader = jax.process_index() == 0
     stop = threading.Event()
 
@@ -86,23 +88,23 @@ def run_worker(spec: Any, root: str, log: Any = None) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         if leader:
-            out = run_stage_named(spec, "train", root, inputs, hooks=hooks)
+            out = run_node(node, root, inputs, hooks=hooks)
             return {"output": out.path, "cached": out.cached, **{k: out.manifest.get(k) for k in
                                                                   ("final_step", "final_loss", "digest", "checkpoint")}}
         # Followers train in the same directory (local or gs://) and leave the stage's files to the leader.
-        final = storage.join(root, "train", stage_key("train", stage_config(spec, "train"), inputs))
+        final = output_path(root, node.name, stage_key_of(node, inputs))
         manifest = read_manifest(final)
         if manifest is not None:
             return {"output": final, "cached": True, "final_step": manifest["final_step"]}
         if not storage.is_remote(final):
             Path(final).mkdir(parents=True, exist_ok=True)
-        fields = BUILDERS["train"](spec, inputs, hooks)(final if storage.is_remote(final) else Path(final))
+        fields = STAGES[node.stage].build(spec, inputs, hooks)(final if storage.is_remote(final) else Path(final))
         return {"output": final, "cached": False, "final_step": fields["final_step"], "digest": fields["digest"]}
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool) -> int:
+def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool, node: str = "train") -> int:
     import json
 
     from palm.spec import load_spec
@@ -115,7 +117,7 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     stdout = os.dup(1)
     os.dup2(2, 1)
     try:
-        code, result = _run(spec, root)
+        code, result = _run(spec, root, node)
     finally:
         sys.stdout.flush()
         os.dup2(stdout, 1)
@@ -129,7 +131,7 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     return code
 
 
-def _run(spec: Any, root: str) -> tuple[int, dict[str, Any]]:
+def _run(spec: Any, root: str, node: str = "train") -> tuple[int, dict[str, Any]]:
     from palm.errors import Preempted
 
     joined = initialize_distributed()
@@ -142,7 +144,7 @@ def _run(spec: Any, root: str) -> tuple[int, dict[str, Any]]:
         log(f"worker: {joined['process_count']} process(es), {joined['devices']} devices "
             f"({joined['local_devices']} here), joined {joined['mode']}")
     try:
-        result = run_worker(spec, root, log)
+        result = run_worker(spec, root, log, node)
     except Preempted as e:
         log(f"palm: {e}")
         return Preempted.exit_code, {}

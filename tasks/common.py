@@ -32,15 +32,15 @@ def with_retry_policy(task: Task, spec: Any, stage: str) -> Task:
                              retry_condition_fn=worth_retrying)
 
 
-def artifact_key(spec: Any, stage: str, kind: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{spec.name}-{stage}-{kind}".lower().replace("_", "-").replace(".", "-")
+def artifact_key(node: Any, kind: str) -> str:
+    """<spec>-<node>-<kind>; Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{node.spec.name}-{node.name}-{kind}".lower().replace("_", "-").replace(".", "-")
 
 
-def publish_summary(spec: Any, out: StageOutput) -> None:
+def publish_summary(node: Any, out: StageOutput) -> None:
     state = "reused (complete output found)" if out.cached else f"built in {out.manifest.get('seconds', 0):.1f} s"
     create_markdown_artifact(
-        key=artifact_key(spec, out.stage, "summary"),
-        markdown=f"**{out.stage}** {state}\n\n- output: `{out.path}`\n- key: `{out.key}`\n"
+        key=artifact_key(node, "summary"),
+        markdown=f"**{node.name}** ({node.stage}) {state}\n\n- output: `{out.path}`\n- key: `{out.key}`\n"
                  f"- code version: `{out.manifest.get('code_version')}`\n",
-        description=f"{out.stage} stage of {spec.name}")
+        description=f"{node.name} stage of {node.spec.name}")

@@ -1,14 +1,16 @@
-"""The train stage as a retryable Prefect task: progress in the logs, an event per checkpoint.
+"""Training nodes (train, finetune) inside the generic stage task: progress in the logs, an event per
+checkpoint, launched workers where the spec says.
 
-A retry (after a crash, a preemption or a bad host) runs the same content-addressed stage again,
-which resumes from its latest valid checkpoint: it never starts again from step 0.
+A retry (after a crash, a preemption or a bad host) runs the same content-addressed node again, which
+resumes from its latest valid checkpoint: it never starts again from step 0.
 
-With `infra.launcher.kind` tpu-vm or gke (or local with several processes) the stage runs on launched
+With `infra.launcher.kind` tpu-vm or gke (or local with several processes) the node trains on launched
 workers (palm.launch): the task launches them, follows the job and returns the manifest they wrote.
 
-SIGTERM while training (a preempted VM, a stopped container, a cancelled flow run) saves a checkpoint
-at the current step first. Then, under `palm run`, the task raises `Preempted` (the CLI exits 75);
-under a worker, Prefect's own SIGTERM handling runs (it marks the run crashed or cancelled).
+SIGTERM while training (a preempted VM, a stopped container, a cancelled flow run) saves a checkpoint at
+the current step first: the pretrain flow owns SIGTERM (`sigterm_sets`, in the main thread) and hands its
+stop event to the tasks, which may run in other threads. Then, under `palm run`, `Preempted` reaches the
+CLI (exit 75); under a worker, Prefect's own SIGTERM handling runs after it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ import signal
 import threading
 from typing import Any, Iterator
 
-from prefect import get_run_logger, task
-
 from palm.errors import Preempted
-from palm.pipeline import Hooks, attached, run_stage_named
+from palm.pipeline import Hooks, attached, run_node
 from palm.stages import StageOutput
-from tasks.common import publish_summary
 
 CHECKPOINT_SAVED = "palm.checkpoint.saved"
 
@@ -112,35 +111,28 @@ def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any)
         announce()
 
 
-def train_launched(spec: Any, root: str, pack: StageOutput, force: bool, logger: Any) -> StageOutput:
-    """The train stage on the launcher's workers (palm.launch.train_on_workers), with this task's SIGTERM
-    handling: SIGTERM stops the job, whose workers checkpoint first. A preempted job raises
-    `JobPreempted`, which the retry policy retries; the retry's workers resume from the checkpoints."""
+def train_launched(node: Any, root: str, inputs: dict[str, StageOutput], force: bool, logger: Any) -> StageOutput:
+    """The node on the launcher's workers (palm.launch.train_on_workers). The stop event stops the job,
+    whose workers checkpoint first. A preempted job raises `JobPreempted`, which the retry policy
+    retries; the retry's workers resume from the checkpoints."""
     from palm import storage
     from palm.launch import train_on_workers, train_output
 
-    caller = attached()
-    stop = caller.stop if caller.stop is not None else threading.Event()
-    checkpoints = storage.join(train_output(spec, root, pack)[1], "checkpoints")
-    with sigterm_sets(stop) as previous, \
-            announcing_checkpoints(spec, checkpoints, spec.infra.launcher.poll_seconds, logger):
+    stop = attached().stop or threading.Event()
+    checkpoints = storage.join(train_output(node, root, inputs)[1], "checkpoints")
+    with announcing_checkpoints(node.spec, checkpoints, node.spec.infra.launcher.poll_seconds, logger):
         try:
-            return train_on_workers(spec, root, pack, force, stop=stop, log=lambda line: logger.info("%s", line))
+            return train_on_workers(node, root, inputs, force, stop=stop, log=lambda line: logger.info("%s", line))
         except Preempted as e:  # JobStopped: this process was asked to stop, and stopped the job
             logger.warning("%s", e)
-            if caller.stop is None and callable(previous):
-                previous(signal.SIGTERM, None)  # the worker's (Prefect's) SIGTERM handling
             raise
 
 
-@task(name="train", task_run_name="train[{spec.name}]")
-def train_task(spec: Any, root: str, pack: StageOutput, force: bool = False) -> StageOutput:
-    """Train (or resume training) the model on the packed data; checkpoints as the spec says."""
-    logger = get_run_logger()
+def run_training_node(node: Any, root: str, inputs: dict[str, StageOutput], force: bool, logger: Any) -> StageOutput:
+    """Train (or resume training) a train or finetune node; checkpoints as its spec says."""
+    spec = node.spec
     if launched(spec):
-        out = train_launched(spec, root, pack, force, logger)
-        publish_summary(spec, out)
-        return out
+        return train_launched(node, root, inputs, force, logger)
 
     def on_step(log, state) -> None:
         if log.step % spec.train.log_every == 0 or log.step + 1 == spec.train.steps:
@@ -151,16 +143,11 @@ def train_task(spec: Any, root: str, pack: StageOutput, force: bool = False) -> 
         logger.info("checkpoint %d saved: %s", step, path)
         emit_checkpoint_saved(spec, path, step, record)
 
-    caller = attached()  # `palm run`'s display and stop event; nothing under a worker
-    stop = caller.stop if caller.stop is not None else threading.Event()
-    hooks = Hooks(on_step=on_step, on_checkpoint=on_checkpoint, stop=stop) + caller
-    with sigterm_sets(stop) as previous:
-        try:
-            out = run_stage_named(spec, "train", root, {"pack": pack}, force=force, hooks=hooks)
-        except Preempted as e:
-            logger.warning("%s", e)
-            if caller.stop is None and callable(previous):
-                previous(signal.SIGTERM, None)  # the worker's (Prefect's) SIGTERM handling, now that it is saved
-            raise
-    publish_summary(spec, out)
-    return out
+    caller = attached()  # `palm run`'s display; the flow's stop event
+    hooks = Hooks(on_step=on_step, on_checkpoint=on_checkpoint,
+                  stop=caller.stop if caller.stop is not None else threading.Event()) + caller
+    try:
+        return run_node(node, root, inputs, force=force, hooks=hooks)
+    except Preempted as e:
+        logger.warning("%s", e)
+        raise

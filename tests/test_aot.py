@@ -119,9 +119,11 @@ def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(pre
     err = capsys.readouterr().err
     assert rc == 2, err[-2000:]
     assert "palm: error:" in err and "per chip" in err and "Traceback" not in err
-    assert not (small / "data").exists()  # the compile ran first: nothing else was spent
+    assert not (small / "train").exists()  # training waited for the check, and never started
     assert not list(small.glob("compile/*/manifest.json"))
     failed = [f for f in prefect_flow_runs(parameter_output=str(small)) if f.state.is_failed()]
     assert len(failed) == 1
-    compile_runs = [t for t in flow_run_and_tasks(str(failed[0].id))[1] if t.name.startswith("compile[")]
-    assert len(compile_runs) == 1 and compile_runs[0].state.is_failed() and compile_runs[0].run_count == 1
+    task_runs = {t.name.split("[")[0]: t for t in flow_run_and_tasks(str(failed[0].id))[1]}
+    compile_run = task_runs["compile"]
+    assert compile_run.state.is_failed() and compile_run.run_count == 1
+    assert not task_runs["train"].state.is_completed() and task_runs["train"].run_count == 0

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from palm.cli import main
-from palm.pipeline import BUILT, STAGE_ORDER, stages_for
+from palm.pipeline import STAGES
 from palm.spec import load_spec
+from palm.workflow import resolve_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
@@ -27,8 +28,8 @@ def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_
     # `palm run` is the pretrain flow: one Completed flow run with one Completed task run per stage.
     flow_run, task_runs = flow_run_and_tasks(result["flow_run"])
     assert flow_run.state.is_completed() and flow_run.parameters["output"] == str(tmp_path)
-    stages = stages_for(load_spec(TINY))  # every stage but the TPU pre-flight compile
-    assert stages == [s for s in STAGE_ORDER if s != "compile"] and set(STAGE_ORDER) == set(BUILT)
+    stages = list(resolve_workflow(load_spec(TINY)).nodes)  # the default graph: every default stage type but
+    assert stages == [s.name for s in STAGES.values() if s.default and s.name != "compile"]  # the TPU pre-flight
     assert sorted(t.name.split("[")[0] for t in task_runs) == sorted(stages)
     assert all(t.state.is_completed() for t in task_runs)
     assert result["status"] == "completed" and result["final_step"] == 4

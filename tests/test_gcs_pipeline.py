@@ -19,7 +19,8 @@ import pytest
 
 from palm import storage
 from palm.ledger import EvalLedger
-from palm.pipeline import record_spec, run_dag, run_summary, stages_for
+from palm.pipeline import record_spec, run_dag, run_summary
+from palm.workflow import resolve_workflow
 from palm.report import write_report
 from palm.spec import load_spec
 from tests.conftest import SPECS
@@ -30,8 +31,8 @@ QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4
 def run_pipeline(spec, root: str) -> dict:
     """What the pretrain flow does, in process: record the spec, run every stage, write the report."""
     record_spec(spec, root)
-    outputs = run_dag(spec, root, stages_for(spec))
-    return run_summary(root, write_report(root, spec.name, outputs), outputs)
+    outputs = run_dag(spec, root)
+    return run_summary(root, write_report(root, spec.name, resolve_workflow(spec), outputs), outputs)
 
 
 @dataclasses.dataclass

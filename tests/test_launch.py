@@ -531,8 +531,8 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
 
     from palm.launch import train_output
     from palm.stages import StageOutput, read_manifest
-    from tasks.common import with_retry_policy
-    from tasks.train import train_task
+    from palm.workflow import resolve_workflow
+    from tasks.stage import node_task
 
     root = "gs://bucket/launch-test"
     spec = load_spec(TINY, ["infra.hardware.accelerator=tpu-v4", "infra.hardware.num_devices=8",
@@ -541,7 +541,8 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
                             "infra.launcher.namespace=palm", "infra.launcher.poll_seconds=0.01",
                             "retries.train.retries=1", "retries.train.delay_seconds=0"])
     pack = StageOutput("pack", "0123456789abcdef", f"{root}/pack/0123456789abcdef", {"complete": True}, cached=True)
-    key, path = train_output(spec, root, pack)
+    node = resolve_workflow(spec).nodes["train"]
+    key, path = train_output(node, root, {"pack": pack})
     manifest = {"stage": "train", "key": key, "complete": True, "final_step": 180, "final_loss": 3.8,
                 "checkpoint": f"{path}/checkpoints/180", "seconds": 12.0, "code_version": "test"}
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {
@@ -551,7 +552,7 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
 
     @flow(name="train-on-gke")
     def train_on_gke():
-        return with_retry_policy(train_task, spec, "train")(spec, root, pack)
+        return node_task(node)(node, root, {"pack": pack})
 
     out = train_on_gke()
     assert (out.stage, out.key, out.path, out.cached) == ("train", key, path, False)

@@ -10,9 +10,20 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from palm.spec import load_spec
+from palm.pipeline import node_inputs
+from palm.workflow import resolve_workflow
 from tasks.common import with_retry_policy
-from tasks.data import data_task
+from tasks.stage import node_task, stage_task
 from tests.conftest import SPECS
+
+
+def run_nodes(spec, root: str, names: list[str]) -> dict:
+    """The named nodes of the spec's workflow as tasks, one after the other (call inside a flow)."""
+    outputs: dict = {}
+    for node in resolve_workflow(spec).nodes.values():
+        if node.name in names:
+            outputs[node.name] = node_task(node)(node, root, node_inputs(node, outputs))
+    return outputs
 
 
 async def _artifacts(key: str):
@@ -25,7 +36,7 @@ def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
 
     @flow(name="data-only")
     def data_only():
-        return data_task(spec, str(tmp_path))
+        return run_nodes(spec, str(tmp_path), ["data"])["data"]
 
     out = data_only()
     assert out.manifest["complete"] is True
@@ -42,7 +53,7 @@ def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
 def test_retry_policy_comes_from_the_spec():
     spec = load_spec(SPECS / "tiny.yaml", ["retries.data.retries=3", "retries.data.delay_seconds=2",
                                             "retries.data.backoff=3"])
-    task = with_retry_policy(data_task, spec, "data")
+    task = with_retry_policy(stage_task, spec, "data")
     assert task.retries == 3
     assert task.retry_delay_seconds == [2.0, 6.0, 18.0]
 
@@ -52,18 +63,14 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
 
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    from tasks.pack import pack_task
-    from tasks.tokenizer import tokenizer_task
-    from tasks.train import CHECKPOINT_SAVED, train_task
+    from tasks.train import CHECKPOINT_SAVED
 
     spec = load_spec(SPECS / "tiny.yaml", ["train.steps=6", "train.checkpoint.every_steps=3"])
     root = str(tmp_path)
 
     @flow(name="tiny-train")
     def tiny_train():
-        data = data_task(spec, root)
-        tokenizer = tokenizer_task(spec, root, data)
-        return train_task(spec, root, pack_task(spec, root, data, tokenizer))
+        return run_nodes(spec, root, ["data", "tokenizer", "pack", "train"])["train"]
 
     out = tiny_train()
     assert out.manifest["final_step"] == 6
@@ -87,9 +94,6 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
 
 def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
     from palm.train import Trainer
-    from tasks.pack import pack_task
-    from tasks.tokenizer import tokenizer_task
-    from tasks.train import train_task
 
     spec = load_spec(SPECS / "tiny.yaml", ["train.steps=8", "train.checkpoint.every_steps=3",
                                             "retries.train.retries=2", "retries.train.delay_seconds=0"])
@@ -106,9 +110,7 @@ def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server
 
     @flow(name="tiny-train-retry")
     def tiny_train():
-        data = data_task(spec, root)
-        tokenizer = tokenizer_task(spec, root, data)
-        return with_retry_policy(train_task, spec, "train")(spec, root, pack_task(spec, root, data, tokenizer))
+        return run_nodes(spec, root, ["data", "tokenizer", "pack", "train"])["train"]  # train: 2 retries
 
     out = tiny_train()
     assert out.manifest["final_step"] == 8

@@ -187,14 +187,23 @@ def locate_run(checkpoint: str | Path) -> dict[str, Any]:
             "data_dir": pack["inputs"]["data"]["path"]}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None) -> dict[str, Any]:
-    """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it."""
+def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
+                        pack: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it.
+
+    The tokenizer and the packed (and validation) data are the run's own, unless `pack` and `tokenizer`
+    (StageOutputs) name others: a workflow's eval node reads the ones it was given (a base model on the
+    fine-tuning mixture's validation split, say)."""
     from palm.checkpoint import open_checkpoints
     from palm.config import ModelConfig
     from palm.eval import load_language_model
     from palm.stages import local_copy
 
     run = locate_run(checkpoint)
+    if pack is not None:
+        run.update(pack_dir=pack.path, pack_manifest=pack.manifest, data_dir=pack.manifest["inputs"]["data"]["path"])
+    if tokenizer is not None:
+        run.update(tokenizer_dir=tokenizer.path)
     step = run["step"] if step is None else step
     if step is None:
         ckpts = open_checkpoints(run["train_dir"])

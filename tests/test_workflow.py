@@ -1,0 +1,224 @@
+"""Workflow graphs declared in the spec (palm.workflow): the default chain keeps its keys, declared graphs
+with shared upstream and several models run (branches concurrently) and re-run only what changed,
+fine-tuning starts from a trained model, bad graphs are refused naming the node, and a stage type is one
+builder and one table row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from palm.cli import main
+from palm.errors import PalmError, SpecError
+from palm.pipeline import STAGES, Stage, node_inputs, run_dag, stage_key_of
+from palm.spec import load_spec
+from palm.stages import StageOutput
+from palm.workflow import resolve_workflow
+from tests.conftest import SPECS
+from tests.test_cli import flow_run_and_tasks
+
+TINY = SPECS / "tiny.yaml"
+SCALING = SPECS / "tiny-scaling.yaml"
+CODER = SPECS / "tiny-coder.yaml"
+QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
+
+
+def sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def keys(spec) -> dict[str, str]:
+    outputs: dict[str, StageOutput] = {}
+    for node in resolve_workflow(spec).nodes.values():
+        key = stage_key_of(node, node_inputs(node, outputs))
+        outputs[node.name] = StageOutput(node.stage, key, "", {}, False)
+    return {name: out.key for name, out in outputs.items()}
+
+
+def test_the_default_graph_is_the_chain_with_the_keys_it_always_had():
+    """Runs made before workflows existed stay cached: the tiny spec's nodes, paths and keys are the same
+    (these keys were computed by the code before graphs; a stage version bump changes them on purpose)."""
+    workflow = resolve_workflow(load_spec(TINY))
+    assert not workflow.declared and list(workflow.nodes) == ["data", "tokenizer", "pack", "train", "eval"]
+    assert keys(load_spec(TINY)) == {"data": "7e67767b66eab385", "tokenizer": "0da0b5f21ff84af3",
+                                     "pack": "9a4fbf7b7bcda9a0", "train": "221c054f07bac7d0",
+                                     "eval": "46fde9dba3fd1f59"}
+    tpu = resolve_workflow(load_spec(SPECS / "palm-540b.yaml"))
+    assert list(tpu.nodes)[0] == "compile" and tpu.nodes["train"].after == ("compile",)
+    # A declared graph's node with the same config and inputs has the same key (under its own name).
+    assert keys(load_spec(SCALING))["train-m"] == "221c054f07bac7d0"
+
+
+def test_inputs_resolve_to_the_nearest_node_of_their_type():
+    coder = resolve_workflow(load_spec(CODER))
+    assert coder.nodes["coder"].inputs == {"pack": "pack-code", "train": "train"}
+    # eval-coder names only its model: its pack is the one the model was fine-tuned on, its tokenizer shared.
+    assert coder.nodes["eval-coder"].inputs == {"train": "coder", "pack": "pack-code", "tokenizer": "tokenizer"}
+    assert coder.nodes["eval-base-on-code"].inputs == {"train": "train", "pack": "pack-code", "tokenizer": "tokenizer"}
+    scaling = resolve_workflow(load_spec(SCALING))
+    assert set(scaling.nodes["scaling"].collected) == {"train-s", "train-m", "train-l", "eval-s", "eval-m", "eval-l"}
+    assert scaling.nodes["train-l"].spec.model.num_layers == 3 and scaling.nodes["train-m"].spec.model.num_layers == 2
+    assert scaling.upstream(["eval-s"]) == {"eval-s", "train-s", "pack", "tokenizer", "data"}
+
+
+BAD_GRAPHS = [
+    ("unknown-need", {"data": {}, "tokenizer": {"needs": ["dta"]}}, "workflow.tokenizer.needs", "'dta'"),
+    ("unknown-type", {"data": {}, "tok": {"needs": ["data"]}}, "workflow.tok.stage", "unknown stage type 'tok'"),
+    ("cycle", {"data": {"needs": ["pack"]}, "tokenizer": {"needs": ["data"]}, "pack": {"needs": ["data", "tokenizer"]}},
+     "workflow.", "cycle"),
+    ("missing-input", {"data": {}, "train": {"needs": ["data"]}}, "workflow.train.needs", "reads a pack output"),
+    ("ambiguous", {"data": {}, "tokenizer": {"needs": ["data"]}, "pack": {"needs": ["data", "tokenizer"]},
+                   "a": {"stage": "train", "needs": ["pack"]}, "b": {"stage": "train", "needs": ["pack"]},
+                   "eval": {"needs": ["a", "b"]}}, "workflow.eval.needs", "finds 2 as near as each other: a, b"),
+    ("not-read", {"data": {}, "tokenizer": {"needs": ["data"]}, "pack": {"needs": ["data", "tokenizer"]},
+                  "train": {"needs": ["pack", "tokenizer"]}}, "workflow.train.needs", "does not read tokenizer"),
+    ("unknown-override", {"data": {"set": {"data.bogus": 1}}}, "workflow.data.set.data.bogus", "unknown key"),
+    ("bad-override-value", {"data": {"set": {"model.num_layers": 0}}}, "workflow.data.set.model.num_layers",
+     "positive"),
+    ("bad-name", {"Data": {"stage": "data"}}, "workflow.Data", "lowercase"),
+    ("compile-on-cpu", {"compile": {}}, "workflow.compile.stage", "does not apply"),
+    ("scaling-without-models", {"data": {}, "scaling": {"needs": ["data"]}}, "workflow.scaling.needs", "collects"),
+]
+
+
+@pytest.mark.parametrize("name, graph, key, words", BAD_GRAPHS, ids=[b[0] for b in BAD_GRAPHS])
+def test_a_bad_graph_is_refused_before_any_work_naming_the_node(tmp_path, capsys, name, graph, key, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(TINY), "name": "bad", "workflow": graph}))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert key in str(e.value) and words in str(e.value), str(e.value)
+    rc = main(["run", str(path), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and key in err, err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_retry_policies_name_stage_types(tmp_path):
+    with pytest.raises(SpecError, match="retries.trian: not a stage type"):
+        load_spec(TINY, ["retries.trian.retries=3"])
+
+
+def write_variant(tmp_path: Path, base: Path, name: str, workflow: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(base), "workflow": workflow}))
+    return path
+
+
+def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_changed(prefect_server, capsys,
+                                                                                        tmp_path):
+    """tiny-scaling: one data/tokenizer/pack, three model sizes, their evaluations and a scaling report,
+    through the Prefect flow (`palm run`)."""
+    root = tmp_path / "run"
+    rc = main(["run", str(SCALING), "--output", str(root), "--json", *sets(QUICK)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    result = json.loads(out)
+    nodes = ["data", "tokenizer", "pack", "train-s", "train-m", "train-l", "eval-s", "eval-m", "eval-l", "scaling"]
+    assert list(result["stages"]) == nodes
+    assert {n: s["stage"] for n, s in result["stages"].items()}["train-l"] == "train"
+    assert not any(s["cached"] for s in result["stages"].values())
+    for n, s in result["stages"].items():
+        assert s["output"] == f"{root}/{n}/{s['key']}"
+    scaling = json.loads((Path(result["stages"]["scaling"]["output"]) / "scaling.json").read_text())
+    assert [r["model"] for r in scaling["rows"]] == ["train-s", "train-m", "train-l"]
+    assert scaling["rows"][0]["params"] < scaling["rows"][1]["params"] < scaling["rows"][2]["params"]
+    assert scaling["loss"] == "validation_loss" and scaling["fits"]["params"] is not None
+    report = (root / "report.md").read_text()
+    assert "## Scaling: scaling" in report and (root / "loss-train-l.png").is_file()
+
+    # One task run per node, named after it, with the graph's edges as the tasks' inputs (what the
+    # Prefect UI draws); the three trainings ran at the same time.
+    flow_run, task_runs = flow_run_and_tasks(result["flow_run"])
+    by_name = {t.name.split("[")[0]: t for t in task_runs}
+    assert set(by_name) == set(nodes) and all(t.state.is_completed() for t in task_runs)
+    upstream = {name: {str(i.id) for inputs in t.task_inputs.values() for i in inputs if hasattr(i, "id")}
+                for name, t in by_name.items()}
+    assert upstream["scaling"] == {str(by_name[n].id) for n in nodes[3:9]}
+    assert upstream["eval-l"] >= {str(by_name["train-l"].id)}
+    trains = sorted((by_name[n].start_time, by_name[n].end_time) for n in ("train-s", "train-m", "train-l"))
+    assert trains[1][0] < trains[0][1], trains  # the second started before the first ended
+
+    # Change one branch: only it and what reads it run again.
+    changed = write_variant(tmp_path, SCALING, "changed", {"train-l": {"set": {"train.seed": 1}}})
+    rc = main(["run", str(changed), "--output", str(root), "--json", *sets(QUICK)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    again = {n: s["cached"] for n, s in json.loads(out)["stages"].items()}
+    assert [n for n, c in again.items() if not c] == ["train-l", "eval-l", "scaling"]
+
+
+def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
+    """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
+    from palm.checkpoint import open_checkpoints
+
+    keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {"train.checkpoint.keep_last": 5}}})
+    spec = load_spec(keep, QUICK)
+    outputs = run_dag(spec, tmp_path / "run", ["data", "tokenizer", "pack", "train", "data-code", "pack-code",
+                                                "coder", "eval-coder"])
+    base, coder = outputs["train"].manifest, outputs["coder"].manifest
+    assert coder["init_from"] == base["checkpoint"] and coder["final_step"] == 60
+    ckpts = open_checkpoints(outputs["coder"].path)
+    try:
+        start = ckpts.meta(0)
+    finally:
+        ckpts.close()
+    assert start["digest"] == base["digest"]  # the same parameters: fine-tuning starts where training ended
+    assert coder["digest"] != base["digest"]
+    # Evaluated on the code mixture's validation split, which its pack reads.
+    assert outputs["eval-coder"].manifest["results"]["validation_loss"]["documents"] > 0
+    assert json.loads((Path(outputs["coder"].path) / "context.json").read_text())["inputs"]["train"]["key"] == \
+        outputs["train"].key
+
+
+def test_a_finetune_of_another_architecture_is_bad_input(tmp_path):
+    spec = load_spec(CODER, QUICK + ["workflow.coder.set={model.num_layers: 3}"])
+    with pytest.raises(PalmError, match="do not fit this model"):
+        run_dag(spec, tmp_path, ["data", "tokenizer", "pack", "train", "data-code", "pack-code", "coder"])
+
+
+def test_a_worker_runs_the_training_node_it_is_given(tmp_path):
+    from palm.worker import run_worker
+
+    spec = load_spec(SCALING, QUICK)
+    run_dag(spec, tmp_path, ["data", "tokenizer", "pack"])
+    result = run_worker(spec, str(tmp_path), node_name="train-s")
+    assert result["output"].startswith(f"{tmp_path}/train-s/") and result["final_step"] == 6
+    with pytest.raises(PalmError, match="--node eval-s: not a training node.*train-s, train-m, train-l"):
+        run_worker(spec, str(tmp_path), node_name="eval-s")
+
+
+def test_plan_shows_the_graph_with_each_models_size(capsys):
+    assert main(["plan", str(SCALING), "--json"]) == 0
+    stages = {s["name"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
+    assert stages["scaling"]["collects"] and stages["train-l"]["set"] == {"model.num_layers": 3, "model.d_model": 192,
+                                                                          "model.num_heads": 6}
+    assert stages["train-s"]["params"] < stages["train-m"]["params"] < stages["train-l"]["params"]
+    assert stages["eval-s"]["inputs"] == {"train": "train-s", "pack": "pack", "tokenizer": "tokenizer"}
+    assert main(["plan", str(SCALING)]) == 0
+    text = capsys.readouterr().out
+    assert "workflow" in text and "train-l       train      <- pack;" in text
+
+
+def test_a_stage_type_is_one_builder_and_one_table_row(tmp_path, monkeypatch):
+    """A new type needs nothing but its row: the spec's graph, the runner and the keys take it from there."""
+    def build_wordcount(spec, inputs, hooks):
+        def build(out):
+            words = sum(len(line.split()) for shard in inputs["data"].local().glob("train-*.jsonl.gz")
+                        for line in __import__("gzip").open(shard, "rt"))
+            (out / "count.txt").write_text(str(words))
+            return {"words": words}
+        return build
+
+    monkeypatch.setitem(STAGES, "wordcount", Stage("wordcount", build_wordcount, lambda spec: {"v": 1},
+                                                   inputs=("data",), default=False))
+    path = tmp_path / "wc.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(TINY), "name": "wc",
+                                    "workflow": {"data": {}, "count": {"stage": "wordcount", "needs": ["data"]}}}))
+    outputs = run_dag(load_spec(path), tmp_path / "run")
+    assert outputs["count"].manifest["words"] > 1000
+    assert (Path(outputs["count"].path) / "count.txt").read_text() == str(outputs["count"].manifest["words"])
+    assert run_dag(load_spec(path), tmp_path / "run")["count"].cached
