@@ -380,7 +380,7 @@ def run_summary(root: str | Path, report: str | Path, outputs: dict[str, StageOu
     training and evaluation nodes' results."""
     summary: dict[str, Any] = {
         "status": "completed", "root": str(root), "report": str(report),
-        "stages": {name: {"stage": o.stage, "output": o.path, "cached": o.cached, "key": o.key}
+        "stages": {name: {"stage": o.stage, "path": o.path, "output": o.path, "cached": o.cached, "key": o.key}
                    for name, o in outputs.items()}}
     trained = [o for o in outputs.values() if STAGES[o.stage].trains]
     if trained:
