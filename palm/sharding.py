@@ -41,7 +41,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _tpu_device_mesh(sizes: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
-    """TPU devices arranged as the mesh: each slice's torus laid out by `torus_assignment`, the slices
+    """TPU devices arranged as the mesh: each slice's chips laid out by `torus_assignment`, the slices
     stacked along `data`."""
     by_slice: dict[int, list[jax.Device]] = {}
     for d in devices:
@@ -55,7 +55,7 @@ def _tpu_device_mesh(sizes: tuple[int, ...], devices: Sequence[jax.Device]) -> n
         coords = np.array([list(d.coords) + [getattr(d, "core_on_chip", 0)] for d in slice_devices])
         physical = tuple(int(c) for c in coords.max(0) + 1)
         if math.prod(physical) != len(slice_devices):
-            raise PalmError(f"the devices of slice {index} do not fill a torus (coordinates up to {physical})")
+            raise PalmError(f"the devices of slice {index} do not fill a slice (coordinates up to {physical})")
         grid = np.empty(physical, dtype=object)
         for d, c in zip(slice_devices, coords):
             grid[tuple(c)] = d
@@ -63,7 +63,7 @@ def _tpu_device_mesh(sizes: tuple[int, ...], devices: Sequence[jax.Device]) -> n
         if assignment is None:
             raise PalmError(f"mesh {dict(zip(MESH_AXES, sizes))} does not lay out on {num_slices} slice(s) of "
                             f"{'x'.join(map(str, physical[:-1] if physical[-1] == 1 else physical))} TPU chips: "
-                            "each axis of a slice must be a product of whole torus axes")
+                            "each axis of a slice must be a product of whole physical axes")
         order = [i for axes in assignment for i in axes]
         order += [i for i in range(len(physical)) if i not in order]  # axes of size 1
         blocks.append(grid.transpose(order).reshape(per_sizes))
@@ -73,7 +73,7 @@ def _tpu_device_mesh(sizes: tuple[int, ...], devices: Sequence[jax.Device]) -> n
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over (data, fsdp, model) with automatic (GSPMD) sharding propagation.
 
-    On TPUs the mesh follows the physical torus of each slice, with `data` across slices (the hybrid
+    On TPUs the mesh follows the physical axes of each slice, with `data` across slices (the hybrid
     ICI x DCN mesh of a multi-slice job); `devices` may be the abstract devices of a topology that this
     host does not have (`palm.aot`). Elsewhere the devices are taken in JAX's order.
     """

@@ -372,7 +372,7 @@ def check_consistency(spec: Spec) -> None:
             hint = f"; the nearest that does: {{{', '.join(f'{a}: {v}' for a, v in near.items())}}}" if near else ""
             raise SpecError(f"mesh {', '.join(f'{a}={v}' for a, v in mesh.items())} does not lay out on "
                             f"{hw.num_slices} slice(s) of {hw.topology}: within a slice each axis must span whole "
-                            f"torus axes (sizes that are products of {', '.join(map(str, dims))}), and data must be "
+                            f"physical axes of the slice (sizes that are products of {', '.join(map(str, dims))}), and data must be "
                             f"a multiple of the slices{hint}", key="infra.mesh")
     if hw.num_devices % hw.devices_per_host:
         raise SpecError(f"{hw.num_devices} devices do not split evenly into hosts of {hw.devices_per_host}",

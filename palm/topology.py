@@ -1,11 +1,13 @@
-"""TPU slices as tori, and which (data, fsdp, model) meshes lay out on them; no JAX needed.
+"""TPU slices as 3D meshes of chips, and which (data, fsdp, model) meshes lay out on them; no JAX needed.
 
-A TPU v4 slice is a 3D torus of chips (e.g. 12x16x16), its rings closed by wrap-around links. A mesh
-axis that spans whole torus axes keeps those rings: its collectives run over every link at full
-bandwidth. An axis that took part of a torus axis would cut rings, so such meshes are refused before
-any work (`palm.spec` checks a spec's mesh against its topology and suggests the nearest that lays out),
-and `palm.sharding.make_mesh` builds the device mesh from the same assignment. Several slices (pods)
-are joined only by the data-center network: the `data` axis spans them.
+A TPU v4 slice is a 3D mesh of chips (e.g. 12x16x16), each linked to its neighbours along every axis;
+some shapes (2A=B=C or 2A=2B=C, e.g. 4x4x8, 8x8x16) close each axis into a ring with wrap-around links,
+a torus. A mesh axis that spans whole physical axes runs its collectives over every link of those axes;
+an axis that took part of a physical axis would share links with another mesh axis and, on a torus, cut
+its rings. Such meshes are refused before any work (`palm.spec` checks a spec's mesh against its
+topology and suggests the nearest that lays out), and `palm.sharding.make_mesh` builds the device mesh
+from the same assignment. Several slices (pods) are joined only by the data-center network: the `data`
+axis spans them.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ MESH_AXES = ("data", "fsdp", "model")
 
 
 def torus_assignment(physical: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, ...]] | None:
-    """Which physical axes of one slice's torus each mesh axis spans, or None if they cannot be laid out.
+    """Which physical axes of one slice each mesh axis spans, or None if they cannot be laid out.
 
-    Every mesh axis must be the product of whole physical axes (never a part of one, which would cut a
-    torus ring and its wrap-around links), all physical axes used. Axes are placed from the last (model,
+    Every mesh axis must be the product of whole physical axes (never a part of one), all physical axes
+    used. Axes are placed from the last (model,
     the most communication-heavy) to the first, each preferring as many physical axes as it can take, so
     model parallelism gets the widest, fastest neighbourhoods; among equals the first physical axes win.
     This is the same preference as jax.experimental.mesh_utils, but searched exhaustively, so a layout is
@@ -55,7 +57,7 @@ def parse_topology(topology: str) -> tuple[int, ...]:
     except ValueError:
         dims = ()
     if not dims or any(d < 1 for d in dims):
-        raise PalmError(f"TPU topology {topology!r} is not of the form AxBxC (chips along each torus axis), "
+        raise PalmError(f"TPU topology {topology!r} is not of the form AxBxC (chips along each axis of the slice), "
                         "e.g. 8x8x16")
     return dims
 
@@ -70,7 +72,7 @@ def slice_mesh_shape(shape: dict[str, int], num_slices: int) -> dict[str, int]:
 
 
 def mesh_fits_topology(shape: dict[str, int], topology: Sequence[int], num_slices: int = 1) -> bool:
-    """Whether the (data, fsdp, model) mesh lays out on `num_slices` slices of this torus."""
+    """Whether the (data, fsdp, model) mesh lays out on `num_slices` slices of this shape."""
     try:
         per_slice = slice_mesh_shape(shape, num_slices)
     except PalmError:
@@ -79,7 +81,7 @@ def mesh_fits_topology(shape: dict[str, int], topology: Sequence[int], num_slice
 
 
 def valid_meshes(num_devices: int, topology: Sequence[int], num_slices: int = 1) -> list[dict[str, int]]:
-    """Every (data, fsdp, model) mesh of `num_devices` that lays out on the slices' torus."""
+    """Every (data, fsdp, model) mesh of `num_devices` that lays out on the slices."""
     out = []
     for data in range(1, num_devices + 1):
         if num_devices % data:

@@ -82,7 +82,7 @@ def test_the_540b_mesh_is_two_slices_of_torus_laid_axes():
     slices = np.vectorize(lambda d: d.slice_index)(grid)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()  # only `data` crosses the data-center network
     coords = _coords(grid)
-    # A model group is one ring of the 12-chip axis; an FSDP group is the 16x16 plane at one x.
+    # A model group is one line of the 12-chip axis; an FSDP group is the 16x16 plane at one x.
     group = coords[0, 37]
     assert sorted(group[:, 0]) == list(range(12)) and len({tuple(c[1:]) for c in group}) == 1
     plane = coords[1, :, 5]
@@ -97,7 +97,7 @@ def test_make_mesh_refuses_what_the_torus_cannot_take():
     devices = tpu_devices("tpu-v4", "2x2x2", num_slices=2)
     mesh = make_mesh({"data": 2, "fsdp": 4, "model": 2}, devices)
     assert mesh.devices.shape == (2, 4, 2) and mesh.axis_names == ("data", "fsdp", "model")
-    with pytest.raises(PalmError, match="does not lay out"):  # 2 would cut the rings of 4x4x4
+    with pytest.raises(PalmError, match="does not lay out"):  # 2 would take part of an axis of 4x4x4
         make_mesh({"data": 1, "fsdp": 32, "model": 2}, tpu_devices("tpu-v4", "4x4x4"))
     with pytest.raises(PalmError, match="multiple of the 2 slices"):
         make_mesh({"data": 1, "fsdp": 8, "model": 2}, devices)
