@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the JobSet manifest) and exit")
     p.add_argument("--node", default="train", help="the workflow's training node to launch (default: train)")
 
+    p = sub.add_parser("image", help="build and push the worker image (infra/Dockerfile) that infra.launcher.image "
+                       "names: docker build + push, or Cloud Build; --dry-run prints the commands")
+    _add_spec_args(p)
+    p.add_argument("--cloud-build", action="store_true", help="build with Cloud Build (no local Docker engine needed)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+
     p = sub.add_parser("spec", help="spec utilities")
     spec_sub = p.add_subparsers(dest="spec_command", required=True)
     spec_sub.add_parser("schema", help="print the spec's JSON Schema")
@@ -491,7 +497,19 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch": _cmd_launch,
+def _cmd_image(args: argparse.Namespace) -> int:
+    from palm.image import build_image, render
+    from palm.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        print(render(spec, args.cloud_build), end="")
+        return 0
+    build_image(spec, args.cloud_build, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+COMMANDS = {"image": _cmd_image, "plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch": _cmd_launch,
             "spec": _cmd_spec, "data": _cmd_data, "bench": _cmd_bench, "checkpoint": _cmd_checkpoint,
             "eval-score": _cmd_eval_score, "eval": _cmd_eval}
 

@@ -6,11 +6,15 @@ Every host runs the same worker command (`worker_command`: `palm worker SPEC --o
 
 - local: `infra.launcher.processes` worker processes on this machine, joined by jax.distributed over
   loopback (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
-- tpu-vm: a queued resource of `num_slices` TPU slices (gcloud), the worker started in the launcher's
-  image on every VM of every slice over `gcloud compute tpus tpu-vm ssh --worker=all`, the TPUs deleted
-  at the end whatever happened;
-- gke: one JobSet (jobset.x-k8s.io/v1alpha2) with one Job per slice and one pod per TPU host, followed
-  with kubectl (its status, and the leader pod's log).
+- tpu-vm: a queued resource of `num_slices` TPU slices (gcloud, by type and topology), whose startup
+  script runs the worker in the launcher's image on every VM of every slice and leaves each host's exit
+  code and log in the run root, where the launcher follows them (no ssh session has to last the weeks of
+  a run); the TPUs deleted at the end whatever happened;
+- gke: one JobSet (jobset.x-k8s.io/v1alpha2) with one Job per slice and one pod per TPU host (privileged
+  containers), followed with kubectl (its status, and the leader pod's log).
+
+A job of the same plan found still running (a retry after the launcher's own machine restarted) is
+followed, never deleted and started again; only a forced stage (`replace`) replaces it.
 
 How a job ends: `launch` returns when every worker succeeded; otherwise it raises
 - `JobPreempted`: the machines were taken away (a worker exited 75 after checkpointing, the TPUs were
@@ -38,6 +42,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -143,6 +148,15 @@ class LaunchPlan:
     #: tpu-vm: the command whose output is the queued resource's state.
     status: Command | None = None
     poll_seconds: float = 15.0
+    #: tpu-vm: the startup script every TPU VM runs at boot (the worker), written to `script_name` in the
+    #: directory `setup` runs in; where the hosts leave their exit codes and logs; how many hosts there are.
+    startup_script: str | None = None
+    script_name: str | None = None
+    status_dir: str | None = None
+    hosts: int = 0
+    #: What identifies this job (its command, image and shape): a job found running with the same
+    #: fingerprint is this one, re-attached to instead of started again.
+    fingerprint: str = ""
 
 
 def worker_command(spec_path: str, root: str, overrides: Sequence[str] = (), node: str = "train") -> list[str]:
@@ -302,41 +316,75 @@ def gcloud_location(spec: Any) -> list[str]:
     return [f"--project={la.project}", f"--zone={la.zone}"]
 
 
+#: States of a queued resource that is (or will be) running a job, and of one that ended.
+QR_LIVE = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING", "ACTIVE")
+QR_ENDED = ("FAILED", "SUSPENDING", "SUSPENDED")
+
+
+def startup_script(name: str, image: str, command: Sequence[str], status_dir: str) -> str:
+    """The TPU VMs' startup script: run the worker in the image and leave its exit code and log in the run
+    root (`status_dir/<host>.json` and `.log`), where the launcher follows them. No ssh session has to
+    stay open for the weeks a run takes; a VM that reboots runs it again and the worker resumes."""
+    docker = shlex.join(["docker", "run", "--rm", "--net=host", "--privileged", "--env=PALM_DISTRIBUTED=auto",
+                         f"--env=PALM_STOP_FILE={status_dir}/stop", image, *command])
+    registry = image.split("/", 1)[0]
+    login = (f"gcloud auth configure-docker {shlex.quote(registry)} --quiet\n"
+             if "." in registry and "/" in image else "")  # Artifact Registry: docker needs gcloud's token
+    return f"""#!/bin/bash
+# The palm worker of job {name}, run by every TPU VM of the job at boot (queued resource metadata:
+# startup-script). Written by `palm launch`; the launcher follows {status_dir}.
+set -uo pipefail
+STATUS={shlex.quote(status_dir)}
+HOST=$(hostname)
+LOG=/var/log/palm-worker.log
+{login}(while sleep 30; do gcloud storage cp --quiet "$LOG" "$STATUS/$HOST.log"; done) &
+UPLOADER=$!
+{docker} > "$LOG" 2>&1
+CODE=$?
+kill "$UPLOADER"
+gcloud storage cp --quiet "$LOG" "$STATUS/$HOST.log"
+printf '{{"host": "%s", "exit_code": %d}}\\n' "$HOST" "$CODE" | gcloud storage cp - "$STATUS/$HOST.json"
+"""
+
+
 def _plan_tpu_vm(spec: Any, root: str, command: list[str]) -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape, name = slice_shape(spec), job_name(spec)
     where = gcloud_location(spec)
+    status_dir = f"{root.rstrip('/')}/launch/{name}"
+    script = startup_script(name, la.image, command, status_dir)
+    script_name = f"{name}-startup.sh"
     qr = ["gcloud", "compute", "tpus", "queued-resources"]
-    create = [*qr, "create", name, *where, f"--accelerator-type={shape.accelerator_type}",
+    # Slices of any shape are asked for by type and topology: accelerator types (v4-6144) are listed for
+    # some shapes only.
+    create = [*qr, "create", name, *where, f"--type={shape.generation.prefix}", f"--topology={shape.topology}",
               f"--runtime-version={la.runtime_version}"]
     if hw.num_slices > 1:
         create += [f"--node-count={hw.num_slices}", f"--node-prefix={name}"]  # nodes <name>-0, <name>-1, …
-        nodes = [f"{name}-{i}" for i in range(hw.num_slices)]
     else:
         create += [f"--node-id={name}"]
-        nodes = [name]
     if la.spot:
         create += ["--spot"]
     if la.service_account:
         create += [f"--service-account={la.service_account}"]
+    # TPU VMs of a multi-slice queued resource carry the MEGASCALE_* settings in their metadata, which the
+    # TPU runtime reads, so nothing is passed for them.
+    create += [f"--metadata-from-file=startup-script={script_name}"]
     status = [*qr, "describe", name, *where, "--format=value(state.state)"]
-    delete = [*qr, "delete", name, *where, "--force", "--quiet", "--async"]
-    # On each VM the worker runs in the image; TPU VMs of a multi-slice queued resource carry the
-    # MEGASCALE_* settings in their metadata, which the TPU runtime reads, so nothing is passed for them.
-    docker = ["sudo", "docker", "run", "--rm", "--net=host", "--privileged", "--env=PALM_DISTRIBUTED=auto",
-              la.image, *command]
-    script = shlex.join(docker)
-    registry = la.image.split("/", 1)[0]
-    if "." in registry and "/" in la.image:  # a private registry (Artifact Registry): docker needs gcloud's token
-        script = f"sudo gcloud auth configure-docker {shlex.quote(registry)} --quiet && {script}"
-    workers = [Command(("gcloud", "compute", "tpus", "tpu-vm", "ssh", node, *where, "--worker=all", "--quiet",
-                        f"--command={script}")) for node in nodes]
-    summary = (f"tpu-vm: queued resource {name}, {hw.num_slices} slice(s) of {shape.accelerator_type} "
-               f"({shape.topology}: {shape.chips} chips, {shape.hosts} hosts of {shape.generation.chips_per_host}), "
-               f"mesh {_mesh_text(spec)}")
-    return LaunchPlan("tpu-vm", name, root, summary, setup=(Command(tuple(create)),), workers=tuple(workers),
+    delete = [*qr, "delete", name, *where, "--force", "--quiet"]
+    summary = (f"tpu-vm: queued resource {name}, {hw.num_slices} slice(s) of {shape.generation.prefix} "
+               f"{shape.topology} ({shape.chips} chips, {shape.hosts} hosts of {shape.generation.chips_per_host}), "
+               f"workers started by its startup script; mesh {_mesh_text(spec)}")
+    return LaunchPlan("tpu-vm", name, root, summary, setup=(Command(tuple(create)),),
                       teardown=(Command(tuple(delete)),), status=Command(tuple(status)),
-                      poll_seconds=la.poll_seconds)
+                      poll_seconds=la.poll_seconds, startup_script=script, script_name=script_name,
+                      status_dir=status_dir, hosts=hw.num_slices * shape.hosts, fingerprint=_fingerprint(script))
+
+
+def _fingerprint(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def kubectl_commands(name: str, namespace: str) -> dict[str, list[str]]:
@@ -384,6 +432,8 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
                 "ports": [{"containerPort": 8471, "name": "tpu-runtime"},
                           {"containerPort": 8080, "name": "megascale"}],
                 "resources": {"limits": {"google.com/tpu": shape.generation.chips_per_host}},
+                # The TPU runtime in the container needs the host's TPU devices (/dev/accel*, vfio).
+                "securityContext": {"privileged": True},
             }],
         },
     }
@@ -422,19 +472,23 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
     }
 
 
+FINGERPRINT = "palm.dev/job-fingerprint"
+
+
 def _plan_gke(spec: Any, root: str, command: list[str]) -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape, name = slice_shape(spec), job_name(spec)
     namespace = la.namespace or "default"
     manifest = jobset_manifest(spec, name, namespace, command)
+    fingerprint = _fingerprint(json.dumps(manifest, sort_keys=True))
+    manifest["metadata"]["annotations"][FINGERPRINT] = fingerprint
     k = kubectl_commands(name, namespace)
     summary = (f"gke: JobSet {name} in namespace {namespace}, {hw.num_slices} slice(s) x {shape.hosts} host(s) x "
                f"{shape.generation.chips_per_host} chips of {hw.accelerator} ({shape.topology}), "
                f"mesh {_mesh_text(spec)}")
-    return LaunchPlan("gke", name, root, summary,
-                      setup=(Command(tuple(k["delete"])), Command(tuple(k["create"]), stdin=manifest_yaml(manifest))),
-                      manifest=manifest, namespace=namespace, max_restarts=la.max_restarts,
-                      poll_seconds=la.poll_seconds)
+    return LaunchPlan("gke", name, root, summary, setup=(Command(tuple(k["create"]), stdin=manifest_yaml(manifest)),),
+                      teardown=(Command(tuple(k["delete"])),), manifest=manifest, namespace=namespace,
+                      max_restarts=la.max_restarts, poll_seconds=la.poll_seconds, fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -483,14 +537,22 @@ def render(plan: LaunchPlan) -> str:
     if plan.kind == "local":
         lines += [w.shell() for w in plan.workers]
     elif plan.kind == "tpu-vm":
-        lines += [c.shell() for c in plan.setup]
-        lines.append(f"# wait until ACTIVE, every {plan.poll_seconds:g} s: {plan.status.shell()}")
-        lines += [w.shell() for w in plan.workers]
-        lines.append("# at the end, whatever happened:")
-        lines += [c.shell() for c in plan.teardown]
+        lines += [f"# first: {plan.status.shell()}: a live queued resource of this job (the same startup script "
+                  "in the run root's launch record) is followed, not created again; one that ended is deleted first",
+                  *(c.shell() for c in plan.setup),
+                  f"# wait until ACTIVE, every {plan.poll_seconds:g} s: {plan.status.shell()}",
+                  f"# then every {plan.poll_seconds:g} s: read {plan.status_dir}/<host>.json (exit codes) and the "
+                  f"first host's log, until all {plan.hosts} hosts have finished",
+                  "# at the end, whatever happened:",
+                  *(c.shell() for c in plan.teardown),
+                  f"# {plan.script_name}:",
+                  plan.startup_script.rstrip("\n")]
     else:
         k = kubectl_commands(plan.name, plan.namespace)
-        lines += [f"# {plan.setup[0].shell()}", f"# {shlex.join(k['create'])}   (stdin: the manifest below)",
+        lines += [f"# first: {shlex.join(k['status'])}: a running JobSet of this job (annotation {FINGERPRINT}="
+                  f"{plan.fingerprint}) is followed, not created again; one that failed is deleted first "
+                  f"({shlex.join(k['delete'])})",
+                  f"# {shlex.join(k['create'])}   (stdin: the manifest below)",
                   f"# then every {plan.poll_seconds:g} s: {shlex.join(k['status'])}",
                   f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD"]
         return "\n".join(lines) + "\n" + manifest_yaml(plan.manifest)
@@ -505,7 +567,9 @@ def plan_json(plan: LaunchPlan) -> dict[str, Any]:
     return {"kind": plan.kind, "name": plan.name, "root": plan.root, "summary": plan.summary,
             "setup": [cmd(c) for c in plan.setup], "workers": [cmd(c) for c in plan.workers],
             "status": cmd(plan.status) if plan.status else None, "teardown": [cmd(c) for c in plan.teardown],
-            "manifests": [plan.manifest] if plan.manifest is not None else []}
+            "manifests": [plan.manifest] if plan.manifest is not None else [],
+            "startup_script": plan.startup_script, "status_dir": plan.status_dir, "hosts": plan.hosts,
+            "fingerprint": plan.fingerprint}
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -526,10 +590,11 @@ def _popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         raise PalmError(f"{argv[0]}: command not found on PATH; {_INSTALL.get(argv[0], 'install it')}") from None
 
 
-def _run(argv: Sequence[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def _run(argv: Sequence[str], stdin: str | None = None, check: bool = True,
+         cwd: str | None = None) -> subprocess.CompletedProcess:
     """Run a command to its end, its output captured; JobFailed (with its stderr) when it fails."""
     proc = _popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", cwd=cwd)
     out, err = proc.communicate(stdin)
     result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
     if check and proc.returncode != 0:
@@ -618,41 +683,145 @@ def _run_local(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
     _outcome(f"{plan.name} (local)", codes, first, "worker")
 
 
-def _queued_resource_state(plan: LaunchPlan) -> str:
-    return _run(plan.status.argv).stdout.strip()
+def _queued_resource_state(plan: LaunchPlan) -> str | None:
+    """The queued resource's state, or None when there is none."""
+    got = _run(plan.status.argv, check=False)
+    if got.returncode:
+        if "NOT_FOUND" in got.stderr or "not found" in got.stderr.lower():
+            return None
+        raise JobFailed(f"`{plan.status.shell()}` failed with exit code {got.returncode}: {got.stderr.strip()[-1000:]}")
+    return got.stdout.strip()
 
 
-def _run_tpu_vm(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+def _read_json(path: str) -> dict[str, Any]:
+    from palm import storage
+
     try:
+        return json.loads(storage.read_text(path))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _host_statuses(plan: LaunchPlan) -> dict[str, dict[str, Any]]:
+    """Each finished host's status object (<host>.json in the status directory), by host."""
+    from palm import storage
+
+    out = {}
+    for path in storage.glob(f"{plan.status_dir}/*.json"):
+        host = storage.name(path)[: -len(".json")]
+        if host not in ("job", "stop"):
+            out[host] = _read_json(path)
+    return out
+
+
+class _LogFollower:
+    """Prints the new lines of one host's log object (the first host's, by name) on each call."""
+
+    def __init__(self, plan: LaunchPlan, log: Log):
+        self.plan, self.log, self.path, self.seen = plan, log, None, 0
+
+    def __call__(self) -> None:
+        from palm import storage
+
+        if self.path is None:
+            logs = storage.glob(f"{self.plan.status_dir}/*.log")
+            if not logs:
+                return
+            self.path = logs[0]
+        try:
+            lines = storage.read_text(self.path).splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines[self.seen:]:
+            self.log(f"[{storage.name(self.path)[:-len('.log')]}] {line}")
+        self.seen = max(self.seen, len(lines))
+
+
+def _attach_or_create_tpu_vm(plan: LaunchPlan, log: Log, replace: bool) -> None:
+    """Create the queued resource, unless a live one of this very job exists (then it is followed:
+    a retried or re-run task must not restart a running job); one that ended, or `replace`, is deleted
+    first. A live one of another job is refused."""
+    from palm import storage
+
+    record = f"{plan.status_dir}/job.json"
+    state = _queued_resource_state(plan)
+    if state is not None:
+        ours = _read_json(record).get("fingerprint") == plan.fingerprint
+        if state in QR_LIVE and ours and not replace:
+            log(f"{plan.name}: re-attaching to this job's queued resource ({state})")
+            return
+        if state in QR_LIVE and not replace:
+            raise PalmError(f"queued resource {plan.name} exists ({state}) for another job; delete it "
+                            f"({plan.teardown[0].shell()}) or re-run with --force")
+        log(f"$ {plan.teardown[0].shell()}")
+        _run(plan.teardown[0].argv)
+    storage.remove_tree(plan.status_dir)  # no exit code of an earlier job is read as this one's
+    storage.write_text_atomic(record, json.dumps({"name": plan.name, "fingerprint": plan.fingerprint}))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        Path(work, plan.script_name).write_text(plan.startup_script)
         for command in plan.setup:
             log(f"$ {command.shell()}")
-            _run(command.argv)
-        state = ""
+            _run(command.argv, cwd=work)
+
+
+def _host_outcome(plan: LaunchPlan, statuses: dict[str, dict[str, Any]]) -> bool:
+    """True when every host succeeded; raises for the first host that did not; False while running."""
+    for host, status in sorted(statuses.items()):
+        code = status.get("exit_code")
+        if code == EXIT_PREEMPTED:
+            raise JobPreempted(f"{plan.name}: host {host} was preempted (exit {code}) after checkpointing; "
+                               "run again to resume")
+        if code == EXIT_BAD_INPUT:
+            raise WorkerRejected(f"{plan.name}: host {host} rejected its input (exit {code}); see its log "
+                                 f"({plan.status_dir}/{host}.log)")
+        if code != 0:
+            raise JobFailed(f"{plan.name}: host {host} failed with exit code {code} (log: {plan.status_dir}/{host}.log)")
+    return len(statuses) >= plan.hosts
+
+
+def _run_tpu_vm(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = False) -> None:
+    from palm import storage
+
+    _attach_or_create_tpu_vm(plan, log, replace)  # outside the try: another job's TPUs are never deleted
+    try:
+        state: str | None = ""
         while state != "ACTIVE":
             seen, state = state, _queued_resource_state(plan)
             if state != seen:
                 log(f"{plan.name}: {state}")
-            if state == "FAILED":
-                raise JobFailed(f"{plan.name}: the queued resource FAILED (no capacity in time, or a bad request): "
-                                f"`{plan.status.shell().replace('value(state.state)', 'yaml')}` says why")
+            if state in (None, "FAILED"):
+                raise JobFailed(f"{plan.name}: the queued resource {'FAILED' if state else 'is gone'} (no capacity in "
+                                f"time, or a bad request): `{plan.status.shell().replace('value(state.state)', 'yaml')}` "
+                                "says why")
             if state in ("SUSPENDING", "SUSPENDED"):
-                raise JobPreempted(f"{plan.name}: the TPUs were {state.lower()} before the workers started")
+                raise JobPreempted(f"{plan.name}: the TPUs were {state.lower()} before the workers finished")
             if state != "ACTIVE" and stop.wait(plan.poll_seconds):
                 raise JobStopped(plan.name)
-        children = [_Child(w.argv, log, f"[slice {i}] ") for i, w in enumerate(plan.workers)]
-        try:
-            codes, first = _wait_all(children, stop, min(plan.poll_seconds, 1.0))
-        finally:
-            for c in children:
-                c.terminate()
+        follow = _LogFollower(plan, log)
+        stopping_since = None
+        while True:
+            follow()
+            statuses = _host_statuses(plan)
+            if _host_outcome(plan, statuses):
+                follow()
+                return
+            state = _queued_resource_state(plan)
+            if state in ("SUSPENDING", "SUSPENDED", None):
+                raise JobPreempted(f"{plan.name}: preempted (queued resource {state or 'gone'}, {len(statuses)} of "
+                                   f"{plan.hosts} hosts finished); run again to resume from the checkpoints")
+            if stopping_since is None and stop.is_set():
+                # The workers watch for this object: they checkpoint and exit 75, which ends the job.
+                storage.write_text_atomic(f"{plan.status_dir}/stop", "stop")
+                stopping_since = time.monotonic()
+            if stopping_since is not None and time.monotonic() - stopping_since > TERMINATION_GRACE_SECONDS:
+                raise JobStopped(plan.name)
+            stop.wait(plan.poll_seconds) if stopping_since is None else time.sleep(plan.poll_seconds)
+    except JobPreempted:
         if stop.is_set():
-            raise JobStopped(plan.name)
-        if first is not None and codes[first] != EXIT_BAD_INPUT:
-            state = _run(plan.status.argv, check=False).stdout.strip()
-            if state in ("SUSPENDING", "SUSPENDED") or EXIT_PREEMPTED in codes.values():
-                raise JobPreempted(f"{plan.name}: preempted (queued resource {state or 'gone'}, ssh exit codes "
-                                   f"{sorted(set(codes.values()))}); run again to resume from the checkpoints")
-        _outcome(plan.name, codes, first, "slice")
+            raise JobStopped(plan.name) from None
+        raise
     finally:
         for command in plan.teardown:
             log(f"$ {command.shell()}")
@@ -666,11 +835,35 @@ def _conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
 
 
-def _run_gke(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> None:
+    """Create the JobSet, unless one of this very job (the same fingerprint) exists and has not failed:
+    then it is followed, so that a retried or re-run task never restarts a running job. A failed one,
+    one of another job that has finished, or any with `replace` (a forced stage), is deleted first; a
+    running one of another job is refused."""
     k = kubectl_commands(plan.name, plan.namespace)
+    got = _run(k["status"], check=False)
+    if got.returncode == 0:
+        existing = json.loads(got.stdout)
+        ours = ((existing.get("metadata") or {}).get("annotations") or {}).get(FINGERPRINT) == plan.fingerprint
+        done = _conditions(existing.get("status") or {})
+        if ours and "Failed" not in done and not replace:
+            log(f"{plan.name}: re-attaching to this job's JobSet ({'completed' if 'Completed' in done else 'running'})")
+            return
+        if not ours and not done and not replace:
+            raise PalmError(f"JobSet {plan.name} of another job is running in namespace {plan.namespace}; delete it "
+                            f"({shlex.join(k['delete'])}) or re-run with --force")
+        log(f"$ {shlex.join(k['delete'])}")
+        _run(k["delete"])
+    elif "NotFound" not in got.stderr and "not found" not in got.stderr:
+        raise JobFailed(f"`{shlex.join(k['status'])}` failed with exit code {got.returncode}: {got.stderr.strip()[-1000:]}")
     for command in plan.setup:
         log(f"$ {command.shell()}")
         _run(command.argv, stdin=command.stdin)
+
+
+def _run_gke(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = False) -> None:
+    k = kubectl_commands(plan.name, plan.namespace)
+    _attach_or_create_jobset(plan, log, replace)
     followed: set[str] = set()
     logs: _Child | None = None
     restarts, misses = 0, 0
@@ -735,17 +928,23 @@ def _drain(logs: _Child | None) -> None:
         logs.wait(60)
 
 
-def launch(plan: LaunchPlan, stop: threading.Event | None = None, log: Log | None = None) -> None:
+def launch(plan: LaunchPlan, stop: threading.Event | None = None, log: Log | None = None,
+           replace: bool = False) -> None:
     """Run the plan and follow the job to its end, its logs to `log` (default: stderr), line by line.
 
     Returns when every worker succeeded; raises JobPreempted, WorkerRejected, JobFailed or JobStopped
-    (see the module doc). Setting `stop` stops the job: local workers and pods get SIGTERM (and
-    checkpoint), TPU VMs are deleted.
+    (see the module doc). A TPU VM or GKE job of this very plan that is still running is followed
+    instead of started again (a retry after the launcher's machine restarted), unless `replace`.
+    Setting `stop` stops the job: local workers and pods get SIGTERM, TPU VM workers find a stop
+    object in the run root; they checkpoint first.
     """
     stop = stop if stop is not None else threading.Event()
     log = log or _stderr
     log(f"launch: {plan.summary}")
-    {"local": _run_local, "tpu-vm": _run_tpu_vm, "gke": _run_gke}[plan.kind](plan, stop, log)
+    if plan.kind == "local":
+        _run_local(plan, stop, log)
+    else:
+        {"tpu-vm": _run_tpu_vm, "gke": _run_gke}[plan.kind](plan, stop, log, replace)
     log(f"launch: {plan.name} finished")
 
 
@@ -783,7 +982,7 @@ def train_on_workers(node: Any, root: str, inputs: dict[str, Any], force: bool =
     plan = plan_launch(node.spec, storage.join(root, SPEC_RECORD), root, node=node.name)
     if not node.overrides:  # the workflow's own spec (a node with overrides has its own, without the graph)
         record_spec(node.spec, root)
-    launch(plan, stop=stop, log=log)
+    launch(plan, stop=stop, log=log, replace=force)
     manifest = read_manifest(path)
     if manifest is None:
         raise JobFailed(f"{plan.name}: the workers finished but {path} has no complete manifest.json")

@@ -86,6 +86,7 @@ def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") 
 
     hooks = Hooks(on_step=on_step, stop=stop)
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    watching = _watch_stop_file(os.environ.get("PALM_STOP_FILE"), stop)
     try:
         if leader:
             out = run_node(node, root, inputs, hooks=hooks)
@@ -101,7 +102,32 @@ def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") 
         fields = STAGES[node.stage].build(spec, inputs, hooks)(final if storage.is_remote(final) else Path(final))
         return {"output": final, "cached": False, "final_step": fields["final_step"], "digest": fields["digest"]}
     finally:
+        watching.set()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _watch_stop_file(path: str | None, stop: threading.Event) -> threading.Event:
+    """Set `stop` once `path` (local or gs://) exists, looking every PALM_STOP_POLL_SECONDS (30): how a
+    launcher without a session on the hosts (TPU VMs started by a startup script) asks them to checkpoint
+    and stop. Returns the event that ends the watching."""
+    done = threading.Event()
+    if not path:
+        return done
+    from palm import storage
+
+    every = float(os.environ.get("PALM_STOP_POLL_SECONDS", "30"))
+
+    def watch() -> None:
+        while not done.wait(every):
+            try:
+                if storage.exists(path):
+                    stop.set()
+                    return
+            except Exception:  # noqa: BLE001 - a failed look must never stop training; look again later
+                continue
+
+    threading.Thread(target=watch, name="palm-stop-file", daemon=True).start()
+    return done
 
 
 def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool, node: str = "train") -> int:

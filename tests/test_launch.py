@@ -115,23 +115,36 @@ def test_540b_jobset_is_two_slices_of_3072_chips(capsys):
     assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "palm-540b-slice-0-0.palm-540b"
 
 
-def test_540b_on_tpu_vms_asks_for_two_v4_6144_slices(capsys):
+def test_540b_on_tpu_vms_asks_for_two_12x16x16_slices_started_by_a_startup_script(capsys, tmp_path):
+    import subprocess
+
     rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=tpu-vm", "--dry-run", "--json")
     assert rc == 0, err
     plan = json.loads(out)
     [create] = plan["setup"]
-    # v4 accelerator types count TensorCores (2 per chip): a 3072-chip slice is v4-6144.
-    assert "--accelerator-type=v4-6144" in create["argv"]
+    # Any v4 shape by type and topology (accelerator types such as v4-6144 are listed for some shapes only).
+    assert "--type=v4" in create["argv"] and "--topology=12x16x16" in create["argv"]
+    assert not any(a.startswith("--accelerator-type") for a in create["argv"])
     assert "--node-count=2" in create["argv"] and "--node-prefix=palm-540b" in create["argv"]
-    assert [w["argv"][5] for w in plan["workers"]] == ["palm-540b-0", "palm-540b-1"]
-    for worker in plan["workers"]:
-        assert worker["argv"][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in worker["argv"]
-        script = next(a for a in worker["argv"] if a.startswith("--command="))
-        assert "palm worker specs/palm-540b.yaml --output gs://palm-runs/palm-540b" in script
-        assert "--set infra.mesh.fsdp=256 --set infra.mesh.model=12" in script
+    assert "--metadata-from-file=startup-script=palm-540b-startup.sh" in create["argv"]
+    assert plan["workers"] == [] and plan["hosts"] == 1536  # no ssh sessions: every VM runs the script
+    script = plan["startup_script"]
+    assert plan["status_dir"] == "gs://palm-runs/palm-540b/launch/palm-540b"
+    assert "palm worker specs/palm-540b.yaml --output gs://palm-runs/palm-540b" in script
+    assert "--set infra.mesh.fsdp=256 --set infra.mesh.model=12" in script
+    assert "--privileged" in script and "--env=PALM_STOP_FILE=gs://palm-runs/palm-540b/launch/palm-540b/stop" in script
+    assert '"$STATUS/$HOST.json"' in script and '"$STATUS/$HOST.log"' in script
+    path = tmp_path / "startup.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # it parses
     [delete] = plan["teardown"]
     assert delete["argv"][:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "palm-540b"]
     assert "--force" in delete["argv"]
+
+
+def test_tpu_containers_on_gke_are_privileged(capsys):
+    [container] = jobset_540b(capsys)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"] == {"privileged": True}
 
 
 @pytest.mark.parametrize("spec, extra", [
@@ -257,14 +270,29 @@ def upload(target, text):
 
 def kubectl():
     if ARGS[:2] == ["create", "-f"]:
-        record(sys.stdin.read())
+        manifest = sys.stdin.read()
+        record(manifest)
         s = state()
         s["attempt"] = s.get("attempt", 0) + 1
         s["polls"] = 0
+        s["annotations"] = __import__("yaml").safe_load(manifest)["metadata"].get("annotations", {})
+        s.pop("deleted", None)
         save(s)
         return 0
     record()
     s = state()
+    if ARGS[:2] == ["get", "jobset"] and ("attempt" not in s or s.get("deleted")):
+        existing = SCENARIO.get("existing")
+        if existing is None or s.get("deleted"):
+            print(f'Error from server (NotFound): jobsets.jobset.x-k8s.io "{ARGS[2]}" not found', file=sys.stderr)
+            return 1
+        annotations = {"palm.dev/job-fingerprint": existing.get("fingerprint") or s.get("our_fingerprint", "")}
+        print(json.dumps({"kind": "JobSet", "metadata": {"name": ARGS[2], "annotations": annotations},
+                          "status": existing.get("status", {})}))
+        if existing.get("becomes_ours"):  # a running JobSet of this job: following it goes on below
+            s["attempt"], s["polls"], s["annotations"] = 1, 0, annotations
+            save(s)
+        return 0
     attempt = SCENARIO["attempts"][s.get("attempt", 1) - 1]
     if ARGS[:2] == ["get", "jobset"]:
         s["polls"] = s.get("polls", 0) + 1
@@ -282,7 +310,8 @@ def kubectl():
             else:
                 status["conditions"] = [{"type": "Failed", "status": "True", "reason": outcome,
                                          "message": attempt.get("message", outcome)}]
-        print(json.dumps({"kind": "JobSet", "metadata": {"name": ARGS[2]}, "status": status}))
+        print(json.dumps({"kind": "JobSet", "metadata": {"name": ARGS[2], "annotations": s.get("annotations", {})},
+                          "status": status}))
         return 0
     if ARGS[:2] == ["get", "pods"]:
         n = s.get("attempt", 1)
@@ -294,6 +323,8 @@ def kubectl():
             print(line, flush=True)
         return 0
     if ARGS[0] == "delete":
+        s["deleted"] = True
+        save(s)
         return 0
     print(f"fake kubectl: unexpected {ARGS}", file=sys.stderr)
     return 3
@@ -303,22 +334,39 @@ def gcloud():
     record()
     s = state()
     if "create" in ARGS:
-        s["describes"] = 0
+        s["describes"], s["created"] = 0, True
         save(s)
         return SCENARIO.get("create_exit", 0)
     if "describe" in ARGS:
+        if not s.get("created"):
+            existing = SCENARIO.get("existing")
+            if existing is None:
+                print("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: queued resource not found",
+                      file=sys.stderr)
+                return 1
+            print(existing)
+            if existing in ("ACTIVE", "PROVISIONING") and SCENARIO.get("existing_is_ours"):
+                s["created"], s["describes"] = True, 0
+                save(s)
+            return 0
         states = SCENARIO["states"]
         s["describes"] = s.get("describes", 0) + 1
         save(s)
-        print(states[min(s["describes"], len(states)) - 1])
+        current = states[min(s["describes"], len(states)) - 1]
+        print(current)
+        if current == "ACTIVE" and not s.get("reported"):  # the VMs run the startup script
+            status_dir = SCENARIO["status_dir"]
+            for i, host in enumerate(SCENARIO["hosts"]):
+                upload(f"{status_dir}/{host}.log", "\n".join(f"{host}: {line}" for line in SCENARIO.get("log", [])) + "\n")
+                code = SCENARIO.get("exit", {}).get(host, 0)
+                if code is not None:
+                    upload(f"{status_dir}/{host}.json", json.dumps({"host": host, "exit_code": code}))
+            s["reported"] = True
+            save(s)
         return 0
-    if "ssh" in ARGS:
-        node = ARGS[ARGS.index("ssh") + 1]
-        for line in SCENARIO.get("log", []):
-            print(f"{node}: {line}", flush=True)
-        time.sleep(SCENARIO.get("sleep", {}).get(node, 0))
-        return SCENARIO.get("ssh_exit", {}).get(node, 0)
     if "delete" in ARGS:
+        s["created"] = False
+        save(s)
         return 0
     return 3
 
@@ -374,14 +422,39 @@ def test_gke_launch_runs_the_jobset_follows_the_leader_and_streams_its_log(capsy
     assert rc == 0, err
     assert out.strip() == "palm-540b: completed (gke)"
     calls = fakes.calls("kubectl")
-    assert calls[0]["argv"] == ["delete", "jobset", "palm-540b", "--namespace=palm", "--ignore-not-found", "--wait=true"]
+    assert calls[0]["argv"] == ["get", "jobset", "palm-540b", "--namespace=palm", "--output=json"]  # none yet
     assert calls[1]["argv"] == ["create", "-f", "-"]
     assert yaml.safe_load(calls[1]["stdin"]) == expected  # exactly the manifest the dry run printed
     assert ["get", "jobset", "palm-540b", "--namespace=palm", "--output=json"] in [c["argv"] for c in calls]
     logs = [c["argv"] for c in calls if c["argv"][0] == "logs"]
     assert logs == [["logs", "--namespace=palm", "--container=worker", "--follow", "leader-1"]]
     assert "step 1/255000 loss 12.5" in err and "step 255000/255000 loss 1.9" in err  # streamed to stderr
-    assert kubectl_verbs(fakes).count("get jobset") == 3  # twice running, then completed: it stopped there
+    assert kubectl_verbs(fakes).count("get jobset") == 4  # none yet; twice running, then completed: it stopped there
+
+
+def test_a_rerun_reattaches_to_its_running_jobset_instead_of_restarting_it(capsys, tmp_path, monkeypatch):
+    """The Prefect worker's VM restarted while the job ran: a re-run finds the JobSet of this very job
+    (its fingerprint annotation) still running and follows it; nothing is deleted or created."""
+    fingerprint = jobset_540b(capsys, *FAST)["metadata"]["annotations"]["palm.dev/job-fingerprint"]
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {
+        "existing": {"fingerprint": fingerprint, "becomes_ours": True},
+        "attempts": [{"outcome": "Completed", "polls": 2, "log": ["step 200000/255000 loss 2.0"]}]}})
+    rc, out, err = run_cli(capsys, S540, *FAST)
+    assert rc == 0, err
+    assert "re-attaching to this job's JobSet (running)" in err and "step 200000/255000 loss 2.0" in err
+    assert "create -f" not in kubectl_verbs(fakes) and not any(v.startswith("delete") for v in kubectl_verbs(fakes))
+
+
+def test_a_running_jobset_of_another_job_is_refused_and_force_replaces_it(capsys, tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"existing": {"fingerprint": "0123456789abcdef"},
+                                                      "attempts": [{"outcome": "Completed", "polls": 1}]}})
+    rc, out, err = run_cli(capsys, S540, *FAST)
+    assert rc == 2 and "of another job is running" in err and "--force" in err
+    assert kubectl_verbs(fakes) == ["get jobset"]
+    # A forced stage replaces it: delete, then create.
+    spec = load_spec(S540, ["infra.launcher.poll_seconds=0.01"])
+    launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None, replace=True)
+    assert kubectl_verbs(fakes)[1:4] == ["get jobset", "delete jobset", "create -f"]
 
 
 @pytest.mark.parametrize("reason, rc, exception", [
@@ -406,47 +479,128 @@ def test_gke_outcomes(capsys, tmp_path, monkeypatch, reason, rc, exception):
 
 
 # ----------------------------------------------------------------------------------------- tpu-vm
+# The tiny model on two TPU v4 slices of one 4-chip host each: two startup scripts' worth of statuses.
 
 TPU_VM = [S540, "--set", "infra.launcher.kind=tpu-vm", *FAST]
+HOSTS = ["t1v-n-a-w-0", "t1v-n-b-w-0"]
 
 
-def test_tpu_vm_launch_creates_waits_runs_every_slice_and_deletes(capsys, tmp_path, monkeypatch):
-    fakes = Fakes(tmp_path, monkeypatch, {"gcloud": {
-        "states": ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], "log": ["step 10/255000 loss 9.1"]}})
-    rc, out, err = run_cli(capsys, *TPU_VM)
+def small_tpu_vm(root: str) -> list[str]:
+    return [str(SPECS / "tiny.yaml"), "--output", root, *FAST, *[a for item in [
+        "infra.launcher.kind=tpu-vm", "infra.launcher.project=p", "infra.launcher.zone=us-central2-b",
+        "infra.launcher.runtime_version=tpu-ubuntu2204-base", "infra.launcher.image=example/palm:1",
+        "infra.hardware.accelerator=tpu-v4", "infra.hardware.num_devices=8", "infra.hardware.num_slices=2",
+        "infra.hardware.devices_per_host=4", "infra.hardware.topology=1x2x2", "infra.mesh.data=2",
+        "infra.mesh.fsdp=4"] for a in ("--set", item)]]
+
+
+@pytest.fixture
+def tpu_vm_root(gcs_emulator) -> str:
+    import uuid
+
+    return f"gs://bucket/tpu-vm-{uuid.uuid4().hex[:8]}/tiny"
+
+
+def tpu_vm_scenario(root: str, **extra) -> dict:
+    return {"gcloud": {"status_dir": f"{root}/launch/tiny", "hosts": HOSTS, **extra}}
+
+
+def test_tpu_vm_launch_creates_follows_the_hosts_statuses_and_deletes(capsys, tmp_path, monkeypatch, tpu_vm_root):
+    fakes = Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, states=[
+        "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], log=["step 10/180 loss 9.1"]))
+    rc, out, err = run_cli(capsys, *small_tpu_vm(tpu_vm_root))
     assert rc == 0, err
-    dry = json.loads(run_cli(capsys, *TPU_VM, "--dry-run", "--json")[1])
+    dry = json.loads(run_cli(capsys, *small_tpu_vm(tpu_vm_root), "--dry-run", "--json")[1])
     calls = [c["argv"] for c in fakes.calls("gcloud")]
     creates = [c for c in calls if "create" in c]
-    describes = [c for c in calls if "describe" in c]
-    sshes = [c for c in calls if "ssh" in c]
-    assert ["gcloud", *calls[0]] == dry["setup"][0]["argv"]
-    assert len(creates) == 1 and len(describes) == 3  # until ACTIVE
-    assert sorted(["gcloud", *c] for c in sshes) == sorted(w["argv"] for w in dry["workers"])
+    assert "describe" in calls[0]  # is there one already? (no: NOT_FOUND)
+    assert len(creates) == 1 and ["gcloud", *creates[0]] == dry["setup"][0]["argv"]
+    assert not any("ssh" in c for c in calls)
     assert ["gcloud", *calls[-1]] == dry["teardown"][0]["argv"]
-    assert "[slice 0] palm-540b-0: step 10/255000 loss 9.1" in err
-    assert "[slice 1] palm-540b-1: step 10/255000 loss 9.1" in err
+    assert f"[{HOSTS[0]}] {HOSTS[0]}: step 10/180 loss 9.1" in err  # the first host's log, from the run root
     assert "WAITING_FOR_RESOURCES" in err and "ACTIVE" in err
+    from palm import storage
+
+    assert json.loads(storage.read_text(f"{tpu_vm_root}/launch/tiny/job.json"))["fingerprint"] == dry["fingerprint"]
 
 
 @pytest.mark.parametrize("scenario, rc, exception", [
-    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-1": 75}}, 75, JobPreempted),
-    ({"states": ["ACTIVE", "SUSPENDED"], "ssh_exit": {"palm-540b-0": 255}}, 75, JobPreempted),
-    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-0": 1}, "sleep": {"palm-540b-1": 30}}, 1, JobFailed),
-    ({"states": ["ACTIVE"], "ssh_exit": {"palm-540b-0": 2}}, 2, WorkerRejected),
+    ({"states": ["ACTIVE"], "exit": {HOSTS[1]: 75}}, 75, JobPreempted),
+    ({"states": ["ACTIVE", "SUSPENDED"], "exit": {HOSTS[0]: None, HOSTS[1]: None}}, 75, JobPreempted),
+    ({"states": ["ACTIVE"], "exit": {HOSTS[0]: 1, HOSTS[1]: None}}, 1, JobFailed),
+    ({"states": ["ACTIVE"], "exit": {HOSTS[0]: 2}}, 2, WorkerRejected),
     ({"states": ["WAITING_FOR_RESOURCES", "FAILED"]}, 1, JobFailed),
 ], ids=["worker-preempted", "tpus-suspended", "worker-crashed", "bad-input", "no-capacity"])
-def test_tpu_vm_outcomes_always_delete_the_tpus(capsys, tmp_path, monkeypatch, scenario, rc, exception):
-    fakes = Fakes(tmp_path, monkeypatch, {"gcloud": scenario})
+def test_tpu_vm_outcomes_always_delete_the_tpus(capsys, tmp_path, monkeypatch, tpu_vm_root, scenario, rc, exception):
+    fakes = Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, **scenario))
     started = time.monotonic()
-    code, out, err = run_cli(capsys, *TPU_VM)
+    code, out, err = run_cli(capsys, *small_tpu_vm(tpu_vm_root))
     assert code == rc, err
-    assert time.monotonic() - started < 20  # a failed slice stops the other's session; it does not wait 30 s
+    assert time.monotonic() - started < 20  # a failed host ends the job; nobody waits for the others
     assert "delete" in fakes.calls("gcloud")[-1]["argv"] and "Traceback" not in err
-    spec = load_spec(S540, ["infra.launcher.kind=tpu-vm", "infra.launcher.poll_seconds=0.01"])
+    spec = load_spec(small_tpu_vm(tpu_vm_root)[0], [a for a in small_tpu_vm(tpu_vm_root)[3:] if a != "--set"]
+                     + ["infra.launcher.poll_seconds=0.01"])
     (fakes.dir / "state.json").unlink()
     with pytest.raises(exception):
-        launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None)
+        launch(plan_launch(spec, TINY, tpu_vm_root), log=lambda line: None)
+
+
+def test_a_rerun_reattaches_to_its_running_tpus_instead_of_starting_again(capsys, tmp_path, monkeypatch, tpu_vm_root):
+    """The launcher's machine restarted mid-run: the queued resource is still ACTIVE with this job's
+    startup script, so the re-run follows it (no create, no delete before it)."""
+    from palm import storage
+
+    dry = json.loads(run_cli(capsys, *small_tpu_vm(tpu_vm_root), "--dry-run", "--json")[1])
+    storage.write_text_atomic(f"{tpu_vm_root}/launch/tiny/job.json",
+                              json.dumps({"name": "tiny", "fingerprint": dry["fingerprint"]}))
+    fakes = Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, existing="ACTIVE", existing_is_ours=True,
+                                                         states=["ACTIVE"]))
+    rc, out, err = run_cli(capsys, *small_tpu_vm(tpu_vm_root))
+    assert rc == 0, err
+    calls = [c["argv"] for c in fakes.calls("gcloud")]
+    assert not any("create" in c for c in calls) and "re-attaching to this job's queued resource" in err
+    assert "delete" in calls[-1]  # at the end, as always
+
+
+def test_tpus_of_another_job_are_never_taken_over(capsys, tmp_path, monkeypatch, tpu_vm_root):
+    fakes = Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, existing="ACTIVE", states=["ACTIVE"]))
+    rc, out, err = run_cli(capsys, *small_tpu_vm(tpu_vm_root))
+    assert rc == 2 and "exists (ACTIVE) for another job" in err and "--force" in err
+    assert [c["argv"] for c in fakes.calls("gcloud") if "delete" in c["argv"] or "create" in c["argv"]] == []
+
+
+def test_a_stop_asks_tpu_vm_workers_to_checkpoint_through_the_run_root(tmp_path, monkeypatch, tpu_vm_root):
+    from palm import storage
+
+    Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, states=["ACTIVE"], exit={h: None for h in HOSTS}))
+    spec = load_spec(TINY, [a for a in small_tpu_vm(tpu_vm_root)[3:] if a != "--set"])
+    plan = plan_launch(spec, TINY, tpu_vm_root)
+    stop, lines = threading.Event(), []
+    thread = threading.Thread(target=lambda: lines.append(_launch(plan, stop, lines)))
+    thread.start()
+    deadline = time.time() + 30
+    while not any("ACTIVE" in str(line) for line in lines) and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    while not storage.exists(f"{tpu_vm_root}/launch/tiny/stop") and time.time() < deadline:
+        time.sleep(0.05)
+    assert storage.exists(f"{tpu_vm_root}/launch/tiny/stop")  # what the workers watch (PALM_STOP_FILE)
+    for host in HOSTS:  # they checkpoint and exit 75
+        storage.write_text_atomic(f"{tpu_vm_root}/launch/tiny/{host}.json", json.dumps({"exit_code": 75}))
+    thread.join(30)
+    assert isinstance(lines[-1], JobStopped), lines[-3:]
+
+
+def test_a_worker_stops_when_its_stop_file_appears(tmp_path, monkeypatch):
+    from palm.worker import _watch_stop_file
+
+    monkeypatch.setenv("PALM_STOP_POLL_SECONDS", "0.05")
+    stop = threading.Event()
+    done = _watch_stop_file(str(tmp_path / "stop"), stop)
+    assert not stop.wait(0.3)
+    (tmp_path / "stop").write_text("stop")
+    assert stop.wait(5)
+    done.set()
 
 
 def test_missing_gcloud_is_bad_input(capsys, tmp_path, monkeypatch):
