@@ -12,6 +12,11 @@ before starting it:
 - writes and deletes honour `ifGenerationMatch` (412 when it does not hold): OCDBT creates and
   updates its manifest with it;
 - `moveTo` (a move within a bucket): gcsfs tries it first when renaming.
+- suffix ranges (`Range: bytes=-N`, the last N bytes): Riegeli (ArrayRecord's reader, which reads
+  gs:// itself) fetches a file's footer with one; the emulator would answer with the whole object.
+
+It also counts the object bytes it serves (`GET /_palm/served`, reset by `DELETE`), so a test can
+measure what a reader fetched.
 
 Run `python tests/gcs.py PORT BUCKET [--verbose]` to serve by hand (--verbose logs each request);
 tests use `Emulator`.
@@ -64,6 +69,12 @@ class Emulator:
                 self.stop()
                 raise RuntimeError(f"the GCS emulator did not answer on {self.url} in {startup_timeout:.0f} s")
             time.sleep(0.1)
+
+    def served(self, reset: bool = False) -> dict[str, int]:
+        """{"bytes": object bytes served, "requests": object reads} since the start or the last reset."""
+        req = urllib.request.Request(f"{self.url}/_palm/served", method="DELETE" if reset else "GET")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -119,6 +130,9 @@ def _refuse(response, status: HTTPStatus) -> None:
         _precondition_failed(response)
 
 
+_SERVED = {"bytes": 0, "requests": 0}
+
+
 def _patched_handlers():
     """The emulator's routes with the handlers that need the additions above wrapped."""
     from gcp_storage_emulator import server
@@ -130,12 +144,24 @@ def _patched_handlers():
         failed = _failed_precondition(request, storage, bucket, name, read=True)
         if failed:
             return _refuse(response, failed)
+        wanted = request.get_header("range", "")
+        if wanted.strip().startswith("bytes=-"):
+            size = int(storage.get_file_obj(bucket, name)["size"])
+            headers = request._request_handler.headers
+            headers.replace_header("range", f"bytes={max(0, size - int(wanted.split('-', 1)[1]))}-")
         objects.download(request, response, storage, *args, **kwargs)
         if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
             obj = storage.get_file_obj(bucket, name)
             response["x-goog-generation"] = str(obj["generation"])
             response["x-goog-metageneration"] = str(obj["metageneration"])
             response["x-goog-stored-content-length"] = str(obj["size"])
+            _SERVED["bytes"] += len(response._content)
+            _SERVED["requests"] += 1
+
+    def served(request, response, storage, *args, **kwargs):
+        response.json(dict(_SERVED))
+        if request.method == "DELETE":
+            _SERVED.update(bytes=0, requests=0)
 
     def get(request, response, storage, *args, **kwargs):
         if request.query.get("alt") == ["media"]:
@@ -192,7 +218,8 @@ def _patched_handlers():
               for pattern, methods in server.HANDLERS]
     move_route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
                   r"(?P<dest_object_id>.*[^/]+)$", {"POST": move})
-    return tuple([move_route, *routes])
+    served_route = (r"^/_palm/served$", {"GET": served, "DELETE": served})
+    return tuple([served_route, move_route, *routes])
 
 
 def serve(port: int, bucket: str, verbose: bool = False) -> None:
