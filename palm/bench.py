@@ -680,7 +680,7 @@ def bench_input(data_dir: str | Path | None = None, vocab_size: int = INPUT_BENC
                  "mb_per_s_per_core": total_bytes / MB / pack_seconds,
                  "encode_over_pack": encode_tps / pack_tps,
                  "how": "palm.data.pack.run_pack_stage over one data-stage shard: read gzip JSONL, tokenize, "
-                        "group by shard, pack with one EOD per document, write ArrayRecord (tokens count EODs)"},
+                        "group by shard, pack with one EOD per document, write files of rows (tokens count EODs)"},
         "loader": loader,
         "h100": consumption,
         "headroom": {name: loader["tokens_per_s"] / tps for name, tps in needed.items()},

@@ -132,14 +132,14 @@ def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
 def _build_tokenizer(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.tokenizer import build_tokenizer_stage
 
-    return lambda out: build_tokenizer_stage(spec.tokenizer, inputs["data"].local(), out)
+    return lambda out: build_tokenizer_stage(spec.tokenizer, inputs["data"].path, out)  # streamed, not copied
 
 
 def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
     from palm.data.pack import run_pack_stage
 
     return lambda out: run_pack_stage(spec.data, spec.pack.num_shards, spec.model.seq_len,
-                                      inputs["data"].local(), inputs["tokenizer"].local(), out)
+                                      inputs["data"].path, inputs["tokenizer"].path, out)
 
 
 def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
@@ -155,7 +155,7 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
     init_from = base.manifest["checkpoint"] if base is not None else None
 
     def build(out: Any) -> dict[str, Any]:
-        pack_dir = pack.local()  # ArrayRecord and Grain read local files
+        pack_dir = pack.path  # each host reads its own rows in place (local or gs://), nothing is copied
         if not storage.is_remote(out):
             return run_train_stage(spec, pack_dir, pack.manifest, out, on_step=hooks.on_step,
                                    on_checkpoint=hooks.on_checkpoint, stop=hooks.stop, init_from=init_from)
@@ -275,7 +275,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("tokenizer", _build_tokenizer, lambda spec: _dump(spec)["tokenizer"], inputs=("data",),
           summary="a lossless SentencePiece vocabulary"),
     Stage("pack", _build_pack, lambda spec: {"pack": _dump(spec)["pack"], "seq_len": _dump(spec)["model"]["seq_len"]},
-          inputs=("data", "tokenizer"), summary="tokenize and pack fixed-length sequences (Beam -> ArrayRecord)"),
+          inputs=("data", "tokenizer"), version=2, writes_remotely=_beam_remote,
+          summary="tokenize and pack fixed-length sequences (Beam -> files of rows)"),
     Stage("train", _build_train, lambda spec: {k: _dump(spec)[k] for k in ("model", "train")}, inputs=("pack",),
           gates=("compile",), version=2, resumable=True, trains=True,
           summary="train the model, with checkpoints (JAX)"),

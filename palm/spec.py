@@ -150,7 +150,9 @@ class TokenizerSpec(_Strict):
 class PackSpec(_Strict):
     """Token ids, one end-of-document token per document, cut into sequences of model.seq_len."""
 
-    format: Literal["array_record"] = "array_record"
+    #: Files of fixed-size rows (n × seq_len little-endian int32): each training host reads its own rows
+    #: in place, one positioned or ranged read per row, local or gs:// (palm.data.pack).
+    format: Literal["rows"] = "rows"
     num_shards: int = Field(8, ge=1)
 
 

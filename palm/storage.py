@@ -9,9 +9,11 @@ through gcsfs:
 - a directory is a name prefix and cannot be renamed, so `upload_dir` uploads every file first and
   the completion marker (`manifest.json`) last: an output whose upload stopped half way has no marker
   and is never taken for complete;
-- tools that need local files (Beam's local runners, SentencePiece, ArrayRecord and Grain) read a
-  local copy under the cache (`PALM_CACHE_DIR`, default `~/.cache/palm`), downloaded once into a
-  temporary directory and renamed into place (`download_dir`).
+- what streams (the tokenizer's sample, the pack stage's input) is read in place (`open_read`), and
+  what is read by row (the packed sequences, on every training host) with one bounded ranged read
+  per piece (`read_range`): nothing is downloaded whole;
+- tools that need local files read a local copy under the cache (`PALM_CACHE_DIR`, default
+  `~/.cache/palm`), downloaded once into a temporary directory and renamed into place (`download_dir`).
 
 Checkpoints do not go through here: Orbax writes them to `gs://` itself (TensorStore and gcsfs), see
 `palm.checkpoint`, whose `gcs_settings` points every client at STORAGE_EMULATOR_HOST when it is set.
@@ -180,6 +182,32 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
+
+
+def read_range(path: str | os.PathLike, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a file: a local positioned read, or one bounded ranged GET on gs://."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    with _gcs(str(path)) as fs:
+        return fs.cat_file(str(path), start=start, end=stop)
+
+
+def open_read(path: str | os.PathLike) -> Any:
+    """A binary file object streaming a file's bytes (gs:// objects are read in blocks, not downloaded)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    with _gcs(str(path)) as fs:
+        return fs.open(str(path), "rb", block_size=8 << 20)
+
+
+def size(path: str | os.PathLike) -> int:
+    """A file's size in bytes; FileNotFoundError when it is missing."""
+    if not is_remote(path):
+        return os.path.getsize(path)
+    with _gcs(str(path)) as fs:
+        return int(fs.size(str(path)))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from palm import storage
 from palm.errors import PalmError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -342,13 +343,14 @@ def check_fits_memory(sample_chars: int, available_bytes: int) -> None:
 # ---------------------------------------------------------------------------------------- stage
 
 
-def _shards(data_dir: Path, split: str) -> list[Path]:
-    return sorted(data_dir.glob(f"{split}-*-of-*.jsonl.gz"))
+def _shards(data_dir: str, split: str) -> list[str]:
+    return storage.glob(storage.join(data_dir, f"{split}-*-of-*.jsonl.gz"))
 
 
-def _documents(paths: Iterable[Path]) -> Iterator[dict[str, str]]:
+def _documents(paths: Iterable[str]) -> Iterator[dict[str, str]]:
+    """The documents of data-stage shards, local or gs://, streamed (a gs:// shard is not downloaded)."""
     for path in paths:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with storage.open_read(path) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)
 
@@ -405,7 +407,7 @@ def _source_shares(manifest: dict[str, Any]) -> dict[str, float]:
     return {name: share / total for name, share in shares.items()}
 
 
-def sample_documents(data_dir: Path, sample_chars: int, shares: dict[str, float], seed: int) \
+def sample_documents(data_dir: str | os.PathLike, sample_chars: int, shares: dict[str, float], seed: int) \
         -> list[tuple[str, str, str]]:
     """A deterministic sample of up to `sample_chars` characters of the train split, (source, id, text).
 
@@ -417,8 +419,8 @@ def sample_documents(data_dir: Path, sample_chars: int, shares: dict[str, float]
     source's quota is filled, so a corpus far larger than the sample is not read to the end.
     """
     quotas = {name: _Quota(int(sample_chars * share)) for name, share in shares.items()}
-    shards = _shards(data_dir, "train")
-    shards.sort(key=lambda p: _priority(seed, p.name))
+    shards = _shards(str(data_dir), "train")
+    shards.sort(key=lambda p: _priority(seed, storage.name(p)))
     for shard in shards:
         for doc in _documents([shard]):
             quota = quotas.get(doc["source"])
@@ -466,18 +468,18 @@ def _capped(docs: Iterable[dict[str, str]], max_chars: int) -> Iterator[tuple[st
         yield doc["id"], doc["text"]
 
 
-def build_tokenizer_stage(tok_spec: Any, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def build_tokenizer_stage(tok_spec: Any, data_dir: str | os.PathLike, out_dir: Path) -> dict[str, Any]:
     """The tokenizer stage: sample the data stage's train split, train, write tokenizer.model, evaluate.
 
     `tok_spec` is the spec's tokenizer section (read by attribute: vocab_size, model_type, byte_fallback,
     split_digits, character_coverage, sample_chars, seed; normalization must be "identity").
     Returns the manifest fields.
     """
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir, out_dir = str(data_dir), Path(out_dir)
     if getattr(tok_spec, "normalization", "identity") != "identity":
         raise PalmError(f"tokenizer.normalization={tok_spec.normalization!r}: only 'identity' is lossless")
     try:
-        data_manifest = json.loads((data_dir / "manifest.json").read_text())
+        data_manifest = json.loads(storage.read_text(storage.join(data_dir, "manifest.json")))
     except (OSError, ValueError):
         raise PalmError(f"{data_dir} is not a complete data stage output (no readable manifest.json); "
                         "run the data stage first") from None

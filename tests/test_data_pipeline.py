@@ -225,3 +225,48 @@ def test_cluster_runner_options_come_from_the_spec(tmp_path):
 
     with pytest.raises(PalmError, match="cannot write to the local path"):
         run_data_stage(dataflow, "/tmp/somewhere")
+
+
+def _read_with_pids(spec: DataSpec, out: Path) -> list[tuple[str, int]]:
+    """(doc id, pid of the worker process that read it) for every record `ReadSources` reads."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from palm.data.pipeline import ReadSources, pipeline_options
+
+    def tag(record):
+        import os
+
+        return record[0], os.getpid()
+
+    def write(pairs, path=str(out)):
+        Path(path).write_text(json.dumps(pairs))
+
+    with beam.Pipeline(runner=FnApiRunner(), options=pipeline_options(spec)) as p:
+        p | ReadSources(spec) | beam.Map(tag) | beam.combiners.ToList() | beam.Map(write)
+    return [tuple(x) for x in json.loads(out.read_text())]
+
+
+def test_many_files_are_spread_over_workers_each_read_by_one(tmp_path):
+    """40 files of one source on Beam's multi-process runner with 2 workers: the pattern is listed and
+    the files read by the workers, each file whole by one worker process, the files spread over both;
+    every record arrives once; `max_docs` keeps the source's first records by id."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(40):
+        (src / f"part-{f:03d}.jsonl").write_text("".join(json.dumps({"text": f"file {f} record {r}"}) + "\n"
+                                                         for r in range(5)))
+    source = {"name": "web", "format": "jsonl", "paths": [str(src / "part-*.jsonl")], "weight": 1.0}
+    spec = DataSpec.model_validate({"sources": [source], "beam": {"runner": "multi_process", "num_workers": 2}})
+    seen = _read_with_pids(spec, tmp_path / "seen.json")
+    assert sorted(doc_id for doc_id, _ in seen) == [f"web/{f:05d}/{r:08d}" for f in range(40) for r in range(5)]
+    readers: dict[str, set[int]] = {}
+    for doc_id, pid in seen:
+        readers.setdefault(doc_id.split("/")[1], set()).add(pid)
+    assert all(len(pids) == 1 for pids in readers.values()), readers
+    assert len(set().union(*readers.values())) == 2, readers
+
+    limited = DataSpec.model_validate({"sources": [{**source, "max_docs": 12}],
+                                       "beam": {"runner": "multi_process", "num_workers": 2}})
+    first = sorted(doc_id for doc_id, _ in _read_with_pids(limited, tmp_path / "limited.json"))
+    assert first == [f"web/{f:05d}/{r:08d}" for f in range(3) for r in range(5)][:12]

@@ -2,7 +2,7 @@
 
 Every stage's output, the checkpoints (Orbax, straight to the bucket), the metrics, the report and the
 evaluation ledger live in the bucket; the machine keeps only its cache of local copies (what
-SentencePiece, ArrayRecord and Grain read). A second run finds every stage complete and reuses it.
+SentencePiece reads). A second run finds every stage complete and reuses it.
 """
 
 from __future__ import annotations

@@ -457,3 +457,32 @@ def test_connected_components_match_a_bfs_reference_on_a_random_graph():
     assert members == expected
     assert duplicates_to_drop(members) == {n for n in expected if expected[n] != n}
     assert len(set(members.values())) == len(members) - len(duplicates_to_drop(members))
+
+
+def test_distributed_components_match_union_find():
+    """`NearDuplicates` (min-label rounds on Beam, the rest merged on one worker) marks exactly the
+    documents union-find drops: on a chain far longer than its rounds, on stars, and on random graphs."""
+    import random
+
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from palm.data import minhash
+    from palm.data.pipeline import LABEL_ROUNDS, NearDuplicates
+
+    rng = random.Random(0)
+    chain = [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(4 * LABEL_ROUNDS + 5)]
+    rng.shuffle(chain)
+    star = [("s000", f"s{i:03d}") for i in range(1, 9)]
+    nodes = [f"r{i:03d}" for i in range(120)]
+    random_edges = [tuple(sorted(rng.sample(nodes, 2))) for _ in range(100)]
+    # A chain whose smallest id sits in the middle: labels flow both ways.
+    middle = [("m050", "m060"), ("m040", "m050"), ("m060", "m070"), ("m030", "m040"), ("m070", "m080")]
+    edges = chain + star + random_edges + middle
+    expected = sorted(minhash.duplicates_to_drop(minhash.connected_components(edges)))
+    assert len(expected) > 100
+
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        marks = p | beam.Create(edges) | NearDuplicates()
+        assert_that(marks, equal_to([(node, True) for node in expected]))

@@ -1,4 +1,4 @@
-"""The pack stage (Beam -> ArrayRecord) and the Grain training input over its shards."""
+"""The pack stage (Beam -> files of rows) and the Grain training input over its shards."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from palm import storage
 from palm.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
@@ -36,12 +37,7 @@ def run(prefect_server, tmp_path_factory):
 
 
 def read_sequences(path: Path, seq_len: int) -> np.ndarray:
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(str(path))
-    rows = [np.frombuffer(r, TOKEN_DTYPE) for r in reader.read_all()]
-    reader.close()
-    return np.stack(rows) if rows else np.zeros((0, seq_len), TOKEN_DTYPE)
+    return np.fromfile(path, TOKEN_DTYPE).reshape(-1, seq_len)
 
 
 def test_packed_shards_decode_back_to_the_documents_in_order(run):
@@ -58,7 +54,9 @@ def test_packed_shards_decode_back_to_the_documents_in_order(run):
     num = {"train": 2, "validation": 1}
     for split, by_source in manifest["splits"].items():
         for source, counts in by_source.items():
-            for rel in counts["files"]:
+            for entry in counts["files"]:
+                rel = entry["path"]
+                assert len(read_sequences(stage["pack"] / rel, manifest["seq_len"])) == entry["sequences"]
                 shard = int(Path(rel).stem.rsplit("-of-", 1)[0].rsplit("-", 1)[1])
                 expected = sorted(d for d in docs[(split, source)]
                                   if int(stable_unit("pack-shard", d[0]) * num[split]) == shard)
@@ -135,14 +133,70 @@ def test_mixture_interleaves_sources_by_weight(run):
     stage, manifest = run
     counts = {s: c["sequences"] for s, c in manifest["splits"]["train"].items()}
     lookup = {}
-    from array_record.python.array_record_module import ArrayRecordReader
-
     for source, c in manifest["splits"]["train"].items():
-        for rel in c["files"]:
-            for row in read_sequences(stage["pack"] / rel, manifest["seq_len"]):
+        for entry in c["files"]:
+            for row in read_sequences(stage["pack"] / entry["path"], manifest["seq_len"]):
                 lookup[tuple(row)] = source
     order = [lookup[tuple(x)] for x in sequence_dataset(stage["pack"], manifest, seed=0)]
     half = order[: len(order) // 2]
     for source, n in counts.items():
         # Interleaved, not concatenated: each source's share of the first half matches its overall share.
         assert abs(half.count(source) / len(half) - n / len(order)) < 0.05, source
+
+
+def test_pack_stage_writes_to_gs_and_hosts_read_only_their_rows(run, gcs_emulator):
+    """The pack stage writes its rows straight to gs:// (as a cluster runner's workers do), the same
+    rows as on local disk; then each of 4 training hosts, reading its rows of 6 global batches of 8 from
+    the bucket, fetches about its quarter of those batches' bytes (counted by the GCS emulator), and
+    nothing like the whole pack output."""
+    import uuid
+
+    from palm.data.loader import HostBatches
+    from palm.data.pack import run_pack_stage
+    from palm.spec import load_spec
+
+    stage, local = run
+    spec = load_spec(SPECS / "tiny.yaml")
+    remote = f"gs://bucket/pack-{uuid.uuid4().hex[:8]}"
+    fields = run_pack_stage(spec.data, spec.pack.num_shards, local["seq_len"], stage["data"], stage["tokenizer"],
+                            remote)
+    assert fields["splits"] == local["splits"] and fields["sequences"] == local["sequences"]
+    for entry in local["splits"]["train"]["stdlib-code"]["files"]:
+        assert storage.read_bytes(f"{remote}/{entry['path']}") == (stage["pack"] / entry["path"]).read_bytes()
+
+    row_bytes = local["seq_len"] * TOKEN_DTYPE.itemsize
+    hosts, global_batch, steps = 4, 8, 6
+    whole = sum(storage.size(f"{remote}/{f['path']}") for by in local["splits"].values()
+                for c in by.values() for f in c["files"])
+    local_ds = sequence_dataset(stage["pack"], local, seed=5)
+    served = []
+    for h in range(hosts):
+        ds = sequence_dataset(remote, fields, seed=5)
+        reader = HostBatches(ds, rows=lambda n, h=h: (h * n // hosts, (h + 1) * n // hosts))
+        gcs_emulator.served(reset=True)
+        for step in range(steps):
+            rows = reader.take(global_batch, step)
+            lo = step * global_batch + h * global_batch // hosts
+            assert np.array_equal(rows, np.stack([local_ds[i] for i in range(lo, lo + len(rows))]))
+        reader._ahead[1].result()  # the batch it reads ahead, counted too
+        reader.close()
+        served.append(gcs_emulator.served())
+    share = (steps + 1) * global_batch // hosts * row_bytes  # its rows of 6 batches and the one read ahead
+    for h, s in enumerate(served):
+        assert abs(s["bytes"] - share) <= 0.1 * share, (h, s, share)
+        assert s["requests"] == (steps + 1) * global_batch // hosts  # one bounded ranged read per row
+    assert sum(s["bytes"] for s in served) < whole / 2, (served, whole)
+
+
+def test_a_truncated_row_file_is_named(run, tmp_path):
+    import shutil
+
+    stage, manifest = run
+    pack = tmp_path / "pack"
+    shutil.copytree(stage["pack"], pack)
+    entry = next(f for c in manifest["splits"]["train"].values() for f in c["files"] if f["sequences"] > 0)
+    with open(pack / entry["path"], "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4)
+    ds = sequence_dataset(pack, manifest, seed=0)
+    with pytest.raises(PalmError, match=rf"{entry['path']} holds .* bytes, not the .* re-run the pack stage"):
+        [ds[i] for i in range(len(ds))]

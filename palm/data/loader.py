@@ -1,4 +1,4 @@
-"""Training input: a deterministic Grain pipeline over the pack stage's ArrayRecord shards.
+"""Training input: a deterministic Grain pipeline over the pack stage's files of fixed-size rows.
 
 The data stage already realized the mixture: each source's share of the packed sequences is its
 weight. So the loader shuffles all sources' sequences together, globally, by seed: every window of
@@ -10,37 +10,97 @@ one stream, whatever the number of hosts, and each host reads only the rows of i
 hold (by index: the shuffled dataset is random access). So 1, 2 or 1536 hosts see exactly the same
 global batches in the same order, and the loader's state is one number, the stream position, saved
 in every checkpoint. Threads read a host's rows in parallel and one batch ahead of the accelerator.
+
+The pack directory may be local or gs://. Row i of a file is bytes [i·row, (i+1)·row), so a host
+reads its rows in place, one positioned read (local) or one bounded ranged GET (gs://) each, and
+opens nothing else: no download of the pack output, no index.
 """
 
 from __future__ import annotations
 
+import bisect
+import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
 
+from palm import storage
 from palm.errors import PalmError
 
 TOKEN_DTYPE = np.dtype("<i4")
 
 
-def sequence_dataset(pack_dir: str | Path, manifest: dict[str, Any], split: str = "train",
+class PackedRows:
+    """Grain random-access source over the pack stage's row files (`palm.data.pack`), local or gs://.
+
+    Files are taken in the given order; item k is row k of their concatenation. Each file's size is
+    checked against its row count on first use, so a truncated or foreign file is an error naming it.
+    """
+
+    def __init__(self, pack_dir: str | os.PathLike, files: list[tuple[str, int]], seq_len: int):
+        self.pack_dir, self.seq_len = str(pack_dir), int(seq_len)
+        self.paths = [storage.join(self.pack_dir, rel) for rel, _ in files]
+        self.counts = [int(n) for _, n in files]
+        self.starts = np.cumsum([0] + self.counts).tolist()
+        self.row_bytes = self.seq_len * TOKEN_DTYPE.itemsize
+        self._checked: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __repr__(self) -> str:
+        return f"PackedRows({self.pack_dir!r}, {len(self.paths)} files, {len(self)} rows of {self.seq_len})"
+
+    def _check(self, f: int) -> None:
+        if f in self._checked:
+            return
+        expected = self.counts[f] * self.row_bytes
+        try:
+            actual = storage.size(self.paths[f])
+        except FileNotFoundError:
+            raise PalmError(f"{self.paths[f]} is missing from the pack stage output; re-run the pack stage") from None
+        if actual != expected:
+            raise PalmError(f"{self.paths[f]} holds {actual} bytes, not the {expected} of its {self.counts[f]} rows "
+                            f"of {self.seq_len} tokens in the manifest; re-run the pack stage")
+        with self._lock:
+            self._checked.add(f)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        f = bisect.bisect_right(self.starts, index) - 1
+        self._check(f)
+        start = (index - self.starts[f]) * self.row_bytes
+        data = storage.read_range(self.paths[f], start, start + self.row_bytes)
+        return np.frombuffer(data, TOKEN_DTYPE, count=self.seq_len)
+
+
+def split_files(manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
+    """(file, rows) of a split's non-empty files, sources in name order."""
+    by_source = manifest["splits"].get(split) or {}
+    files = []
+    for source in sorted(by_source):
+        entries = by_source[source]["files"]
+        if entries and not isinstance(entries[0], dict):
+            raise PalmError("the pack stage output predates row files (it lists ArrayRecord files); "
+                            "re-run the pack stage")
+        files += [(f["path"], int(f["sequences"])) for f in entries if f["sequences"] > 0]
+    return files
+
+
+def sequence_dataset(pack_dir: str | os.PathLike, manifest: dict[str, Any], split: str = "train",
                      seed: int = 0) -> grain.MapDataset:
     """A random-access dataset of the split's sequences ([seq_len] int32 arrays), in training order."""
-    by_source = manifest["splits"].get(split) or {}
-    sources = sorted(s for s, c in by_source.items() if c["sequences"] > 0)
-    if not sources:
+    files = split_files(manifest, split)
+    if not files:
         raise PalmError(f"the pack stage output {pack_dir} has no {split} sequences; the data is too small "
                         "for model.seq_len (lower it or add data)")
-    files = []
-    for source in sources:
-        files += [str(Path(pack_dir) / f) for f in by_source[source]["files"]]
-    files = [f for f in files if Path(f).stat().st_size > 0]
-    mixed = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files)).seed(seed).shuffle()
-    seq_len = manifest["seq_len"]
-    return mixed.map(lambda record: np.frombuffer(record, TOKEN_DTYPE, count=seq_len))
+    return grain.MapDataset.source(PackedRows(pack_dir, files, manifest["seq_len"])).seed(seed).shuffle()
 
 
 class SequenceIterator:

@@ -3,31 +3,43 @@
 Per split and source, documents are spread over shards by a hash of their id; within a shard they are
 taken in id order, each followed by the end-of-document token, concatenated, and cut into sequences
 of `seq_len` tokens. The last, partial sequence of each shard is dropped and counted (at most
-seq_len - 1 tokens per shard). Sequences are stored as ArrayRecord files (random access, one record per
-sequence: `seq_len` little-endian int32), which the Grain loader reads.
+seq_len - 1 tokens per shard).
+
+Each shard is one file of fixed-size rows (`<split>/<source>-<shard>-of-<n>.tokens`: n × seq_len
+little-endian int32, nothing else), and the manifest lists every file with its row count. Row i of a
+file is bytes [i·row, (i+1)·row): a training host reads exactly its rows, locally or with one ranged
+read each from gs://, and opens no index (ArrayRecord, used before, makes every reader fetch each
+file's footer index first, about 1 MiB per file per host, and its gs:// reader cannot bound a read).
+
+The stage runs on the spec's Beam runner (`data.beam.runner`): on a cluster runner its workers read
+the data stage's shards from gs:// and write the rows there themselves, manifest fields last, so
+nothing passes through the machine that submits it.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
-from palm.data.pipeline import LOCAL_RUNNERS, pipeline_options, stable_unit
+from palm import storage
+from palm.data.pipeline import LOCAL_RUNNERS, run_beam, stable_unit
 from palm.errors import PalmError
 from palm.spec import DataSpec
 
 TOKEN_DTYPE = np.dtype("<i4")
+SUFFIX = ".tokens"
+COUNTS = "counts.json"
 
 
 def read_documents(path: str):
-    """(split, source, id, text) for each document of one data-stage shard."""
-    split = Path(path).name.split("-", 1)[0]
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    """(split, source, id, text) for each document of one data-stage shard (local or gs://, streamed)."""
+    split = storage.name(path).split("-", 1)[0]
+    with storage.open_read(path) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
         for line in f:
             doc = json.loads(line)
             yield split, doc["source"], doc["id"], doc["text"]
@@ -61,27 +73,27 @@ def pack_sequences(docs: list[tuple[str, np.ndarray]], eos_id: int, seq_len: int
     return stream[: n * seq_len].reshape(n, seq_len), len(stream) - n * seq_len
 
 
+def shard_file(split: str, source: str, shard: int, num_shards: int) -> str:
+    """A shard's file, relative to the pack stage's directory."""
+    return f"{split}/{source}-{shard:05d}-of-{num_shards:05d}{SUFFIX}"
+
+
 class WriteSequences(beam.DoFn):
-    """Write one (split, source, shard) group as an ArrayRecord file; emit its counts."""
+    """Write one (split, source, shard) group as a file of rows (one write, whole or not at all)."""
 
     def __init__(self, out_dir: str, eos_id: int, seq_len: int, num_shards: dict[str, int]):
         self.out_dir, self.eos_id, self.seq_len, self.num_shards = out_dir, eos_id, seq_len, num_shards
 
     def process(self, group):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         (split, source, shard), docs = group
         docs = sorted(docs, key=lambda d: d[0])
         sequences, dropped = pack_sequences(docs, self.eos_id, self.seq_len)
-        path = Path(self.out_dir) / split / f"{source}-{shard:05d}-of-{self.num_shards[split]:05d}.array_record"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = ArrayRecordWriter(str(path), "group_size:1")
-        for row in sequences:
-            writer.write(row.astype(TOKEN_DTYPE).tobytes())
-        writer.close()
+        rel = shard_file(split, source, shard, self.num_shards[split])
+        storage.write_bytes_atomic(storage.join(self.out_dir, rel), np.ascontiguousarray(sequences, TOKEN_DTYPE).tobytes())
         tokens = int(sum(len(ids) + 1 for _, ids in docs))
         yield (split, source), {"docs": len(docs), "tokens": tokens, "sequences": int(len(sequences)),
-                                "tokens_dropped": int(dropped), "files": [str(path.relative_to(self.out_dir))]}
+                                "tokens_dropped": int(dropped),
+                                "files": [{"path": rel, "sequences": int(len(sequences))}]}
 
 
 def _merge(counts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,39 +102,46 @@ def _merge(counts: list[dict[str, Any]]) -> dict[str, Any]:
         for k in ("docs", "tokens", "sequences", "tokens_dropped"):
             out[k] += c[k]
         out["files"] += c["files"]
-    out["files"].sort()
+    out["files"].sort(key=lambda f: f["path"])
     return out
 
 
-def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir: Path, tokenizer_dir: Path,
-                   out_dir: Path) -> dict[str, Any]:
-    """Tokenize and pack the data stage's shards with the tokenizer stage's model; manifest fields."""
+def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir: str | os.PathLike,
+                   tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Tokenize and pack the data stage's shards with the tokenizer stage's model; manifest fields.
+
+    Every directory may be local or gs://; on a cluster runner all three must be gs://."""
     from palm.tokenizer import Tokenizer
 
-    model_bytes = (Path(tokenizer_dir) / "tokenizer.model").read_bytes()
+    data_dir, out_dir = str(data_dir), str(out_dir)
+    if data_spec.beam.runner not in LOCAL_RUNNERS:
+        local = [str(d) for d in (data_dir, tokenizer_dir, out_dir) if not storage.is_remote(d)]
+        if local:
+            raise PalmError(f"data.beam.runner={data_spec.beam.runner!r} runs the pack stage on remote workers, "
+                            f"which cannot read or write the local path {local[0]}; set infra.storage_root to "
+                            "a gs:// bucket")
+    model_bytes = storage.read_bytes(storage.join(tokenizer_dir, "tokenizer.model"))
     tokenizer = Tokenizer(model_bytes)
-    shards = sorted(str(p) for p in Path(data_dir).glob("*.jsonl.gz"))
+    shards = storage.glob(storage.join(data_dir, "*.jsonl.gz"))
     if not shards:
         raise PalmError(f"the data stage output {data_dir} holds no shards; re-run the data stage")
     per_split = {"train": num_shards, "validation": max(1, num_shards // 8)}
-    if data_spec.beam.runner not in LOCAL_RUNNERS:
-        raise PalmError("the pack stage writes ArrayRecord files to local disk; cluster runners need the "
-                        "gs:// storage of issue #9")
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    with beam.Pipeline(runner=FnApiRunner(), options=pipeline_options(data_spec)) as p:
+    def build(p: beam.Pipeline) -> None:
         (p | "Shards" >> beam.Create(shards)
+           | "SpreadShards" >> beam.Reshuffle()
            | "Read" >> beam.FlatMap(read_documents)
            | "Spread" >> beam.Reshuffle()
            | "Tokenize" >> beam.ParDo(Tokenize(model_bytes, per_split))
            | "GroupByShard" >> beam.GroupByKey()
-           | "Pack" >> beam.ParDo(WriteSequences(str(out_dir), tokenizer.eos_id, seq_len, per_split))
+           | "Pack" >> beam.ParDo(WriteSequences(out_dir, tokenizer.eos_id, seq_len, per_split))
            | "BySource" >> beam.GroupByKey()
            | "Merge" >> beam.MapTuple(lambda key, counts: (key, _merge(list(counts))))
            | "Collect" >> beam.combiners.ToList()
-           | "WriteCounts" >> beam.Map(_write_counts, str(out_dir)))
+           | "WriteCounts" >> beam.Map(_write_counts, out_dir))
 
-    counts = json.loads((Path(out_dir) / "counts.json").read_text())
+    run_beam(data_spec, build, job_name="palm-pack")
+    counts = json.loads(storage.read_text(storage.join(out_dir, COUNTS)))
     splits: dict[str, dict[str, Any]] = {"train": {}, "validation": {}}
     for (split, source), c in counts:
         splits[split][source] = c
@@ -138,4 +157,4 @@ def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir:
 
 
 def _write_counts(counts, out_dir: str) -> None:
-    Path(out_dir, "counts.json").write_text(json.dumps([[list(k), v] for k, v in sorted(counts)]))
+    storage.write_text_atomic(storage.join(out_dir, COUNTS), json.dumps([[list(k), v] for k, v in sorted(counts)]))

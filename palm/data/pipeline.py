@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import heapq
 import io
 import json
 import re
@@ -47,42 +48,106 @@ def stable_unit(*parts: str) -> float:
 # ------------------------------------------------------------------------------------------ read
 
 
-def expand_sources(spec: DataSpec) -> list[tuple[str, list[str]]]:
-    """(source name, files) for each source, globs expanded and sorted; no match is a spec error."""
+def source_patterns(spec: DataSpec) -> list[tuple[str, int, str]]:
+    """(source name, pattern index, pattern) of every source path (builtin corpora by name).
+
+    Each pattern must match a file: that is checked here, with one listing call of at most one result
+    per pattern, so a typo fails before any worker starts; the files themselves are listed by the
+    workers (`match_pattern`), never on the submitting machine.
+    """
     out = []
     for i, src in enumerate(spec.sources):
-        if src.format == "builtin":
-            known = builtin.CORPORA
-            for name in src.paths:
-                if name not in known:
-                    raise PalmError(f"data.sources.{i}.paths: unknown builtin corpus {name!r}; "
-                                    f"choose from {', '.join(sorted(known))}")
-            out.append((src.name, list(src.paths)))
-            continue
-        files: list[str] = []
-        for pattern in src.paths:
-            matched = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-            if not matched:
+        for p, pattern in enumerate(src.paths):
+            if src.format == "builtin":
+                if pattern not in builtin.CORPORA:
+                    raise PalmError(f"data.sources.{i}.paths: unknown builtin corpus {pattern!r}; "
+                                    f"choose from {', '.join(sorted(builtin.CORPORA))}")
+            elif not any(r.metadata_list for r in FileSystems.match([pattern], limits=[1])):
                 raise PalmError(f"data.sources.{i}.paths: no file matches {pattern!r} (source {src.name!r})")
-            files.extend(sorted(matched))
-        out.append((src.name, files))
+            out.append((src.name, p, pattern))
     return out
 
 
-def read_records(element: tuple[Source, list[str]]) -> Iterator[tuple[str, str, bytes, str]]:
-    """Raw records of one source's files, with ids "<source>/<file index>/<record index>"."""
-    src, files = element
-    count = 0
-    for file_index, path in enumerate(files):
-        if src.format == "builtin":
-            records: Iterable[tuple[str, bytes]] = builtin.builtin_records(path)
-        else:
-            records = ((f"{src.name}/{file_index:05d}/{i:08d}", raw) for i, raw in enumerate(_file_records(src, path)))
-        for doc_id, raw in records:
-            if src.max_docs is not None and count >= src.max_docs:
-                return
-            count += 1
-            yield doc_id if src.format != "builtin" else f"{src.name}/{doc_id}", src.name, raw, src.format
+def file_key(pattern_index: int, file_index: int) -> str:
+    """A file's part of its documents' ids: its index among its pattern's matches, sorted by path
+    ("00003"), prefixed by the pattern's index after the first ("1.00003")."""
+    return f"{file_index:05d}" if pattern_index == 0 else f"{pattern_index}.{file_index:05d}"
+
+
+def match_pattern(element: tuple[str, int, str], formats: dict[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(source, file key, path) of each file a source pattern matches, listed on a worker."""
+    source, p, pattern = element
+    if formats[source] == "builtin":
+        yield source, str(p), pattern
+        return
+    matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+    if not matched:  # it matched when the job was submitted
+        raise ValueError(f"{_FAIL}no file matches {pattern!r} (source {source!r}) any more")
+    for i, path in enumerate(matched):
+        yield source, file_key(p, i), path
+
+
+def read_file(element: tuple[str, str, str], sources: dict[str, Source]) -> Iterator[tuple[str, str, bytes, str]]:
+    """Raw records (doc id, source, bytes, format) of one file, ids "<source>/<file key>/<record index>";
+    at most the source's `max_docs` (the source-wide limit is applied after, `SmallestIds`)."""
+    name, key, path = element
+    src = sources[name]
+    if src.format == "builtin":
+        records: Iterable[tuple[str, bytes]] = ((f"{name}/{doc_id}", raw) for doc_id, raw in builtin.builtin_records(path))
+    else:
+        records = ((f"{name}/{key}/{i:08d}", raw) for i, raw in enumerate(_file_records(src, path)))
+    for count, (doc_id, raw) in enumerate(records):
+        if src.max_docs is not None and count >= src.max_docs:
+            return
+        yield doc_id, name, raw, src.format
+
+
+class SmallestIds(beam.CombineFn):
+    """Per source: its `max_docs` records with the smallest ids (the first ones of its first files)."""
+
+    def __init__(self, limits: dict[str, int]):
+        self.limits = limits
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, record):
+        acc.append(record)
+        return self._prune(acc) if len(acc) > 2 * self.limits[record[1]] else acc
+
+    def merge_accumulators(self, accs):
+        merged = [r for acc in accs for r in acc]
+        return self._prune(merged) if merged else merged
+
+    def _prune(self, acc):
+        return heapq.nsmallest(self.limits[acc[0][1]], acc, key=lambda r: r[0])
+
+    def extract_output(self, acc):
+        return self._prune(acc) if acc else acc
+
+
+class ReadSources(beam.PTransform):
+    """Every source's raw records: patterns listed by workers, files spread over workers (one element
+    per file, after a reshuffle), each file read by one worker; `max_docs` applied per source."""
+
+    def __init__(self, spec: DataSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, p):
+        sources = {s.name: s for s in self.spec.sources}
+        records = (p | "Patterns" >> beam.Create(source_patterns(self.spec))
+                   | "MatchFiles" >> beam.FlatMap(match_pattern, {s.name: s.format for s in self.spec.sources})
+                   | "SpreadFiles" >> beam.Reshuffle()
+                   | "ReadFiles" >> beam.FlatMap(read_file, sources))
+        limits = {s.name: s.max_docs for s in self.spec.sources if s.max_docs is not None}
+        if not limits:
+            return records
+        limited, free = records | "ByLimit" >> beam.Partition(lambda r, n: 0 if r[1] in limits else 1, 2)
+        capped = (limited | "BySource" >> beam.Map(lambda r: (r[1], r))
+                  | "FirstDocs" >> beam.CombinePerKey(SmallestIds(limits))
+                  | "Unpack" >> beam.FlatMap(lambda kv: kv[1]))
+        return (capped, free) | "AllRecords" >> beam.Flatten()
 
 
 def _file_records(src: Source, path: str) -> Iterator[bytes]:
@@ -221,8 +286,79 @@ def candidate_edges(group, threshold: float):
             yield head_id, doc_id
 
 
-def near_duplicate_ids(edges: list[tuple[str, str]]) -> list[str]:
-    return sorted(minhash.duplicates_to_drop(minhash.connected_components(edges)))
+LABEL_ROUNDS = 3  # distributed min-label rounds before the (small) rest is finished on one worker
+
+
+def _spread_label(joined):
+    """One min-label round at one node: its label goes to itself and to each neighbour."""
+    node, grouped = joined
+    labels = list(grouped["label"])
+    if not labels:
+        return
+    label = labels[0]
+    yield node, label
+    for neighbour in grouped["adjacent"]:
+        yield neighbour, label
+
+
+def _label_to_neighbours(joined):
+    """(neighbour, the node's label) for each edge leaving a node."""
+    node, grouped = joined
+    for label in grouped["label"]:
+        for neighbour in grouped["adjacent"]:
+            yield neighbour, label
+
+
+def _disagreements(joined):
+    """(the smaller label, the larger) where an edge joins nodes whose labels still differ."""
+    _, grouped = joined
+    for own in grouped["label"]:
+        for other in grouped["from"]:
+            if other != own:
+                yield (min(own, other), max(own, other))
+
+
+def _merge_labels(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """Label -> its component's smallest label, for the labels the rounds left apart."""
+    return {label: rep for label, rep in minhash.connected_components(pairs).items() if label != rep}
+
+
+def _final_label(item, merged: dict[str, str]):
+    node, label = item
+    return node, merged.get(label, label)
+
+
+class NearDuplicates(beam.PTransform):
+    """Connected components of the near-duplicate edges, distributed: every document but its
+    component's smallest id is marked (node, True). Same result as `minhash.connected_components`.
+
+    Min-label propagation: each node starts with the smallest id among itself and its neighbours,
+    then `LABEL_ROUNDS` rounds each give every node the smallest label among itself and its
+    neighbours (one CoGroupByKey and one combine each, spread over workers). Nodes with one label
+    are in one component, and a component's smallest id already carries its own id as label; edges
+    whose ends still disagree join label classes, and only those pairs of labels (few: bucket graphs
+    are shallow) are merged on one worker and handed back as a side input. No list of all edges or
+    documents is ever held by one worker.
+    """
+
+    def expand(self, edges):
+        adjacent = edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])])
+        labels = (adjacent | "OwnOrNeighbour" >> beam.MapTuple(lambda node, other: (node, min(node, other)))
+                  | "FirstLabel" >> beam.CombinePerKey(min))
+        for r in range(LABEL_ROUNDS):
+            labels = ({"label": labels, "adjacent": adjacent} | f"JoinRound{r}" >> beam.CoGroupByKey()
+                      | f"Spread{r}" >> beam.FlatMap(_spread_label)
+                      | f"Label{r}" >> beam.CombinePerKey(min))
+        sent = ({"label": labels, "adjacent": adjacent} | "JoinLast" >> beam.CoGroupByKey()
+                | "ToNeighbours" >> beam.FlatMap(_label_to_neighbours))
+        merged = ({"label": labels, "from": sent} | "Compare" >> beam.CoGroupByKey()
+                  | "Disagree" >> beam.FlatMap(_disagreements)
+                  | "Distinct" >> beam.Distinct()
+                  | "Apart" >> beam.combiners.ToList()
+                  | "Merge" >> beam.Map(_merge_labels))
+        return (labels | "Final" >> beam.Map(_final_label, beam.pvalue.AsSingleton(merged))
+                | "NotSmallest" >> beam.Filter(lambda item: item[0] != item[1])
+                | "Mark" >> beam.MapTuple(lambda node, _: (node, True)))
 
 
 def drop_marked(joined, code_sources: frozenset[str]):
@@ -407,9 +543,7 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
     near = spec.dedup.near
     dropped: list[beam.PCollection] = []
 
-    elements = [(sources[name], files) for name, files in expand_sources(spec)]
-    records = (p | "Sources" >> beam.Create(elements) | "Read" >> beam.FlatMap(read_records)
-               | "Spread" >> beam.Reshuffle())
+    records = p | "Read" >> ReadSources(spec) | "Spread" >> beam.Reshuffle()
     decoded = records | "Decode" >> beam.ParDo(Decode(spec)).with_outputs(DROPPED, "repaired", main="docs")
     dropped.append(decoded[DROPPED])
     docs = decoded.docs | "Normalize" >> beam.Map(normalize, spec.normalize)
@@ -429,9 +563,7 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
         marks = (docs | "MinHash" >> beam.ParDo(BandKeys(spec, code_sources))
                  | "GroupByBand" >> beam.GroupByKey()
                  | "CandidatePairs" >> beam.FlatMap(candidate_edges, near.threshold)
-                 | "AllPairs" >> beam.combiners.ToList()
-                 | "Clusters" >> beam.FlatMap(near_duplicate_ids)
-                 | "Mark" >> beam.Map(lambda doc_id: (doc_id, True)))
+                 | "Clusters" >> NearDuplicates())
         keyed = docs | "ById" >> beam.Map(lambda d: (d[0], d))
         near_out = ({"doc": keyed, "mark": marks} | "JoinMarks" >> beam.CoGroupByKey()
                     | "NearDedup" >> beam.FlatMap(drop_marked, code_sources).with_outputs(DROPPED, main="docs"))
@@ -506,13 +638,10 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
             "docs_kept": sum(e["docs_kept"] for e in per_source.values())}
 
 
-def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
-    """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
-    out_dir = str(out_dir)
-    if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
-        raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
-                        f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
-    options = pipeline_options(spec)
+def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data") -> None:
+    """Run `build(pipeline)` on the spec's runner (a local one is pinned to the in-process FnApiRunner);
+    a `palm-data-error:` raised in a worker comes back as the user's PalmError."""
+    options = pipeline_options(spec, job_name=job_name)
     runner = None
     if spec.beam.runner in LOCAL_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -520,10 +649,19 @@ def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
         runner = FnApiRunner()
     try:
         with beam.Pipeline(runner=runner, options=options) as p:
-            build_pipeline(p, spec, out_dir)
+            build(p)
     except Exception as e:  # Beam wraps worker errors; surface ours as the user's error
         message = str(e)
         if _FAIL in message:
             raise PalmError(message.split(_FAIL, 1)[1].split("\n")[0].rstrip(" '\"[]")) from None
         raise
+
+
+def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
+    """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
+    out_dir = str(out_dir)
+    if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
+        raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
+                        f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
+    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir))
     return summarize(out_dir, spec)

@@ -20,12 +20,21 @@ import numpy as np
 from palm.errors import PalmError
 
 
-def _validation_texts(data_dir: Path, limit: int | None) -> list[str]:
-    texts = []
-    for shard in sorted(Path(data_dir).glob("validation-*.jsonl.gz")) or sorted(Path(data_dir).glob("train-*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
-    return texts[:limit] if limit else texts
+def _validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
+    """The validation split's texts (the train split's when it has none), in shard order, streamed from
+    the data stage's output (local or gs://) and read only as far as `limit`."""
+    from palm import storage
+
+    texts: list[str] = []
+    shards = storage.glob(storage.join(data_dir, "validation-*.jsonl.gz")) \
+        or storage.glob(storage.join(data_dir, "train-*.jsonl.gz"))
+    for shard in shards:
+        with storage.open_read(shard) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            for line in f:
+                if limit and len(texts) >= limit:
+                    return texts
+                texts.append(json.loads(line)["text"])
+    return texts
 
 
 def validation_loss(lm: Any, data_dir: Path, limit: int | None) -> dict[str, float]:
@@ -209,13 +218,13 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
         ckpts = open_checkpoints(run["train_dir"])
         step = ckpts.steps()[-1]
         ckpts.close()
-    # SentencePiece, the validation shards and ArrayRecord read local files: copies of gs:// outputs,
-    # fetched only for the tasks that read them.
+    # SentencePiece reads a local file (a copy of a gs:// tokenizer); the validation shards are streamed
+    # and the packed rows read in place.
     tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
     lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
                              batch_size=eval_spec.batch_size)
-    data_dir = local_copy(run["data_dir"]) if "validation_loss" in eval_spec.tasks else None
-    pack_dir = local_copy(run["pack_dir"], run["pack_manifest"]) if "memorization" in eval_spec.tasks else None
+    data_dir = run["data_dir"] if "validation_loss" in eval_spec.tasks else None
+    pack_dir = run["pack_dir"] if "memorization" in eval_spec.tasks else None
     results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
     return {"checkpoint": f"{run['train_dir']}/checkpoints/{step}", "step": step, "results": results}
 
