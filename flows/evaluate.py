@@ -3,6 +3,13 @@
 Started by each `palm.checkpoint.saved` event (with that checkpoint's path) and on a schedule as a
 fallback (with no checkpoint: every run under the spec's root). Claims in the run's ledger make two
 evaluation runs that start at the same moment split the work instead of repeating it.
+
+Each claimed checkpoint is evaluated where `eval.launch` and its size say (palm.evaljob.placement): in
+this process, or, for a checkpoint too large for it (PaLM 540B's 2.2 TB of parameters on the Prefect
+worker's small VM), as a sharded job on the spec's launcher, on the same hosts and mesh as training, which
+this flow follows to its end. Either way: claim, evaluate, record once; a failure releases the claim
+and fails the flow run with the job's error. A re-run re-attaches to the running job of the same
+checkpoint instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from prefect.context import get_run_context
 from palm import storage
 from palm.checkpoint import open_checkpoints
 from palm.errors import PalmError
+from palm.config import ModelConfig
+from palm.evaljob import placement
 from palm.evaltasks.run import locate_run
 from palm.ledger import EvalLedger
 from palm.pipeline import SPEC_RECORD
 from palm.spec import Spec, load_spec
 from palm.stages import CONTEXT
-from tasks.eval import eval_checkpoint_task
+from tasks.eval import eval_checkpoint_task, eval_on_workers_task
 
 
 def spec_of_run(root: str) -> Spec:
@@ -38,6 +47,8 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                              overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
     """Evaluate the checkpoints without results: of `checkpoint`'s run, or of every run under the root."""
     logger = get_run_logger()
+    # The spec launched evaluation jobs load: the run's recorded one, or the file this flow was given.
+    worker_spec, worker_overrides = spec_path, list(overrides or [])
     if checkpoint is not None:
         train_dirs = [locate_run(checkpoint)["train_dir"]]
         root = storage.parent(storage.parent(train_dirs[0]))
@@ -45,6 +56,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
         # would evaluate another run's checkpoints with the wrong settings.
         try:
             spec = spec_of_run(root)
+            worker_spec, worker_overrides = storage.join(root, SPEC_RECORD), []
         except PalmError:
             if spec_path is None:
                 raise
@@ -62,12 +74,23 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
         ckpts = open_checkpoints(train_dir)
         steps = ckpts.steps()
         ckpts.close()
-        for step in ledger.pending(steps):
+        pending = ledger.pending(steps)
+        if not pending:
+            continue
+        where, why = placement(spec, ModelConfig(**locate_run(train_dir)["model"]))
+        logger.info("evaluating the checkpoints of %s %s: %s", train_dir,
+                    "in this process" if where == "local" else "on launched workers", why)
+        for step in pending:
             if not ledger.claim(step, owner):
                 skipped.append(storage.join(train_dir, "checkpoints", str(step)))
                 continue
+            path = storage.join(train_dir, "checkpoints", str(step))
             try:
-                result = eval_checkpoint_task(storage.join(train_dir, "checkpoints", str(step)), spec.eval, spec.name)
+                if where == "local":
+                    result = eval_checkpoint_task(path, spec.eval, spec.name)
+                else:
+                    result = eval_on_workers_task(path, spec, worker_spec, worker_overrides, root)
+                    result = {k: result[k] for k in ("checkpoint", "step", "results", "job")}
             except BaseException:
                 ledger.release(step)
                 raise

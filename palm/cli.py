@@ -51,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage")
     p.add_argument("--verbose", "-v", action="store_true", help="also show Prefect's own log lines")
 
-    p = sub.add_parser("worker", help="run the train stage as one host of a (multi-host) job; launchers run this on "
-                       "every host (see palm/worker.py)")
+    p = sub.add_parser("worker", help="run the train stage (or, with --eval-checkpoint, the evaluation of one "
+                       "checkpoint) as one host of a (multi-host) job; launchers run this on every host (see "
+                       "palm/worker.py)")
     _add_spec_args(p)
     _add_json(p)
     p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
                    "must be complete there")
     p.add_argument("--node", default="train", help="the workflow's training node to run (default: train)")
+    p.add_argument("--eval-checkpoint", metavar="STEP_DIR", help="evaluate this checkpoint (<train dir>/checkpoints/"
+                   "<step>) with the spec's eval tasks, sharded over the job's mesh, instead of training; host 0 "
+                   "writes <train dir>/evals/launched/<step>.json (palm/evaljob.py)")
 
     p = sub.add_parser("launch", help="launch the train stage's workers where infra.launcher says (local processes, "
                        "TPU VMs, a GKE JobSet) and follow them to the end; --dry-run prints what would run")
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "must be complete there")
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the JobSet manifest) and exit")
     p.add_argument("--node", default="train", help="the workflow's training node to launch (default: train)")
+    p.add_argument("--eval-checkpoint", metavar="STEP_DIR", help="launch the job that evaluates this checkpoint "
+                   "(<train dir>/checkpoints/<step>) on the same hosts and mesh instead, and print its result")
 
     p = sub.add_parser("image", help="build and push the worker image (infra/Dockerfile) that infra.launcher.image "
                        "names: docker build + push, or Cloud Build; --dry-run prints the commands")
@@ -286,7 +292,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from palm.worker import main as worker_main
 
-    return worker_main(args.spec, list(args.overrides), args.output, args.json, args.node)
+    return worker_main(args.spec, list(args.overrides), args.output, args.json, args.node, args.eval_checkpoint)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -301,8 +307,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
     from palm.workflow import training_node
 
-    node = training_node(spec, args.node)
-    plan = plan_launch(node.spec, args.spec, root, args.overrides, node=node.name)
+    if args.eval_checkpoint is not None:
+        plan = plan_launch(spec, args.spec, root, args.overrides, eval_checkpoint=args.eval_checkpoint)
+    else:
+        node = training_node(spec, args.node)
+        plan = plan_launch(node.spec, args.spec, root, args.overrides, node=node.name)
     if args.dry_run:
         if args.json:
             print(json.dumps(plan_json(plan), indent=2))
@@ -313,8 +322,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     stop = threading.Event()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
+    result = None
     try:
-        launch(plan, stop=stop)
+        if args.eval_checkpoint is not None:
+            from palm.evaljob import evaluate_on_workers
+
+            result = evaluate_on_workers(spec, args.spec, root, args.eval_checkpoint, args.overrides, stop=stop,
+                                         log=lambda line: print(line, file=sys.stderr, flush=True))
+        else:
+            launch(plan, stop=stop)
     except (JobPreempted, Preempted) as e:
         print(f"palm: {e}", file=sys.stderr)
         return Preempted.exit_code
@@ -324,6 +340,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if result is not None:
+        from palm.evaltasks.run import results_markdown
+
+        _emit(args, result, f"{plan.name}: {result['checkpoint']} (step {result['step']})\n"
+              + results_markdown(result["results"]))
+        return 0
     _emit(args, {"status": "completed", "kind": plan.kind, "name": plan.name, "root": plan.root},
           f"{plan.name}: completed ({plan.kind})")
     return 0

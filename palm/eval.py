@@ -24,12 +24,18 @@ Shapes are fixed so that jit compiles little: batches are padded to `batch_size`
 to a power of two (at most seq_len), and the decode step's cache always has seq_len slots, so the
 decode step compiles once per LanguageModel.
 
+A model too large for one device (or one host) is evaluated sharded: `load_sharded_language_model`
+restores the parameters straight onto a mesh with training's layout (palm.sharding), and the
+LanguageModel runs the same code on every host of a multi-host job (each host feeds the same token ids;
+the values read back to the host are replicated, so every host sees the same numbers).
+
 Imports only jax, flax, numpy and palm's JAX core at module level; the tokenizer (sentencepiece) and
 checkpoints (orbax) are imported where used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -45,6 +51,7 @@ from palm.model import PaLM, abstract_params, init_cache
 from palm.train import START_TOKEN
 
 if TYPE_CHECKING:
+    from palm.sharding import Sharding
     from palm.tokenizer import Tokenizer
 
 #: Sequence lengths are padded to a power of two, at least this, so jit compiles a few shapes only.
@@ -122,10 +129,13 @@ class LanguageModel:
 
     params: the unboxed parameter tree (as in a checkpoint's state["params"]); host or device arrays.
     batch_size: rows per forward pass (batches are padded to it, so shapes and compiles stay fixed).
+    sharding: a `palm.sharding.Sharding` with a live mesh: `params` are already laid out on it (see
+    `load_sharded_language_model`), activations are constrained as in training, and everything read back
+    to the host is replicated first, so that every process of a multi-host job can read it.
     """
 
     def __init__(self, params: Any, config: ModelConfig, tokenizer: "Tokenizer", *, batch_size: int = 8,
-                 platform: str | None = None):
+                 platform: str | None = None, sharding: "Sharding | None" = None):
         if batch_size < 1:
             raise PalmError(f"batch_size must be positive, got {batch_size}")
         if tokenizer.vocab_size > config.vocab_size:
@@ -140,8 +150,15 @@ class LanguageModel:
         self.eos_id = tokenizer.eos_id
         self.pad_id = max(tokenizer.pad_id, 0)
         platform = platform or jax.default_backend()
-        self.model = PaLM(self.config, platform=platform)
-        self.params = jax.device_put(params)
+        self.sharding = sharding
+        if sharding is None:
+            self.model = PaLM(self.config, platform=platform)
+            self.params = jax.device_put(params)
+        else:
+            ways = sharding.axis_sizes["model"]
+            self.model = PaLM(self.config, constrain=sharding.constrain, platform=platform,
+                              vocab_split=ways > 1 and config.vocab_size % ways == 0)
+            self.params = params  # already on the mesh
         self._logits = jax.jit(self._logits_fn)
         self._score = jax.jit(self._score_fn)
         self._prefill = jax.jit(self._prefill_fn)
@@ -150,8 +167,17 @@ class LanguageModel:
 
     # -- jitted bodies ---------------------------------------------------------------------------
 
+    def _host(self, x):
+        """What a jitted body returns to the host: replicated over the mesh when sharded, so that every
+        process holds all of it."""
+        return x if self.sharding is None else jax.lax.with_sharding_constraint(x, self.sharding.replicated)
+
+    def _on_mesh(self):
+        """The mesh around every call when sharded (Pallas kernels read it to shard_map themselves)."""
+        return contextlib.nullcontext() if self.sharding is None else jax.set_mesh(self.sharding.mesh)
+
     def _logits_fn(self, params, tokens):
-        return self.model.apply({"params": params}, tokens)
+        return self._host(self.model.apply({"params": params}, tokens))
 
     def _score_fn(self, params, inputs, targets, mask):
         logits = self.model.apply({"params": params}, inputs)
@@ -159,7 +185,7 @@ class LanguageModel:
         target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         total = jnp.sum(jnp.where(mask, target_logp, 0.0), axis=-1)
         greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=-1)
-        return total, greedy
+        return self._host(total), self._host(greedy)
 
     def _prefill_fn(self, params, tokens, lengths, keys, temperature, top_p):
         batch, length = tokens.shape
@@ -168,12 +194,12 @@ class LanguageModel:
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache=cache)
         last = logits[jnp.arange(batch), lengths - 1]
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-        return sample_tokens(last, step_keys, temperature, top_p), cache
+        return self._host(sample_tokens(last, step_keys, temperature, top_p)), cache
 
     def _decode_fn(self, params, cache, tokens, positions, keys, step, temperature, top_p):
         logits, cache = self.model.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-        return sample_tokens(logits[:, 0], step_keys, temperature, top_p), cache
+        return self._host(sample_tokens(logits[:, 0], step_keys, temperature, top_p)), cache
 
     # -- logits and scoring ----------------------------------------------------------------------
 
@@ -187,7 +213,8 @@ class LanguageModel:
         tokens = tokens[None] if squeeze else tokens
         if tokens.ndim != 2 or tokens.shape[1] > self.seq_len:
             raise PalmError(f"logits takes token ids [batch, length <= {self.seq_len}], got shape {tokens.shape}")
-        out = np.asarray(self._logits(self.params, tokens))
+        with self._on_mesh():
+            out = np.asarray(self._logits(self.params, tokens))
         return out[0] if squeeze else out
 
     def _score_rows(self, rows: Sequence[_Row]) -> list[tuple[float, bool]]:
@@ -205,7 +232,8 @@ class LanguageModel:
                 n = len(row.inputs)
                 inputs[j, :n], targets[j, :n] = row.inputs, row.targets
                 mask[j, n - row.scored:n] = True
-            total, greedy = jax.device_get(self._score(self.params, inputs, targets, mask))
+            with self._on_mesh():
+                total, greedy = jax.device_get(self._score(self.params, inputs, targets, mask))
             for j, i in enumerate(chunk):
                 results[i] = (float(total[j]), bool(greedy[j]))
         return results
@@ -342,7 +370,8 @@ class LanguageModel:
 
         generated: list[list[int]] = [[] for _ in range(rows)]
         texts: list[str | None] = [None] * rows
-        token, cache = self._prefill(self.params, tokens, lengths, keys, temperature_, top_p_)
+        with self._on_mesh():
+            token, cache = self._prefill(self.params, tokens, lengths, keys, temperature_, top_p_)
         positions = lengths.copy()  # where each row's newest token goes
         for k in range(max_new_tokens):
             host = np.asarray(token)
@@ -360,8 +389,9 @@ class LanguageModel:
                         texts[j] = text[:cut]
             if all(t is not None for t in texts) or k == max_new_tokens - 1:
                 break
-            token, cache = self._decode(self.params, cache, token, positions, keys, np.int32(k + 1),
-                                        temperature_, top_p_)
+            with self._on_mesh():
+                token, cache = self._decode(self.params, cache, token, positions, keys, np.int32(k + 1),
+                                            temperature_, top_p_)
             positions = positions + 1
         return [t if t is not None else self.tokenizer.decode(g) for t, g in zip(texts, generated)]
 
@@ -418,18 +448,43 @@ def restore_params(checkpoint_dir: str | Path, model_config: ModelConfig, step: 
     return params, step
 
 
+def _tokenizer(tokenizer_path: str | Path) -> "Tokenizer":
+    from palm.tokenizer import Tokenizer
+
+    path = Path(tokenizer_path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise PalmError(f"no tokenizer model at {path}")
+    return Tokenizer(path)
+
+
 def load_language_model(checkpoint_dir: str | Path, model_config: ModelConfig, tokenizer_path: str | Path,
                         step: int | None = None, *, batch_size: int = 8, verify: bool = True) -> LanguageModel:
     """A LanguageModel from a training run's checkpoint (latest step by default) and its tokenizer.
 
     tokenizer_path: the SentencePiece model file, or the tokenizer stage directory holding tokenizer.model.
     """
-    from palm.tokenizer import Tokenizer
-
     params, _ = restore_params(checkpoint_dir, model_config, step, verify=verify)
-    path = Path(tokenizer_path)
-    if path.is_dir():
-        path = path / "tokenizer.model"
-    if not path.is_file():
-        raise PalmError(f"no tokenizer model at {path}")
-    return LanguageModel(params, model_config, Tokenizer(path), batch_size=batch_size)
+    return LanguageModel(params, model_config, _tokenizer(tokenizer_path), batch_size=batch_size)
+
+
+def load_sharded_language_model(step_dir: str | Path, model_config: ModelConfig, tokenizer_path: str | Path,
+                                mesh_shape: dict[str, int], *, batch_size: int = 8) -> LanguageModel:
+    """A LanguageModel whose parameters are restored from one checkpoint (a step directory, local or
+    gs://) straight onto a mesh of every device of the job, laid out as training lays them out: each host
+    reads only its shards (Orbax), and no host ever holds the whole model. Their recorded digest is
+    checked. With several processes every host calls this, and then runs the same evaluation."""
+    import flax.linen as nn
+
+    from palm.checkpoint import restore_params_onto
+    from palm.sharding import Sharding, make_mesh
+
+    sharding = Sharding.on(make_mesh(mesh_shape))
+    boxed = abstract_params(model_config)
+    shardings = sharding.for_params(boxed)
+    abstract = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.value.shape, p.value.dtype, sharding=s), boxed,
+                            shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    params = restore_params_onto(step_dir, abstract)
+    return LanguageModel(params, model_config, _tokenizer(tokenizer_path), batch_size=batch_size,
+                         sharding=sharding)

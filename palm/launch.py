@@ -28,6 +28,11 @@ Kubernetes' own batch/v1 schema (kubernetes-validate, when installed) before any
 
 `train_on_workers` is the train stage run this way (the Prefect train task calls it): launch, follow,
 then read the manifest the workers wrote; their spec is the resolved one recorded at `<root>/spec.json`.
+
+The same launchers run evaluation jobs: `plan_launch(..., eval_checkpoint=STEP_DIR)` is a job named
+`<spec>-eval-<step>` whose every host runs `palm worker SPEC --output ROOT --eval-checkpoint STEP_DIR`,
+on the same mesh as training (palm/evaljob.py, which the eval-new-checkpoints flow uses for checkpoints
+too large for its own process; `palm launch --eval-checkpoint` by hand).
 """
 
 from __future__ import annotations
@@ -159,9 +164,13 @@ class LaunchPlan:
     fingerprint: str = ""
 
 
-def worker_command(spec_path: str, root: str, overrides: Sequence[str] = (), node: str = "train") -> list[str]:
-    """The command every host of the job runs: the training node on that host (palm/worker.py)."""
+def worker_command(spec_path: str, root: str, overrides: Sequence[str] = (), node: str = "train",
+                   eval_checkpoint: str | None = None) -> list[str]:
+    """The command every host of the job runs: the training node on that host, or with `eval_checkpoint`
+    the evaluation of that checkpoint (a step directory) sharded over the job (palm/worker.py)."""
     argv = ["palm", "worker", str(spec_path), "--output", str(root)] + (["--node", node] if node != "train" else [])
+    if eval_checkpoint is not None:
+        argv += ["--eval-checkpoint", str(eval_checkpoint)]
     for assignment in overrides:
         argv += ["--set", assignment]
     return argv
@@ -172,6 +181,21 @@ def job_name(spec: Any) -> str:
     so that pod hostnames (<name>-slice-<job>-<pod>) stay within 63."""
     name = spec.name if spec.name[:1].isalpha() else f"palm-{spec.name}"
     return name[:40].rstrip("-")
+
+
+def eval_job_name(spec: Any, step: int) -> str:
+    """The name of the job that evaluates checkpoint `step`: `<job name>-eval-<step>`, the spec's part
+    shortened so that the whole stays within job_name's 40 characters and the step is never cut off."""
+    suffix = f"-eval-{int(step)}"
+    return job_name(spec)[:40 - len(suffix)].rstrip("-") + suffix
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The step of a checkpoint step directory (<checkpoints>/<step>); PalmError for any other path."""
+    step = str(checkpoint).rstrip("/").rpartition("/")[2]
+    if not step.isdigit():
+        raise PalmError(f"{checkpoint} is not a checkpoint step directory (<train dir>/checkpoints/<step>)")
+    return int(step)
 
 
 def mesh_overrides(spec: Any) -> list[str]:
@@ -263,18 +287,26 @@ def worker_spec_path(spec_path: str | os.PathLike, kind: str) -> str:
 
 
 def plan_launch(spec: Any, spec_path: str | os.PathLike, root: str, overrides: Sequence[str] = (),
-                node: str = "train") -> LaunchPlan:
+                node: str = "train", eval_checkpoint: str | None = None) -> LaunchPlan:
     """What would run for this spec's launcher (for a workflow's training node other than "train", `spec`
-    is that node's own, and the job is named after both); SpecError/PalmError on a launcher that cannot work."""
+    is that node's own, and the job is named after both); SpecError/PalmError on a launcher that cannot work.
+
+    With `eval_checkpoint` (a step directory) it is the job that evaluates that checkpoint instead, on the
+    same hosts and mesh, named after its step (`eval_job_name`): a re-run finds a running job of the same
+    checkpoint by that name and its fingerprint, and follows it."""
     try:
         check_launcher(spec, root)
     except SpecError as e:
         raise SpecError(e.detail, file=e.file or str(spec_path), key=e.key) from None
     kind = spec.infra.launcher.kind
-    command = worker_command(worker_spec_path(spec_path, kind), root, [*overrides, *mesh_overrides(spec)], node)
-    if node != "train":
+    command = worker_command(worker_spec_path(spec_path, kind), root, [*overrides, *mesh_overrides(spec)], node,
+                             eval_checkpoint)
+    if eval_checkpoint is not None:
+        spec = spec.model_copy(update={"name": eval_job_name(spec, checkpoint_step(eval_checkpoint))})
+    elif node != "train":
         spec = spec.model_copy(update={"name": f"{spec.name}-{node}"})
-    plan = {"local": _plan_local, "tpu-vm": _plan_tpu_vm, "gke": _plan_gke}[kind](spec, root, command)
+    component = "train" if eval_checkpoint is None else "eval"
+    plan = {"local": _plan_local, "tpu-vm": _plan_tpu_vm, "gke": _plan_gke}[kind](spec, root, command, component)
     if plan.manifest is not None:
         validate_jobset(plan.manifest)
     return plan
@@ -290,7 +322,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _plan_local(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+def _plan_local(spec: Any, root: str, command: list[str], component: str = "train") -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     n = la.processes
     port = la.coordinator_port or _free_port()
@@ -347,7 +379,7 @@ printf '{{"host": "%s", "exit_code": %d}}\\n' "$HOST" "$CODE" | gcloud storage c
 """
 
 
-def _plan_tpu_vm(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+def _plan_tpu_vm(spec: Any, root: str, command: list[str], component: str = "train") -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape, name = slice_shape(spec), job_name(spec)
     where = gcloud_location(spec)
@@ -401,8 +433,10 @@ def kubectl_commands(name: str, namespace: str) -> dict[str, list[str]]:
     }
 
 
-def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]) -> dict[str, Any]:
-    """The JobSet: one Job per slice (replicas = num_slices), one pod per TPU host of the slice."""
+def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str],
+                    component: str = "train") -> dict[str, Any]:
+    """The JobSet: one Job per slice (replicas = num_slices), one pod per TPU host of the slice;
+    `component` (train, or eval for an evaluation job) labels its objects."""
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape = slice_shape(spec)
     env: list[dict[str, Any]] = [{"name": "PALM_DISTRIBUTED", "value": "auto"}]
@@ -413,7 +447,7 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
             {"name": "MEGASCALE_SLICE_ID",
              "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}},
         ]
-    labels = {"app.kubernetes.io/name": "palm-pipeline", "app.kubernetes.io/component": "train",
+    labels = {"app.kubernetes.io/name": "palm-pipeline", "app.kubernetes.io/component": component,
               "app.kubernetes.io/instance": name}
     pod = {
         "metadata": {"labels": dict(labels)},
@@ -475,11 +509,11 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
 FINGERPRINT = "palm.dev/job-fingerprint"
 
 
-def _plan_gke(spec: Any, root: str, command: list[str]) -> LaunchPlan:
+def _plan_gke(spec: Any, root: str, command: list[str], component: str = "train") -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape, name = slice_shape(spec), job_name(spec)
     namespace = la.namespace or "default"
-    manifest = jobset_manifest(spec, name, namespace, command)
+    manifest = jobset_manifest(spec, name, namespace, command, component)
     fingerprint = _fingerprint(json.dumps(manifest, sort_keys=True))
     manifest["metadata"]["annotations"][FINGERPRINT] = fingerprint
     k = kubectl_commands(name, namespace)

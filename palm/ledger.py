@@ -49,7 +49,10 @@ class EvalLedger:
         return [s for s in steps if self.result(s) is None]
 
     def claim(self, step: int, owner: str) -> bool:
-        """True for exactly one caller per step (until that caller's claim goes stale)."""
+        """True for exactly one owner per step (until that owner's claim goes stale). The owner that holds
+        the claim gets True again: a flow run resumed after its process died (the same flow run) goes on
+        with its step, following the evaluation job it had launched, instead of waiting for its own
+        claim to go stale."""
         while self.result(step) is None:
             path = self._claim_path(step)
             if storage.create_exclusive(path, json.dumps({"owner": owner, "claimed_at": time.time()})):
@@ -57,12 +60,21 @@ class EvalLedger:
             held = storage.stat(path)
             if held is None:  # released (or taken over) since: try again
                 continue
+            if self._owner(path) == owner:
+                return True
             modified, version = held
             if time.time() - modified < self.stale_after or self.result(step) is not None:
                 return False
             if not storage.remove_if_unchanged(path, version):  # another contender took it over first
                 return False
         return False
+
+    @staticmethod
+    def _owner(path: str) -> str | None:
+        try:
+            return json.loads(storage.read_text(path)).get("owner")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def record(self, step: int, result: dict[str, Any]) -> None:
         storage.write_text_atomic(self._result_path(step), json.dumps(result, indent=2, sort_keys=True, default=str))

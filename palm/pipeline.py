@@ -215,6 +215,12 @@ def _dump(spec: Any) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
+def eval_config(spec: Any) -> dict[str, Any]:
+    """The eval settings that decide the results (the eval stage's key; what a launched evaluation job's
+    result is checked against): all but `launch`, which only says where they are computed."""
+    return {k: v for k, v in _dump(spec)["eval"].items() if k != "launch"}
+
+
 def _always(spec: Any) -> bool:
     return True
 
@@ -284,7 +290,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           inputs=("pack", "train"), gates=("compile",), provides=("train",), version=2, resumable=True,
           default=False, trains=True,
           summary="continue from a trained model's final parameters on its own data and schedule (fresh optimizer)"),
-    Stage("eval", _build_eval, lambda spec: _dump(spec)["eval"], inputs=("train", "pack", "tokenizer"),
+    Stage("eval", _build_eval, lambda spec: eval_config(spec), inputs=("train", "pack", "tokenizer"),
           summary="evaluate the final checkpoint"),
     Stage("scaling", _build_scaling, lambda spec: {}, collects=("train", "eval"), default=False,
           summary="loss against parameters and training FLOPs over several models, with a fitted power law"),

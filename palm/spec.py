@@ -178,6 +178,12 @@ class EvalSpec(_Strict):
     memorization_continuation: int = Field(50, gt=0)
     #: Extra lm-eval task YAMLs (local data files only).
     lm_eval_include_path: str | None = None
+    #: Where the eval-new-checkpoints flow evaluates a checkpoint (palm/evaljob.py): "local" in its own
+    #: process; "workers" as a sharded job on the launcher's workers (infra.launcher, on infra.mesh, as
+    #: training runs); "auto" on workers when twice the parameters' bytes exceed what the flow's process
+    #: holds (its accelerators' memory, or the host's RAM on CPU). Not part of the eval stage's key: where
+    #: it runs does not change the results.
+    launch: Literal["auto", "local", "workers"] = "auto"
 
 
 # ---------------------------------------------------------------------------------------- infra

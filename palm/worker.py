@@ -8,6 +8,12 @@ restored by all hosts at once. Host 0 (the leader) writes the stage's files (con
 metrics.jsonl, manifest.json); a re-run after a crash or a preemption resumes from the latest
 checkpoint. Exit codes: 0 done, 2 bad input, 75 preempted (SIGTERM: checkpointed; run again).
 
+`palm worker SPEC --output ROOT --eval-checkpoint STEP_DIR` is one host of an evaluation job instead
+(palm/evaljob.py): every host restores only its shards of that checkpoint's parameters onto the spec's
+mesh (the layout training uses), all run the spec's eval tasks together (the same inputs on every host),
+and host 0 writes the result to `<train dir>/evals/launched/<step>.json`. Nothing is saved on the way,
+so a stopped evaluation simply runs again.
+
 How a host joins, in order:
   - JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (the local launcher, or any
     cluster that names them): `jax.distributed.initialize` with them; CPU hosts use gloo collectives;
@@ -19,6 +25,7 @@ How a host joins, in order:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import sys
@@ -106,6 +113,32 @@ def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") 
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_eval_worker(spec: Any, checkpoint: str, log: Any = None) -> dict[str, Any]:
+    """Evaluate one checkpoint (a step directory) as one host of an evaluation job: sharded over the
+    spec's mesh of every host's devices; host 0 writes the result (palm.evaljob.write_result)."""
+    import jax
+
+    from palm import storage
+    from palm.evaljob import write_result
+    from palm.evaltasks.run import evaluate_checkpoint
+    from palm.launch import eval_job_name
+
+    mesh = spec.resolved_mesh()
+    leader = jax.process_index() == 0
+    if log is not None and leader:
+        log(f"eval: {checkpoint} on mesh " + " x ".join(f"{a}={n}" for a, n in mesh.items()))
+    result = evaluate_checkpoint(checkpoint, spec.eval, mesh_shape=mesh)
+    out = None
+    if leader:
+        train_dir = storage.parent(storage.parent(result["checkpoint"]))
+        out = write_result(train_dir, result, spec, {"name": eval_job_name(spec, result["step"]),
+                                                     "processes": jax.process_count(), "devices": jax.device_count(),
+                                                     "mesh": mesh})
+        if log is not None:
+            log(f"eval: step {result['step']}: {json.dumps(result['results'], default=str)}")
+    return {"output": out, **result}
+
+
 def _watch_stop_file(path: str | None, stop: threading.Event) -> threading.Event:
     """Set `stop` once `path` (local or gs://) exists, looking every PALM_STOP_POLL_SECONDS (30): how a
     launcher without a session on the hosts (TPU VMs started by a startup script) asks them to checkpoint
@@ -130,20 +163,25 @@ def _watch_stop_file(path: str | None, stop: threading.Event) -> threading.Event
     return done
 
 
-def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool, node: str = "train") -> int:
-    import json
-
+def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool, node: str = "train",
+         eval_checkpoint: str | None = None) -> int:
     from palm.spec import load_spec
 
     spec = load_spec(spec_path, overrides)  # bad input fails before joining the job
     root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    if eval_checkpoint is not None:
+        from palm.evaltasks.run import locate_run
+        from palm.launch import checkpoint_step
+
+        checkpoint_step(eval_checkpoint)
+        locate_run(eval_checkpoint)
     # stdout is for the one JSON result: what libraries print there (gloo's C++ connection lines)
     # goes to stderr until then.
     sys.stdout.flush()
     stdout = os.dup(1)
     os.dup2(2, 1)
     try:
-        code, result = _run(spec, root, node)
+        code, result = _run(spec, root, node, eval_checkpoint)
     finally:
         sys.stdout.flush()
         os.dup2(stdout, 1)
@@ -151,13 +189,16 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     if code == 0:
         if as_json:
             print(json.dumps(result, indent=2, default=str))
+        elif eval_checkpoint is not None:
+            print(f"eval: {result['checkpoint']} (step {result['step']})"
+                  + (f" -> {result['output']}" if result["output"] else ""), file=sys.stderr)
         else:
             print(f"train: {result['output']} (step {result['final_step']}{', cached' if result['cached'] else ''})",
                   file=sys.stderr)
     return code
 
 
-def _run(spec: Any, root: str, node: str = "train") -> tuple[int, dict[str, Any]]:
+def _run(spec: Any, root: str, node: str = "train", eval_checkpoint: str | None = None) -> tuple[int, dict[str, Any]]:
     from palm.errors import Preempted
 
     joined = initialize_distributed()
@@ -170,7 +211,7 @@ def _run(spec: Any, root: str, node: str = "train") -> tuple[int, dict[str, Any]
         log(f"worker: {joined['process_count']} process(es), {joined['devices']} devices "
             f"({joined['local_devices']} here), joined {joined['mode']}")
     try:
-        result = run_worker(spec, root, log, node)
+        result = run_eval_worker(spec, eval_checkpoint, log) if eval_checkpoint else run_worker(spec, root, log, node)
     except Preempted as e:
         log(f"palm: {e}")
         return Preempted.exit_code, {}

@@ -53,10 +53,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 # ------------------------------------------------------------------------------------ golden files
 
+#: A checkpoint of the 540B run, as the eval-new-checkpoints flow hands it to an evaluation job.
+CKPT_540 = "gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints/255000"
+
 GOLDEN_CASES = {
     "palm-540b-gke": [S540, "--dry-run"],
     "palm-540b-tpu-vm": [S540, "--set", "infra.launcher.kind=tpu-vm", "--dry-run"],
     "palm-8b-tpu-vm": [str(SPECS / "palm-8b.yaml"), "--dry-run"],
+    "palm-540b-eval-gke": [S540, "--eval-checkpoint", CKPT_540, "--dry-run"],
+    "palm-540b-eval-tpu-vm": [S540, "--set", "infra.launcher.kind=tpu-vm", "--eval-checkpoint", CKPT_540, "--dry-run"],
 }
 
 
@@ -186,6 +191,64 @@ def test_a_broken_jobset_is_rejected_with_its_path(capsys, path, value, where):
 def test_worker_command():
     assert worker_command("specs/palm-8b.yaml", "gs://b/runs/palm-8b", ["train.steps=5"]) == [
         "palm", "worker", "specs/palm-8b.yaml", "--output", "gs://b/runs/palm-8b", "--set", "train.steps=5"]
+    assert worker_command("specs/palm-8b.yaml", "gs://b/r", ["infra.mesh.fsdp=8"], eval_checkpoint="gs://b/r/c/40") == [
+        "palm", "worker", "specs/palm-8b.yaml", "--output", "gs://b/r", "--eval-checkpoint", "gs://b/r/c/40",
+        "--set", "infra.mesh.fsdp=8"]
+
+
+def test_540b_checkpoints_are_evaluated_by_a_jobset_of_the_same_shape_and_mesh_as_training(capsys):
+    """The evaluation job of one 540B checkpoint: the training job's slices, hosts and mesh, named after
+    the checkpoint's step (so a re-run finds it), every host evaluating that checkpoint."""
+    train, ev = jobset_540b(capsys), jobset_540b(capsys, "--eval-checkpoint", CKPT_540)
+    assert ev["metadata"]["name"] == "palm-540b-eval-255000"
+    assert ev["metadata"]["labels"]["app.kubernetes.io/component"] == "eval"
+    fingerprint = "palm.dev/job-fingerprint"
+    assert ev["metadata"]["annotations"][fingerprint] != train["metadata"]["annotations"][fingerprint]
+    [rjob], [train_rjob] = ev["spec"]["replicatedJobs"], train["spec"]["replicatedJobs"]
+    assert rjob["replicas"] == train_rjob["replicas"] == 2
+    job, train_job = rjob["template"]["spec"], train_rjob["template"]["spec"]
+    assert job["parallelism"] == train_job["parallelism"] == 768
+    pod, train_pod = job["template"]["spec"], train_job["template"]["spec"]
+    assert pod["nodeSelector"] == train_pod["nodeSelector"]
+    [container], [train_container] = pod["containers"], train_pod["containers"]
+    command = container["command"]
+    assert command[:7] == ["palm", "worker", "specs/palm-540b.yaml", "--output", "gs://palm-runs/palm-540b",
+                           "--eval-checkpoint", CKPT_540]
+    mesh = [w for w in command if w.startswith("infra.mesh.")]
+    assert mesh == [w for w in train_container["command"] if w.startswith("infra.mesh.")] == [
+        "infra.mesh.data=2", "infra.mesh.fsdp=256", "infra.mesh.model=12"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "palm-540b-eval-255000-slice-0-0.palm-540b-eval-255000"
+    validate_jobset(ev)
+
+
+def test_540b_checkpoints_on_tpu_vms_are_evaluated_by_their_own_queued_resource(capsys):
+    rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=tpu-vm", "--eval-checkpoint", CKPT_540,
+                           "--dry-run", "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["name"] == "palm-540b-eval-255000" and plan["hosts"] == 1536
+    assert plan["status_dir"] == "gs://palm-runs/palm-540b/launch/palm-540b-eval-255000"
+    [create] = plan["setup"]
+    assert "--type=v4" in create["argv"] and "--topology=12x16x16" in create["argv"] and "--node-count=2" in create["argv"]
+    assert (f"palm worker specs/palm-540b.yaml --output gs://palm-runs/palm-540b --eval-checkpoint {CKPT_540} "
+            "--set infra.launcher.kind=tpu-vm --set infra.mesh.data=2 --set infra.mesh.fsdp=256 "
+            "--set infra.mesh.model=12") in plan["startup_script"]
+
+
+def test_eval_job_names_keep_the_step():
+    from palm.launch import eval_job_name
+
+    spec = load_spec(S540, ["name=a-very-long-spec-name-for-a-very-large-language-model"])
+    name = eval_job_name(spec, 1_234_567)
+    assert name == "a-very-long-spec-name-for-a-eval-1234567" and len(name) <= 40
+
+
+@pytest.mark.parametrize("checkpoint", ["gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints",
+                                        "gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints/latest"])
+def test_an_eval_job_needs_a_checkpoint_step(capsys, checkpoint):
+    rc, out, err = run_cli(capsys, S540, "--eval-checkpoint", checkpoint, "--dry-run")
+    assert rc == 2 and "is not a checkpoint step directory" in err and "Traceback" not in err and out == ""
 
 
 BROKEN = [

@@ -45,3 +45,12 @@ def test_stale_claims_are_taken_over_and_released_ones_reclaimed(tmp_path):
     assert ledger.claim(10, "c")
     ledger.record(10, {"loss": 1.0})
     assert not ledger.claim(10, "d") and ledger.result(10) == {"loss": 1.0}
+
+
+def test_the_owner_of_a_claim_gets_it_again(tmp_path):
+    """A flow run resumed after its process died holds its claims still: it goes on with them."""
+    ledger = EvalLedger(tmp_path)
+    assert ledger.claim(5, "run-1") and ledger.claim(5, "run-1")
+    assert not ledger.claim(5, "run-2")
+    ledger.record(5, {"loss": 1.0})
+    assert not ledger.claim(5, "run-1")  # recorded: nobody evaluates it again

@@ -197,15 +197,21 @@ def locate_run(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
-                        pack: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+                        pack: Any = None, tokenizer: Any = None,
+                        mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it.
 
     The tokenizer and the packed (and validation) data are the run's own, unless `pack` and `tokenizer`
     (StageOutputs) name others: a workflow's eval node reads the ones it was given (a base model on the
-    fine-tuning mixture's validation split, say)."""
+    fine-tuning mixture's validation split, say).
+
+    With `mesh_shape` the parameters are restored sharded over that mesh of every device of the job
+    (palm.eval.load_sharded_language_model), as the hosts of a launched evaluation job do (`palm worker
+    --eval-checkpoint`, palm.evaljob): every host runs this with the same arguments and gets the same
+    result."""
     from palm.checkpoint import open_checkpoints
     from palm.config import ModelConfig
-    from palm.eval import load_language_model
+    from palm.eval import load_language_model, load_sharded_language_model
     from palm.stages import local_copy
 
     run = locate_run(checkpoint)
@@ -221,8 +227,12 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
     # SentencePiece reads a local file (a copy of a gs:// tokenizer); the validation shards are streamed
     # and the packed rows read in place.
     tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
-    lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
-                             batch_size=eval_spec.batch_size)
+    if mesh_shape is None:
+        lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
+                                 batch_size=eval_spec.batch_size)
+    else:
+        lm = load_sharded_language_model(f"{run['train_dir']}/checkpoints/{step}", ModelConfig(**run["model"]),
+                                         tokenizer, mesh_shape, batch_size=eval_spec.batch_size)
     data_dir = run["data_dir"] if "validation_loss" in eval_spec.tasks else None
     pack_dir = run["pack_dir"] if "memorization" in eval_spec.tasks else None
     results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
