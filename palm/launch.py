@@ -234,16 +234,47 @@ def slice_shape(spec: Any) -> SliceShape:
         raise SpecError(f"expected AxBxC (chips along each axis, e.g. 8x8x16), got {hw.topology!r}",
                         key="infra.hardware.topology")
     dims = [int(d) for d in hw.topology.split("x")]
-    if dims != sorted(dims) or any(d <= 0 or (d > 4 and d % 4) for d in dims):
-        raise SpecError(f"{hw.topology} is not a TPU topology: write AxBxC with A <= B <= C, each at most 4 or a "
-                        f"multiple of 4 (e.g. {'x'.join(map(str, sorted(dims)))} if its sizes are right)",
-                        key="infra.hardware.topology")
+    problem = topology_check(spec)["problem"]
+    if problem is not None:
+        raise SpecError(problem, key="infra.hardware.topology")
     if math.prod(dims) != chips:
         raise SpecError(f"{hw.topology} is {math.prod(dims)} chips ({math.prod(dims) // gen.chips_per_host} hosts) "
                         f"but a slice has {chips} (num_devices {hw.num_devices} / num_slices {hw.num_slices}, "
                         f"{chips // gen.chips_per_host} hosts)", key="infra.hardware.topology")
     return SliceShape(chips, chips // gen.chips_per_host, hw.topology,
                       f"{gen.prefix}-{chips * gen.cores_per_chip}", gen)
+
+
+def topology_check(spec: Any) -> dict[str, Any]:
+    """Whether the spec's launcher can get its slices: Cloud TPU's rule for a slice's shape (both
+    launchers), and for GKE also its table of v4 node-pool topologies (`palm.topology.GKE_V4_TOPOLOGIES`),
+    with the nearest shape GKE offers for the same chips (and the mesh that lays out on it) when it lacks
+    the spec's. {"launcher", "topology", "problem" (None when fine), "alternatives"}."""
+    from palm.topology import (GKE_V4_TOPOLOGIES, cloud_tpu_v4_problem, describe_alternative, gke_v4_alternatives,
+                               parse_topology)
+
+    hw, kind = spec.infra.hardware, spec.infra.launcher.kind
+    out: dict[str, Any] = {"launcher": kind, "topology": hw.topology, "problem": None, "alternatives": []}
+    gen = TPU_GENERATIONS.get(hw.accelerator)
+    if gen is None or kind == "local" or not hw.topology:
+        return out
+    dims = parse_topology(hw.topology)
+    out["problem"] = cloud_tpu_v4_problem(dims)
+    if out["problem"] is not None or kind != "gke" or gen.prefix != "v4" or hw.topology in GKE_V4_TOPOLOGIES:
+        return out
+    batches = sorted({stage.global_batch for stage in spec.train.batch_ramp})
+    alternatives = gke_v4_alternatives(hw.num_devices, spec.resolved_mesh(), spec.model.num_heads, batches)
+    out["alternatives"] = alternatives
+    problem = (f"{hw.topology} is not a TPU v4 node-pool topology on GKE (it offers {', '.join(GKE_V4_TOPOLOGIES)}); "
+               "the tpu-vm launcher's queued resources take it")
+    if alternatives:
+        best = alternatives[0]
+        sets = [f"infra.hardware.num_slices={best['num_slices']}", f"infra.hardware.topology={best['topology']}",
+                *(f"infra.mesh.{axis}={size}" for axis, size in best["mesh"].items())]
+        problem += (f", or on GKE the same {hw.num_devices} chips as {describe_alternative(best)}: "
+                    + " ".join(f"--set {x}" for x in sets))
+    out["problem"] = problem
+    return out
 
 
 def check_launcher(spec: Any, root: str) -> None:

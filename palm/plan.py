@@ -87,6 +87,7 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
         "layout": [{"param": p, "shape": list(s), "partition": part} for p, s, part in layout.describe(boxed)],
         "stages": workflow_plan(spec),
+        "launch": _launch_check(spec),
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
         "estimated_days": seconds / 86400 if seconds is not None else None,
@@ -105,6 +106,13 @@ MEMORY_COEFFICIENTS = {
               "layer_weights": 3.0, "final_hidden": 1.6, "logits": 2.0},
     "eval": {"embedding": 0.4, "layer_weights": 1.9, "final_hidden": 0.3, "logits": 1.0},
 }
+
+
+def _launch_check(spec: Spec) -> dict[str, Any]:
+    """Whether the launcher can get the spec's TPU slices (palm.launch.topology_check)."""
+    from palm.launch import topology_check
+
+    return topology_check(spec)
 
 
 def workflow_plan(spec: Spec) -> list[dict[str, Any]]:
@@ -239,6 +247,12 @@ def render(p: dict[str, Any]) -> str:
         + (" (estimated; --compile checks)" if str(hw["accelerator"]).startswith("tpu") else " (estimated)"),
         *_render_stages(p["stages"]),
     ]
+    launch = p.get("launch") or {}
+    if launch.get("problem"):
+        lines.append(f"launch          UNSUPPORTED on {launch['launcher']}: {launch['problem']}")
+    elif launch.get("topology") and launch.get("launcher") != "local":
+        lines.append(f"launch          {launch['launcher']}: {hw['num_slices']} slice(s) of {launch['topology']}, "
+                     "a shape it offers")
     if p["estimated_seconds"] is not None:
         lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU")
     else:

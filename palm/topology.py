@@ -110,3 +110,57 @@ def nearest_mesh(shape: dict[str, int], topology: Sequence[int], num_slices: int
 
     ranked = sorted(candidates, key=lambda m: (not usable(m), distance(m)))
     return ranked[0] if ranked else None
+
+
+# ------------------------------------------------------------------------------ what Google Cloud offers
+
+#: The largest TPU v4 slice: one pod.
+V4_POD_CHIPS = 4096
+
+#: The slice shapes of TPU v4 node pools on GKE (node pool topology `--tpu-topology`, machine type
+#: ct4p-hightpu-4t, 4 chips per node), from 4 chips to 2048. Cloud TPU's queued resources take any
+#: shape by `cloud_tpu_v4_problem`'s rule; GKE only these.
+GKE_V4_TOPOLOGIES = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x12",
+                     "8x8x16", "8x16x16")
+
+
+def cloud_tpu_v4_problem(dims: Sequence[int]) -> str | None:
+    """Why AxBxC is not a TPU v4 slice Cloud TPU can create (A <= B <= C, each at most 4 or a multiple
+    of 4, at most a pod), or None."""
+    dims = tuple(int(d) for d in dims)
+    text = "x".join(map(str, dims))
+    if len(dims) != 3 or list(dims) != sorted(dims) or any(d <= 0 or (d > 4 and d % 4) for d in dims):
+        return (f"{text} is not a TPU v4 topology: write AxBxC with A <= B <= C, each at most 4 or a multiple of 4"
+                + (f" (e.g. {'x'.join(map(str, sorted(dims)))} if its sizes are right)" if len(dims) == 3 else ""))
+    if math.prod(dims) > V4_POD_CHIPS:
+        return f"{text} is {math.prod(dims)} chips, more than a TPU v4 pod's {V4_POD_CHIPS}: use several slices"
+    return None
+
+
+def gke_v4_alternatives(num_devices: int, mesh: dict[str, int], heads: int | None = None,
+                        batches: Sequence[int] = ()) -> list[dict]:
+    """GKE node-pool shapes that hold `num_devices` chips in whole slices, each with the mesh that lays out
+    on it (the given one if it does, else the nearest), best first: a mesh whose model axis divides the
+    heads and whose data x fsdp divides every batch, then the model axis closest to the given one, then
+    the fewest slices."""
+    out = []
+    for topology in GKE_V4_TOPOLOGIES:
+        dims = parse_topology(topology)
+        chips = math.prod(dims)
+        if num_devices % chips:
+            continue
+        slices = num_devices // chips
+        laid = mesh if mesh_fits_topology(mesh, dims, slices) else nearest_mesh(mesh, dims, slices, heads, batches)
+        if laid is None:
+            continue
+        usable = (heads is None or heads % laid["model"] == 0) and all(
+            b % (laid["data"] * laid["fsdp"]) == 0 for b in batches)
+        out.append({"topology": topology, "num_slices": slices, "mesh": laid, "usable": usable})
+    out.sort(key=lambda a: (not a["usable"], abs(math.log2(a["mesh"]["model"] / mesh.get("model", 1))),
+                            a["num_slices"]))
+    return out
+
+
+def describe_alternative(alt: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in alt["mesh"].items())
+    return f"{alt['num_slices']} slice(s) of {alt['topology']} with mesh {mesh}"

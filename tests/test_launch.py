@@ -56,12 +56,19 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 #: A checkpoint of the 540B run, as the eval-new-checkpoints flow hands it to an evaluation job.
 CKPT_540 = "gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints/255000"
 
+#: The 540B run on GKE: its 6144 chips as 8 node pools of 8x8x12 (GKE has no 12x16x16; the settings
+#: `palm plan` names for it).
+GKE_540 = ["--set", "infra.launcher.kind=gke", "--set", "infra.hardware.num_slices=8",
+           "--set", "infra.hardware.topology=8x8x12", "--set", "infra.mesh.data=8", "--set", "infra.mesh.fsdp=64"]
+
+GKE_SETS = GKE_540[1::2]
+
 GOLDEN_CASES = {
-    "palm-540b-gke": [S540, "--dry-run"],
-    "palm-540b-tpu-vm": [S540, "--set", "infra.launcher.kind=tpu-vm", "--dry-run"],
+    "palm-540b-gke": [S540, *GKE_540, "--dry-run"],
+    "palm-540b-tpu-vm": [S540, "--dry-run"],
     "palm-8b-tpu-vm": [str(SPECS / "palm-8b.yaml"), "--dry-run"],
-    "palm-540b-eval-gke": [S540, "--eval-checkpoint", CKPT_540, "--dry-run"],
-    "palm-540b-eval-tpu-vm": [S540, "--set", "infra.launcher.kind=tpu-vm", "--eval-checkpoint", CKPT_540, "--dry-run"],
+    "palm-540b-eval-gke": [S540, *GKE_540, "--eval-checkpoint", CKPT_540, "--dry-run"],
+    "palm-540b-eval-tpu-vm": [S540, "--eval-checkpoint", CKPT_540, "--dry-run"],
 }
 
 
@@ -79,12 +86,14 @@ def test_dry_run_matches_golden(capsys, case):
 
 
 def jobset_540b(capsys, *extra: str) -> dict:
-    rc, out, err = run_cli(capsys, S540, "--dry-run", *extra)
+    rc, out, err = run_cli(capsys, S540, *GKE_540, "--dry-run", *extra)
     assert rc == 0, err
     return yaml.safe_load(out)  # the commands before the manifest are YAML comments
 
 
-def test_540b_jobset_is_two_slices_of_3072_chips(capsys):
+def test_540b_jobset_is_eight_node_pools_of_768_chips(capsys):
+    """GKE's largest v4 node pools with a 12-chip axis are 8x8x12: the 540B run's 6144 chips as 8 of them,
+    model 12 along that axis, FSDP 64 over the rest of a slice, data 8 over the slices."""
     js = jobset_540b(capsys)
     assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
     assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
@@ -94,27 +103,27 @@ def test_540b_jobset_is_two_slices_of_3072_chips(capsys):
     pod = job["template"]["spec"]
     [container] = pod["containers"]
     chips_per_host = container["resources"]["limits"]["google.com/tpu"]
-    assert rjob["replicas"] == 2  # slices
-    assert job["parallelism"] == job["completions"] == 768  # hosts per slice
+    assert rjob["replicas"] == 8  # slices
+    assert job["parallelism"] == job["completions"] == 192  # hosts per slice
     assert chips_per_host == 4
-    assert job["parallelism"] * chips_per_host == 3072  # chips per slice
+    assert job["parallelism"] * chips_per_host == 768  # chips per slice
     assert rjob["replicas"] * job["parallelism"] == 1536 and rjob["replicas"] * job["parallelism"] * 4 == 6144
     assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
     topology = pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"]
-    assert topology == "12x16x16"  # AxBxC with A <= B <= C, as Cloud TPU writes v4 topologies
-    assert math.prod(int(d) for d in topology.split("x")) == 3072
+    assert topology == "8x8x12"  # AxBxC with A <= B <= C, as Cloud TPU writes v4 topologies; one GKE offers
+    assert math.prod(int(d) for d in topology.split("x")) == 768
     assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v4-podslice"
 
-    # The worker gets the mesh: per slice model 12 x fsdp 256 = its 3072 chips; data 2 = one per slice.
+    # The worker gets the mesh: per slice model 12 x fsdp 64 = its 768 chips; data 8 = one per slice.
     command = container["command"]
     assert command[:5] == ["palm", "worker", "specs/palm-540b.yaml", "--output", "gs://palm-runs/palm-540b"]
     sets = dict(command[i + 1].split("=", 1) for i, word in enumerate(command) if word == "--set")
     mesh = {axis: int(sets[f"infra.mesh.{axis}"]) for axis in ("data", "fsdp", "model")}
-    assert mesh == {"data": 2, "fsdp": 256, "model": 12}
+    assert mesh == {"data": 8, "fsdp": 64, "model": 12}
     assert mesh["model"] * mesh["fsdp"] == job["parallelism"] * chips_per_host
     assert mesh["data"] == rjob["replicas"]
     env = {e["name"]: e for e in container["env"]}
-    assert env["MEGASCALE_NUM_SLICES"]["value"] == "2"
+    assert env["MEGASCALE_NUM_SLICES"]["value"] == "8"
     assert env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.labels['jobset.sigs.k8s.io/job-index']"
     assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "palm-540b-slice-0-0.palm-540b"
@@ -153,11 +162,12 @@ def test_tpu_containers_on_gke_are_privileged(capsys):
 
 
 @pytest.mark.parametrize("spec, extra", [
-    ("palm-540b.yaml", []),
+    ("palm-540b.yaml", GKE_540),
     ("palm-62b.yaml", ["--set", "infra.launcher.kind=gke"]),
     ("palm-8b.yaml", ["--set", "infra.launcher.kind=gke", "--set", "infra.launcher.namespace=training"]),
-    ("palm-540b.yaml", ["--set", "infra.hardware.num_slices=1", "--set", "infra.hardware.num_devices=3072",
-                        "--set", "infra.mesh.data=1"]),
+    ("palm-540b.yaml", ["--set", "infra.launcher.kind=gke", "--set", "infra.hardware.num_slices=1",
+                        "--set", "infra.hardware.num_devices=2048", "--set", "infra.hardware.topology=8x16x16",
+                        "--set", "infra.mesh.data=1", "--set", "infra.mesh.fsdp=128", "--set", "infra.mesh.model=16"]),
 ], ids=["540b", "62b", "8b", "540b-one-slice"])
 def test_every_generated_jobset_validates(capsys, spec, extra):
     rc, out, err = run_cli(capsys, str(SPECS / spec), "--dry-run", "--json", *extra)
@@ -205,9 +215,9 @@ def test_540b_checkpoints_are_evaluated_by_a_jobset_of_the_same_shape_and_mesh_a
     fingerprint = "palm.dev/job-fingerprint"
     assert ev["metadata"]["annotations"][fingerprint] != train["metadata"]["annotations"][fingerprint]
     [rjob], [train_rjob] = ev["spec"]["replicatedJobs"], train["spec"]["replicatedJobs"]
-    assert rjob["replicas"] == train_rjob["replicas"] == 2
+    assert rjob["replicas"] == train_rjob["replicas"] == 8
     job, train_job = rjob["template"]["spec"], train_rjob["template"]["spec"]
-    assert job["parallelism"] == train_job["parallelism"] == 768
+    assert job["parallelism"] == train_job["parallelism"] == 192
     pod, train_pod = job["template"]["spec"], train_job["template"]["spec"]
     assert pod["nodeSelector"] == train_pod["nodeSelector"]
     [container], [train_container] = pod["containers"], train_pod["containers"]
@@ -215,8 +225,8 @@ def test_540b_checkpoints_are_evaluated_by_a_jobset_of_the_same_shape_and_mesh_a
     assert command[:7] == ["palm", "worker", "specs/palm-540b.yaml", "--output", "gs://palm-runs/palm-540b",
                            "--eval-checkpoint", CKPT_540]
     mesh = [w for w in command if w.startswith("infra.mesh.")]
-    assert mesh == [w for w in train_container["command"] if w.startswith("infra.mesh.")] == [
-        "infra.mesh.data=2", "infra.mesh.fsdp=256", "infra.mesh.model=12"]
+    assert mesh == [w for w in train_container["command"] if w.startswith("infra.mesh.")]
+    assert mesh[-3:] == ["infra.mesh.data=8", "infra.mesh.fsdp=64", "infra.mesh.model=12"]  # the resolved mesh, last
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "palm-540b-eval-255000-slice-0-0.palm-540b-eval-255000"
     validate_jobset(ev)
@@ -252,22 +262,26 @@ def test_an_eval_job_needs_a_checkpoint_step(capsys, checkpoint):
 
 
 BROKEN = [
-    ("gke-without-image", [S540, "--set", "infra.launcher.image=null"], "infra.launcher.image"),
-    ("tpu-vm-without-runtime", [S540, "--set", "infra.launcher.kind=tpu-vm", "--set", "infra.launcher.runtime_version=null"],
+    ("gke-without-image", [S540, *GKE_540, "--set", "infra.launcher.image=null"], "infra.launcher.image"),
+    ("tpu-vm-without-runtime", [S540, "--set", "infra.launcher.runtime_version=null"],
      "infra.launcher.runtime_version"),
-    ("tpu-vm-without-project", [S540, "--set", "infra.launcher.kind=tpu-vm", "--set", "infra.launcher.project=null"],
+    ("tpu-vm-without-project", [S540, "--set", "infra.launcher.project=null"],
      "infra.launcher.project"),
-    ("devices-not-divisible-by-host", [S540, "--set", "infra.hardware.devices_per_host=5"],
+    ("devices-not-divisible-by-host", [S540, *GKE_540, "--set", "infra.hardware.devices_per_host=5"],
      "infra.hardware.devices_per_host"),
-    ("not-a-v4-host", [S540, "--set", "infra.hardware.devices_per_host=8"], "infra.hardware.devices_per_host"),
-    ("hosts-do-not-match-topology", [S540, "--set", "infra.hardware.topology=16x16x16"], "infra.hardware.topology"),
-    ("topology-out-of-order", [S540, "--set", "infra.hardware.topology=16x16x12"], "infra.hardware.topology"),
-    ("topology-malformed", [S540, "--set", "infra.hardware.topology=3072"], "infra.hardware.topology"),
-    ("no-topology", [S540, "--set", "infra.hardware.topology=null"], "infra.hardware.topology"),
-    ("gpu-on-gke", [S540, "--set", "infra.hardware.accelerator=h100"], "infra.hardware.accelerator"),
-    ("cpu-on-gke", [S540, "--set", "infra.hardware.accelerator=cpu"], "infra.hardware.accelerator"),
-    ("local-root-on-gke", [S540, "--output", "/tmp/runs"], "infra.storage_root"),
-    ("processes-on-gke", [S540, "--set", "infra.launcher.processes=2"], "infra.launcher.processes"),
+    ("not-a-v4-host", [S540, *GKE_540, "--set", "infra.hardware.devices_per_host=8"], "infra.hardware.devices_per_host"),
+    ("hosts-do-not-match-topology", [S540, *GKE_540, "--set", "infra.hardware.topology=16x16x16"], "infra.hardware.topology"),
+    ("topology-out-of-order", [S540, *GKE_540, "--set", "infra.hardware.topology=16x16x12"], "infra.hardware.topology"),
+    ("topology-malformed", [S540, *GKE_540, "--set", "infra.hardware.topology=3072"], "infra.hardware.topology"),
+    ("no-topology", [S540, *GKE_540, "--set", "infra.hardware.topology=null"], "infra.hardware.topology"),
+    ("topology-gke-lacks", [S540, "--set", "infra.launcher.kind=gke"], "infra.hardware.topology"),
+    ("topology-beyond-a-pod", [S540, "--set", "infra.hardware.num_slices=1", "--set", "infra.hardware.topology=16x16x24",
+                               "--set", "infra.mesh.data=1", "--set", "infra.mesh.fsdp=256", "--set", "infra.mesh.model=24"],
+     "infra.hardware.topology"),
+    ("gpu-on-gke", [S540, *GKE_540, "--set", "infra.hardware.accelerator=h100"], "infra.hardware.accelerator"),
+    ("cpu-on-gke", [S540, *GKE_540, "--set", "infra.hardware.accelerator=cpu"], "infra.hardware.accelerator"),
+    ("local-root-on-gke", [S540, *GKE_540, "--output", "/tmp/runs"], "infra.storage_root"),
+    ("processes-on-gke", [S540, *GKE_540, "--set", "infra.launcher.processes=2"], "infra.launcher.processes"),
     ("uneven-local-processes", [str(SPECS / "tiny.yaml"), "--set", "infra.launcher.processes=3",
                                 "--set", "infra.hardware.num_devices=2"], "infra.launcher.processes"),
 ]
@@ -279,6 +293,35 @@ def test_a_broken_launcher_is_bad_input_naming_the_key(capsys, argv, key):
     assert rc == 2, (out, err)
     assert key in err and Path(argv[0]).name in err
     assert err.startswith("palm: error:") and "Traceback" not in err and out == ""
+
+
+def test_gke_refuses_a_topology_it_lacks_naming_the_shape_it_offers(capsys):
+    """12x16x16 (PaLM's pods) is a Cloud TPU shape but not a GKE node-pool one: the gke launcher stops with
+    the same chips as GKE offers them, flags to paste; the tpu-vm launcher takes it."""
+    rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=gke", "--dry-run")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert "12x16x16 is not a TPU v4 node-pool topology on GKE" in err
+    assert "8 slice(s) of 8x8x12 with mesh data=8 x fsdp=64 x model=12" in err
+    assert "--set infra.hardware.num_slices=8 --set infra.hardware.topology=8x8x12 --set infra.mesh.data=8" in err
+    rc, out, err = run_cli(capsys, S540, "--dry-run")
+    assert rc == 0 and "--type=v4 --topology=12x16x16" in out
+
+
+def test_palm_plan_flags_a_topology_the_launcher_cannot_get(capsys):
+    from palm.cli import main as palm
+
+    assert palm(["plan", S540, "--set", "infra.launcher.kind=gke"]) == 0
+    text = capsys.readouterr().out
+    assert "launch          UNSUPPORTED on gke: 12x16x16 is not a TPU v4 node-pool topology on GKE" in text
+    assert "8 slice(s) of 8x8x12" in text
+    assert palm(["plan", S540, "--json", "--set", "infra.launcher.kind=gke"]) == 0
+    launch = json.loads(capsys.readouterr().out)["launch"]
+    assert launch["alternatives"][0] == {"topology": "8x8x12", "num_slices": 8, "usable": True,
+                                         "mesh": {"data": 8, "fsdp": 64, "model": 12}}
+    assert palm(["plan", S540]) == 0
+    assert "launch          tpu-vm: 2 slice(s) of 12x16x16, a shape it offers" in capsys.readouterr().out
+    assert palm(["plan", S540, *GKE_540]) == 0
+    assert "launch          gke: 8 slice(s) of 8x8x12, a shape it offers" in capsys.readouterr().out
 
 
 def test_a_spec_outside_the_repository_cannot_reach_remote_workers(capsys, tmp_path):
@@ -481,7 +524,7 @@ def test_gke_launch_runs_the_jobset_follows_the_leader_and_streams_its_log(capsy
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
         {"outcome": "Completed", "polls": 2, "log": ["step 1/255000 loss 12.5", "step 255000/255000 loss 1.9"]}]}})
     expected = jobset_540b(capsys, *FAST)
-    rc, out, err = run_cli(capsys, S540, *FAST)
+    rc, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
     assert rc == 0, err
     assert out.strip() == "palm-540b: completed (gke)"
     calls = fakes.calls("kubectl")
@@ -502,7 +545,7 @@ def test_a_rerun_reattaches_to_its_running_jobset_instead_of_restarting_it(capsy
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {
         "existing": {"fingerprint": fingerprint, "becomes_ours": True},
         "attempts": [{"outcome": "Completed", "polls": 2, "log": ["step 200000/255000 loss 2.0"]}]}})
-    rc, out, err = run_cli(capsys, S540, *FAST)
+    rc, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
     assert rc == 0, err
     assert "re-attaching to this job's JobSet (running)" in err and "step 200000/255000 loss 2.0" in err
     assert "create -f" not in kubectl_verbs(fakes) and not any(v.startswith("delete") for v in kubectl_verbs(fakes))
@@ -511,11 +554,11 @@ def test_a_rerun_reattaches_to_its_running_jobset_instead_of_restarting_it(capsy
 def test_a_running_jobset_of_another_job_is_refused_and_force_replaces_it(capsys, tmp_path, monkeypatch):
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"existing": {"fingerprint": "0123456789abcdef"},
                                                       "attempts": [{"outcome": "Completed", "polls": 1}]}})
-    rc, out, err = run_cli(capsys, S540, *FAST)
+    rc, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
     assert rc == 2 and "of another job is running" in err and "--force" in err
     assert kubectl_verbs(fakes) == ["get jobset"]
     # A forced stage replaces it: delete, then create.
-    spec = load_spec(S540, ["infra.launcher.poll_seconds=0.01"])
+    spec = load_spec(S540, [*GKE_SETS, "infra.launcher.poll_seconds=0.01"])
     launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None, replace=True)
     assert kubectl_verbs(fakes)[1:4] == ["get jobset", "delete jobset", "create -f"]
 
@@ -528,14 +571,14 @@ def test_a_running_jobset_of_another_job_is_refused_and_force_replaces_it(capsys
 def test_gke_outcomes(capsys, tmp_path, monkeypatch, reason, rc, exception):
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
         {"outcome": reason, "polls": 2, "restarts": 3, "message": "jobset failed", "log": ["step 7 loss 3.0"]}]}})
-    code, out, err = run_cli(capsys, S540, *FAST)
+    code, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
     assert code == rc and out == ""
     assert "step 7 loss 3.0" in err and "Traceback" not in err
     if reason == "ReachedMaxRestarts":
         assert "restarted every slice (3 of at most 3 restarts)" in err
     # The same through the API: the exception the train task's retry policy sees.
     (fakes.dir / "state.json").unlink()
-    spec = load_spec(S540, ["infra.launcher.poll_seconds=0.01"])
+    spec = load_spec(S540, [*GKE_SETS, "infra.launcher.poll_seconds=0.01"])
     with pytest.raises(exception):
         launch(plan_launch(spec, S540, "gs://palm-runs/palm-540b"), log=lambda line: None)
     assert kubectl_verbs(fakes).count("create -f") == 2
