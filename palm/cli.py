@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data stage utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("package", help="build what remote Beam workers (Dataflow, Flink, Spark) install: "
-                            "palm-pipeline's wheel and requirements.txt from uv.lock (see infra/dataflow.md)")
+    q = data_sub.add_parser("package", help="build what remote Beam workers (Dataflow, Flink, Spark) install with "
+                            "data.beam.packaging: wheel: palm-pipeline's wheel and requirements.txt from uv.lock "
+                            "(see infra/dataflow.md)")
     q.add_argument("--out", required=True, metavar="DIR", help="directory to write the wheel and requirements.txt to")
     _add_json(q)
 

@@ -2,8 +2,9 @@
 
 With a Docker engine: `docker build` then `docker push` (after `gcloud auth configure-docker` for an
 Artifact Registry host). Without one (`--cloud-build`): `gcloud builds submit`, which builds remotely from
-the repository's files. `--dry-run` prints the commands. The image is what `infra.launcher.image` names;
-rebuild it whenever the code or the lock changes.
+the repository's files. `--dry-run` prints the commands. The image is what `infra.launcher.image` names:
+the train stage's workers run it, and so do remote Beam workers (Dataflow's SDK containers) unless
+`data.beam.sdk_container_image` names another image; rebuild it whenever the code or the lock changes.
 """
 
 from __future__ import annotations

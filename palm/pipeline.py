@@ -126,7 +126,7 @@ def _build_compile(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> C
 def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
     from palm.data.pipeline import run_data_stage
 
-    return lambda out: run_data_stage(spec.data, out)
+    return lambda out: run_data_stage(spec.data, out, worker_image=spec.infra.launcher.image)
 
 
 def _build_tokenizer(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
@@ -139,7 +139,8 @@ def _build_pack(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     from palm.data.pack import run_pack_stage
 
     return lambda out: run_pack_stage(spec.data, spec.pack.num_shards, spec.model.seq_len,
-                                      inputs["data"].path, inputs["tokenizer"].path, out)
+                                      inputs["data"].path, inputs["tokenizer"].path, out,
+                                      worker_image=spec.infra.launcher.image)
 
 
 def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:

@@ -106,8 +106,16 @@ class BeamRunner(_Strict):
     max_num_workers: int | None = Field(None, ge=1)
     #: Flink or Spark master (host:port, spark://host:port) for the portable runners.
     master_url: str | None = None
-    #: Worker image with palm-pipeline installed; otherwise `extra_packages` (wheels) are staged.
+    #: How remote workers (dataflow, flink, spark) get palm-pipeline and its locked dependencies.
+    #: "image": they run an SDK container image that has them installed (`sdk_container_image`, by default
+    #: `infra.launcher.image`, the image `palm image` builds from infra/Dockerfile); nothing is installed
+    #: when a worker starts. "wheel": palm's wheel and pinned requirements are staged with the job and
+    #: pip-installed on every worker at start-up (`extra_packages` and `requirements_file`; palm builds
+    #: both from this checkout and uv.lock when they are unset).
+    packaging: Literal["image", "wheel"] = "image"
+    #: The workers' SDK container image; default `infra.launcher.image` (packaging: image).
     sdk_container_image: str | None = None
+    #: packaging: wheel only.
     extra_packages: list[str] = []
     requirements_file: str | None = None
 
@@ -226,7 +234,9 @@ class Launcher(_Strict):
     zone: str | None = None
     #: TPU VM software version (tpu-vm), e.g. tpu-ubuntu2204-base.
     runtime_version: str | None = None
-    #: Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke).
+    #: Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke);
+    #: also the SDK container of remote Beam workers (data.beam.packaging: image) unless
+    #: data.beam.sdk_container_image names another.
     image: str | None = None
     #: Kubernetes namespace of the JobSet (gke; default "default").
     namespace: str | None = None
@@ -470,6 +480,17 @@ def check_consistency(spec: Spec) -> None:
     if spec.data.beam.runner in ("flink", "spark") and not spec.data.beam.master_url:
         raise SpecError(f"the {spec.data.beam.runner} runner needs its master's address",
                         key="data.beam.master_url")
+    beam = spec.data.beam
+    if beam.runner in ("dataflow", "flink", "spark") and beam.packaging == "image":
+        if beam.extra_packages or beam.requirements_file:
+            key = "extra_packages" if beam.extra_packages else "requirements_file"
+            raise SpecError("only data.beam.packaging: wheel stages packages with the job; the image already "
+                            "holds them: remove it, or set data.beam.packaging: wheel", key=f"data.beam.{key}")
+        if not beam.sdk_container_image and not spec.infra.launcher.image:
+            raise SpecError(f"the {beam.runner} workers run palm from a container image: set infra.launcher.image "
+                            "(the image `palm image` builds and pushes) or data.beam.sdk_container_image, or set "
+                            "data.beam.packaging: wheel to pip-install palm on every worker at start-up",
+                            key="data.beam.sdk_container_image")
     for i, task in enumerate(spec.eval.tasks):
         kind, _, arg = task.partition(":")
         if task not in ("validation_loss", "memorization", "gsm8k", "humaneval") and not (

@@ -200,25 +200,44 @@ def test_multi_process_runner(tmp_path):
 def test_cluster_runner_options_come_from_the_spec(tmp_path):
     from palm.data.pipeline import pipeline_options
 
-    dataflow = data_spec(beam={"runner": "dataflow", "project": "proj", "region": "us-central2",
-                               "temp_location": "gs://bucket/tmp", "machine_type": "n2-highmem-16",
-                               "num_workers": 10, "max_num_workers": 1000,
-                               "extra_packages": ["dist/palm_pipeline-0.1.0-py3-none-any.whl"],
-                               "requirements_file": "requirements.txt"})
-    opts = pipeline_options(dataflow).get_all_options(drop_default=True)
-    assert opts["runner"] == "DataflowRunner"
-    assert (opts["project"], opts["region"], opts["temp_location"]) == ("proj", "us-central2", "gs://bucket/tmp")
-    assert (opts["machine_type"], opts["num_workers"], opts["max_num_workers"]) == ("n2-highmem-16", 10, 1000)
+    worker = "us-docker.pkg.dev/proj/palm/palm-pipeline:latest"
+    cloud = {"runner": "dataflow", "project": "proj", "region": "us-central2", "temp_location": "gs://bucket/tmp",
+             "machine_type": "n2-highmem-16", "num_workers": 10, "max_num_workers": 1000}
+    # The default: the workers run the worker image (infra.launcher.image); nothing is staged for them.
+    dataflow = data_spec(beam=cloud)
+    opts = pipeline_options(dataflow, worker_image=worker).get_all_options(drop_default=True)
+    assert opts == {"runner": "DataflowRunner", "project": "proj", "region": "us-central2",
+                    "temp_location": "gs://bucket/tmp", "job_name": "palm-data", "num_workers": 10,
+                    "machine_type": "n2-highmem-16", "max_num_workers": 1000,
+                    "autoscaling_algorithm": "THROUGHPUT_BASED", "save_main_session": False,
+                    "sdk_container_image": worker, "sdk_location": "container"}
+    # An image of the spec's own wins over the worker image.
+    own = pipeline_options(data_spec(beam={**cloud, "sdk_container_image": "gcr.io/p/palm-data:2"}),
+                           worker_image=worker).get_all_options(drop_default=True)
+    assert own["sdk_container_image"] == "gcr.io/p/palm-data:2" and own["sdk_location"] == "container"
+    with pytest.raises(PalmError, match="data.beam.sdk_container_image: the dataflow workers run palm from a "
+                                        "container image; set infra.launcher.image"):
+        pipeline_options(dataflow)
+    with pytest.raises(PalmError, match="are staged only with data.beam.packaging: wheel"):
+        pipeline_options(data_spec(beam={**cloud, "requirements_file": "requirements.txt"}), worker_image=worker)
+
+    # packaging: wheel, with the files named in the spec.
+    wheel = data_spec(beam={**cloud, "packaging": "wheel", "extra_packages": ["dist/palm_pipeline-0.1.0-py3-none-any.whl"],
+                            "requirements_file": "requirements.txt"})
+    opts = pipeline_options(wheel, worker_image=worker).get_all_options(drop_default=True)
     assert opts["extra_packages"] == ["dist/palm_pipeline-0.1.0-py3-none-any.whl"]
     assert opts["requirements_file"] == "requirements.txt" and opts["save_main_session"] is False
+    assert "sdk_container_image" not in opts and "sdk_location" not in opts  # Dataflow's own Beam image
 
-    flink = pipeline_options(data_spec(beam={"runner": "flink", "master_url": "localhost:8081",
-                                             "sdk_container_image": "img:1"})).get_all_options(drop_default=True)
-    assert (flink["runner"], flink["flink_master"], flink["environment_type"]) == ("FlinkRunner", "localhost:8081",
-                                                                                  "DOCKER")
-    spark = pipeline_options(data_spec(beam={"runner": "spark", "master_url": "spark://m:7077"}), package_dir=tmp_path)
+    flink = pipeline_options(data_spec(beam={"runner": "flink", "master_url": "localhost:8081"}),
+                             worker_image="img:1").get_all_options(drop_default=True)
+    assert (flink["runner"], flink["flink_master"], flink["environment_type"], flink["sdk_container_image"]) == (
+        "FlinkRunner", "localhost:8081", "DOCKER", "img:1")
+    spark = pipeline_options(data_spec(beam={"runner": "spark", "master_url": "spark://m:7077", "packaging": "wheel"}),
+                             package_dir=tmp_path)
     assert spark.get_all_options()["spark_master_url"] == "spark://m:7077"
     assert spark.get_all_options()["extra_packages"] == [str(tmp_path / "palm_pipeline-0.1.0-py3-none-any.whl")]
+    assert spark.get_all_options()["environment_type"] == "LOOPBACK"
 
     local = pipeline_options(data_spec()).get_all_options()
     assert local["direct_running_mode"] == "in_memory"

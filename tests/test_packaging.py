@@ -31,9 +31,9 @@ WHEEL_NAME = f"palm_pipeline-{PYPROJECT['version']}-py3-none-any.whl"
 DIST_INFO = f"palm_pipeline-{PYPROJECT['version']}.dist-info"
 # The dev and bench groups' own packages: none belongs on a worker.
 NOT_ON_WORKERS = {"pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "gcp-storage-emulator",
-                  "kubernetes-validate", "datatrove", "spacy", "palm-pipeline"}
+                  "kubernetes-validate", "datatrove", "spacy", "palm-pipeline", "pip"}
 DATAFLOW = {"runner": "dataflow", "project": "proj", "region": "us-central2", "temp_location": "gs://bucket/tmp",
-            "machine_type": "n2-highmem-16", "num_workers": 10, "max_num_workers": 1000}
+            "machine_type": "n2-highmem-16", "num_workers": 10, "max_num_workers": 1000, "packaging": "wheel"}
 
 
 def data_spec(**beam) -> DataSpec:
@@ -149,7 +149,9 @@ def test_requirements_pin_the_lock_without_dev_packages(package):
         assert {v for v, _ in versions} <= locked.get(name, set()), name
     assert not NOT_ON_WORKERS & set(pins)
     assert {norm(d["name"]) for d in root["dependencies"]} <= set(pins)  # every runtime dependency, pinned
-    for name in ("apache-beam", "jax", "jaxlib", "grain", "flax", "numpy", "sentencepiece", "array-record"):
+    # Beam's gcp extra (the dataflow group): the workers' Cloud Storage IO, at the launcher's versions.
+    for name in ("apache-beam", "jax", "jaxlib", "grain", "flax", "numpy", "sentencepiece", "array-record",
+                 "google-cloud-storage", "google-apitools", "google-cloud-dataflow-client"):
         assert name in pins, name
         # The pin that applies to this interpreter is what the launcher has installed.
         applying = [v for v, marker in pins[name] if marker is None or Marker(marker).evaluate()]
@@ -165,7 +167,8 @@ def test_cluster_runners_package_themselves(tmp_path):
     assert "sdk_container_image" not in opts
 
     # Without package_dir, a fresh temporary directory each time.
-    opts = pipeline_options(data_spec(runner="spark", master_url="spark://m:7077")).get_all_options(drop_default=True)
+    opts = pipeline_options(data_spec(runner="spark", master_url="spark://m:7077", packaging="wheel")).get_all_options(
+        drop_default=True)
     staged = Path(opts["extra_packages"][0])
     try:
         assert staged.name == WHEEL_NAME and staged.is_file()
@@ -176,7 +179,7 @@ def test_cluster_runners_package_themselves(tmp_path):
 
 def test_explicit_packaging_in_the_spec_wins(tmp_path):
     image = tmp_path / "image"
-    opts = pipeline_options(data_spec(**DATAFLOW, sdk_container_image="gcr.io/p/palm:1"),
+    opts = pipeline_options(data_spec(**{**DATAFLOW, "packaging": "image"}, sdk_container_image="gcr.io/p/palm:1"),
                             package_dir=image).get_all_options(drop_default=True)
     assert opts["sdk_container_image"] == "gcr.io/p/palm:1"
     assert "extra_packages" not in opts and "requirements_file" not in opts and not image.exists()
@@ -184,6 +187,14 @@ def test_explicit_packaging_in_the_spec_wins(tmp_path):
     flink = pipeline_options(data_spec(runner="flink", master_url="localhost:8081", sdk_container_image="img:1"),
                              package_dir=image).get_all_options(drop_default=True)
     assert flink["environment_type"] == "DOCKER" and "extra_packages" not in flink and not image.exists()
+
+    # packaging: wheel on a base image of the user's own: the image, and palm installed on it at start-up.
+    based = tmp_path / "based"
+    opts = pipeline_options(data_spec(**DATAFLOW, sdk_container_image="gcr.io/p/base:1"),
+                            package_dir=based).get_all_options(drop_default=True)
+    assert opts["sdk_container_image"] == "gcr.io/p/base:1" and "sdk_location" not in opts
+    assert opts["extra_packages"] == [str(based / WHEEL_NAME)] and opts["requirements_file"] == str(
+        based / "requirements.txt")
 
     wheels = tmp_path / "wheels"
     opts = pipeline_options(data_spec(**DATAFLOW, extra_packages=["dist/x.whl"]),

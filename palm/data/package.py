@@ -7,10 +7,12 @@ runs. `build_worker_package(out_dir)` writes both from this source checkout:
   and `flows`, built with the standard library only (no build backend, no network). The same source
   gives a byte-identical wheel: entries are sorted and every timestamp is fixed.
 - `requirements.txt`: the committed lock (`uv.lock`) exported by `uv export --frozen` without the
-  dev and bench groups, so the workers install exactly the versions the launcher was tested with.
+  dev and bench groups but with the `dataflow` group (Beam's gcp extra, which the workers' Cloud
+  Storage IO needs; not pip itself), so the workers install exactly the versions the launcher was
+  tested with.
 
-`palm.data.pipeline.pipeline_options` calls it for a cluster runner whose spec names neither an SDK
-container image nor extra packages; `palm data package --out DIR` runs it by hand.
+`palm.data.pipeline.pipeline_options` calls it for a cluster runner whose spec says
+`data.beam.packaging: wheel` and names no extra packages; `palm data package --out DIR` runs it by hand.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def _read_project(root: Path) -> dict[str, Any]:
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or not (root / "palm").is_dir():
         raise PalmError(f"packaging palm-pipeline for the workers needs its source checkout (pyproject.toml and "
-                        f"uv.lock next to palm/), not found at {root}; set data.beam.sdk_container_image or "
-                        f"data.beam.extra_packages instead")
+                        f"uv.lock next to palm/), not found at {root}; set data.beam.packaging: image, or "
+                        f"data.beam.extra_packages")
     with open(pyproject, "rb") as f:
         data = tomllib.load(f)
     project = data.get("project", {})
@@ -154,12 +156,13 @@ def _uv() -> str:
     if not uv or not Path(uv).is_file():
         raise PalmError("exporting the workers' requirements from uv.lock needs uv on PATH: install it "
                         "(https://docs.astral.sh/uv/getting-started/installation/, or `pip install uv`), or set "
-                        "data.beam.requirements_file (or data.beam.sdk_container_image)")
+                        "data.beam.requirements_file (or data.beam.packaging: image)")
     return uv
 
 
 def export_requirements(out_dir: str | Path, root: str | Path = PROJECT_ROOT) -> Path:
-    """Write requirements.txt for the workers from the committed uv.lock (no dev or bench groups)."""
+    """Write requirements.txt for the workers from the committed uv.lock (no dev or bench groups; the
+    dataflow group's Beam gcp extra, without pip)."""
     root = Path(root)
     if not (root / "uv.lock").is_file():
         raise PalmError(f"no uv.lock in {root}: the workers' requirements are exported from the committed lock")
@@ -167,8 +170,10 @@ def export_requirements(out_dir: str | Path, root: str | Path = PROJECT_ROOT) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "requirements.txt"
     # --no-default-groups, not only --no-dev: `bench` is a default group too (pyproject's [tool.uv]).
-    cmd = [_uv(), "export", "--project", str(root), "--frozen", "--no-default-groups", "--no-dev", "--no-hashes",
-           "--no-emit-project", "--no-header", "--no-annotate", "--output-file", str(out)]
+    # pip is in the dataflow group for the launcher's stager; the workers' images have their own.
+    cmd = [_uv(), "export", "--project", str(root), "--frozen", "--no-default-groups", "--no-dev",
+           "--group", "dataflow", "--no-emit-package", "pip", "--no-hashes", "--no-emit-project", "--no-header",
+           "--no-annotate", "--output-file", str(out)]
     try:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:

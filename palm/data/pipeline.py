@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import heapq
+import importlib
 import io
 import json
 import re
@@ -485,18 +486,25 @@ def shard_of(item, num_shards: dict[str, int]):
 LOCAL_RUNNERS = ("in_process", "multi_process")
 
 
-def pipeline_options(spec: DataSpec, job_name: str = "palm-data",
-                     package_dir: str | Path | None = None) -> PipelineOptions:
+def pipeline_options(spec: DataSpec, job_name: str = "palm-data", package_dir: str | Path | None = None,
+                     worker_image: str | None = None) -> PipelineOptions:
     """Beam options for the spec's runner.
 
     Locally the in-process FnApiRunner is pinned (plain DirectRunner may try Prism, which downloads a
-    binary). On Dataflow, Flink or Spark the workers need palm-pipeline itself: either an SDK container
-    image with it installed (`data.beam.sdk_container_image`), or wheels in `data.beam.extra_packages`
-    plus a requirements file. When the spec names neither an image nor extra packages, palm packages
-    itself here (palm/data/package.py): the project's wheel and requirements.txt exported from uv.lock,
-    written to `package_dir` (default: a fresh temporary directory, which Beam stages when the job is
-    submitted); a `data.beam.requirements_file` in the spec is used instead of the exported one. See
-    infra/dataflow.md.
+    binary). On Dataflow, Flink or Spark the workers need palm-pipeline itself, as `data.beam.packaging`
+    says:
+
+    - "image" (the default): the workers run an SDK container image with palm and its locked environment
+      installed: `data.beam.sdk_container_image`, or else `worker_image` (the spec's `infra.launcher.image`,
+      which `palm image` builds from infra/Dockerfile). Nothing is staged for the workers or installed when
+      one starts; the Beam SDK comes from the image too (`sdk_location=container`).
+    - "wheel": wheels in `data.beam.extra_packages` plus a requirements file, staged with the job and
+      pip-installed on every worker at start-up. Without extra packages palm packages itself here
+      (palm/data/package.py): the project's wheel and requirements.txt exported from uv.lock, written to
+      `package_dir` (default: a fresh temporary directory, which Beam stages when the job is submitted);
+      a `data.beam.requirements_file` in the spec is used instead of the exported one.
+
+    See infra/dataflow.md.
     """
     b = spec.beam
     if b.runner == "in_process":
@@ -504,22 +512,32 @@ def pipeline_options(spec: DataSpec, job_name: str = "palm-data",
     if b.runner == "multi_process":
         return PipelineOptions(flags=[], direct_running_mode="multi_processing", direct_num_workers=b.num_workers)
     packaging: dict[str, Any] = {"save_main_session": False}
-    extra_packages, requirements_file = list(b.extra_packages), b.requirements_file
-    if not b.sdk_container_image and not extra_packages:
-        import tempfile
+    if b.packaging == "image":
+        image = b.sdk_container_image or worker_image
+        if not image:
+            raise PalmError(f"data.beam.sdk_container_image: the {b.runner} workers run palm from a container image; "
+                            "set infra.launcher.image (the image `palm image` builds) or data.beam.sdk_container_image, "
+                            "or set data.beam.packaging: wheel")
+        if b.extra_packages or b.requirements_file:
+            raise PalmError("data.beam.extra_packages and data.beam.requirements_file are staged only with "
+                            "data.beam.packaging: wheel; remove them or set data.beam.packaging: wheel")
+        packaging.update(sdk_container_image=image, sdk_location="container")
+    else:
+        extra_packages, requirements_file = list(b.extra_packages), b.requirements_file
+        if not extra_packages:
+            import tempfile
 
-        from palm.data.package import build_worker_package
+            from palm.data.package import build_worker_package
 
-        out = package_dir if package_dir is not None else tempfile.mkdtemp(prefix="palm-worker-package-")
-        built = build_worker_package(out, requirements=requirements_file is None)
-        extra_packages = [built["wheel"]]
-        requirements_file = requirements_file or built["requirements"]
-    if b.sdk_container_image:
-        packaging["sdk_container_image"] = b.sdk_container_image
-    if extra_packages:
+            out = package_dir if package_dir is not None else tempfile.mkdtemp(prefix="palm-worker-package-")
+            built = build_worker_package(out, requirements=requirements_file is None)
+            extra_packages = [built["wheel"]]
+            requirements_file = requirements_file or built["requirements"]
         packaging["extra_packages"] = extra_packages
-    if requirements_file:
-        packaging["requirements_file"] = requirements_file
+        if requirements_file:
+            packaging["requirements_file"] = requirements_file
+        if b.sdk_container_image:  # a base image of the user's own, palm installed on it at start-up
+            packaging["sdk_container_image"] = b.sdk_container_image
     if b.runner == "dataflow":
         cloud = {"runner": "DataflowRunner", "project": b.project, "region": b.region,
                  "temp_location": b.temp_location, "job_name": job_name, "num_workers": b.num_workers}
@@ -529,11 +547,36 @@ def pipeline_options(spec: DataSpec, job_name: str = "palm-data",
             cloud["max_num_workers"] = b.max_num_workers
             cloud["autoscaling_algorithm"] = "THROUGHPUT_BASED"
         return PipelineOptions(flags=[], **cloud, **packaging)
+    environment = "DOCKER" if "sdk_container_image" in packaging else "LOOPBACK"
     if b.runner == "flink":
-        return PipelineOptions(flags=[], runner="FlinkRunner", flink_master=b.master_url,
-                               environment_type="DOCKER" if b.sdk_container_image else "LOOPBACK", **packaging)
+        return PipelineOptions(flags=[], runner="FlinkRunner", flink_master=b.master_url, environment_type=environment,
+                               **packaging)
     return PipelineOptions(flags=[], runner="SparkRunner", spark_master_url=b.master_url,
-                           environment_type="DOCKER" if b.sdk_container_image else "LOOPBACK", **packaging)
+                           environment_type=environment, **packaging)
+
+
+def check_submission_environment(spec: DataSpec) -> None:
+    """PalmError naming what to install when this environment cannot submit the spec's Dataflow job.
+
+    DataflowRunner needs Beam's gcp extra (the Dataflow API client, Cloud Storage staging); with
+    packaging: wheel and a requirements file, Beam's stager also runs `python -m pip download` for every
+    requirement, and a uv environment has no pip of its own. The `dataflow` dependency group holds both.
+    """
+    b = spec.beam
+    if b.runner != "dataflow":
+        return
+    needed = {"apache_beam.runners.dataflow.internal.apiclient": "Beam's gcp extra (apache-beam[gcp])"}
+    if b.packaging == "wheel" and (b.requirements_file or not b.extra_packages):
+        needed["pip"] = "pip (Beam's stager downloads the requirements with it)"
+    missing = []
+    for module, what in needed.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(what)
+    if missing:
+        raise PalmError(f"submitting the data stage to Dataflow needs {' and '.join(missing)} in this environment: "
+                        "run `uv sync --frozen --group dataflow` (with the other groups you use)")
 
 
 def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
@@ -638,10 +681,14 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
             "docs_kept": sum(e["docs_kept"] for e in per_source.values())}
 
 
-def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data") -> None:
+def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_image: str | None = None) -> None:
     """Run `build(pipeline)` on the spec's runner (a local one is pinned to the in-process FnApiRunner);
-    a `palm-data-error:` raised in a worker comes back as the user's PalmError."""
-    options = pipeline_options(spec, job_name=job_name)
+    a `palm-data-error:` raised in a worker comes back as the user's PalmError.
+
+    `worker_image` is the spec's infra.launcher.image: remote workers run it unless
+    data.beam.sdk_container_image names another (see `pipeline_options`)."""
+    check_submission_environment(spec)
+    options = pipeline_options(spec, job_name=job_name, worker_image=worker_image)
     runner = None
     if spec.beam.runner in LOCAL_RUNNERS:
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -657,11 +704,11 @@ def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data") -> None:
         raise
 
 
-def run_data_stage(spec: DataSpec, out_dir: str | Path) -> dict[str, Any]:
+def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None = None) -> dict[str, Any]:
     """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
     out_dir = str(out_dir)
     if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
         raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
                         f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
-    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir))
+    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir), worker_image=worker_image)
     return summarize(out_dir, spec)
