@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -22,7 +23,8 @@ IMAGE = "us-docker.pkg.dev/my-gcp-project/palm/palm-pipeline:latest"
 def test_the_dockerfile_installs_the_locked_environment_with_the_tpu_runtime_and_every_package():
     text = (ROOT / "infra" / "Dockerfile").read_text()
     syncs = re.findall(r"^RUN uv sync (.*)$", text, re.M)
-    assert syncs and all("--frozen" in s and "--group tpu" in s and "--no-default-groups" in s for s in syncs)
+    assert syncs and all("--frozen" in s and "--group tpu" in s and "--group dataflow" in s
+                         and "--no-default-groups" in s for s in syncs)
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     copied = re.findall(r"^COPY (\S+) ", text, re.M)
     assert set(packages) <= set(copied) and "specs" in copied  # the workers read specs from the image
@@ -68,3 +70,43 @@ def test_image_runs_the_commands_from_the_repository_root(capsys, tmp_path, monk
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert main(["image", S540]) == 2
     assert "command not found" in capsys.readouterr().err
+
+
+def test_the_image_is_a_beam_sdk_container_at_the_locked_versions():
+    """Dataflow runs the worker image as its SDK harness container: Beam's boot program from the Beam SDK
+    image of the lock's apache-beam and the image's Python, run with the locked environment."""
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    beam = next(p["version"] for p in lock["package"] if p["name"] == "apache-beam")
+    python = re.search(r"^FROM python:(\d+\.\d+)-slim$", text, re.M).group(1)
+    assert re.findall(r"^COPY --from=(\S+) (\S+) (\S+)$", text, re.M) == [
+        (f"apache/beam_python{python}_sdk:{beam}", "/opt/apache/beam", "/opt/apache/beam")]
+    dataflow = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dataflow"]
+    assert f"apache-beam[gcp]=={beam}" in dataflow  # the launcher submits with the same Beam
+    # Beam's boot would run the SDK worker in a fresh virtual environment, without the locked packages.
+    assert "ENV RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in text.splitlines()
+    assert re.findall(r"^ENTRYPOINT (.*)$", text, re.M) == ['["/palm/infra/entrypoint.sh"]']
+    assert re.findall(r"^CMD (.*)$", text, re.M) == ['["palm", "--help"]']
+    staged = subprocess.run(["git", "ls-files", "--stage", "infra/entrypoint.sh"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert staged.startswith("100755 "), staged  # executable in the build context, on every checkout
+
+
+def test_the_entrypoint_hands_runner_flags_to_beam_boot_and_runs_commands(tmp_path):
+    """A runner starts the container with flags only; TPU VMs (`docker run IMAGE palm worker …`) with a command."""
+    calls = tmp_path / "boot.calls"
+    boot = tmp_path / "boot"
+    boot.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    boot.chmod(0o755)
+    script = (ROOT / "infra" / "entrypoint.sh").read_text()
+    assert script.count("/opt/apache/beam/boot") == 1
+    entrypoint = tmp_path / "entrypoint.sh"
+    entrypoint.write_text(script.replace("/opt/apache/beam/boot", str(boot)))
+    flags = ["--id=1-1", "--logging_endpoint=localhost:1", "--artifact_endpoint=localhost:2",
+             "--provision_endpoint=localhost:3", "--control_endpoint=localhost:4"]
+    assert subprocess.run(["sh", str(entrypoint), *flags]).returncode == 0
+    assert calls.read_text().splitlines() == [" ".join(flags)]
+    ran = subprocess.run(["sh", str(entrypoint), sys.executable, "-c", "import sys; print(sys.argv[1:])", "a b"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout == "['a b']\n" and calls.read_text().count("\n") == 1
+    assert subprocess.run(["sh", str(entrypoint), "sh", "-c", "exit 3"]).returncode == 3  # the command's own status
