@@ -195,8 +195,21 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
     from palm.evaltasks.run import evaluate_checkpoint, results_markdown
 
     def build(out: Path) -> dict[str, Any]:
-        result = evaluate_checkpoint(inputs["train"].manifest["checkpoint"], spec.eval, pack=inputs["pack"],
-                                     tokenizer=inputs["tokenizer"])
+        from palm.evaljob import placement
+
+        checkpoint = inputs["train"].manifest["checkpoint"]
+        where, why = placement(spec, spec.model)
+        if where == "workers":  # too large for this process: a sharded job on the training launcher
+            from palm.evaljob import evaluate_on_workers
+
+            root = storage.parent(storage.parent(inputs["train"].path))
+            launched = evaluate_on_workers(spec, storage.join(root, SPEC_RECORD), root, checkpoint,
+                                           stop=hooks.stop, log=lambda line: print(line, flush=True))
+            result = {"checkpoint": launched["checkpoint"], "step": launched["step"],
+                      "results": launched["results"], "evaluated_on": {"where": where, "why": why,
+                                                                        "job": launched.get("job")}}
+        else:
+            result = evaluate_checkpoint(checkpoint, spec.eval, pack=inputs["pack"], tokenizer=inputs["tokenizer"])
         (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "results.md").write_text(results_markdown(result["results"]))
         return result

@@ -217,3 +217,29 @@ def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys
     rc = main(["worker", TINY, "--output", str(tmp_path), "--eval-checkpoint", str(tmp_path / where)])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.startswith("palm: error:") and "Traceback" not in err
+
+
+def test_the_pipelines_eval_stage_launches_a_job_for_a_model_too_large_for_it(trained, tmp_path, monkeypatch):
+    """The pretrain flow's own eval node (the final checkpoint) takes the same path: a model too large for
+    the process is evaluated by the launched job (its plan on the run's recorded spec), its result kept."""
+    from palm.pipeline import Hooks, STAGES
+    from palm.stages import StageOutput, read_manifest
+
+    root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES)
+    fake = FakeLauncher()
+    monkeypatch.setattr(palm.launch, "launch", fake)
+    monkeypatch.setattr(evaljob, "process_capacity", lambda: (1 << 20, "this test's 1 MiB"))
+    spec = load_spec(str(root / SPEC_RECORD))
+    inputs = {}
+    for kind in ("train", "pack", "tokenizer"):
+        path = train_dir if kind == "train" else next((root / kind).glob("*/manifest.json")).parent
+        inputs[kind] = StageOutput(kind, path.name, str(path), read_manifest(path), cached=True)
+    out = tmp_path / "eval-out"
+    out.mkdir()
+    fields = STAGES["eval"].build(spec, inputs, Hooks())(out)
+    [plan] = fake.plans
+    assert plan.name == "tiny-eval-6" and len(plan.workers) == 2
+    assert plan.workers[0].argv[2] == str(root / SPEC_RECORD)
+    assert fields["step"] == 6 and fields["results"] == {"validation_loss": {"bits_per_byte": 2.5}}
+    assert fields["evaluated_on"]["where"] == "workers" and "1 MiB" in fields["evaluated_on"]["why"]
+    assert json.loads((out / "results.json").read_text())["results"] == fields["results"]
