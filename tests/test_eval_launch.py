@@ -160,7 +160,7 @@ def test_placement_by_size_and_setting():
     assert placement(tiny, tiny.model, (8 * gib, "8 GiB"))[0] == "local"
     assert placement(s540, s540.model, (4096 * gib, "4 TiB"))[0] == "local"  # 2 TB of parameters, twice that
     where, why = placement(s540, s540.model, (2048 * gib, "2 TiB"))
-    assert where == "workers" and "2,013.0 GiB of parameters" in why and "gke" in why
+    assert where == "workers" and "2,013.0 GiB of parameters" in why and "tpu-vm launcher" in why
     assert placement(s540, s540.model)[0] == "workers"  # this machine's own memory
     assert placement(tiny, tiny.model)[0] == "local"
     forced = load_spec(TINY, ["eval.launch=workers"])

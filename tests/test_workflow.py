@@ -41,16 +41,17 @@ def keys(spec) -> dict[str, str]:
 def test_the_default_graph_is_the_chain_with_the_keys_it_always_had():
     """Runs made before workflows existed stay cached: the tiny spec's nodes, paths and keys are the same
     (these keys were computed by the code before graphs; a stage version bump changes them on purpose: the
-    pack stage's version 2, files of rows instead of ArrayRecord, changed pack, train and eval)."""
+    pack stage's version 2, files of rows instead of ArrayRecord, changed pack, train and eval; the data
+    section's new data.beam.packaging field changed them all)."""
     workflow = resolve_workflow(load_spec(TINY))
     assert not workflow.declared and list(workflow.nodes) == ["data", "tokenizer", "pack", "train", "eval"]
-    assert keys(load_spec(TINY)) == {"data": "7e67767b66eab385", "tokenizer": "0da0b5f21ff84af3",
-                                     "pack": "807c63f90ba692aa", "train": "6585c4f5e1f6f6d5",
-                                     "eval": "a0edeef4c9ec0f9f"}
+    assert keys(load_spec(TINY)) == {"data": "adf9bf08f9fcd923", "tokenizer": "94bb0d12b0a53af7",
+                                     "pack": "fcf2a2b01b7b2269", "train": "70aada0f235a8b0d",
+                                     "eval": "699e4b20c85770ce"}
     tpu = resolve_workflow(load_spec(SPECS / "palm-540b.yaml"))
     assert list(tpu.nodes)[0] == "compile" and tpu.nodes["train"].after == ("compile",)
     # A declared graph's node with the same config and inputs has the same key (under its own name).
-    assert keys(load_spec(SCALING))["train-m"] == "6585c4f5e1f6f6d5"
+    assert keys(load_spec(SCALING))["train-m"] == "70aada0f235a8b0d"
 
 
 def test_inputs_resolve_to_the_nearest_node_of_their_type():
