@@ -367,7 +367,7 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
     """Time palm's data stage and datatrove's quality + MinHash pipeline on the same documents."""
     import tempfile
 
-    from palm.data.minhash import optimal_bands
+    from palm.data.pipeline import lsh_bands
     from palm.spec import NearDedup
 
     if repeat < 1:
@@ -378,7 +378,7 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     dt_version = require_datatrove() if datatrove else None
     near = NearDedup()
-    bands, rows = optimal_bands(near.threshold, near.num_perm, near.recall_weight)
+    bands, rows = lsh_bands(near)
 
     with tempfile.TemporaryDirectory(prefix="palm-bench-data-") as tmp:
         work = Path(tmp)

@@ -80,11 +80,17 @@ class NearDedup(_Strict):
     ngram: int = Field(5, ge=1)
     num_perm: int = Field(128, ge=8)
     threshold: float = Field(0.8, gt=0, lt=1)
-    #: Bands × rows must equal num_perm; null chooses them for the threshold.
+    #: Candidate pairs come from LSH buckets tuned to `threshold - candidate_margin` and pass a
+    #: signature pre-check at that level; each is then verified by the exact Jaccard similarity of the
+    #: two documents' shingle sets against `threshold`. The margin (4 standard deviations of the
+    #: signature estimate at 128 permutations) keeps pairs just above the threshold from being lost to
+    #: the estimate's noise; verification keeps pairs below it from being dropped.
+    candidate_margin: float = Field(0.15, ge=0, lt=1)
+    #: Bands × rows must equal num_perm; null chooses them for threshold - candidate_margin.
     bands: int | None = None
     rows: int | None = None
     #: Weight of false negatives against false positives when choosing bands × rows. Candidate pairs
-    #: are verified against their signatures, so a false positive costs only a comparison.
+    #: are verified exactly, so a false positive costs only a comparison.
     recall_weight: float = Field(0.9, gt=0, lt=1)
 
 

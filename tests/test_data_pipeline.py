@@ -152,6 +152,23 @@ def test_missing_files_and_impossible_budget_are_clear_errors(tmp_path):
         run_data_stage(data_spec(token_budget=10**9), tmp_path)
 
 
+def test_a_source_left_empty_by_cleaning_is_refused_and_nothing_cached(tmp_path):
+    """A source whose every document is dropped stops the stage with one line naming it and its drop
+    reasons; the stage leaves no output that a later run could take for complete."""
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": f"just {i} words here"}) + "\n"
+                                                  for i in range(5)))
+    spec = data_spec(sources=[
+        {"name": "planted", "format": "builtin", "paths": ["synthetic-planted"], "weight": 0.5},
+        {"name": "tweets", "format": "jsonl", "paths": [str(tmp_path / "short.jsonl")], "weight": 0.5}])
+    root = tmp_path / "runs"
+    with pytest.raises(PalmError) as info:
+        run_stage("data", spec.model_dump(), {}, root, lambda out: run_data_stage(spec, out))
+    message = str(info.value)
+    assert message.startswith("data.sources.1 ('tweets') has no documents left: 5 read, dropped: too_few_words 5")
+    assert "\n" not in message and "loosen data.sources.1.filters" in message
+    assert list((root / "data").iterdir()) == []
+
+
 def test_stage_is_atomic_and_content_addressed(tmp_path):
     def broken(out: Path):
         (out / "half-written.jsonl.gz").write_bytes(b"partial")
@@ -289,3 +306,59 @@ def test_many_files_are_spread_over_workers_each_read_by_one(tmp_path):
                                        "beam": {"runner": "multi_process", "num_workers": 2}})
     first = sorted(doc_id for doc_id, _ in _read_with_pids(limited, tmp_path / "limited.json"))
     assert first == [f"web/{f:05d}/{r:08d}" for f in range(3) for r in range(5)][:12]
+
+
+def _pairs_of_known_similarity(rng, low: float, high: float, count: int, start: int) -> list[tuple[str, str, float]]:
+    """`count` (text, variant, exact 5-gram shingle Jaccard in [low, high)) pairs of 300-word documents,
+    each pair from fresh words (no two pairs share a word)."""
+    from palm.data import minhash
+    from palm.data.pipeline import exact_jaccard
+
+    out, n = [], start
+    while len(out) < count:
+        base = [f"w{n}x{i}" for i in range(300)]
+        n += 1
+        variant = list(base)
+        for pos in rng.sample(range(300), rng.randint(2, 30)):
+            variant[pos] = f"v{n}x{pos}"
+        a, b = (minhash.shingle_hashes(minhash.words(" ".join(t)), 5) for t in (base, variant))
+        j = exact_jaccard(a, b)
+        if low <= j < high:
+            out.append((" ".join(base), " ".join(variant), j))
+    return out
+
+
+def test_near_duplicates_are_verified_by_exact_jaccard(tmp_path):
+    """Planted pairs with exact shingle Jaccard in [0.8, 0.9) are all found (one of each dropped), pairs in
+    [0.5, 0.7) none; the manifest counts candidate and verified pairs; the output is the same on 1 and 2
+    workers."""
+    import random
+
+    rng = random.Random(7)
+    close = _pairs_of_known_similarity(rng, 0.8, 0.9, 20, 0)
+    far = _pairs_of_known_similarity(rng, 0.5, 0.7, 20, 10_000)
+    lines = []
+    for text, variant, _ in close + far:
+        lines += [json.dumps({"text": text}), json.dumps({"text": variant})]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    source = {"name": "web", "kind": "web", "format": "jsonl", "paths": [str(tmp_path / "docs.jsonl")], "weight": 1.0}
+    outputs = []
+    for beam_settings in ({"runner": "in_process"}, {"runner": "multi_process", "num_workers": 2}):
+        spec = DataSpec.model_validate({"sources": [source], "validation_fraction": 0.0, "num_shards": 2,
+                                        "beam": beam_settings})
+        out = tmp_path / f"out-{beam_settings['runner']}"
+        out.mkdir()
+        manifest = run_data_stage(spec, out)
+        kept = {d["id"] for d in read_docs(out)}
+        ids = [f"web/00000/{i:08d}" for i in range(len(lines))]
+        for k in range(len(close)):  # the base (smaller id) stays, its variant goes
+            assert ids[2 * k] in kept and ids[2 * k + 1] not in kept, (k, close[k][2])
+        for k in range(len(close), len(close) + len(far)):
+            assert ids[2 * k] in kept and ids[2 * k + 1] in kept, (k, far[k - len(close)][2])
+        near = manifest["near_duplicates"]
+        assert near["verified_pairs"] == len(close) and near["documents_dropped"] == len(close)
+        assert near["candidate_pairs"] > near["verified_pairs"]  # far pairs that reached the candidate level, refused
+        assert manifest["sources"]["web"]["dropped"]["near_duplicate"] == len(close)
+        balanced(manifest)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.jsonl.gz"))})
+    assert outputs[0] == outputs[1]

@@ -249,16 +249,28 @@ def keep_first(group):
         yield beam.pvalue.TaggedOutput(DROPPED, (source, "exact_duplicate"))
 
 
+SHINGLES = "shingles"
+BANDS = "bands"
+PAIRS = "near_duplicate_pairs"  # accounting: ("near_duplicate_pairs", "", "candidate" | "verified")
+
+
+def lsh_bands(near: Any) -> tuple[int, int]:
+    """(bands, rows) of the LSH buckets: the spec's, or chosen for threshold - candidate_margin."""
+    if near.bands is not None:
+        return near.bands, near.rows
+    return minhash.optimal_bands(max(0.05, near.threshold - near.candidate_margin), near.num_perm,
+                                 near.recall_weight)
+
+
 class BandKeys(beam.DoFn):
-    """(domain, band key) -> (doc id, signature): code and prose are compared only within their domain."""
+    """Tagged BANDS: (domain, band key) -> (doc id, signature): code and prose are compared only within
+    their domain. Also emits each document's shingle set (tagged SHINGLES: (doc id, sorted unique shingle hashes)) for
+    the exact verification of candidate pairs."""
 
     def __init__(self, spec: DataSpec, code_sources: frozenset[str]):
         near = spec.dedup.near
         self.ngram, self.num_perm, self.code_sources = near.ngram, near.num_perm, code_sources
-        if near.bands is not None:
-            self.bands, self.rows = near.bands, near.rows
-        else:
-            self.bands, self.rows = minhash.optimal_bands(near.threshold, near.num_perm, near.recall_weight)
+        self.bands, self.rows = lsh_bands(near)
 
     def setup(self):
         self.hasher = minhash.MinHasher(self.num_perm)
@@ -269,14 +281,18 @@ class BandKeys(beam.DoFn):
         tokens = minhash.code_tokens(text) if code else minhash.words(text)
         if not tokens:  # every empty document would share one signature; it has nothing to duplicate
             return
-        signature = self.hasher.signature(minhash.shingle_hashes(tokens, self.ngram))
+        shingles = minhash.shingle_hashes(tokens, self.ngram)
+        signature = self.hasher.signature(shingles)
+        yield beam.pvalue.TaggedOutput(SHINGLES, (doc_id, shingles))
         domain = "code" if code else "prose"
         for key in minhash.band_keys(signature, self.bands, self.rows):
-            yield (domain, key), (doc_id, signature)
+            yield beam.pvalue.TaggedOutput(BANDS, ((domain, key), (doc_id, signature)))
 
 
 def candidate_edges(group, threshold: float):
-    """Within one LSH bucket: link each member to the bucket's smallest id if their signatures agree."""
+    """Within one LSH bucket: (the bucket's smallest id, member) for each member whose signature agrees
+    with the smallest's on at least `threshold` of its positions (the candidate level, below the
+    verification threshold)."""
     _, members = group
     members = sorted(members, key=lambda m: m[0])
     if len(members) < 2:
@@ -285,6 +301,51 @@ def candidate_edges(group, threshold: float):
     for doc_id, sig in members[1:]:
         if minhash.estimated_jaccard(head_sig, sig) >= threshold:
             yield head_id, doc_id
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|A ∩ B| / |A ∪ B| of two sorted unique shingle-hash arrays."""
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    union = a.size + b.size - inter
+    return inter / union if union else 1.0
+
+
+def _send_shingles(joined):
+    """At document a: (b, (a, a's shingles)) for each candidate pair (a, b)."""
+    _, grouped = joined
+    for shingles in grouped["shingles"]:
+        for pair in grouped["pair"]:
+            yield pair[1], (pair[0], shingles)
+
+
+def _verify(joined, threshold: float):
+    """At document b: each candidate pair (a, b) whose exact shingle Jaccard reaches `threshold`."""
+    b, grouped = joined
+    for own in grouped["shingles"]:
+        for a, other in grouped["from"]:
+            if exact_jaccard(other, own) >= threshold:
+                yield a, b
+
+
+class VerifiedPairs(beam.PTransform):
+    """Candidate pairs (a, b), deduplicated, verified by the exact Jaccard similarity of their shingle
+    sets: each pair's two sets meet at b through two CoGroupByKeys, so no worker holds more than a
+    document's candidates. Returns {"verified": pairs, "candidate_counts"/"verified_counts": the
+    accounting's count elements}."""
+
+    def __init__(self, shingles, threshold: float):
+        super().__init__()
+        self.shingles, self.threshold = shingles, threshold
+
+    def expand(self, candidates):
+        pairs = candidates | "DistinctPairs" >> beam.Distinct()
+        sent = ({"pair": pairs | "ByFirst" >> beam.Map(lambda ab: (ab[0], ab)), "shingles": self.shingles}
+                | "JoinFirst" >> beam.CoGroupByKey() | "SendShingles" >> beam.FlatMap(_send_shingles))
+        verified = ({"from": sent, "shingles": self.shingles} | "JoinSecond" >> beam.CoGroupByKey()
+                    | "ExactJaccard" >> beam.FlatMap(_verify, self.threshold))
+        return {"verified": verified,
+                "candidate_counts": pairs | "CountCandidates" >> beam.Map(lambda _: ((PAIRS, "", "candidate"), 1)),
+                "verified_counts": verified | "CountVerified" >> beam.Map(lambda _: ((PAIRS, "", "verified"), 1))}
 
 
 LABEL_ROUNDS = 3  # distributed min-label rounds before the (small) rest is finished on one worker
@@ -602,11 +663,14 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
         dropped.append(exact[DROPPED])
         docs = exact.docs
 
+    pair_counts: list[beam.PCollection] = []
     if near.enabled:
-        marks = (docs | "MinHash" >> beam.ParDo(BandKeys(spec, code_sources))
-                 | "GroupByBand" >> beam.GroupByKey()
-                 | "CandidatePairs" >> beam.FlatMap(candidate_edges, near.threshold)
-                 | "Clusters" >> NearDuplicates())
+        hashed = docs | "MinHash" >> beam.ParDo(BandKeys(spec, code_sources)).with_outputs(SHINGLES, BANDS)
+        candidates = (hashed[BANDS] | "GroupByBand" >> beam.GroupByKey()
+                      | "CandidatePairs" >> beam.FlatMap(candidate_edges, near.threshold - near.candidate_margin))
+        checked = candidates | "Verify" >> VerifiedPairs(hashed[SHINGLES], near.threshold)
+        pair_counts = [checked["candidate_counts"], checked["verified_counts"]]
+        marks = checked["verified"] | "Clusters" >> NearDuplicates()
         keyed = docs | "ById" >> beam.Map(lambda d: (d[0], d))
         near_out = ({"doc": keyed, "mark": marks} | "JoinMarks" >> beam.CoGroupByKey()
                     | "NearDedup" >> beam.FlatMap(drop_marked, code_sources).with_outputs(DROPPED, main="docs"))
@@ -634,6 +698,7 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
         decoded.repaired | "CountRepaired" >> beam.Map(lambda s: (("repaired_utf8", s, ""), 1)),
         (dropped | "AllDropped" >> beam.Flatten()) | "CountDropped" >> beam.Map(lambda d: (("dropped", *d), 1)),
         written,
+        *pair_counts,
     ]
     accounting = (counts | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
                   | "Collect" >> beam.combiners.ToList())
@@ -653,7 +718,11 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
     per_source: dict[str, dict[str, Any]] = {
         s.name: {"docs_in": 0, "docs_kept": 0, "kept_by_split": {"train": 0, "validation": 0}, "dropped": {},
                  "repaired_utf8": 0, "bytes_kept": 0, "weight": s.weight} for s in spec.sources}
+    pairs = {"candidate": 0, "verified": 0}
     for (kind, source, detail), value in payload["counts"]:
+        if kind == PAIRS:
+            pairs[detail] += value
+            continue
         entry = per_source[source]
         if kind == "docs_in":
             entry["docs_in"] += value
@@ -670,13 +739,24 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
         entry["dropped"] = dict(sorted(entry["dropped"].items()))
         if entry["docs_in"] != entry["docs_kept"] + sum(entry["dropped"].values()):
             raise RuntimeError(f"data accounting does not balance for source {name!r}: {entry}")
+    for i, src in enumerate(spec.sources):  # no manifest is written: an empty source is never cached
+        entry = per_source[src.name]
+        cleaned = {reason: n for reason, n in entry["dropped"].items() if reason != "mixture_excess"}
+        if entry["docs_in"] == sum(cleaned.values()):  # nothing reached the mixture
+            why = ", ".join(f"{reason} {n:,}" for reason, n in sorted(cleaned.items(), key=lambda x: -x[1]))
+            raise PalmError(f"data.sources.{i} ({src.name!r}) has no documents left: {entry['docs_in']:,} read"
+                            + (f", dropped: {why}" if why else "")
+                            + f"; loosen data.sources.{i}.filters or check its files")
     mixture = payload["mixture"]
     total = sum(mixture["achieved_tokens"].values()) or 1
     for name, entry in per_source.items():
         entry["estimated_tokens"] = mixture["achieved_tokens"][name]
         entry["share"] = mixture["achieved_tokens"][name] / total
     shards = sorted(storage.name(p) for p in storage.glob(storage.join(out_dir, "*.jsonl.gz")))
-    return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards,
+    near = {"candidate_pairs": pairs["candidate"], "verified_pairs": pairs["verified"],
+            "documents_dropped": sum(e["dropped"].get(r, 0) for e in per_source.values()
+                                     for r in ("near_duplicate", "near_duplicate_code"))}
+    return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards, "near_duplicates": near,
             "docs_in": sum(e["docs_in"] for e in per_source.values()),
             "docs_kept": sum(e["docs_kept"] for e in per_source.values())}
 
