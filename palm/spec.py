@@ -46,7 +46,9 @@ class QualityFilters(_Strict):
     max_words: int | None = 100_000
     min_mean_word_length: float | None = 3.0
     max_mean_word_length: float | None = 10.0
-    max_symbol_to_word_ratio: float | None = 0.1
+    #: "#" per word and "..."/"…" per word, each on its own (Gopher applies them separately).
+    max_hash_to_word_ratio: float | None = 0.1
+    max_ellipsis_to_word_ratio: float | None = 0.1
     max_fraction_lines_ending_ellipsis: float | None = 0.3
     min_fraction_words_with_alpha: float | None = 0.8
     max_fraction_duplicate_lines: float | None = 0.3

@@ -54,7 +54,8 @@ FAILS_ONLY = {
     "too_few_words": "The river runs past the quiet village at dawn.",
     "too_many_words": None,  # built in the test: 100,001 words
     "mean_word_length": " ".join(["internationalization"] * 60),
-    "symbol_to_word_ratio": PARAGRAPH + "\n" + " ".join(["#topic"] * 15),
+    "hash_to_word_ratio": PARAGRAPH + "\n" + " ".join(["#topic"] * 15),
+    "ellipsis_to_word_ratio": PARAGRAPH + "\n" + " ".join(["more... yes"] * 15),
     "lines_ending_ellipsis": "\n".join(line + "..." for line in _prose_lines(10, 20)),
     "words_without_alpha": PARAGRAPH + "\n" + " ".join(str(1000 + i) for i in range(60)),
     "duplicate_lines": "\n".join(["The same navigation line appears on every single page of this site."] * 10),
@@ -85,7 +86,8 @@ def test_none_disables_the_check(reason):
         "too_few_words": ["min_words"],
         "too_many_words": ["max_words"],
         "mean_word_length": ["min_mean_word_length", "max_mean_word_length"],
-        "symbol_to_word_ratio": ["max_symbol_to_word_ratio"],
+        "hash_to_word_ratio": ["max_hash_to_word_ratio"],
+        "ellipsis_to_word_ratio": ["max_ellipsis_to_word_ratio"],
         "lines_ending_ellipsis": ["max_fraction_lines_ending_ellipsis"],
         "words_without_alpha": ["min_fraction_words_with_alpha"],
         "duplicate_lines": ["max_fraction_duplicate_lines"],
@@ -106,9 +108,14 @@ def test_individual_checks_and_thresholds():
     assert filters.mean_word_length_ok("abcd abcd", 4.0, 4.0)
     assert not filters.mean_word_length_ok("abcd abcd", None, 3.9)
     assert not filters.mean_word_length_ok("abcd abcd", 4.1, None)
-    # "#" and both ellipsis spellings count: 3 symbols over 6 words.
-    assert filters.symbol_ratio_ok("a #b c... d\u2026 e f", 0.5)
-    assert not filters.symbol_ratio_ok("a #b c... d\u2026 e f", 0.49)
+    # "#" on its own: 1 over 6 words; both ellipsis spellings on their own: 2 over 6 words, so a document
+    # with both at 0.1 passes both checks (Gopher applies them separately, not added together).
+    assert filters.hash_ratio_ok("a #b c... d\u2026 e f", 1 / 6)
+    assert not filters.hash_ratio_ok("a #b c... d\u2026 e f", 0.16)
+    assert filters.ellipsis_ratio_ok("a #b c... d\u2026 e f", 2 / 6)
+    assert not filters.ellipsis_ratio_ok("a #b c... d\u2026 e f", 0.33)
+    both = " ".join(["#tag"] * 8 + ["wait... now"] * 8 + ["word"] * 76)  # 8/100 each, 16/100 together
+    assert filters.quality_drop_reason(both, QualityFilters(min_words=None)) is None
     # Blank lines do not count: 1 of 2 non-empty lines ends in an ellipsis.
     assert filters.ellipsis_lines_ok("one two...\n\n   \nthree four", 0.5)
     assert not filters.ellipsis_lines_ok("one two\u2026\n\nthree four", 0.49)
@@ -125,8 +132,8 @@ def test_empty_text_fails_too_few_words():
 
 
 def test_reasons_come_in_documented_order():
-    assert REASONS == ("too_few_words", "too_many_words", "mean_word_length", "symbol_to_word_ratio",
-                       "lines_ending_ellipsis", "words_without_alpha", "duplicate_lines")
+    assert REASONS == ("too_few_words", "too_many_words", "mean_word_length", "hash_to_word_ratio",
+                       "ellipsis_to_word_ratio", "lines_ending_ellipsis", "words_without_alpha", "duplicate_lines")
     # Short symbol soup of repeated lines fails several checks; each is reported once the earlier ones
     # are switched off.
     text = "\n".join(["# ... 1 2"] * 5)
@@ -137,13 +144,14 @@ def test_reasons_come_in_documented_order():
         f = f.model_copy(update={
             "too_few_words": {"min_words": None},
             "mean_word_length": {"min_mean_word_length": None, "max_mean_word_length": None},
-            "symbol_to_word_ratio": {"max_symbol_to_word_ratio": None},
+            "hash_to_word_ratio": {"max_hash_to_word_ratio": None},
+            "ellipsis_to_word_ratio": {"max_ellipsis_to_word_ratio": None},
             "lines_ending_ellipsis": {"max_fraction_lines_ending_ellipsis": None},
             "words_without_alpha": {"min_fraction_words_with_alpha": None},
             "duplicate_lines": {"max_fraction_duplicate_lines": None},
         }[reason])
-    assert seen == ["too_few_words", "mean_word_length", "symbol_to_word_ratio", "words_without_alpha",
-                    "duplicate_lines"]
+    assert seen == ["too_few_words", "mean_word_length", "hash_to_word_ratio", "ellipsis_to_word_ratio",
+                    "words_without_alpha", "duplicate_lines"]
     assert seen == sorted(seen, key=REASONS.index)
 
 

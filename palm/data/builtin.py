@@ -217,7 +217,7 @@ def _junk(rng: random.Random) -> list[tuple[bytes, str]]:
                       for _ in range(12)) + "\n"
     blob = "\n".join(base64.b64encode(rng.randbytes(45)).decode("ascii") for _ in range(60)) + "\n"
     return [
-        (soup.encode(), "symbol_to_word_ratio"),
+        (soup.encode(), "hash_to_word_ratio"),
         (teasers.encode(), "lines_ending_ellipsis"),
         (b"Click here to continue reading.\n", "too_few_words"),
         (boilerplate.encode(), "duplicate_lines"),

@@ -33,7 +33,8 @@ REASONS: tuple[str, ...] = (
     "too_few_words",
     "too_many_words",
     "mean_word_length",
-    "symbol_to_word_ratio",
+    "hash_to_word_ratio",
+    "ellipsis_to_word_ratio",
     "lines_ending_ellipsis",
     "words_without_alpha",
     "duplicate_lines",
@@ -44,11 +45,12 @@ _ELLIPSES = ("...", "\u2026")
 
 @dataclass(frozen=True)
 class DocStats:
-    """The counts every check reads, computed in one pass so that the seven checks split the text once."""
+    """The counts every check reads, computed in one pass so that the eight checks split the text once."""
 
     num_words: int
     num_word_chars: int
-    num_symbols: int
+    num_hashes: int
+    num_ellipses: int
     num_words_with_alpha: int
     num_lines: int
     num_lines_ending_ellipsis: int
@@ -69,7 +71,8 @@ class DocStats:
         return cls(
             num_words=len(words),
             num_word_chars=sum(len(w) for w in words),
-            num_symbols=text.count("#") + sum(text.count(e) for e in _ELLIPSES),
+            num_hashes=text.count("#"),
+            num_ellipses=sum(text.count(e) for e in _ELLIPSES),
             num_words_with_alpha=sum(1 for w in words if any(c.isalpha() for c in w)),
             num_lines=len(lines),
             num_lines_ending_ellipsis=sum(1 for line in lines if line.endswith(_ELLIPSES)),
@@ -109,12 +112,20 @@ def mean_word_length_ok(doc: str | DocStats, min_length: float | None, max_lengt
     return (min_length is None or mean >= min_length) and (max_length is None or mean <= max_length)
 
 
-def symbol_ratio_ok(doc: str | DocStats, max_ratio: float | None) -> bool:
-    """(Occurrences of "#", "..." and "…") / words at most `max_ratio`."""
+def hash_ratio_ok(doc: str | DocStats, max_ratio: float | None) -> bool:
+    """(Occurrences of "#") / words at most `max_ratio` (Gopher: 0.1)."""
     s = _stats(doc)
     if max_ratio is None or not s.num_words:
         return True
-    return s.num_symbols / s.num_words <= max_ratio
+    return s.num_hashes / s.num_words <= max_ratio
+
+
+def ellipsis_ratio_ok(doc: str | DocStats, max_ratio: float | None) -> bool:
+    """(Occurrences of "..." and "…") / words at most `max_ratio` (Gopher: 0.1, apart from the "#" one)."""
+    s = _stats(doc)
+    if max_ratio is None or not s.num_words:
+        return True
+    return s.num_ellipses / s.num_words <= max_ratio
 
 
 def ellipsis_lines_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
@@ -146,7 +157,8 @@ CHECKS: tuple[tuple[str, Callable[[DocStats, QualityFilters], bool]], ...] = (
     ("too_few_words", lambda s, f: enough_words(s, f.min_words)),
     ("too_many_words", lambda s, f: not_too_many_words(s, f.max_words)),
     ("mean_word_length", lambda s, f: mean_word_length_ok(s, f.min_mean_word_length, f.max_mean_word_length)),
-    ("symbol_to_word_ratio", lambda s, f: symbol_ratio_ok(s, f.max_symbol_to_word_ratio)),
+    ("hash_to_word_ratio", lambda s, f: hash_ratio_ok(s, f.max_hash_to_word_ratio)),
+    ("ellipsis_to_word_ratio", lambda s, f: ellipsis_ratio_ok(s, f.max_ellipsis_to_word_ratio)),
     ("lines_ending_ellipsis", lambda s, f: ellipsis_lines_ok(s, f.max_fraction_lines_ending_ellipsis)),
     ("words_without_alpha", lambda s, f: alpha_words_ok(s, f.min_fraction_words_with_alpha)),
     ("duplicate_lines", lambda s, f: duplicate_lines_ok(s, f.max_fraction_duplicate_lines)),
@@ -256,5 +268,5 @@ def keep_probability(score: float, alpha: float = 9.0) -> float:
 __all__ = [
     "REASONS", "CHECKS", "DocStats", "quality_drop_reason", "quality_score", "keep_by_quality",
     "keep_probability", "FUNCTION_WORDS", "enough_words", "not_too_many_words", "mean_word_length_ok",
-    "symbol_ratio_ok", "ellipsis_lines_ok", "alpha_words_ok", "duplicate_lines_ok",
+    "hash_ratio_ok", "ellipsis_ratio_ok", "ellipsis_lines_ok", "alpha_words_ok", "duplicate_lines_ok",
 ]

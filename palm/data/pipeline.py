@@ -636,13 +636,12 @@ def check_submission_environment(spec: DataSpec) -> None:
         except ImportError:
             missing.append(what)
     if missing:
-        raise PalmError(f"submitting the data stage to Dataflow needs {' and '.join(missing)} in this environment: "
+        raise PalmError(f"submitting a Beam stage (data, pack) to Dataflow needs {' and '.join(missing)} in this environment: "
                         "run `uv sync --frozen --group dataflow` (with the other groups you use)")
 
 
 def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
     """Attach the whole data stage to pipeline `p`, writing shards and accounting.json to out_dir."""
-    sources = {s.name: s for s in spec.sources}
     code_sources = frozenset(s.name for s in spec.sources if s.kind == "code")
     near = spec.dedup.near
     dropped: list[beam.PCollection] = []
