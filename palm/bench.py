@@ -25,6 +25,10 @@ from palm.train import Trainer
 def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | None = None) -> dict[str, Any]:
     """Compile, warm up, then time `steps` train steps on random tokens at the spec's first batch size."""
     m = spec.model
+    # The reference runs first, in its own process, before this one touches the device: JAX takes most
+    # of a GPU's memory when it starts, and at the spec's shapes the two steps need not fit together
+    # (palm-1b-gpu on an H100: the reference alone needs 58 GiB).
+    ref = run_reference(reference, spec) if reference else None
     devices = jax.devices()
     mesh = spec.resolved_mesh()
     if len(devices) != spec.infra.hardware.num_devices:
@@ -75,10 +79,9 @@ def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | N
         "mfu": mfu,
         "losses": losses,
     }
-    if reference:
-        result["reference"] = run_reference(reference, spec)
-        ref_tps = result["reference"].get("tok_s")
-        result["speedup_vs_reference"] = tokens_per_second / ref_tps if ref_tps else None
+    if ref is not None:
+        result["reference"] = ref
+        result["speedup_vs_reference"] = tokens_per_second / ref["tok_s"]
     return result
 
 
@@ -96,6 +99,8 @@ def run_reference(path: str, spec: Spec) -> dict[str, Any]:
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
         raise PalmError(f"reference run failed ({out.returncode}): {out.stderr[-500:]}")
+    if not rows[-1].get("tok_s"):
+        raise PalmError(f"reference run reported no tokens/s: {json.dumps(rows[-1])[:300]}")
     return rows[-1] | {"command": " ".join(cmd)}
 
 
