@@ -15,7 +15,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pydantic
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 PY=${PY:-python3}
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import jax; print(jax.__version__, jax.devices())"; } >> "$OUT/log.txt" 2>&1  # at most 8 files come back from the device
 run() {  # name, then palm arguments; one JSON per run, failures logged and the next run still made
   local name=$1; shift
   echo "== $name: palm $*" >> "$OUT/log.txt"
@@ -23,7 +23,11 @@ run() {  # name, then palm arguments; one JSON per run, failures logged and the 
     || echo "!! $name exited $?" >> "$OUT/log.txt"
 }
 REFARG=(); [ -f "$REF" ] && REFARG=(--reference "$REF")
-run train-save_dots bench train "$SPEC" --steps "$STEPS" "${REFARG[@]}"
-run train-full bench train "$SPEC" --steps "$STEPS" --set model.remat=full
+# The acceptance command first (the spec's own settings: save_dots remat, the loss in one slice), profiled;
+# then the variants worth comparing. At most 8 files come back: log.txt, trace.json.gz and 6 JSON.
+run train bench train "$SPEC" --steps "$STEPS" "${REFARG[@]}" --profile /tmp/prof-a
+cp "$(find /tmp/prof-a -name perfetto_trace.json.gz | head -1)" "$OUT/trace.json.gz" 2>/dev/null
 run decode bench decode "$SPEC" --batches 1,64
+run train-remat-full bench train "$SPEC" --steps "$STEPS" --set model.remat=full
+run train-chunk4096 bench train "$SPEC" --steps "$STEPS" --set train.loss_chunk_mib=4096
 echo done >> "$OUT/log.txt"

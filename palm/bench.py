@@ -22,8 +22,12 @@ from palm.spec import Spec
 from palm.train import Trainer
 
 
-def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | None = None) -> dict[str, Any]:
-    """Compile, warm up, then time `steps` train steps on random tokens at the spec's first batch size."""
+def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | None = None,
+                profile: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Compile, warm up, then time `steps` train steps on random tokens at the spec's first batch size.
+
+    With `profile` (a directory), `profile_steps` more steps run under jax.profiler after the timed ones
+    (TensorBoard/XProf and Perfetto traces there), and the device's busiest operations are summarized."""
     m = spec.model
     # The reference runs first, in its own process, before this one touches the device: JAX takes most
     # of a GPU's memory when it starts, and at the spec's shapes the two steps need not fit together
@@ -56,6 +60,16 @@ def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | N
         times.append(time.perf_counter() - t)
         losses.append(float(metrics["loss"]))
 
+    profiled = None
+    if profile:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for i in range(profile_steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = trainer.step(state, data[i % 3])
+                    jax.block_until_ready(metrics)
+        profiled = summarize_trace(profile, steps=profile_steps)
+
     step_seconds = statistics.median(times)
     tokens_per_second = batch * m.seq_len / step_seconds
     peak = trainer.peak_flops
@@ -82,7 +96,59 @@ def bench_train(spec: Spec, steps: int = 10, warmup: int = 2, reference: str | N
     if ref is not None:
         result["reference"] = ref
         result["speedup_vs_reference"] = tokens_per_second / ref["tok_s"]
+    if profiled is not None:
+        result["profile"] = profiled
     return result
+
+
+def summarize_trace(directory: str | Path, steps: int = 1, top: int = 40) -> dict[str, Any]:
+    """The operations that took the most time in the newest Perfetto trace under `directory`.
+
+    Device processes ("/device:GPU:0" and the like) are summed where the trace has them: each kernel or
+    XLA operation by name, its total time per profiled step and its share of the device's busy time.
+    A CPU-only trace has no device process; then the XLA runtime's host threads are summed instead."""
+    import gzip
+
+    traces = sorted(Path(directory).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise PalmError(f"no perfetto_trace.json.gz under {directory}: the profiler wrote no trace")
+    with gzip.open(traces[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+
+    def counted(e: dict[str, Any]) -> bool:
+        if e.get("ph") != "X":
+            return False
+        if device_pids:
+            return e["pid"] in device_pids
+        return "python" not in threads.get((e["pid"], e.get("tid")), "python")
+
+    # Keyed by (line, name): a device's trace has several lines (streams, and derived lines such as
+    # "XLA Ops" that repeat the kernels' time), which must not be added together.
+    totals: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if counted(e):
+            line = f"{processes.get(e['pid'], '?')} {threads.get((e['pid'], e.get('tid')), '?')}"
+            entry = totals.setdefault((line, e.get("name", "?")), [0.0, 0])
+            entry[0] += float(e.get("dur", 0.0))  # microseconds
+            entry[1] += 1
+    busy: dict[str, float] = {}
+    for (line, _), (t, _) in totals.items():
+        busy[line] = busy.get(line, 0.0) + t
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "trace": str(traces[-1]),
+        "scope": "device" if device_pids else "host (no device in the trace)",
+        "steps": steps,
+        "busy_seconds_per_step": {line: t / 1e6 / steps for line, t in sorted(busy.items(), key=lambda kv: -kv[1])},
+        "top": [{"line": line, "name": name, "seconds_per_step": t / 1e6 / steps, "calls_per_step": n / steps,
+                 "share": t / busy[line] if busy[line] else 0.0} for (line, name), (t, n) in rows],
+    }
 
 
 def run_reference(path: str, spec: Spec) -> dict[str, Any]:
@@ -795,12 +861,13 @@ def bench_decode(spec: Spec, batches: Sequence[int] = (1, 64), steps: int = 64, 
 
     init_tokens = np.zeros((1, min(8, cache_len)), np.int32)
     params = jax.jit(lambda key: nn.unbox(PaLM(config).init(key, init_tokens)["params"]))(jax.random.key(seed))
-    leaves = jax.tree.leaves(params)
+    lm = LanguageModel(params, config, _TokenIdsOnly(m.vocab_size), batch_size=max(batches),
+                       platform=device.platform)
+    del params  # LanguageModel holds the matrices cast to the compute dtype (palm.eval.compute_params)
+    leaves = jax.tree.leaves(lm.params)  # what each step reads
     num_params = sum(int(x.size) for x in leaves)
     param_bytes = sum(int(x.size) * np.dtype(x.dtype).itemsize for x in leaves)
     param_dtypes = sorted({np.dtype(x.dtype).name for x in leaves})
-    lm = LanguageModel(params, config, _TokenIdsOnly(m.vocab_size), batch_size=max(batches),
-                       platform=device.platform)
 
     rng = np.random.default_rng(seed)
     temperature, top_p = np.float32(0.0), np.float32(1.0)
@@ -862,8 +929,8 @@ def bench_decode(spec: Spec, batches: Sequence[int] = (1, 64), steps: int = 64, 
         "sampling": "greedy (temperature 0), LanguageModel's jitted _decode_fn, block_until_ready every step",
         "bandwidth": bandwidth,
         "batches": rows,
-        "roofline": ("bytes_per_step = every parameter in the dtype it is stored and passed in (LanguageModel "
-                     "keeps param_dtype and casts to the compute dtype inside the step) + keys and values "
+        "roofline": ("bytes_per_step = every parameter in the dtype the step reads it (LanguageModel casts the "
+                     "matrices to the compute dtype once, the LayerNorm scales stay float32) + keys and values "
                      "(layers x batch x kv_len_mean x kv_heads x head_dim x 2 x compute itemsize); roofline "
                      "tokens/s = batch x measured bandwidth / bytes_per_step"),
     }

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     q.add_argument("--reference", metavar="PATH", help="also run this reference_step.py at the same shapes, "
                    "in the same process tree, and report the ratio")
+    q.add_argument("--profile", metavar="DIR", help="after the timed steps, trace 3 more with jax.profiler "
+                   "into DIR (TensorBoard/XProf and Perfetto) and summarize the busiest device operations")
     q = bench_sub.add_parser("data", help="time the data stage against datatrove on the same documents, "
                              "per core")
     _add_json(q)
@@ -386,7 +388,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     if args.steps <= 0 or args.warmup < 0:
         raise PalmError("--steps must be positive and --warmup non-negative")
-    result = bench_train(spec, steps=args.steps, warmup=args.warmup, reference=args.reference)
+    result = bench_train(spec, steps=args.steps, warmup=args.warmup, reference=args.reference,
+                         profile=args.profile)
     _emit(args, result, render_train(result))
     return 0
 

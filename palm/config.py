@@ -141,6 +141,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     loss_spike: LossSpikeConfig = LossSpikeConfig()
     log_every: int = 10
+    #: Most float32 logits (MiB per device) the loss holds at once: above it the loss projects onto the
+    #: vocabulary a slice of the sequence at a time (palm.train.loss_chunks). Each slice re-reads the
+    #: embedding table and adds to its gradient, so fewer slices are faster where memory allows.
+    loss_chunk_mib: int = 256
 
     def global_batch_at(self, step: int) -> int:
         """Global batch size (sequences) at `step` under the batch-size ramp."""

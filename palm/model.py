@@ -345,6 +345,10 @@ class PaLM(nn.Module):
     platform: str = "cpu"
     #: Whether the vocabulary divides over the `model` mesh axis (see output_logits).
     vocab_split: bool = False
+    #: Unroll the scanned layers (decoding on GPUs: a loop on the device costs a round trip to the host
+    #: per layer, which a one-token step cannot hide). Same parameters; the same results up to the
+    #: compiler's rounding in the compute dtype (it fuses the unrolled arithmetic differently).
+    unroll_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None,
@@ -372,7 +376,8 @@ class PaLM(nn.Module):
             # The cache (when given) is scanned over its leading layers axis and restacked on the way out.
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast if cache is None else (nn.broadcast, 0), length=c.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            metadata_params={nn.PARTITION_NAME: "layers"},
+                            unroll=c.num_layers if self.unroll_layers else 1)
             layers = stack(**kwargs, name="layers")
             x, cache = layers(x, positions) if cache is None else layers(x, positions, cache)
         else:
@@ -407,12 +412,39 @@ def output_logits(x: Array, embedding: Array, config: ModelConfig, constrain: Co
     layout left, and each device holds the whole vocabulary's logits, which the loss bounds by taking
     fewer tokens at a time (palm.train.loss_chunks).
     """
-    table = embedding.astype(jnp.dtype(config.dtype))
+    dtype = jnp.dtype(config.dtype)
     if vocab_split:
         x = constrain(x, ("batch", "length", None))
-        table = constrain(table, ("vocab_act", None))
-    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        embedding = constrain(embedding, ("vocab_act", None))
+    logits = project_to_vocab(x.astype(dtype), embedding)
     return constrain(logits / jnp.sqrt(jnp.float32(config.d_model)), ("batch", "length", "vocab_act"))
+
+
+@jax.custom_vjp
+def project_to_vocab(x: Array, embedding: Array) -> Array:
+    """Float32 x E^T [b, t, vocab] of x [b, t, d] (compute dtype) and the table E [vocab, d] (param dtype),
+    the table cast to x's dtype and the products summed in float32.
+
+    Differentiated by hand: left to autodiff, the float32 cotangent of the float32 logits turns both
+    backward matmuls into float32 (TF32) ones, the slowest of the step on an H100. Here the cotangent is
+    cast to x's dtype first, as every other matmul of the mixed-precision step is, and E's gradient is
+    summed in float32 and returned in E's own dtype (no rounding to 16 bits on the way)."""
+    return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _project_fwd(x: Array, embedding: Array):
+    return project_to_vocab(x, embedding), (x, embedding)
+
+
+def _project_bwd(residuals, g: Array):
+    x, embedding = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("btv,vd->btd", g, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+    dtable = jnp.einsum("btv,btd->vd", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dtable.astype(embedding.dtype)
+
+
+project_to_vocab.defvjp(_project_fwd, _project_bwd)
 
 
 def abstract_params(config: ModelConfig) -> Any:

@@ -225,8 +225,18 @@ def _build_scaling(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> C
 
 # ---------------------------------------------------------------------------------------- stage table
 
-def _dump(spec: Any) -> dict[str, Any]:
-    return spec.model_dump(mode="json")
+#: Settings that change how fast a stage runs, never what it computes (beyond the order of float sums):
+#: left out of its key, so that tuning them reuses the outputs already made. (The compile gate keeps
+#: them: they change the memory a step needs.)
+SPEED_ONLY = {"train": ("loss_chunk_mib",)}
+
+
+def _dump(spec: Any, speed: bool = False) -> dict[str, Any]:
+    dumped = spec.model_dump(mode="json")
+    for section, keys in ({} if speed else SPEED_ONLY).items():
+        for key in keys:
+            dumped[section].pop(key, None)
+    return dumped
 
 
 def eval_config(spec: Any) -> dict[str, Any]:
@@ -286,7 +296,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("compile", _build_compile, lambda spec: {**{k: _dump(spec)[k] for k in ("model", "train")},
+    Stage("compile", _build_compile, lambda spec: {**{k: _dump(spec, speed=True)[k] for k in ("model", "train")},
                                                      "hardware": _dump(spec)["infra"]["hardware"],
                                                      "mesh": spec.resolved_mesh()},
           applies=_on_tpu, summary="the train and evaluation steps compiled for the spec's TPU pods (pre-flight)"),

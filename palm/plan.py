@@ -177,7 +177,7 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int]
                       "none": residual + 2 * layer_act}[m.remat]
     vocab_split = mp > 1 and m.vocab_size % mp == 0  # as palm.train.Trainer decides
     vocab_per_device = m.vocab_size // mp if vocab_split else m.vocab_size
-    logits = b * (t // loss_chunks(b, t, vocab_per_device)) * vocab_per_device * f32
+    logits = b * (t // loss_chunks(b, t, vocab_per_device, train.loss_chunk_mib * 2**20)) * vocab_per_device * f32
     table = m.vocab_size * m.d_model // mp * f32
     hidden = tokens * m.d_model * f32 // (1 if vocab_split else mp)
 

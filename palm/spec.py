@@ -454,6 +454,8 @@ def check_consistency(spec: Spec) -> None:
         raise SpecError("need threshold > 1, window > 0, skip_batches >= 0", key="train.loss_spike")
     if t.log_every <= 0:
         raise SpecError(f"must be positive, got {t.log_every}", key="train.log_every")
+    if t.loss_chunk_mib <= 0:
+        raise SpecError(f"must be a positive number of MiB, got {t.loss_chunk_mib}", key="train.loss_chunk_mib")
 
     total = sum(src.weight for src in spec.data.sources)
     if not math.isclose(total, 1.0, abs_tol=1e-6):

@@ -179,7 +179,8 @@ class Trainer:
         per_device = -(-global_batch // self.sharding.data_parallel_size)
         vocab = self.model_config.vocab_size
         vocab_per_device = vocab // sizes["model"] if vocab % sizes["model"] == 0 else vocab
-        return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device)
+        return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device,
+                           self.train_config.loss_chunk_mib * 2**20)
 
     def _init_from_fn(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))

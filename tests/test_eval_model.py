@@ -379,3 +379,27 @@ def test_load_language_model_from_a_checkpoint(tmp_path, params, lm, tokenizer_p
     assert loaded.loglikelihood("kalo", " mine") == pytest.approx(lm.loglikelihood("kalo", " mine"), abs=1e-6)
     with pytest.raises(PalmError, match="do not fit"):
         load_language_model(tmp_path / "train", dataclasses.replace(SMALL, d_model=32), tokenizer_path)
+
+
+def test_matrices_are_cast_to_the_compute_dtype_once_with_the_same_logits(params, tokenizer):
+    """LanguageModel keeps the kernels and the table in the compute dtype (a decode step reads half the
+    bytes); the model casts them there anyway, so the logits are the same bit for bit, as they are with the
+    layers unrolled (what decoding does on a GPU) up to the compiler's rounding."""
+    config = dataclasses.replace(SMALL, dtype="bfloat16")
+    lm16 = LanguageModel(params, config, tokenizer, batch_size=2)
+    dtypes = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_flatten_with_path(lm16.params)[0]}
+    matrices = {name for name, d in dtypes.items() if d == jnp.bfloat16}
+    vectors = {name for name, d in dtypes.items() if d == jnp.float32}
+    assert matrices == {"embedding", "layers/query", "layers/key_value", "layers/out", "layers/mlp_in",
+                        "layers/mlp_out"}
+    assert vectors == {"layers/layer_norm/scale", "final_norm/scale"}  # applied in float32, kept so
+    tokens = np.random.default_rng(0).integers(0, SMALL.vocab_size, (2, 24)).astype(np.int32)
+    want = np.asarray(jax.jit(lambda p, t: PaLM(config).apply({"params": p}, t))(params, tokens))
+    np.testing.assert_array_equal(lm16.logits(tokens), want)
+    # Unrolled, the compiler fuses the bf16 arithmetic differently: equal within bf16 rounding (and in float32
+    # within float32 rounding).
+    for cfg, tol in ((config, 0.05), (SMALL, 1e-5)):
+        base = jax.jit(lambda p, t: PaLM(cfg).apply({"params": p}, t))(params, tokens)
+        unrolled = jax.jit(lambda p, t: PaLM(cfg, unroll_layers=True).apply({"params": p}, t))(params, tokens)
+        np.testing.assert_allclose(np.asarray(unrolled), np.asarray(base), atol=tol, rtol=tol)

@@ -189,3 +189,56 @@ def test_sharded_training_matches_one_device():
             assert "model" in got["layout"]["layers/query"], got["layout"]
         if mesh["fsdp"] > 1:
             assert "fsdp" in got["layout"]["layers/mlp_out"], got["layout"]
+
+
+def test_the_vocabulary_projection_differentiates_in_the_compute_dtype():
+    """palm.model.project_to_vocab's hand-written gradient: the float32 cotangent is cast to bf16 before both
+    matmuls (no float32 GEMMs), the table's gradient summed in float32; against autodiff of the same
+    mixed-precision computation written out by hand."""
+    import jax
+
+    from palm.model import project_to_vocab
+
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 8, 64)).astype(jnp.bfloat16)
+    table = jax.random.normal(k[1], (500, 64))
+    g = jax.random.normal(k[2], (2, 8, 500))
+
+    def by_hand(x, table):  # what the custom rule computes, for autodiff to differentiate
+        logits = jnp.einsum("btd,vd->btv", x, table.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return logits
+
+    got = jax.vjp(project_to_vocab, x, table)
+    want = jax.vjp(by_hand, x, table)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))  # forward: the same product
+    dx, dtable = got[1](g)
+    assert dx.dtype == jnp.bfloat16 and dtable.dtype == jnp.float32
+    g16 = g.astype(jnp.bfloat16).astype(jnp.float32)  # the cotangent as the rule rounds it
+    want_dx = np.einsum("btv,vd->btd", np.asarray(g16), np.asarray(table.astype(jnp.bfloat16).astype(jnp.float32)))
+    want_dtable = np.einsum("btv,btd->vd", np.asarray(g16), np.asarray(x.astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), want_dx, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dtable), want_dtable, rtol=1e-4, atol=1e-4)
+    # and it is close to the float32 gradient autodiff would give, within bf16 rounding of the cotangent
+    auto_dx, auto_dtable = want[1](g)
+    np.testing.assert_allclose(np.asarray(dtable), np.asarray(auto_dtable), rtol=0.02, atol=0.05)
+    # In float32 (the CPU specs) the rule is exactly autodiff's.
+    x32 = x.astype(jnp.float32)
+    a = jax.vjp(project_to_vocab, x32, table)[1](g)
+    b = jax.vjp(lambda x, t: jnp.einsum("btd,vd->btv", x, t), x32, table)[1](g)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_chunk_budget_is_a_spec_setting_outside_the_train_stage_key():
+    from palm.errors import SpecError
+    from palm.pipeline import STAGES
+
+    spec = load_spec(SPECS / "tiny.yaml")
+    wide = load_spec(SPECS / "tiny.yaml", ["train.loss_chunk_mib=4096"])
+    assert wide.train.loss_chunk_mib == 4096
+    assert STAGES["train"].config(spec) == STAGES["train"].config(wide)  # tuning reuses trained outputs
+    assert STAGES["compile"].config(spec) != STAGES["compile"].config(wide)  # but the memory check reruns
+    trainer = Trainer(wide.model, wide.train, wide.resolved_mesh())
+    assert trainer.loss_chunks(8) == 1
+    with pytest.raises(SpecError, match="train.loss_chunk_mib"):
+        load_spec(SPECS / "tiny.yaml", ["train.loss_chunk_mib=0"])
