@@ -7,7 +7,10 @@ the retry policies all read this table. Adding a stage type is writing its build
 
 The default workflow is the chain
 
-    [compile] -> data -> tokenizer -> pack -> train -> eval
+    [compile] -> [quality] -> data -> tokenizer -> pack -> train -> eval
+
+`quality` trains the quality classifier that the data stage samples web documents by (PaLM's and
+GLaM's rule); it is in the chain only when a source samples by its score (palm.data.quality).
 
 `compile` is the pre-flight check of TPU specs: the train and evaluation steps compiled ahead of time
 for the spec's own pods (palm.aot), refused with what to change when they do not fit. It gates the
@@ -123,10 +126,19 @@ def _build_compile(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> C
     return build
 
 
+def _build_quality(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
+    from palm.data.quality import train_quality_stage
+
+    return lambda out: train_quality_stage(spec.data, out)
+
+
 def _build_data(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Any], dict[str, Any]]:
     from palm.data.pipeline import run_data_stage
 
-    return lambda out: run_data_stage(spec.data, out, worker_image=spec.infra.launcher.image)
+    quality = inputs.get("quality")
+    return lambda out: run_data_stage(spec.data, out, worker_image=spec.infra.launcher.image,
+                                      classifier=quality.path if quality is not None else None,
+                                      classifier_key=quality.key if quality is not None else None)
 
 
 def _build_tokenizer(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Callable[[Path], dict[str, Any]]:
@@ -255,6 +267,18 @@ def _on_tpu(spec: Any) -> bool:
     return spec.infra.hardware.accelerator in TPU_GENERATIONS
 
 
+def _uses_classifier(spec: Any) -> bool:
+    from palm.data.quality import uses_classifier
+
+    return uses_classifier(spec.data)
+
+
+def _quality_config(spec: Any) -> dict[str, Any]:
+    from palm.data.quality import classifier_config
+
+    return classifier_config(spec.data)
+
+
 def _beam_remote(spec: Any) -> bool:
     from palm.data.pipeline import LOCAL_RUNNERS
 
@@ -271,6 +295,9 @@ class Stage:
     config: Callable[[Any], Any]
     #: The types of the outputs it reads, one node each.
     inputs: tuple[str, ...] = ()
+    #: Types it reads where the spec asks for them (the data stage reads a quality classifier only when a
+    #: source samples by its score).
+    optional_inputs: Callable[[Any], tuple[str, ...]] = lambda spec: ()
     #: Types it reads any number of (the nodes its `needs` name).
     collects: tuple[str, ...] = ()
     #: Types that must be complete before it starts, though it does not read them.
@@ -290,6 +317,10 @@ class Stage:
     trains: bool = False
     summary: str = ""
 
+    def inputs_for(self, spec: Any) -> tuple[str, ...]:
+        """The input types a node of this stage reads under its spec."""
+        return (*self.inputs, *self.optional_inputs(spec))
+
     def kinds(self) -> tuple[str, ...]:
         """The input types an output of this stage can stand for: its own and what it provides."""
         return (self.name, *self.provides)
@@ -300,7 +331,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                                      "hardware": _dump(spec)["infra"]["hardware"],
                                                      "mesh": spec.resolved_mesh()},
           applies=_on_tpu, summary="the train and evaluation steps compiled for the spec's TPU pods (pre-flight)"),
+    Stage("quality", _build_quality, _quality_config, applies=_uses_classifier,
+          summary="train the quality classifier (curated vs. quality-sampled sources; scikit-learn)"),
     Stage("data", _build_data, lambda spec: _dump(spec)["data"], writes_remotely=_beam_remote,
+          optional_inputs=lambda spec: ("quality",) if _uses_classifier(spec) else (),
           summary="clean, deduplicate and mix the corpus (Beam)"),
     Stage("tokenizer", _build_tokenizer, lambda spec: _dump(spec)["tokenizer"], inputs=("data",),
           summary="a lossless SentencePiece vocabulary"),

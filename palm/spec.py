@@ -128,8 +128,33 @@ class BeamRunner(_Strict):
     requirements_file: str | None = None
 
 
+class QualityClassifierSpec(_Strict):
+    """How the sources with `filters.quality_sampling` are scored (palm.data.quality).
+
+    "classifier" (PaLM and GLaM): a linear classifier of hashed word n-grams, trained by the `quality`
+    stage to tell the curated sources from the sampled ones. "heuristic": palm.data.filters.quality_score,
+    a hand-written score of prose-likeness that needs no training (a stand-in, chosen explicitly)."""
+
+    scorer: Literal["classifier", "heuristic"] = "classifier"
+    #: The curated sources (positives); null: those of `positive_kinds`.
+    positive_sources: list[str] | None = None
+    positive_kinds: list[Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"]] = \
+        ["wikipedia", "books"]
+    #: Documents sampled per class (split evenly over that class's sources).
+    max_docs_per_class: int = Field(20_000, ge=2)
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)
+    #: Word 1..ngram-grams, hashed into num_features columns (a power of two).
+    ngram: int = Field(2, ge=1, le=5)
+    num_features: int = Field(2**20, ge=2**10, le=2**24)
+    #: Inverse L2 regularization strength (scikit-learn's C).
+    regularization: float = Field(1.0, gt=0)
+    #: Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9).
+    alpha: float = Field(9.0, gt=0)
+
+
 class DataSpec(_Strict):
     sources: list[Source] = Field(min_length=1)
+    quality: QualityClassifierSpec = QualityClassifierSpec()
     #: Bytes that are not valid UTF-8: repair them (U+FFFD) or drop the document; either is counted.
     invalid_utf8: Literal["repair", "drop"] = "repair"
     #: Text normalization; "none" is lossless (whitespace kept exactly).
@@ -471,6 +496,7 @@ def check_consistency(spec: Spec) -> None:
     names = [src.name for src in spec.data.sources]
     if len(set(names)) != len(names):
         raise SpecError(f"source names must be unique, got {names}", key="data.sources")
+    _check_quality(spec.data)
     near = spec.data.dedup.near
     if (near.bands is None) != (near.rows is None):
         raise SpecError("set both bands and rows, or neither", key="data.dedup.near")
@@ -517,6 +543,31 @@ def check_consistency(spec: Spec) -> None:
 
 
 # -------------------------------------------------------------------------------------- loading
+
+
+def _check_quality(data: DataSpec) -> None:
+    """The quality classifier's classes: named sources that exist, at least one positive where a source
+    samples by classifier score, and no source on both sides."""
+    q = data.quality
+    names = [s.name for s in data.sources]
+    for name in q.positive_sources or []:
+        if name not in names:
+            raise SpecError(f"{name!r} is not a source; the sources are {', '.join(names)}",
+                            key="data.quality.positive_sources")
+    sampled = [s.name for s in data.sources if s.filters.quality_sampling]
+    if q.scorer != "classifier" or not sampled:
+        return
+    positives = (set(q.positive_sources) if q.positive_sources is not None
+                 else {s.name for s in data.sources if s.kind in q.positive_kinds})
+    if not positives:
+        raise SpecError(f"{', '.join(sampled)} sample(s) by the quality classifier's score, which learns curated "
+                        f"text from sources of kind {', '.join(q.positive_kinds)}; this spec has none: name "
+                        "curated sources in data.quality.positive_sources, or set data.quality.scorer: heuristic",
+                        key="data.quality.positive_sources")
+    both = sorted(positives & set(sampled))
+    if both:
+        raise SpecError(f"{', '.join(both)} would be both curated (positive) and quality-sampled (negative) for "
+                        "the quality classifier; drop it from one side", key="data.quality.positive_sources")
 
 
 def check_graph(spec: Spec) -> None:

@@ -117,7 +117,7 @@ def default_workflow(spec: Any) -> Workflow:
     nodes = {}
     for name in names:
         stage = STAGES[name]
-        nodes[name] = Node(name, name, spec, {kind: kind for kind in stage.inputs},
+        nodes[name] = Node(name, name, spec, {kind: kind for kind in stage.inputs_for(spec)},
                            after=tuple(g for g in stage.gates if g in names))
     return Workflow(nodes, declared=False)
 
@@ -160,8 +160,13 @@ def resolve_workflow(spec: Any) -> Workflow:
     for name in order:
         decl, stage = declared[name], STAGES[types[name]]
         needs = list(decl.needs)
+        try:
+            own_spec = node_spec(spec, decl.set)
+        except SpecError as e:
+            raise _error(name, e.detail, f"set.{e.key}" if e.key else "set") from None
+        reads = stage.inputs_for(own_spec)
         inputs: dict[str, str] = {}
-        for kind in stage.inputs:
+        for kind in reads:
             candidates = {n: d for n, d in ancestors[name].items() if kind in kinds(n)}
             nearest = min(candidates.values(), default=None)
             found = [n for n, d in candidates.items() if d == nearest]
@@ -178,11 +183,7 @@ def resolve_workflow(spec: Any) -> Workflow:
         unread = [n for n in needs if n not in inputs.values() and n not in collected and n not in after]
         if unread:
             raise _error(name, f"a {types[name]} stage does not read {', '.join(f'{n} ({types[n]})' for n in unread)}; "
-                         f"it reads {', '.join(stage.inputs + stage.collects) or 'nothing'}", "needs")
-        try:
-            own_spec = node_spec(spec, decl.set)
-        except SpecError as e:
-            raise _error(name, e.detail, f"set.{e.key}" if e.key else "set") from None
+                         f"it reads {', '.join(reads + stage.collects) or 'nothing'}", "needs")
         if not stage.applies(own_spec):
             raise _error(name, f"a {types[name]} stage does not apply to this node's spec "
                          f"({stage.summary})", "stage")

@@ -46,8 +46,10 @@ def test_paper_model_sizes(capsys, name, params, layers, heads):
     head_dim, seq_len = 256, 2048
     assert p["model_flops_per_token"] == 6 * params + 12 * layers * heads * head_dim * seq_len
     # TPU specs check first that every step fits their pods (the pre-flight compile stage, palm.aot).
-    assert [s["name"] for s in p["stages"]] == ["compile", "data", "tokenizer", "pack", "train", "eval"]
+    # PaLM's filtered webpages are sampled by the quality classifier, trained first (palm.data.quality).
+    assert [s["name"] for s in p["stages"]] == ["compile", "quality", "data", "tokenizer", "pack", "train", "eval"]
     assert next(s for s in p["stages"] if s["name"] == "train")["after"] == ["compile"]
+    assert next(s for s in p["stages"] if s["name"] == "data")["inputs"] == {"quality": "quality"}
     mesh = p["mesh"]
     assert mesh["data"] * mesh["fsdp"] * mesh["model"] == p["hardware"]["num_devices"]
 

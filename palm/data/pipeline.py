@@ -31,6 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from palm import storage
 from palm.data import builtin, filters, minhash
+from palm.data.quality import SCORE_BINS, score_bin
 from palm.errors import PalmError
 from palm.spec import DataSpec, Source
 
@@ -219,19 +220,43 @@ def normalize(doc, form: str):
     return doc_id, source, unicodedata.normalize(form.upper(), text)
 
 
-class QualityFilter(beam.DoFn):
-    """Per-source Gopher/C4 heuristics, then optional score-proportional (Pareto) sampling."""
+SCORED = "quality_scored"  # accounting: ("quality_scored", source, "<score bin>:kept" | "<score bin>:dropped")
 
-    def __init__(self, spec: DataSpec):
+
+class QualityFilter(beam.DoFn):
+    """Per-source Gopher/C4 heuristics, then optional score-proportional (Pareto) sampling.
+
+    The score is the quality classifier's (`classifier`: the quality stage's output directory, read once
+    per worker) or, where data.quality.scorer is "heuristic", palm.data.filters.quality_score. Every
+    scored document is counted by score bin and verdict (the SCORED output), for the accounting."""
+
+    def __init__(self, spec: DataSpec, classifier: str | None = None):
         self.filters = {s.name: s.filters for s in spec.sources}
         self.seed = spec.seed
+        self.alpha = spec.quality.alpha
+        self.classifier_path = classifier
+        self.scorer = None
+
+    def setup(self):
+        if self.classifier_path is not None:
+            from palm.data.quality import QualityClassifier
+
+            try:
+                self.scorer = QualityClassifier.load(self.classifier_path).score
+            except PalmError as e:
+                raise ValueError(f"{_FAIL}{e}") from None
+        else:
+            self.scorer = filters.quality_score
 
     def process(self, doc):
         doc_id, source, text = doc
         f = self.filters[source]
         reason = filters.quality_drop_reason(text, f)
         if reason is None and f.quality_sampling:
-            if not filters.keep_by_quality(filters.quality_score(text), doc_id, self.seed):
+            score = self.scorer(text)
+            kept = filters.keep_by_quality(score, doc_id, self.seed, self.alpha)
+            yield beam.pvalue.TaggedOutput(SCORED, (source, f"{score_bin(score)}:{'kept' if kept else 'dropped'}"))
+            if not kept:
                 reason = "quality_sampling"
         if reason is not None:
             Metrics.counter("palm.data", f"{source}.{reason}").inc()
@@ -640,8 +665,10 @@ def check_submission_environment(spec: DataSpec) -> None:
                         "run `uv sync --frozen --group dataflow` (with the other groups you use)")
 
 
-def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
-    """Attach the whole data stage to pipeline `p`, writing shards and accounting.json to out_dir."""
+def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str, classifier: str | None = None) -> None:
+    """Attach the whole data stage to pipeline `p`, writing shards and accounting.json to out_dir.
+
+    `classifier`: the quality stage's output, which scores the quality-sampled sources (palm.data.quality)."""
     code_sources = frozenset(s.name for s in spec.sources if s.kind == "code")
     near = spec.dedup.near
     dropped: list[beam.PCollection] = []
@@ -651,7 +678,8 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
     dropped.append(decoded[DROPPED])
     docs = decoded.docs | "Normalize" >> beam.Map(normalize, spec.normalize)
 
-    quality = docs | "Quality" >> beam.ParDo(QualityFilter(spec)).with_outputs(DROPPED, main="docs")
+    quality = docs | "Quality" >> beam.ParDo(QualityFilter(spec, classifier)).with_outputs(DROPPED, SCORED,
+                                                                                          main="docs")
     dropped.append(quality[DROPPED])
     docs = quality.docs
 
@@ -698,6 +726,7 @@ def build_pipeline(p: beam.Pipeline, spec: DataSpec, out_dir: str) -> None:
         (dropped | "AllDropped" >> beam.Flatten()) | "CountDropped" >> beam.Map(lambda d: (("dropped", *d), 1)),
         written,
         *pair_counts,
+        quality[SCORED] | "CountScored" >> beam.Map(lambda d: ((SCORED, *d), 1)),
     ]
     accounting = (counts | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum)
                   | "Collect" >> beam.combiners.ToList())
@@ -711,16 +740,24 @@ def _write_accounting(counts, out_dir: str, mixture: dict[str, Any]) -> None:
         f.write(json.dumps(payload, default=int).encode())
 
 
-def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
-    """Per-source accounting from accounting.json, checked to balance; the manifest's data fields."""
+def summarize(out_dir: str, spec: DataSpec, classifier: str | None = None,
+              classifier_key: str | None = None) -> dict[str, Any]:
+    """Per-source accounting from accounting.json, checked to balance; the manifest's data fields
+    (with the quality classifier's held-out AUC and, per quality-sampled source, its keep rate and scores)."""
     payload = json.loads(storage.read_text(storage.join(out_dir, "accounting.json")))  # local or gs:// (Dataflow)
     per_source: dict[str, dict[str, Any]] = {
         s.name: {"docs_in": 0, "docs_kept": 0, "kept_by_split": {"train": 0, "validation": 0}, "dropped": {},
                  "repaired_utf8": 0, "bytes_kept": 0, "weight": s.weight} for s in spec.sources}
     pairs = {"candidate": 0, "verified": 0}
+    scored: dict[str, dict[str, list[int]]] = {}
     for (kind, source, detail), value in payload["counts"]:
         if kind == PAIRS:
             pairs[detail] += value
+            continue
+        if kind == SCORED:
+            score_bin, verdict = detail.split(":")
+            hist = scored.setdefault(source, {"kept": [0] * SCORE_BINS, "dropped": [0] * SCORE_BINS})
+            hist[verdict][int(score_bin)] += value
             continue
         entry = per_source[source]
         if kind == "docs_in":
@@ -755,7 +792,20 @@ def summarize(out_dir: str, spec: DataSpec) -> dict[str, Any]:
     near = {"candidate_pairs": pairs["candidate"], "verified_pairs": pairs["verified"],
             "documents_dropped": sum(e["dropped"].get(r, 0) for e in per_source.values()
                                      for r in ("near_duplicate", "near_duplicate_code"))}
+    for name, hist in scored.items():
+        n_kept, n_scored = sum(hist["kept"]), sum(hist["kept"]) + sum(hist["dropped"])
+        per_source[name]["quality_sampling"] = {"scored": n_scored, "kept": n_kept,
+                                                "keep_rate": n_kept / n_scored if n_scored else None,
+                                                "score_histogram": hist}
+    quality = {"scorer": spec.quality.scorer if scored else None}
+    if classifier is not None:
+        from palm.data.quality import CLASSIFIER
+
+        report = json.loads(storage.read_text(storage.join(classifier, CLASSIFIER)))["report"]
+        quality.update(classifier=classifier, classifier_key=classifier_key, held_out_auc=report["held_out_auc"],
+                       positive_sources=report["positive_sources"], negative_sources=report["negative_sources"])
     return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards, "near_duplicates": near,
+            "quality": quality,
             "docs_in": sum(e["docs_in"] for e in per_source.values()),
             "docs_kept": sum(e["docs_kept"] for e in per_source.values())}
 
@@ -783,11 +833,20 @@ def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_ima
         raise
 
 
-def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None = None) -> dict[str, Any]:
-    """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source)."""
+def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None = None,
+                   classifier: str | None = None, classifier_key: str | None = None) -> dict[str, Any]:
+    """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source).
+
+    `classifier`: the quality stage's output directory (local or gs://), which the quality-sampled
+    sources are scored by; None where no source samples by the classifier's score."""
+    from palm.data.quality import uses_classifier
+
+    if uses_classifier(spec) and classifier is None:
+        raise PalmError("the data stage samples by the quality classifier's score but was given no classifier: "
+                        "run the quality stage first (palm run SPEC runs it), or set data.quality.scorer: heuristic")
     out_dir = str(out_dir)
     if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
         raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
                         f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
-    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir), worker_image=worker_image)
-    return summarize(out_dir, spec)
+    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir, classifier), worker_image=worker_image)
+    return summarize(out_dir, spec, classifier, classifier_key)

@@ -1,0 +1,272 @@
+"""The quality classifier: PaLM's and GLaM's way of sampling web documents by quality.
+
+GLaM (Du et al. 2022, section 3.1), whose data PaLM reused: "we train a linear classifier to distinguish
+between [curated] text and other webpages", then sample webpages by its score under a Pareto rule
+(`palm.data.filters.keep_by_quality`). Here, as a stage of its own (`quality`, before `data`):
+
+* positives: documents of the curated sources (by default those of kind ``wikipedia`` and ``books``, or
+  the ones ``data.quality.positive_sources`` names); negatives: documents of the sources that ask for
+  ``filters.quality_sampling``. Each side is a sample of at most ``max_docs_per_class`` documents, read
+  in process from the first documents of each source's files, the files in a seeded random order, after
+  the source's own rule-based filters (the classifier learns what the rules let through);
+* features: scikit-learn's ``HashingVectorizer`` (word 1..``ngram``-grams, lowercased, hashed into
+  ``num_features`` columns, L2-normalized): stateless, so workers need only its settings;
+* model: scikit-learn's ``LogisticRegression`` (balanced classes), fitted on all but a held-out
+  fraction of each class (chosen by a hash of the document id); the held-out ROC AUC is reported;
+* output: ``classifier.json`` (vectorizer settings, intercept, the training report) and ``weights.npy``
+  (float32 coefficients), read by the data stage's workers from wherever the stage output lives
+  (local or gs://). A document's score is the model's probability that it is curated text.
+
+Nothing here hand-writes a learner or a feature extractor; the stage only samples, fits and reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from palm import storage
+from palm.errors import PalmError
+
+if TYPE_CHECKING:
+    from palm.spec import DataSpec, Source
+
+CLASSIFIER = "classifier.json"
+WEIGHTS = "weights.npy"
+#: Score quantiles reported per source.
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: Bins of the score histograms (the data stage's accounting uses the same).
+SCORE_BINS = 10
+
+
+def uses_classifier(data: "DataSpec") -> bool:
+    """Whether the data stage needs a trained quality classifier: a source samples by quality, and the
+    spec chose the classifier (the default) rather than the heuristic."""
+    return data.quality.scorer == "classifier" and any(s.filters.quality_sampling for s in data.sources)
+
+
+def positive_sources(data: "DataSpec") -> list["Source"]:
+    """The curated sources the classifier learns as positives."""
+    q = data.quality
+    if q.positive_sources is not None:
+        names = set(q.positive_sources)
+        return [s for s in data.sources if s.name in names]
+    return [s for s in data.sources if s.kind in q.positive_kinds]
+
+
+def negative_sources(data: "DataSpec") -> list["Source"]:
+    return [s for s in data.sources if s.filters.quality_sampling]
+
+
+def classifier_config(data: "DataSpec") -> dict[str, Any]:
+    """What the quality stage's output depends on (its key): how the two classes' documents are read and
+    filtered, and the classifier's settings; not the mixture weights, dedup or sharding."""
+    dumped = data.model_dump(mode="json")
+    read = ("name", "paths", "format", "text_field", "kind", "filters", "split_pattern", "max_docs")
+    used = {s.name for s in positive_sources(data) + negative_sources(data)}
+    return {"sources": [{k: s[k] for k in read} for s in dumped["sources"] if s["name"] in used],
+            "invalid_utf8": dumped["invalid_utf8"], "normalize": dumped["normalize"], "seed": dumped["seed"],
+            "quality": dumped["quality"]}
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def _held_out(doc_id: str, seed: int, fraction: float) -> bool:
+    digest = hashlib.sha256(f"palm-quality-split/{seed}/{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def sample_source(data: "DataSpec", src: "Source", limit: int) -> Iterator[tuple[str, str]]:
+    """(doc id, text) of up to `limit` documents of `src` that pass its rule-based filters, read in
+    process: the first documents of its files, the files in a random order fixed by data.seed.
+
+    Ids, decoding, normalization and the rules are the data stage's own (palm.data.pipeline), so the
+    classifier sees documents exactly as the data stage will score them."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from palm.data import builtin, filters
+    from palm.data.pipeline import _file_records, file_key
+
+    files: list[tuple[str, str]] = []  # (file key, path)
+    for p, pattern in enumerate(src.paths):
+        if src.format == "builtin":
+            files.append((str(p), pattern))
+            continue
+        matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+        files.extend((file_key(p, i), path) for i, path in enumerate(matched))
+    random.Random(f"palm-quality/{data.seed}/{src.name}").shuffle(files)
+    taken = 0
+    for key, path in files:
+        if src.format == "builtin":
+            records = ((f"{src.name}/{doc_id}", raw) for doc_id, raw in builtin.builtin_records(path))
+        else:
+            records = ((f"{src.name}/{key}/{i:08d}", raw) for i, raw in enumerate(_file_records(src, path)))
+        for count, (doc_id, raw) in enumerate(records):
+            if src.max_docs is not None and count >= src.max_docs:
+                break
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if data.invalid_utf8 == "drop":
+                    continue
+                text = raw.decode("utf-8", errors="replace")
+            if src.format in ("jsonl", "jsonl.gz", "parquet"):
+                try:
+                    text = json.loads(text)[src.text_field]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if not isinstance(text, str):
+                    continue
+            if data.normalize != "none":
+                text = unicodedata.normalize(data.normalize.upper(), text)
+            if filters.quality_drop_reason(text, src.filters) is not None:
+                continue
+            yield doc_id, text
+            taken += 1
+            if taken >= limit:
+                return
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def vectorizer(settings: dict[str, Any]):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(n_features=settings["num_features"], ngram_range=(1, settings["ngram"]),
+                             alternate_sign=False, norm="l2", lowercase=True, dtype=np.float32)
+
+
+@dataclass
+class QualityClassifier:
+    """A trained classifier: `score(text)` is its probability that the text is curated (in [0, 1])."""
+
+    settings: dict[str, Any]
+    weights: np.ndarray  # [num_features] float32
+    intercept: float
+
+    def __post_init__(self):
+        self._vectorizer = vectorizer(self.settings)
+
+    def decision(self, texts: list[str]) -> np.ndarray:
+        features = self._vectorizer.transform(texts)
+        return np.asarray(features @ self.weights, np.float64) + self.intercept
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.decision(texts)))
+
+    def score(self, text: str) -> float:
+        return float(self.scores([text])[0])
+
+    def save(self, out: Path, report: dict[str, Any]) -> None:
+        np.save(out / WEIGHTS, self.weights.astype(np.float32))
+        (out / CLASSIFIER).write_text(json.dumps({"settings": self.settings, "intercept": self.intercept,
+                                                  "report": report}, indent=2))
+
+    @classmethod
+    def load(cls, path: str) -> "QualityClassifier":
+        """From a quality stage's output directory, local or gs:// (PalmError naming what is wrong)."""
+        try:
+            meta = json.loads(storage.read_text(storage.join(path, CLASSIFIER)))
+            weights = np.load(io.BytesIO(storage.read_bytes(storage.join(path, WEIGHTS))), allow_pickle=False)
+            settings, intercept = meta["settings"], float(meta["intercept"])
+        except FileNotFoundError as e:
+            raise PalmError(f"quality classifier at {path}: {storage.name(e.filename or path)} is missing; "
+                            "rerun the quality stage (palm run SPEC --stages quality --force)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise PalmError(f"quality classifier at {path} is unreadable ({e}); rerun the quality stage "
+                            "(palm run SPEC --stages quality --force)") from None
+        if weights.ndim != 1 or weights.shape[0] != settings.get("num_features") or not np.all(np.isfinite(weights)):
+            raise PalmError(f"quality classifier at {path}: weights shaped {weights.shape}, expected "
+                            f"[{settings.get('num_features')}] finite numbers; rerun the quality stage")
+        return cls(settings, weights, intercept)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {}
+    return {f"p{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
+
+
+def histogram(values: np.ndarray) -> list[int]:
+    """Counts of scores in SCORE_BINS equal bins of [0, 1]."""
+    bins = np.minimum((np.asarray(values) * SCORE_BINS).astype(int), SCORE_BINS - 1)
+    return np.bincount(bins, minlength=SCORE_BINS).tolist()
+
+
+def score_bin(score: float) -> int:
+    return min(int(score * SCORE_BINS), SCORE_BINS - 1)
+
+
+def train_quality_stage(data: "DataSpec", out: Path) -> dict[str, Any]:
+    """Sample both classes, fit, evaluate on the held-out documents, save; the manifest's fields."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from palm.data.filters import keep_probability
+
+    q = data.quality
+    positives, negatives = positive_sources(data), negative_sources(data)
+    per_class = q.max_docs_per_class
+    docs: dict[str, list[tuple[str, str]]] = {}
+    for side, sources in (("positive", positives), ("negative", negatives)):
+        quota = max(1, per_class // len(sources))
+        for src in sources:
+            docs[src.name] = list(sample_source(data, src, quota))
+            if not docs[src.name]:
+                raise PalmError(f"the quality classifier found no documents in source {src.name!r} ({side}s) "
+                                "that pass its filters; check its paths and data.sources filters, or choose "
+                                "other data.quality.positive_sources")
+    label = {s.name: 1 for s in positives} | {s.name: 0 for s in negatives}
+    rows = [(doc_id, text, label[name], name) for name, items in docs.items() for doc_id, text in items]
+    held = np.array([_held_out(doc_id, data.seed, q.held_out_fraction) for doc_id, _, _, _ in rows])
+    y = np.array([r[2] for r in rows])
+    texts = [r[1] for r in rows]
+    for part, mask in (("training", ~held), ("held-out", held)):
+        if len(set(y[mask])) < 2:
+            raise PalmError(f"the quality classifier's {part} documents hold only one class ({int(mask.sum())} "
+                            f"documents); give it more documents (data.quality.max_docs_per_class) or a larger "
+                            f"data.quality.held_out_fraction")
+    settings = {"num_features": q.num_features, "ngram": q.ngram}
+    features = vectorizer(settings).transform(texts)
+    model = LogisticRegression(C=q.regularization, class_weight="balanced", max_iter=1000)
+    model.fit(features[~held], y[~held])
+    classifier = QualityClassifier(settings, model.coef_[0].astype(np.float32), float(model.intercept_[0]))
+    scores = classifier.scores(texts)  # the saved float32 weights' scores, as the data stage will see them
+    auc = float(roc_auc_score(y[held], scores[held]))
+    names = np.array([r[3] for r in rows])
+    per_source = {}
+    for name in docs:
+        mask = held & (names == name)
+        s = scores[mask]
+        per_source[name] = {
+            "class": "positive" if label[name] else "negative",
+            "sampled": int((names == name).sum()), "held_out": int(mask.sum()),
+            "held_out_scores": _quantiles(s), "held_out_histogram": histogram(s),
+            # The Pareto rule's expected keep rate at these scores (palm.data.filters.keep_probability).
+            "expected_keep_rate": float(np.mean([keep_probability(v, q.alpha) for v in s])) if len(s) else None,
+        }
+    report = {
+        "positive_sources": [s.name for s in positives], "negative_sources": [s.name for s in negatives],
+        "documents": {"positive": int(y.sum()), "negative": int(len(y) - y.sum()),
+                      "training": int((~held).sum()), "held_out": int(held.sum())},
+        "held_out_auc": auc,
+        "features": f"HashingVectorizer(word 1-{q.ngram}-grams, {q.num_features} hashed features, lowercase, l2)",
+        "model": f"LogisticRegression(C={q.regularization:g}, class_weight=balanced)",
+        "alpha": q.alpha,
+        "sources": per_source,
+    }
+    classifier.save(out, report)
+    if not math.isfinite(auc):
+        raise PalmError("the quality classifier's held-out AUC is not finite; check the sampled documents")
+    return report
