@@ -26,8 +26,21 @@ def accounting_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "dropped": ", ".join(f"{reason} {count}" for reason, count in src["dropped"].items()) or "-",
             "weight": src["weight"],
             "share": round(src["share"], 4),
+            # Sources sampled by quality score: the share of scored documents the Pareto rule kept.
+            "quality_keep_rate": (round(src["quality_sampling"]["keep_rate"], 4)
+                                  if src.get("quality_sampling", {}).get("keep_rate") is not None else "-"),
         })
     return rows
+
+
+def _publish_quality(node: Any, out: StageOutput) -> None:
+    m = out.manifest
+    rows = [{"source": name, "class": s["class"], "sampled": s["sampled"], "held_out": s["held_out"],
+             "median score (held out)": round(s["held_out_scores"].get("p50", float("nan")), 4),
+             "expected keep rate": round(s["expected_keep_rate"], 4) if s["expected_keep_rate"] is not None else "-"}
+            for name, s in m["sources"].items()]
+    create_table_artifact(key=artifact_key(node, "classifier"), table=rows,
+                          description=f"Quality classifier: held-out AUC {m['held_out_auc']:.4f} ({out.path})")
 
 
 def _publish_data(node: Any, out: StageOutput) -> None:
@@ -68,6 +81,7 @@ def _publish_scaling(node: Any, out: StageOutput) -> None:
 #: Artifacts per stage type, after the summary every node publishes.
 PUBLISHERS: dict[str, Callable[[Any, StageOutput], None]] = {
     "data": _publish_data, "pack": _publish_pack, "compile": _publish_compile, "eval": _publish_eval,
+    "quality": _publish_quality,
     "scaling": _publish_scaling,
 }
 

@@ -50,6 +50,31 @@ def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
     assert asyncio.run(_artifacts("tiny-data-summary"))
 
 
+def test_quality_and_data_tasks_publish_the_classifier_and_its_keep_rates(prefect_server, tmp_path):
+    # The planted web source sampled by the classifier trained on the builtin docs (kind books); Pareto(1)
+    # rather than 9, so that this tiny source keeps about half of its documents.
+    spec = load_spec(SPECS / "tiny.yaml", ["name=tiny-quality", "data.sources.2.filters.quality_sampling=true",
+                                           "data.quality.alpha=1"])
+
+    @flow(name="quality-and-data")
+    def quality_and_data():
+        return run_nodes(spec, str(tmp_path), ["quality", "data"])
+
+    outs = quality_and_data()
+    quality, data = outs["quality"].manifest, outs["data"].manifest
+    assert quality["held_out_auc"] > 0.9 and quality["positive_sources"] == ["stdlib-docs"]
+    assert data["quality"]["held_out_auc"] == quality["held_out_auc"]
+    assert data["quality"]["classifier_key"] == outs["quality"].key
+    planted = data["sources"]["planted"]["quality_sampling"]
+    assert 0 < planted["kept"] < planted["scored"]
+    table = asyncio.run(_artifacts("tiny-quality-quality-classifier"))
+    assert table and f"{quality['held_out_auc']:.4f}" in table[0].description
+    rows = asyncio.run(_artifacts("tiny-quality-data-accounting"))[0].data
+    rows = rows if isinstance(rows, list) else __import__("json").loads(rows)
+    keep = {r["source"]: r["quality_keep_rate"] for r in rows}
+    assert keep == {"stdlib-docs": "-", "stdlib-code": "-", "planted": round(planted["keep_rate"], 4)}
+
+
 def test_retry_policy_comes_from_the_spec():
     spec = load_spec(SPECS / "tiny.yaml", ["retries.data.retries=3", "retries.data.delay_seconds=2",
                                             "retries.data.backoff=3"])
