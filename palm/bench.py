@@ -191,15 +191,8 @@ def render_train(r: dict[str, Any]) -> str:
 # documents, one core each. The documents are cut from the shared corpora once and written as JSON lines,
 # so both systems read identical bytes; only the pipelines are timed.
 
-#: A speech starts after a blank line, at a "Name:" line (as in the real-corpora data-stage test).
-BOOKS_SPLIT = r"\n\n(?=[A-Z][A-Za-z ]+:\n)"
-#: A WikiText article starts at its " = Title = " line; " = = Section = = " lines stay inside it.
-WIKI_SPLIT = r"^ = [^=\n]+ = *$"
-#: (source name and kind, files under the data dir, split pattern)
-BENCH_CORPORA: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("books", ("tinyshakespeare/input.txt",), BOOKS_SPLIT),
-    ("wikipedia", ("wikitext2/valid.txt", "wikitext2/test.txt"), WIKI_SPLIT),
-)
+from palm.bench_corpus import BOOKS_SPLIT, WIKI_SPLIT, split_text  # noqa: E402,F401 (the corpus's own cuts)
+
 MB = 1e6  # throughput is reported in MB (10^6 bytes) of UTF-8 text per second
 PALM_EXTRA_STEPS = ("exact dedup (SHA-256 of the content)", "near-dup candidates verified against signatures",
                     "token mixture by weight", "train/validation split", "deterministic sharding (sorted by id)",
@@ -214,43 +207,6 @@ def default_data_dir() -> Path:
     return Path(palm.__file__).resolve().parents[2] / "shared" / "data"
 
 
-def split_text(text: str, pattern: str) -> list[str]:
-    """Documents starting at each (multiline) match of pattern, as the data stage splits txt sources."""
-    starts = [m.start() for m in re.finditer(pattern, text, re.MULTILINE)]
-    bounds = sorted({0, *starts, len(text)})
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
-
-
-def materialize_corpora(data_dir: Path, out_dir: Path, max_docs: int | None = None) -> dict[str, dict[str, Any]]:
-    """Write each bench source as <out_dir>/<name>.jsonl ({"id", "text"} per line); its docs and text bytes."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise PalmError(f"--data-dir {data_dir}: no such directory (it should hold tinyshakespeare/ and "
-                        "wikitext2/ from ../shared/data)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sources: dict[str, dict[str, Any]] = {}
-    for name, rel_paths, pattern in BENCH_CORPORA:
-        docs: list[str] = []
-        for rel in rel_paths:
-            path = data_dir / rel
-            if not path.is_file():
-                raise PalmError(f"--data-dir {data_dir}: {rel} is missing (the data bench reads "
-                                f"{', '.join(p for _, ps, _ in BENCH_CORPORA for p in ps)})")
-            try:
-                text = path.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
-            except UnicodeDecodeError as e:
-                raise PalmError(f"{path}: not UTF-8 ({e})") from None
-            docs.extend(split_text(text, pattern))
-        if max_docs is not None:
-            docs = docs[:max_docs]
-        file = out_dir / f"{name}.jsonl"
-        with file.open("w", encoding="utf-8") as f:
-            for i, doc in enumerate(docs):
-                f.write(json.dumps({"id": f"{name}/{i:06d}", "text": doc}, ensure_ascii=False) + "\n")
-        sources[name] = {"file": str(file), "docs": len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs)}
-    return sources
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process and of its reaped children (datatrove's multiprocess manager)."""
     import resource
@@ -260,17 +216,37 @@ def _cpu_seconds() -> float:
 
 
 def _palm_data_spec(sources: dict[str, dict[str, Any]]):
+    """Default quality filters, exact + near dedup with their defaults, the in-process runner (one core).
+
+    The mixture's weights are the sources' shares of the bytes that pass the rules, so that the mixture
+    drops (almost) nothing and every loss after filtering is deduplication's, which the planted pairs
+    measure."""
+    from palm.data.filters import quality_drop_reason
     from palm.spec import DataSpec
 
-    # Default quality filters, exact + near dedup with their defaults, the in-process runner (one core).
-    return DataSpec.model_validate({
-        "sources": [{"name": name, "kind": name, "format": "jsonl", "weight": 0.5, "paths": [info["file"]]}
-                    for name, info in sources.items()],
-        "beam": {"runner": "in_process"}})
+    def spec(weights):
+        return DataSpec.model_validate({
+            "sources": [{"name": name, "kind": name, "format": "jsonl", "weight": weights[name],
+                         "paths": [info["file"]]} for name, info in sources.items()],
+            "beam": {"runner": "in_process"}})
+
+    names = list(sources)
+    first = spec({n: 1 / len(names) for n in names})
+    passing = {}
+    for src in first.sources:
+        with open(sources[src.name]["file"], encoding="utf-8") as f:
+            texts = (json.loads(line)["text"] for line in f)
+            passing[src.name] = sum(len(t.encode()) for t in texts if quality_drop_reason(t, src.filters) is None)
+    total = sum(passing.values()) or 1
+    weights = {n: round(passing[n] / total, 6) for n in names[:-1]}
+    weights[names[-1]] = round(1 - sum(weights.values()), 6)
+    return spec(weights)
 
 
 def run_palm_once(spec, out_dir: Path) -> dict[str, Any]:
     """One timed run of the whole data stage (pipeline construction, Beam run, accounting)."""
+    import gzip
+
     from palm.data.pipeline import run_data_stage
 
     out_dir.mkdir(parents=True)
@@ -281,8 +257,22 @@ def run_palm_once(spec, out_dir: Path) -> dict[str, Any]:
     for entry in manifest["sources"].values():
         for reason, n in entry["dropped"].items():
             dropped[reason] = dropped.get(reason, 0) + n
+    # The stage names documents "<source>/<file key>/<record index>"; the corpus's own ids are read back
+    # from each source's file by record index.
+    ids = {}
+    for src in spec.sources:
+        with open(src.paths[0], encoding="utf-8") as f:
+            ids[src.name] = [json.loads(line)["id"] for line in f if line.strip()]
+    kept = set()
+    for path in sorted(out_dir.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    source, _, index = json.loads(line)["id"].split("/")
+                    kept.add(ids[source][int(index)])
     return {"seconds": seconds, "cpu_seconds": cpu, "docs_in": manifest["docs_in"],
-            "docs_out": manifest["docs_kept"], "dropped": dict(sorted(dropped.items()))}
+            "docs_out": manifest["docs_kept"], "dropped": dict(sorted(dropped.items())), "kept_ids": kept,
+            "near_duplicates": manifest["near_duplicates"]}
 
 
 def require_datatrove() -> str:
@@ -320,23 +310,24 @@ def _dist_version(name: str) -> str:
 
 
 def _datatrove_executors(input_dir: Path, root: Path, bands: int, rows: int, ngram: int):
-    """The standard four-stage datatrove MinHash recipe, with the Gopher quality filter before it.
+    """The standard four-stage datatrove MinHash recipe, with Gopher's repetition and quality filters before it
+    (FineWeb's order).
 
-    1. read -> Gopher quality -> (kept documents to filtered/) -> signatures
+    1. read -> Gopher repetition -> Gopher quality -> (kept documents to filtered/) -> signatures
     2. LSH buckets (one task per band, run one after another)   3. clusters   4. read filtered/ -> drop -> write
     Every stage runs as tasks on one worker, i.e. one core.
     """
     from datatrove.executor.local import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
-    from datatrove.pipeline.filters import GopherQualityFilter
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
     config = MinhashConfig(n_grams=ngram, num_buckets=bands, hashes_per_bucket=rows)
     logs = root / "logs"
     signature = LocalPipelineExecutor(
-        [JsonlReader(str(input_dir)), GopherQualityFilter(),
+        [JsonlReader(str(input_dir)), GopherRepetitionFilter(), GopherQualityFilter(),
          JsonlWriter(str(root / "filtered"), compression=None),
          MinhashDedupSignature(output_folder=str(root / "signatures"), config=config)],
         tasks=1, workers=1, logging_dir=str(logs / "1-signature"))
@@ -400,13 +391,23 @@ def run_datatrove_once(input_dir: Path, root: Path, bands: int, rows: int, ngram
             setup_default_logger()  # its task loggers were bound to the redirected stderr
     first = _stage_stats(root / "logs" / "1-signature")
     last = _stage_stats(root / "logs" / "4-filter")
-    reader, gopher = _step_stats(first, "Jsonl"), _step_stats(first, "Gopher")
+    reader = _step_stats(first, "Jsonl")
+    repetition, quality = _step_stats(first, "Repetition"), _step_stats(first, "Gopher Quality")
     dedup = _step_stats(last, "MinHash stage 4")
-    docs_out = 0
-    for path in sorted((root / "output").glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            docs_out += sum(1 for line in f if line.strip())
-    dropped = {k.removeprefix("dropped_"): _count(v) for k, v in gopher.items() if k.startswith("dropped_")}
+
+    def ids(folder: str) -> set[str]:
+        out = set()
+        for path in sorted((root / folder).glob("*.jsonl*")):
+            with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
+                out.update(json.loads(line)["id"] for line in f if line.strip())
+        return out
+
+    kept, filtered = ids("output"), ids("filtered")
+    docs_out = len(kept)
+    dropped = {f"repetition.{k.removeprefix('dropped_')}": _count(v) for k, v in repetition.items()
+               if k.startswith("dropped_")}
+    dropped |= {f"quality.{k.removeprefix('dropped_')}": _count(v) for k, v in quality.items()
+                if k.startswith("dropped_")}
     dropped["minhash_duplicate"] = _count(dedup.get("dropped", 0))
     step_seconds = {}
     for stage in DATATROVE_STAGES:
@@ -421,7 +422,8 @@ def run_datatrove_once(input_dir: Path, root: Path, bands: int, rows: int, ngram
             step_seconds[f"{stage}: {name}"] = total
             upstream += total
     return {"seconds": seconds, "cpu_seconds": cpu, "docs_in": _count(reader.get("documents", 0)),
-            "docs_out": docs_out, "dropped": dict(sorted(dropped.items())), "step_seconds": step_seconds}
+            "docs_out": docs_out, "dropped": dict(sorted(dropped.items())), "step_seconds": step_seconds,
+            "kept_ids": kept, "filtered_ids": filtered}
 
 
 def _summarize_runs(runs: list[dict[str, Any]], mb: float, cores: int) -> dict[str, Any]:
@@ -434,10 +436,16 @@ def _summarize_runs(runs: list[dict[str, Any]], mb: float, cores: int) -> dict[s
 
 
 def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: bool = True,
-               max_docs: int | None = None, log=None) -> dict[str, Any]:
-    """Time palm's data stage and datatrove's quality + MinHash pipeline on the same documents."""
+               max_docs: int | None = None, target_mb: float = 20.0, pairs_per_band: int = 100,
+               classifier: bool = True, log=None) -> dict[str, Any]:
+    """Time palm's data stage and datatrove's Gopher + MinHash pipeline on the same documents (palm.bench_corpus:
+    real text grown by recombination to `target_mb`, planted exact and near copies); compare what each
+    filter drops and how many planted pairs each finds, per band of true Jaccard; and train the quality
+    classifier on the corpus's curated prose against synthetic spam and keyword lists (held-out AUC)."""
     import tempfile
 
+    from palm import bench_corpus
+    from palm.data.filters import quality_drop_reason
     from palm.data.pipeline import lsh_bands
     from palm.spec import NearDedup
 
@@ -445,6 +453,8 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
         raise PalmError(f"--repeat must be at least 1, got {repeat}")
     if max_docs is not None and max_docs < 1:
         raise PalmError(f"--max-docs must be at least 1, got {max_docs}")
+    if target_mb < 0 or pairs_per_band < 0:
+        raise PalmError(f"--target-mb and --pairs-per-band must be non-negative, got {target_mb} and {pairs_per_band}")
     say = log or (lambda msg: print(msg, file=sys.stderr))
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     dt_version = require_datatrove() if datatrove else None
@@ -453,14 +463,24 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
 
     with tempfile.TemporaryDirectory(prefix="palm-bench-data-") as tmp:
         work = Path(tmp)
-        sources = materialize_corpora(data_dir, work / "input", max_docs)
+        corpus = bench_corpus.build(data_dir, work / "input", target_mb=target_mb, pairs_per_band=pairs_per_band,
+                                    max_docs=max_docs)
+        sources, planted = corpus["sources"], corpus["planted"]
         total_bytes = sum(s["bytes"] for s in sources.values())
         total_docs = sum(s["docs"] for s in sources.values())
         mb = total_bytes / MB
         per_source = ", ".join(f"{n} {s['docs']:,}" for n, s in sources.items())
-        say(f"bench data: {total_docs:,} documents, {mb:.2f} MB of text ({per_source})")
+        say(f"bench data: {total_docs:,} documents, {mb:.2f} MB of text ({per_source}), "
+            f"{len(planted):,} planted copies")
 
         spec = _palm_data_spec(sources)
+        eligible = set()  # documents that reach palm's deduplication: they pass its rules
+        for src in spec.sources:
+            with open(sources[src.name]["file"], encoding="utf-8") as f:
+                for line in f:
+                    doc = json.loads(line)
+                    if quality_drop_reason(doc["text"], src.filters) is None:
+                        eligible.add(doc["id"])
         palm_runs = []
         for i in range(repeat):
             palm_runs.append(run_palm_once(spec, work / f"palm-{i}"))
@@ -470,40 +490,98 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
             for i in range(repeat):
                 dt_runs.append(run_datatrove_once(work / "input", work / f"datatrove-{i}", bands, rows, near.ngram))
                 say(f"  datatrove run {i + 1}/{repeat}: {dt_runs[-1]['seconds']:.2f} s")
+        quality = bench_quality_classifier(data_dir, work / "quality", say) if classifier else None
 
     palm_result = _summarize_runs(palm_runs, mb, cores=1) | {
         "runner": "Beam FnApiRunner in process (data.beam.runner=in_process)",
-        "steps": ["read", "decode", "quality (Gopher/C4 rules)", "exact dedup", "MinHash near dedup", "mixture",
-                  "split", "sharded gzip JSONL write"]}
+        "weights": {s.name: s.weight for s in spec.sources},
+        "near_duplicates": palm_runs[0]["near_duplicates"],
+        "planted_detection": bench_corpus.detection(planted, eligible, palm_runs[0]["kept_ids"]),
+        "steps": ["read", "decode", "quality (Gopher/C4 rules)", "exact dedup", "MinHash near dedup (verified)",
+                  "mixture", "split", "sharded gzip JSONL write"]}
     dt_result = None
     if datatrove:
         best_dt = min(dt_runs, key=lambda r: r["seconds"])
         dt_result = _summarize_runs(dt_runs, mb, cores=1) | {
             "step_seconds": best_dt["step_seconds"],
+            "planted_detection": bench_corpus.detection(planted, dt_runs[0]["filtered_ids"], dt_runs[0]["kept_ids"]),
             "version": dt_version,
             "executor": "LocalPipelineExecutor, workers=1 (tasks run one after another)",
-            "steps": ["JsonlReader", "GopherQualityFilter (defaults)", "MinhashDedupSignature",
-                      "MinhashDedupBuckets", "MinhashDedupCluster", "MinhashDedupFilter", "JsonlWriter (gzip)"]}
+            "steps": ["JsonlReader", "GopherRepetitionFilter (defaults)", "GopherQualityFilter (defaults)",
+                      "MinhashDedupSignature", "MinhashDedupBuckets", "MinhashDedupCluster", "MinhashDedupFilter",
+                      "JsonlWriter (gzip)"]}
     ratio = palm_result["mb_per_s_per_core"] / dt_result["mb_per_s_per_core"] if dt_result else None
     return {
         "data_dir": str(data_dir),
         "repeat": repeat,
         "max_docs_per_source": max_docs,
-        "input": {"mb": mb, "bytes": total_bytes, "docs": total_docs,
-                  "sources": {n: {"docs": s["docs"], "bytes": s["bytes"]} for n, s in sources.items()}},
+        "input": {"mb": mb, "bytes": total_bytes, "docs": total_docs, "target_mb": target_mb,
+                  "sources": {n: {k: v for k, v in s.items() if k != "file"} for n, s in sources.items()},
+                  "planted": {band: sum(1 for p in planted if p["band"] == band)
+                              for band in dict.fromkeys(p["band"] for p in planted)},
+                  "how": ("WikiText-2 paragraphs (wikipedia) and tinyshakespeare scenes of "
+                          f"{bench_corpus.SCENE_SPEECHES} speeches (books), grown by documents of "
+                          f"{bench_corpus.RECOMBINE} random paragraphs (or speeches x 12); planted copies of "
+                          "paragraphs: exact, and with words swapped to a true word-5-gram Jaccard in each band")},
         "minhash": {"ngram": near.ngram, "bands": bands, "rows": rows, "threshold": near.threshold},
         "palm": palm_result,
         "datatrove": dt_result,
+        "quality_classifier": quality,
         "ratio_palm_over_datatrove_mb_per_s_per_core": ratio,
         "note": ("palm's data stage does more than datatrove's pipeline here: " + "; ".join(PALM_EXTRA_STEPS)
-                 + ". datatrove tokenizes words with spaCy in its quality filter and MinHash; palm splits on "
-                 "whitespace."),
+                 + ". datatrove tokenizes words with spaCy in its filters and MinHash; palm splits on "
+                 "whitespace. A planted pair is found when one of its two documents is dropped; pairs with a "
+                 "document that did not reach deduplication (dropped by a filter) are left out."),
     }
+
+
+def bench_quality_classifier(data_dir: Path, work: Path, say, per_class: int = 1000) -> dict[str, Any]:
+    """The quality classifier trained on WikiText-2 paragraphs against synthetic fluent spam and keyword
+    lists (palm.data.synthetic_web), as the quality stage trains it; its held-out AUC and its scores on
+    documents of each kind it never saw."""
+    import random
+
+    from palm import bench_corpus
+    from palm.data.filters import quality_score
+    from palm.data.quality import QualityClassifier, train_quality_stage
+    from palm.data.synthetic_web import fluent_spam, keyword_list, web_page
+    from palm.spec import DataSpec
+
+    paragraphs = [p for p in bench_corpus.wiki_paragraphs(data_dir) if len(p.split()) >= 60]
+    rng = random.Random(0)
+    rng.shuffle(paragraphs)
+    work.mkdir(parents=True)
+    files = {}
+    for name, docs in (("wiki", paragraphs[:2 * per_class]), ("web", [web_page(rng) for _ in range(2 * per_class)])):
+        files[name] = work / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    spec = DataSpec.model_validate({
+        "sources": [{"name": "wiki", "kind": "wikipedia", "weight": 0.5, "format": "jsonl", "paths": [str(files["wiki"])]},
+                    {"name": "web", "kind": "web", "weight": 0.5, "format": "jsonl", "paths": [str(files["web"])],
+                     "filters": {"quality_sampling": True}}],
+        "quality": {"max_docs_per_class": per_class}})
+    out = work / "classifier"
+    out.mkdir()
+    t0 = time.perf_counter()
+    report = train_quality_stage(spec, out)
+    seconds = time.perf_counter() - t0
+    model = QualityClassifier.load(str(out))
+    unseen = random.Random(99)
+    kinds = {"prose (unseen WikiText-2 paragraphs)": paragraphs[2 * per_class:2 * per_class + 300],
+             "fluent spam (unseen)": [fluent_spam(unseen) for _ in range(300)],
+             "keyword lists (unseen)": [keyword_list(unseen) for _ in range(300)]}
+    scores = {k: {"median_classifier": float(np.median(model.scores(v))),
+                  "median_heuristic": float(np.median([quality_score(t) for t in v])), "docs": len(v)}
+              for k, v in kinds.items()}
+    say(f"  quality classifier: held-out AUC {report['held_out_auc']:.4f} ({seconds:.1f} s)")
+    return {"held_out_auc": report["held_out_auc"], "documents": report["documents"], "seconds": seconds,
+            "features": report["features"], "model": report["model"], "scores": scores}
 
 
 def render_data(r: dict[str, Any]) -> str:
     i, m = r["input"], r["minhash"]
-    per_source = ", ".join(f"{n}: {s['docs']:,} docs, {s['bytes'] / MB:.2f} MB" for n, s in i["sources"].items())
+    per_source = ", ".join(f"{n}: {s['docs']:,} docs ({s['original_docs']:,} original), {s['bytes'] / MB:.2f} MB"
+                           for n, s in i["sources"].items())
     lines = [
         f"input: {i['docs']:,} documents, {i['mb']:.2f} MB of UTF-8 text ({per_source})"
         + (f", at most {r['max_docs_per_source']:,} per source" if r["max_docs_per_source"] else ""),
@@ -530,6 +608,23 @@ def render_data(r: dict[str, Any]) -> str:
                      + ", ".join(f"{k} {v:.2f} s" for k, v in steps if v >= 0.005))
     if r["ratio_palm_over_datatrove_mb_per_s_per_core"] is not None:
         lines.append(f"palm / datatrove, MB/s per core: {r['ratio_palm_over_datatrove_mb_per_s_per_core']:.2f}x")
+    bands = list(r["input"]["planted"])
+    if bands:
+        lines.append("planted pairs found (one of the two dropped), by true word-5-gram Jaccard:")
+        for name in ("palm", "datatrove"):
+            if r[name] is None:
+                continue
+            det = r[name]["planted_detection"]
+            lines.append(f"  {name:<10} " + ", ".join(
+                f"{b} {det[b]['found']}/{det[b]['pairs']}" + (f" ({det[b]['not_eligible']} filtered)"
+                                                               if det[b]["not_eligible"] else "")
+                for b in bands if b in det))
+    q = r.get("quality_classifier")
+    if q:
+        lines.append(f"quality classifier: held-out AUC {q['held_out_auc']:.4f} ({q['documents']['positive']:,} "
+                     f"curated vs {q['documents']['negative']:,} web documents, {q['seconds']:.1f} s); median score "
+                     "classifier / heuristic: " + ", ".join(
+                         f"{k} {v['median_classifier']:.3f} / {v['median_heuristic']:.3f}" for k, v in q["scores"].items()))
     lines.append(f"note: {r['note']}")
     return "\n".join(lines)
 
@@ -687,7 +782,10 @@ def bench_input(data_dir: str | Path | None = None, vocab_size: int = INPUT_BENC
 
     with tempfile.TemporaryDirectory(prefix="palm-bench-input-") as tmp:
         work = Path(tmp)
-        sources = materialize_corpora(data_dir, work / "corpora")
+        from palm.bench_corpus import build
+
+        # The shared corpora as they are (no growth, nothing planted): real text for the tokenizer.
+        sources = build(data_dir, work / "corpora", target_mb=0, pairs_per_band=0)["sources"]
         shard, docs = write_data_stage_shard(sources, work / "data")
         texts = [text for _, text in docs]
         total_bytes = sum(s["bytes"] for s in sources.values())

@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repeat", type=int, default=3, help="runs per system; the best is reported (default 3)")
     q.add_argument("--no-datatrove", action="store_true", help="time palm alone (datatrove need not be installed)")
     q.add_argument("--max-docs", type=int, default=None, metavar="N",
-                   help="use only the first N documents of each source (for quick checks and tests)")
+                   help="use only the first N original documents of each source (for quick checks and tests)")
+    q.add_argument("--target-mb", type=float, default=20.0, metavar="MB",
+                   help="grow the corpus by recombining paragraphs (speeches) to this many MB (default 20; 0: the "
+                   "shared text alone)")
+    q.add_argument("--pairs-per-band", type=int, default=100, metavar="N",
+                   help="planted copies per band of true Jaccard (exact, 0.8-0.9, 0.7-0.8, 0.5-0.7; default 100)")
+    q.add_argument("--no-classifier", action="store_true", help="skip training the quality classifier")
     q = bench_sub.add_parser("input", help="tokenize-and-pack tokens/s per core and the loader's batches/s "
                              "against what one H100 consumes for specs/palm-1b-gpu.yaml")
     _add_json(q)
@@ -397,7 +403,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_bench_data(args: argparse.Namespace) -> int:
     from palm.bench import bench_data, render_data
 
-    result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs)
+    result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs,
+                        target_mb=args.target_mb, pairs_per_band=args.pairs_per_band, classifier=not args.no_classifier)
     _emit(args, result, render_data(result))
     return 0
 
