@@ -159,8 +159,11 @@ def test_the_data_stage_samples_by_the_classifier_and_accounts_for_it(trained, t
     assert len(texts & set(prose)) >= 0.8 * sampling["kept"]  # the web documents kept are its prose
     for entry in (web, wiki):  # the accounting balances
         assert entry["docs_in"] == entry["docs_kept"] + sum(entry["dropped"].values())
-    # Same documents, same classifier: the same verdicts on a second run.
-    again = run_data_stage(spec, tmp_path / "again", classifier=str(out), classifier_key="abc")
+    # Same documents, same classifier: the same verdicts and the same bytes on two worker processes.
+    two = spec.model_copy(update={"beam": spec.beam.model_copy(update={"runner": "multi_process", "num_workers": 2})})
+    again = run_data_stage(two, tmp_path / "again", classifier=str(out), classifier_key="abc")
     assert again["sources"] == manifest["sources"]
+    shards = sorted(p.name for p in (tmp_path / "data").glob("*.jsonl.gz"))
+    assert shards and all((tmp_path / "data" / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in shards)
     with pytest.raises(PalmError, match="no classifier"):
         run_data_stage(spec, tmp_path / "none")
