@@ -42,17 +42,17 @@ def test_the_default_graph_is_the_chain_with_the_keys_it_always_had():
     """Runs made before workflows existed stay cached: the tiny spec's nodes, paths and keys are the same
     (these keys were computed by the code before graphs; a stage version bump changes them on purpose: the
     pack stage's version 2, files of rows instead of ArrayRecord, changed pack, train and eval; the data
-    section's new fields, data.beam.packaging, data.dedup.near.candidate_margin and the separate "#" and
-    ellipsis ratios, changed them all)."""
+    section's new fields, data.beam.packaging, data.dedup.near.candidate_margin, the separate "#" and
+    ellipsis ratios, and Gopher's stop-word and repetition filters, changed them all)."""
     workflow = resolve_workflow(load_spec(TINY))
     assert not workflow.declared and list(workflow.nodes) == ["data", "tokenizer", "pack", "train", "eval"]
-    assert keys(load_spec(TINY)) == {"data": "fda3fd294a322b0d", "tokenizer": "d3662b64d8416b0b",
-                                     "pack": "13f55cbd9b35e865", "train": "d239dab037a2aad9",
-                                     "eval": "96a34cc32094541c"}
+    assert keys(load_spec(TINY)) == {"data": "8b4c8af7015a7bd8", "tokenizer": "ae2e703ef5752874",
+                                     "pack": "8601ce6a076db043", "train": "1c56d14daffb73e1",
+                                     "eval": "6ff87f113eac4b38"}
     tpu = resolve_workflow(load_spec(SPECS / "palm-540b.yaml"))
     assert list(tpu.nodes)[0] == "compile" and tpu.nodes["train"].after == ("compile",)
     # A declared graph's node with the same config and inputs has the same key (under its own name).
-    assert keys(load_spec(SCALING))["train-m"] == "d239dab037a2aad9"
+    assert keys(load_spec(SCALING))["train-m"] == "1c56d14daffb73e1"
 
 
 def test_inputs_resolve_to_the_nearest_node_of_their_type():
