@@ -497,7 +497,7 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
         "weights": {s.name: s.weight for s in spec.sources},
         "near_duplicates": palm_runs[0]["near_duplicates"],
         "planted_detection": bench_corpus.detection(planted, eligible, palm_runs[0]["kept_ids"]),
-        "steps": ["read", "decode", "quality (Gopher/C4 rules)", "exact dedup", "MinHash near dedup (verified)",
+        "steps": ["read", "decode", "quality (Gopher quality and repetition rules)", "exact dedup", "MinHash near dedup (verified)",
                   "mixture", "split", "sharded gzip JSONL write"]}
     dt_result = None
     if datatrove:

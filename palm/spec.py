@@ -13,10 +13,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from palm.config import (
     CheckpointConfig,
@@ -39,8 +39,15 @@ class _Strict(BaseModel):
 # ----------------------------------------------------------------------------------------- data
 
 
+#: An n-gram size for the n-gram repetition rules.
+NgramSize = Annotated[int, Field(ge=1)]
+
+
 class QualityFilters(_Strict):
-    """Gopher/C4-style document heuristics; a threshold of null disables that check."""
+    """Gopher/C4-style document heuristics; a threshold of null disables that check.
+
+    The defaults are Gopher's (Rae et al. 2021, appendix A, Table A1); `palm.data.filters` defines each
+    measure. A source of kind "code" gets `CODE_FILTER_DEFAULTS` instead of the prose-only ones."""
 
     min_words: int | None = 50
     max_words: int | None = 100_000
@@ -51,9 +58,43 @@ class QualityFilters(_Strict):
     max_ellipsis_to_word_ratio: float | None = 0.1
     max_fraction_lines_ending_ellipsis: float | None = 0.3
     min_fraction_words_with_alpha: float | None = 0.8
+    #: Distinct words of {the, be, to, of, and, that, have, with} a document needs.
+    min_stop_words: int | None = 2
+    #: Gopher's repetition removal. Lines (paragraphs) that repeat an earlier one: their share of the
+    #: non-empty lines (paragraphs), and their characters' share of the document's.
     max_fraction_duplicate_lines: float | None = 0.3
+    max_fraction_duplicate_line_chars: float | None = 0.2
+    max_fraction_duplicate_paragraphs: float | None = 0.3
+    max_fraction_duplicate_paragraph_chars: float | None = 0.2
+    #: n -> the most the top word n-gram's characters (count times length) may be of the document's.
+    #: A mapping given here replaces the whole default (leave an n out to skip it); null: no check.
+    max_fraction_top_ngram_chars: dict[NgramSize, float] | None = {2: 0.20, 3: 0.18, 4: 0.16}
+    #: n -> the most the characters in word n-grams that repeat an earlier one may be of the document's.
+    max_fraction_duplicate_ngram_chars: dict[NgramSize, float] | None = {
+        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     #: Sample documents with probability proportional to a quality score (PaLM did for webpages).
     quality_sampling: bool = False
+
+
+#: The filters a source of kind "code" gets unless its `filters` set them: off, the rules that measure
+#: prose (word lengths, symbols per word, alphabetic words, stop words) and the repetition rules, which
+#: ordinary source files fail (closing brackets, `return None`, `self.x = x`: 14 of the standard library's
+#: 167 top-level modules, bisect.py and contextlib.py among them). Short and huge documents, and lines
+#: ending in ellipses, are still dropped.
+CODE_FILTER_DEFAULTS: dict[str, Any] = {
+    "min_mean_word_length": None,
+    "max_mean_word_length": None,
+    "max_hash_to_word_ratio": None,
+    "max_ellipsis_to_word_ratio": None,
+    "min_fraction_words_with_alpha": None,
+    "min_stop_words": None,
+    "max_fraction_duplicate_lines": None,
+    "max_fraction_duplicate_line_chars": None,
+    "max_fraction_duplicate_paragraphs": None,
+    "max_fraction_duplicate_paragraph_chars": None,
+    "max_fraction_top_ngram_chars": None,
+    "max_fraction_duplicate_ngram_chars": None,
+}
 
 
 class Source(_Strict):
@@ -66,13 +107,26 @@ class Source(_Strict):
     text_field: str = "text"
     #: Share of the mixture's tokens.
     weight: float = Field(gt=0, le=1)
-    #: Code sources also get near-duplicate removal tuned for code files.
+    #: Code sources also get near-duplicate removal tuned for code files, and `CODE_FILTER_DEFAULTS`.
     kind: Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"] = "other"
+    #: For kind "code", the fields not given here take `CODE_FILTER_DEFAULTS`; given ones win.
     filters: QualityFilters = QualityFilters()
     #: For format "txt": a regex (multiline) at each match of which a new document starts; null: one per file.
     split_pattern: str | None = None
     #: Read at most this many documents from the source (in file order); null: all.
     max_docs: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_filter_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") != "code":
+            return data
+        given = data.get("filters", {})
+        if isinstance(given, QualityFilters):  # built in Python: the fields it was given
+            given = {name: getattr(given, name) for name in given.model_fields_set}
+        if not isinstance(given, dict):
+            return data  # validation says what is wrong with it
+        return {**data, "filters": {**CODE_FILTER_DEFAULTS, **given}}
 
 
 class NearDedup(_Strict):

@@ -144,18 +144,19 @@ _PREPOSITIONS = "near beyond beside behind across toward above below along under
 _CONNECTORS = "Meanwhile Later Afterwards Eventually Still Yesterday Today Sometimes".split()
 
 # Fixed text between slots is at most three words, so every word 5-gram contains random slots and
-# unrelated documents share almost no 5-grams.
+# unrelated documents share almost no 5-grams. Two thirds of the templates hold two of Gopher's stop words
+# ("the" and "and" or "that"), so every document passes the stop-word rule.
 _TEMPLATES = (
     "The {A} {N} {V} the {N} {P} a {A} {N}.",
-    "{C}, the {N} {V} every {A} {N} {D}.",
-    "Nobody {V} the {A} {N}, but the {N} {V} it {D}.",
-    "When the {N} {V} a {N}, the {A} {N} {V} the {N}.",
+    "{C}, the {N} {V} that {A} {N} {D}.",
+    "Nobody {V} the {A} {N}, and the {N} {V} it {D}.",
+    "When the {N} {V} that {N}, the {A} {N} {V} the {N}.",
     "A {A} {N} and a {A} {N} {V} the {N} {D}.",
     "It was the {A} {N} that {V} our {N} {P} the {N}.",
     "Her {N} {V} the {A} {N} {P} the {N}.",
-    "They {V} the {N} because the {N} was {A}.",
-    "Before the {N} {V} anything, the {A} {N} {V} {D}.",
-    "His {A} {N} never {V} the {N} {P} its {N}.",
+    "They {V} the {N} and the {N} was {A}.",
+    "Before the {N} {V} that, the {A} {N} {V} {D}.",
+    "His {A} {N} never {V} the {N} {P} that {N}.",
     "{C} we {V} a {A} {N} {P} the {A} {N}.",
     "Which {N} {V} the {A} {N} first is still {A}.",
 )
