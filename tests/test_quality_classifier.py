@@ -1,5 +1,5 @@
 """The quality classifier stage (palm.data.quality): trained on real curated prose (WikiText-2 paragraphs,
-from ../shared/data) against synthetic low-quality web pages that every rule-based filter lets through,
+from ../shared/data) against synthetic low-quality web pages (fluent spam, which every rule lets through),
 it must separate them on documents it never saw; the data stage then samples by its score, with the
 accounting and the manifest saying what it did."""
 
@@ -50,7 +50,7 @@ def trained(tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("quality")
     paragraphs = wikitext_paragraphs(shared_data)
     rng = random.Random(1)
-    web = [web_page(rng) for _ in range(400)]
+    web = [web_page(rng) for _ in range(500)]  # the keyword lists among them fall to the stop-word rule
     spec = data_spec(tmp, paragraphs[:400], web)
     out = tmp / "out"
     out.mkdir()
@@ -69,10 +69,15 @@ def test_the_classifier_separates_curated_prose_from_spam_and_keyword_lists_it_n
     rules = spec.sources[1].filters
     prose = [d for d in unseen_prose if filters.quality_drop_reason(d, rules) is None][:100]
     assert len(prose) == 100
-    for docs in (spam, keywords):  # they pass every rule-based filter: only the score tells them from prose
-        assert all(filters.quality_drop_reason(d, rules) is None for d in docs)
+    # Fluent spam passes every rule-based filter: only a trained score tells it from prose. (Keyword lists are
+    # also caught by Gopher's stop-word rule; the classifier scores them low all the same.)
+    assert all(filters.quality_drop_reason(d, rules) is None for d in spam)
+    assert {filters.quality_drop_reason(d, rules) for d in keywords} == {"too_few_stop_words"}
     s_prose, s_spam, s_keys = (classifier.scores(d) for d in (prose, spam, keywords))
-    assert np.median(s_prose) > 0.8 and np.median(s_spam) < 0.2 and np.median(s_keys) < 0.2
+    assert np.median(s_prose) > 0.8 and np.median(s_spam) < 0.2
+    # Keyword lists never reach the classifier (the stop-word rule drops them first, in training as in the
+    # data stage), so it never learned them; it still ranks them below curated prose.
+    assert np.median(s_keys) < 0.5
     assert (s_prose[:, None] > s_spam[None, :]).mean() > 0.98  # pairwise: the AUC of prose against spam
     assert (s_prose[:, None] > s_keys[None, :]).mean() > 0.98
     # The hand-written heuristic it replaces is fooled by fluent spam: prose-like function words and lengths.

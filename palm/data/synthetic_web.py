@@ -1,6 +1,6 @@
-"""Synthetic low-quality web text that rule-based filters let through: fluent commercial spam and keyword
-lists. Used to test and measure the quality classifier (palm.data.quality): both pass every Gopher/C4
-rule, and spam has the function words and word lengths of prose, so only a trained score catches it.
+"""Synthetic low-quality web text: fluent commercial spam, which passes every Gopher rule (it has the stop
+words, word lengths and variety of prose, so only a trained score catches it), and keyword lists (which
+Gopher's stop-word rule catches). Used to test and measure the quality classifier (palm.data.quality).
 
 Each generator takes a `random.Random` and returns one document; the same seed gives the same text.
 """
@@ -52,10 +52,13 @@ def _fill(template: str, rng: random.Random) -> str:
 
 def fluent_spam(rng: random.Random, min_words: int = 80) -> str:
     """Commercial spam in grammatical sentences, in two to four paragraphs."""
+    # Each template at most once per document, as a spammer's page varies its pitch: repeated sentences
+    # would be caught by Gopher's repetition rules, and this text is meant to pass every rule.
+    templates = rng.sample(_SPAM, len(_SPAM))
     paragraphs = []
     words = 0
-    while words < min_words or len(paragraphs) < 2:
-        sentences = [_fill(rng.choice(_SPAM), rng) for _ in range(rng.randint(2, 4))]
+    while (words < min_words or len(paragraphs) < 2) and templates:
+        sentences = [_fill(templates.pop(), rng) for _ in range(min(rng.randint(2, 3), len(templates)))]
         paragraphs.append(" ".join(sentences))
         words += sum(len(s.split()) for s in sentences)
     return "\n\n".join(paragraphs) + "\n"
