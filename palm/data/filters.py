@@ -278,36 +278,38 @@ def mean_word_length_ok(doc: str | DocStats, min_length: float | None, max_lengt
     return (min_length is None or mean >= min_length) and (max_length is None or mean <= max_length)
 
 
+def _at_most(part: int, whole: int, limit: float | None) -> bool:
+    """part / whole <= limit; a check that is off (None) or has nothing to measure (whole 0) passes."""
+    return limit is None or not whole or part / whole <= limit
+
+
+def _at_least(part: int, whole: int, limit: float | None) -> bool:
+    """part / whole >= limit; a check that is off (None) or has nothing to measure (whole 0) passes."""
+    return limit is None or not whole or part / whole >= limit
+
+
 def hash_ratio_ok(doc: str | DocStats, max_ratio: float | None) -> bool:
     """(Occurrences of "#") / words at most `max_ratio` (Gopher: 0.1)."""
     s = _stats(doc)
-    if max_ratio is None or not s.num_words:
-        return True
-    return s.num_hashes / s.num_words <= max_ratio
+    return _at_most(s.num_hashes, s.num_words, max_ratio)
 
 
 def ellipsis_ratio_ok(doc: str | DocStats, max_ratio: float | None) -> bool:
     """(Occurrences of "..." and "…") / words at most `max_ratio` (Gopher: 0.1, apart from the "#" one)."""
     s = _stats(doc)
-    if max_ratio is None or not s.num_words:
-        return True
-    return s.num_ellipses / s.num_words <= max_ratio
+    return _at_most(s.num_ellipses, s.num_words, max_ratio)
 
 
 def ellipsis_lines_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
     """Fraction of non-empty lines ending with "..." or "…" at most `max_fraction`."""
     s = _stats(doc)
-    if max_fraction is None or not s.num_lines:
-        return True
-    return s.num_lines_ending_ellipsis / s.num_lines <= max_fraction
+    return _at_most(s.num_lines_ending_ellipsis, s.num_lines, max_fraction)
 
 
 def alpha_words_ok(doc: str | DocStats, min_fraction: float | None) -> bool:
     """Fraction of words with at least one alphabetic character at least `min_fraction`."""
     s = _stats(doc)
-    if min_fraction is None or not s.num_words:
-        return True
-    return s.num_words_with_alpha / s.num_words >= min_fraction
+    return _at_least(s.num_words_with_alpha, s.num_words, min_fraction)
 
 
 def stop_words_ok(doc: str | DocStats, min_stop_words: int | None) -> bool:
@@ -322,35 +324,27 @@ def stop_words_ok(doc: str | DocStats, min_stop_words: int | None) -> bool:
 def duplicate_lines_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
     """Fraction of non-empty lines repeating an earlier line at most `max_fraction` (Gopher: 0.3)."""
     s = _stats(doc)
-    if max_fraction is None or not s.num_lines:
-        return True
-    return s.num_duplicate_lines / s.num_lines <= max_fraction
+    return _at_most(s.num_duplicate_lines, s.num_lines, max_fraction)
 
 
 def duplicate_line_chars_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
     """Characters in lines repeating an earlier line, over all characters, at most `max_fraction`
     (Gopher: 0.2)."""
     s = _stats(doc)
-    if max_fraction is None or not s.num_chars:
-        return True
-    return s.num_duplicate_line_chars / s.num_chars <= max_fraction
+    return _at_most(s.num_duplicate_line_chars, s.num_chars, max_fraction)
 
 
 def duplicate_paragraphs_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
     """Fraction of paragraphs repeating an earlier paragraph at most `max_fraction` (Gopher: 0.3)."""
     s = _stats(doc)
-    if max_fraction is None or not s.num_paragraphs:
-        return True
-    return s.num_duplicate_paragraphs / s.num_paragraphs <= max_fraction
+    return _at_most(s.num_duplicate_paragraphs, s.num_paragraphs, max_fraction)
 
 
 def duplicate_paragraph_chars_ok(doc: str | DocStats, max_fraction: float | None) -> bool:
     """Characters in paragraphs repeating an earlier paragraph, over all characters, at most
     `max_fraction` (Gopher: 0.2)."""
     s = _stats(doc)
-    if max_fraction is None or not s.num_chars:
-        return True
-    return s.num_duplicate_paragraph_chars / s.num_chars <= max_fraction
+    return _at_most(s.num_duplicate_paragraph_chars, s.num_chars, max_fraction)
 
 
 def top_ngrams_ok(doc: str | DocStats, max_fractions: Mapping[int, float] | None) -> bool:

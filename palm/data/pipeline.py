@@ -180,8 +180,30 @@ def _file_records(src: Source, path: str) -> Iterator[bytes]:
 # ----------------------------------------------------------------------------------- the steps
 
 
+def decode_record(raw: bytes, fmt: str, text_field: str, policy: str) -> tuple[str | None, str | None, bool]:
+    """(text, drop reason, repaired) of one raw record: invalid UTF-8 repaired (U+FFFD) or, under policy
+    "drop", the record dropped as "invalid_utf8"; JSON records parsed for `text_field` ("malformed_record"
+    when that fails or is not a string). The data stage and the quality classifier's sample share it."""
+    repaired = False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if policy == "drop":
+            return None, "invalid_utf8", False
+        text, repaired = raw.decode("utf-8", errors="replace"), True
+    if fmt in ("jsonl", "jsonl.gz", "parquet"):
+        try:
+            value = json.loads(text)[text_field]
+        except (ValueError, KeyError, TypeError):
+            return None, "malformed_record", repaired
+        if not isinstance(value, str):
+            return None, "malformed_record", repaired
+        text = value
+    return text, None, repaired
+
+
 class Decode(beam.DoFn):
-    """Bytes to text: invalid UTF-8 is repaired (U+FFFD) or the document dropped; JSON records parsed."""
+    """Bytes to text (`decode_record`), drops and repairs counted."""
 
     def __init__(self, spec: DataSpec):
         self.policy = spec.invalid_utf8
@@ -190,25 +212,13 @@ class Decode(beam.DoFn):
 
     def process(self, record):
         doc_id, source, raw, fmt = record
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            if self.policy == "drop":
-                yield beam.pvalue.TaggedOutput(DROPPED, (source, "invalid_utf8"))
-                return
-            text = raw.decode("utf-8", errors="replace")
+        text, reason, repaired = decode_record(raw, fmt, self.text_fields[source], self.policy)
+        if repaired:
             self.repaired.inc()
             yield beam.pvalue.TaggedOutput("repaired", source)
-        if fmt in ("jsonl", "jsonl.gz", "parquet"):
-            try:
-                value = json.loads(text)[self.text_fields[source]]
-            except (ValueError, KeyError, TypeError):
-                yield beam.pvalue.TaggedOutput(DROPPED, (source, "malformed_record"))
-                return
-            if not isinstance(value, str):
-                yield beam.pvalue.TaggedOutput(DROPPED, (source, "malformed_record"))
-                return
-            text = value
+        if reason is not None:
+            yield beam.pvalue.TaggedOutput(DROPPED, (source, reason))
+            return
         yield doc_id, source, text
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import math
 import random
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -95,7 +94,7 @@ def sample_source(data: "DataSpec", src: "Source", limit: int) -> Iterator[tuple
     from apache_beam.io.filesystems import FileSystems
 
     from palm.data import builtin, filters
-    from palm.data.pipeline import _file_records, file_key
+    from palm.data.pipeline import _file_records, decode_record, file_key, normalize
 
     files: list[tuple[str, str]] = []  # (file key, path)
     for p, pattern in enumerate(src.paths):
@@ -114,21 +113,10 @@ def sample_source(data: "DataSpec", src: "Source", limit: int) -> Iterator[tuple
         for count, (doc_id, raw) in enumerate(records):
             if src.max_docs is not None and count >= src.max_docs:
                 break
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                if data.invalid_utf8 == "drop":
-                    continue
-                text = raw.decode("utf-8", errors="replace")
-            if src.format in ("jsonl", "jsonl.gz", "parquet"):
-                try:
-                    text = json.loads(text)[src.text_field]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if not isinstance(text, str):
-                    continue
-            if data.normalize != "none":
-                text = unicodedata.normalize(data.normalize.upper(), text)
+            text, reason, _ = decode_record(raw, src.format, src.text_field, data.invalid_utf8)
+            if reason is not None:
+                continue
+            text = normalize((doc_id, src.name, text), data.normalize)[2]
             if filters.quality_drop_reason(text, src.filters) is not None:
                 continue
             yield doc_id, text
