@@ -183,6 +183,15 @@ def test_gsm8k_prompt_has_the_eight_chain_of_thought_exemplars():
     ("The answer is 0.25 liters.", "0.25"),
     ("the answer is: 18", "18"),
     ("The answer is 18.\n\nQ: Tom has 99 marbles.\nA: The answer is 99.", "18"),  # a new question is not ours
+    # An invented next question on the same line ends the completion too, as the harness's `until` does.
+    ("So 20 - 2 = 18 left. Q: John has 3 apples. A: The answer is 3.", "18"),
+    ("She pays $1,234 in all. Q: What is 5 + 5? A: 10", "1234"),
+    ("The total is $1,234.", "1234"),
+    ("Q: Sam has 4 pens. A: The answer is 4.", None),  # nothing before the invented question
+    ("He has 7 marbles.\nQ: Ann has 2 cats. How many?\nA: 2 + 2 = 4. The answer is 4.\n\nQ: ...", "7"),
+    ("The answer is: 1,234", "1234"),
+    ("The answer is 12.</s> The answer is 13.", "12"),
+    ("12 + 30 = 42. The answer is 42.<|im_end|>\n99", "42"),
     ("So she has 16 - 3 - 4 = 9 eggs, worth 9 * 2 = $18.", "18"),  # no "The answer is": the last number
     ("That is 1,000 + 500 = 1,500.", "1500"),
     ("pages 3-4", "4"),  # a hyphen between numbers is not a minus sign
@@ -192,6 +201,19 @@ def test_gsm8k_prompt_has_the_eight_chain_of_thought_exemplars():
 ])
 def test_gsm8k_extract_answer(completion, expected):
     assert gsm8k.extract_answer(completion) == expected
+
+
+def test_gsm8k_stop_sequences_are_the_harness_until():
+    # lm-evaluation-harness's gsm8k-cot task: generation_kwargs.until; the harness cuts at any of them.
+    import yaml
+
+    from lm_eval import tasks as lm_eval_tasks
+
+    harness = yaml.safe_load((Path(lm_eval_tasks.__file__).parent / "gsm8k" / "gsm8k-cot.yaml").read_text())
+    assert list(gsm8k.STOP) == harness["generation_kwargs"]["until"]
+    assert gsm8k.truncate("a Q: b </s> c") == "a "
+    assert gsm8k.truncate("a </s> Q: b") == "a "
+    assert gsm8k.truncate("no stop here") == "no stop here"
 
 
 def test_gsm8k_exact_match_is_numeric():

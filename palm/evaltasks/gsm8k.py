@@ -5,6 +5,10 @@ Reasoning in Large Language Models" (appendix, Table 20), in "Q: ...\\nA: ..." f
 step by step and ends "The answer is N.". A completion is scored by exact numeric match of the number
 it gives after "The answer is" (or, failing that, the last number it contains) with the number after
 "####" in the reference solution.
+
+Completions end at the first of the stop sequences (`STOP`, lm-evaluation-harness's `until` for its
+gsm8k-cot task) wherever it occurs, as the harness's generation does: a completion that runs on into an
+invented next question, on a new line or the same one, is scored on its own answer only.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from palm.errors import PalmError
 from palm.evaltasks import default_data_file, read_jsonl
@@ -54,7 +58,8 @@ EXEMPLARS: tuple[tuple[str, str], ...] = (
 # dollar sign on either side of it, thousands separators, a decimal part. A trailing "." is not taken.
 _NUMBER = re.compile(r"(?<![\w.)])(?P<sign>-)?\$?(?P<sign2>-)?(?P<digits>\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|\.\d+)")
 _ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
-_NEXT_QUESTION = re.compile(r"\n\s*Q:")
+#: Where a completion ends, wherever they occur (lm-evaluation-harness gsm8k-cot's `until`).
+STOP: tuple[str, ...] = ("Q:", "</s>", "<|im_end|>")
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
@@ -102,17 +107,25 @@ def build_prompt(question: str, shots: int = 8) -> str:
     return "\n\n".join(blocks)
 
 
+def truncate(completion: str, stop: Sequence[str] = STOP) -> str:
+    """`completion` up to the earliest occurrence of any stop sequence (all of it when none occurs)."""
+    end = len(completion)
+    for s in stop:
+        at = completion.find(s)
+        if s and 0 <= at < end:
+            end = at
+    return completion[:end]
+
+
 def extract_answer(completion: str) -> str | None:
     """The number a completion answers with, as a canonical decimal string ("18", "-3.5"), or None.
 
-    Only the completion's first answer counts: text from a following "Q:" (the model inventing the next
-    exemplar) is dropped. The number after the first "The answer is" is taken; without one (or with no
-    number after it on that line), the last number in the completion.
+    The completion is first cut at the earliest stop sequence (`truncate`), so only its first answer
+    counts: an invented next question ("... 18 left. Q: John has 3 apples. A: The answer is 3.") is
+    dropped wherever it starts. The number after the first "The answer is" is taken; without one (or with
+    no number after it on that line), the last number in what is left.
     """
-    text = completion.replace("\u2212", "-")  # a typographic minus sign
-    cut = _NEXT_QUESTION.search(text)
-    if cut:
-        text = text[:cut.start()]
+    text = truncate(completion).replace("\u2212", "-")  # a typographic minus sign
     said = _ANSWER_IS.search(text)
     if said:
         line = text[said.end():].split("\n", 1)[0]

@@ -80,7 +80,7 @@ def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> di
 
     problems = task.load_problems(Path(data_dir) / "gsm8k" / "test.jsonl")[: limit or None]
     prompts = [task.build_prompt(p["question"]) for p in problems]
-    completions = lm.generate(prompts, min(max_new_tokens, lm.seq_len // 2), stop=["\n\nQ:", "\nQ:"])
+    completions = lm.generate(prompts, min(max_new_tokens, lm.seq_len // 2), stop=list(task.STOP))
     samples = [{"question": p["question"], "completion": c} for p, c in zip(problems, completions)]
     return task.score_samples(samples, problems)
 
