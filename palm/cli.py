@@ -155,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_json(q)
     p = sub.add_parser("eval", help="evaluate a checkpoint on tasks (PaLM's protocol, YAML and lm-eval tasks)")
     p.add_argument("checkpoint", help="a checkpoint step dir, a checkpoints dir, or a train stage dir (latest step)")
-    p.add_argument("--tasks", required=True, help="comma-separated: validation_loss, memorization, gsm8k, "
-                   "humaneval, mc:<task.yaml>, lm_eval:<task>")
+    p.add_argument("--tasks", help="comma-separated: validation_loss, memorization, gsm8k, humaneval, "
+                   "mc:<task.yaml>, lm_eval:<task> (default: the spec's eval.tasks)")
+    p.add_argument("--spec", metavar="SPEC", help="take the eval settings from this spec's eval section "
+                   "(default: the spec the checkpoint's run recorded, <run root>/spec.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an eval setting, e.g. --set max_examples=50 (keys of the spec's eval section)")
+                   help="override an eval setting, e.g. --set eval.max_examples=50")
     _add_json(p)
 
     p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
@@ -458,28 +460,13 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import yaml
-    from pydantic import ValidationError
+    from palm.evaltasks.run import eval_settings, evaluate_checkpoint, results_markdown
 
-    from palm.evaltasks.run import evaluate_checkpoint, results_markdown
-    from palm.spec import EvalSpec
-
-    values: dict = {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
-    for assignment in args.overrides:
-        key, sep, raw = assignment.partition("=")
-        if not sep:
-            raise PalmError(f"--set: expected key=value, got {assignment!r}")
-        values[key.strip().removeprefix("eval.")] = yaml.safe_load(raw)
-    try:
-        eval_spec = EvalSpec.model_validate(values)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise PalmError(f"--set {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    for task in eval_spec.tasks:
-        kind, _, arg = task.partition(":")
-        if task not in ("validation_loss", "memorization", "gsm8k", "humaneval") and not (kind in ("mc", "lm_eval") and arg):
-            raise PalmError(f"--tasks: unknown task {task!r}")
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    eval_spec, source = eval_settings(args.checkpoint, args.spec, tasks, args.overrides)
+    print(f"eval: settings from {source}", file=sys.stderr, flush=True)
     result = evaluate_checkpoint(args.checkpoint, eval_spec)
+    result["settings"] = {"source": source, **eval_spec.model_dump()}
     _emit(args, result, f"{result['checkpoint']} (step {result['step']})\n" + results_markdown(result["results"]))
     return 0
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from palm.cli import main
+from palm.errors import PalmError
+from palm.evaltasks.run import MC_KEYS, load_mc_task
 from tests.conftest import SPECS
 
 
@@ -38,7 +40,7 @@ def run_eval(capsys, *args) -> dict:
 def test_palm_eval_on_a_checkpoint_step(checkpoint, capsys, tmp_path):
     task = mc_task(tmp_path)
     out = run_eval(capsys, str(checkpoint / "6"), "--tasks", f"validation_loss,memorization,mc:{task}",
-                   "--set", "max_examples=8")
+                   "--set", "eval.max_examples=8")
     assert out["step"] == 6
     r = out["results"]
     assert r["validation_loss"]["bits_per_byte"] > 0 and r["validation_loss"]["perplexity"] > 1
@@ -62,14 +64,14 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """)
-    out = run_eval(capsys, str(checkpoint), "--tasks", "lm_eval:palm_even", "--set", f"lm_eval_include_path={tmp_path}")
+    out = run_eval(capsys, str(checkpoint), "--tasks", "lm_eval:palm_even", "--set", f"eval.lm_eval_include_path={tmp_path}")
     metrics = out["results"]["lm_eval:palm_even"]
     assert 0 <= metrics["acc"] <= 1
 
 
 def test_gsm8k_and_humaneval_run_end_to_end(checkpoint, capsys, shared_data):
-    out = run_eval(capsys, str(checkpoint), "--tasks", "gsm8k,humaneval", "--set", "max_examples=2",
-                   "--set", "max_new_tokens=16", "--set", f"data_dir={shared_data}")
+    out = run_eval(capsys, str(checkpoint), "--tasks", "gsm8k,humaneval", "--set", "eval.max_examples=2",
+                   "--set", "eval.max_new_tokens=16", "--set", f"eval.data_dir={shared_data}")
     assert out["results"]["gsm8k"]["n"] == 2 and 0 <= out["results"]["gsm8k"]["exact_match"] <= 1
     assert out["results"]["humaneval"]["tasks"] == 2 and out["results"]["humaneval"]["pass@1"] == 0.0
 
@@ -79,3 +81,83 @@ def test_bad_tasks_and_paths_are_clear_errors(checkpoint, capsys, tmp_path):
     assert "unknown task 'bogus'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--tasks", "validation_loss"]) == 2
     assert "not inside a train stage directory" in capsys.readouterr().err
+
+
+def test_palm_eval_takes_its_defaults_from_the_runs_spec(checkpoint, capsys, tmp_path):
+    # The run recorded specs/tiny.yaml resolved (<root>/spec.json): its eval section is the default.
+    root = checkpoint.parent.parent.parent
+    recorded = json.loads((root / "spec.json").read_text())["eval"]
+    assert recorded["tasks"] and recorded["max_examples"]
+    out = run_eval(capsys, str(checkpoint), "--set", "eval.tasks=[validation_loss]")
+    assert out["settings"]["source"] == str(root / "spec.json")
+    assert out["settings"]["max_examples"] == recorded["max_examples"]
+    # max_examples caps the validation documents read.
+    one = run_eval(capsys, str(checkpoint), "--tasks", "validation_loss", "--set", "eval.max_examples=1")
+    three = run_eval(capsys, str(checkpoint), "--tasks", "validation_loss", "--set", "eval.max_examples=3")
+    assert one["settings"]["max_examples"] == 1 and three["settings"]["max_examples"] == 3
+    assert one["results"]["validation_loss"]["documents"] == 1
+    assert three["results"]["validation_loss"]["documents"] == 3
+
+    # --spec: another spec's eval section.
+    spec = tmp_path / "eval.yaml"
+    spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\neval:\n  tasks: [validation_loss]\n  max_examples: 1\n")
+    out = run_eval(capsys, str(checkpoint), "--spec", str(spec))
+    assert out["settings"]["source"] == str(spec) and out["settings"]["tasks"] == ["validation_loss"]
+    assert out["results"]["validation_loss"]["documents"] == one["results"]["validation_loss"]["documents"]
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("max_examples=5", "palm eval takes keys of the spec's eval section, written as everywhere else: eval.KEY=VALUE"),
+    ("train.steps=5", "eval.KEY=VALUE"),
+    ("eval.max_examples=0", "eval.max_examples: Input should be greater than 0"),
+    ("eval.max_examples=[unclosed", "eval.max_examples: Input should be a valid integer"),
+    ("eval.bogus=1", "eval.bogus: unknown key"),
+    ("eval.tasks=[nope]", "unknown task 'nope'"),
+])
+def test_palm_eval_set_errors_are_one_line(checkpoint, capsys, assignment, message):
+    assert main(["eval", str(checkpoint), "--set", assignment]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_shipped_multiple_choice_example_runs(checkpoint, capsys):
+    task = REPO / "examples" / "eval" / "capitals.yaml"
+    settings, docs = load_mc_task(task)
+    assert settings["num_shots"] == 3 and len(docs) == 20
+    out = run_eval(capsys, str(checkpoint), "--tasks", f"mc:{task}", "--set", "eval.max_examples=5")
+    metrics = out["results"][f"mc:{task}"]
+    assert metrics["examples"] == 5 and 0 <= metrics["acc"] <= 1 and 0 <= metrics["acc_norm"] <= 1
+
+
+def test_the_multiple_choice_format_is_documented_where_the_readme_points():
+    readme = (REPO / "README.md").read_text()
+    assert "docs/evaluation.md" in readme
+    doc = (REPO / "docs" / "evaluation.md").read_text()
+    section = doc.split("## Multiple-choice tasks in YAML", 1)[1].split("\n## ", 1)[0]
+    documented = {line.split("|")[1].strip().strip("`") for line in section.splitlines()
+                  if line.startswith("| `")}
+    assert documented == set(MC_KEYS)
+    assert "examples/eval/capitals.yaml" in section
+
+
+@pytest.mark.parametrize("yaml_text, lines, message", [
+    ("data: d.jsonl\nnum_shot: 1\n", ['{"question": "q", "choices": ["a"], "answer": 0}'], "unknown key(s) ['num_shot']"),
+    ("question: q\n", [], "data must be a str, and is required"),
+    ("data: d.jsonl\nnum_shots: two\n", [], "num_shots must be a int"),
+    ("data: d.jsonl\n", ['{"question": "q", "choices": ["a", "b"], "answer": 2}'], "d.jsonl:1: 'answer' must be an index"),
+    ("data: d.jsonl\n", ['{"question": "q", "choices": [], "answer": 0}'], "'choices' must be a non-empty list"),
+    ("data: d.jsonl\n", ['{"question": 3, "choices": ["a"], "answer": 0}'], "'question' must be a string"),
+    ("data: d.jsonl\n", ["not json"], "d.jsonl:1: not valid JSON"),
+    ("data: missing.jsonl\n", [], "file not found"),
+    ("data: d.jsonl\nnum_shots: 1\n", ['{"question": "q", "choices": ["a"], "answer": 0}'], "leave none after the 1 shots"),
+    ("data: [d.jsonl\n", [], "cannot read it"),
+])
+def test_multiple_choice_task_errors_name_what_to_fix(tmp_path, yaml_text, lines, message):
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "t.yaml").write_text(yaml_text)
+    with pytest.raises(PalmError) as e:
+        load_mc_task(tmp_path / "t.yaml")
+    assert message in str(e.value)

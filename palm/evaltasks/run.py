@@ -105,29 +105,77 @@ def humaneval(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int, s
     return task.score_samples(rows, {p["task_id"]: p for p in problems})
 
 
-def multiple_choice(lm: Any, task_file: str | Path, limit: int | None) -> dict[str, float]:
-    """A few-shot multiple-choice task defined in YAML (see docs/evaluation.md for the format)."""
+#: Keys of a multiple-choice task YAML (docs/evaluation.md): key -> (type, default, meaning).
+MC_KEYS: dict[str, tuple[type, Any, str]] = {
+    "data": (str, None, "JSONL file of examples, relative to the YAML file (required)"),
+    "question": (str, "question", "field holding the question text"),
+    "choices": (str, "choices", "field holding the list of choice strings"),
+    "answer": (str, "answer", "field holding the index of the right choice"),
+    "num_shots": (int, 0, "the first N examples (with their right answers) prefix every question"),
+    "answer_prefix": (str, " ", "text between a question and a choice"),
+    "description": (str, "", "text before the shots and the question"),
+    "separator": (str, "\n\n", "text after each shot"),
+}
+
+
+def load_mc_task(task_file: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A multiple-choice task YAML and its examples, validated: (settings, docs). Any problem is one
+    PalmError naming the file, the key or the line."""
     import yaml
 
     path = Path(task_file)
     try:
-        task = yaml.safe_load(path.read_text())
-        data = path.parent / task["data"]
-        docs = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
-        q_field, c_field, a_field = task.get("question", "question"), task.get("choices", "choices"), \
-            task.get("answer", "answer")
-        shots = int(task.get("num_shots", 0))
-        prefix = task.get("answer_prefix", " ")
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
-        raise PalmError(f"multiple-choice task {path}: {type(e).__name__}: {e}") from None
-    context_shots = "".join(f"{d[q_field]}{prefix}{d[c_field][d[a_field]]}\n\n" for d in docs[:shots])
+        task = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PalmError(f"multiple-choice task {path}: cannot read it: {e}") from None
+    if not isinstance(task, dict):
+        raise PalmError(f"multiple-choice task {path}: expected a mapping of {', '.join(MC_KEYS)}")
+    unknown = sorted(set(task) - set(MC_KEYS))
+    if unknown:
+        raise PalmError(f"multiple-choice task {path}: unknown key(s) {unknown} (known: {', '.join(MC_KEYS)})")
+    settings: dict[str, Any] = {}
+    for key, (kind, default, _) in MC_KEYS.items():
+        value = task.get(key, default)
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise PalmError(f"multiple-choice task {path}: {key} must be a {kind.__name__}"
+                            + (", and is required" if default is None else f", got {value!r}"))
+        settings[key] = value
+    if settings["num_shots"] < 0:
+        raise PalmError(f"multiple-choice task {path}: num_shots must be >= 0, got {settings['num_shots']}")
+    from palm.evaltasks import read_jsonl
+
+    q, c, a = settings["question"], settings["choices"], settings["answer"]
+
+    def check(doc: dict[str, Any]) -> str | None:
+        if not isinstance(doc.get(q), str):
+            return f"{q!r} must be a string"
+        choices = doc.get(c)
+        if not isinstance(choices, list) or not choices or not all(isinstance(x, str) for x in choices):
+            return f"{c!r} must be a non-empty list of strings"
+        gold = doc.get(a)
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            return f"{a!r} must be an index into {c!r} (0 to {len(choices) - 1}), got {gold!r}"
+        return None
+
+    docs = read_jsonl(path.parent / settings["data"], what=f"multiple-choice examples of {path}", validate=check)
+    if len(docs) <= settings["num_shots"]:
+        raise PalmError(f"multiple-choice task {path}: {len(docs)} examples leave none after the "
+                        f"{settings['num_shots']} shots")
+    return settings, docs
+
+
+def multiple_choice(lm: Any, task_file: str | Path, limit: int | None) -> dict[str, float]:
+    """A few-shot multiple-choice task defined in YAML (format: docs/evaluation.md), scored by rank
+    classification: acc (the most likely choice) and acc_norm (per character, as lm-eval's acc_norm)."""
+    t, docs = load_mc_task(task_file)
+    q, c, a, prefix = t["question"], t["choices"], t["answer"], t["answer_prefix"]
+    shots = t["num_shots"]
+    context_shots = t["description"] + "".join(f"{d[q]}{prefix}{d[c][d[a]]}{t['separator']}" for d in docs[:shots])
     acc, acc_norm = [], []
     for doc in docs[shots:][: limit or None]:
-        ranked = lm.rank_choices(context_shots + doc[q_field], [prefix + c for c in doc[c_field]], gold=doc[a_field])
+        ranked = lm.rank_choices(context_shots + doc[q], [prefix + x for x in doc[c]], gold=doc[a])
         acc.append(ranked["acc"])
         acc_norm.append(ranked["acc_norm"])
-    if not acc:
-        raise PalmError(f"multiple-choice task {path}: no examples after the {shots} shots")
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "examples": len(acc)}
 
 
@@ -194,6 +242,65 @@ def locate_run(checkpoint: str | Path) -> dict[str, Any]:
     return {"train_dir": train_dir, "step": step, "model": context["config"]["model"], "pack_dir": pack_dir,
             "pack_manifest": pack, "tokenizer_dir": pack["inputs"]["tokenizer"]["path"],
             "data_dir": pack["inputs"]["data"]["path"]}
+
+
+#: Task names `palm eval --tasks` and `eval.tasks` take, besides mc:<task.yaml> and lm_eval:<task>.
+BUILTIN_TASKS = ("validation_loss", "memorization", "gsm8k", "humaneval")
+
+
+def check_task_names(tasks: list[str], where: str = "eval.tasks") -> None:
+    for task in tasks:
+        kind, _, arg = task.partition(":")
+        if task not in BUILTIN_TASKS and not (kind in ("mc", "lm_eval") and arg):
+            raise PalmError(f"{where}: unknown task {task!r} (known: {', '.join(BUILTIN_TASKS)}, "
+                            f"mc:<task.yaml>, lm_eval:<task>)")
+
+
+def eval_settings(checkpoint: str | Path, spec: str | Path | None = None, tasks: list[str] | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, str]:
+    """The eval section `palm eval` runs with, and where its defaults came from.
+
+    Defaults: the `eval` section of `spec` when given, else of the spec the checkpoint's run recorded
+    (`<run root>/spec.json`, written by `palm run`), else EvalSpec's own defaults. Then `tasks` (from
+    --tasks) and `overrides` (`eval.KEY=VALUE`, the `--set` form of every other command, read as YAML).
+    """
+    from palm import storage
+    from palm.pipeline import SPEC_RECORD
+    from palm.spec import EvalSpec, _format_validation_error, apply_override, load_spec
+    from pydantic import ValidationError
+
+    if spec is not None:
+        base, source = load_spec(spec).eval.model_dump(), str(spec)
+    else:
+        train_dir = locate_run(checkpoint)["train_dir"]
+        record = storage.join(storage.parent(storage.parent(train_dir)), SPEC_RECORD)
+        try:
+            recorded = json.loads(storage.read_text(record))
+        except FileNotFoundError:
+            base, source = {}, "defaults (the run recorded no spec.json)"
+        except ValueError as e:
+            raise PalmError(f"{record}: not a readable spec record ({e}); pass --spec SPEC") from None
+        else:
+            base = recorded.get("eval", {}) if isinstance(recorded, dict) else {}
+            source = record
+    tree: dict[str, Any] = {"eval": base}
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if not key.startswith("eval."):
+            raise PalmError(f"--set {assignment!r}: palm eval takes keys of the spec's eval section, written "
+                            f"as everywhere else: eval.KEY=VALUE (e.g. eval.max_examples=50)")
+        tree = apply_override(tree, assignment)
+    if tasks is not None:
+        tree["eval"] = {**tree["eval"], "tasks": tasks}
+    try:
+        settings = EvalSpec.model_validate(tree["eval"])
+    except ValidationError as e:
+        error = _format_validation_error(e, "--set" if overrides else source)
+        raise PalmError(f"{error.file}: eval.{error.key}: {error.detail}") from None
+    if not settings.tasks:
+        raise PalmError("no tasks to evaluate: pass --tasks or set eval.tasks")
+    check_task_names(settings.tasks, "--tasks" if tasks is not None else "eval.tasks")
+    return settings, source
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
