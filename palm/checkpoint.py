@@ -8,6 +8,19 @@ place and a `commit_success.txt` marker last), so a half-written checkpoint is n
 On restore the digest is recomputed: a checkpoint that fails to load or whose digest differs is moved
 aside to `corrupt/` and the previous one is used.
 
+Two layers of integrity, both computed where the data lives (nothing is gathered):
+
+- `state_digest`: a digest of the whole train state (parameters, optimizer state, step) from each
+  device's own shards (`tree_digest`), combined with the data iterator's state; recorded in `meta` and
+  checked on every restore, so a checkpoint that loads but holds other numbers is never resumed from.
+- A seal per process (`integrity.process_<i>.json` in the step directory): the size and sha256 of every
+  file that process wrote (its `ocdbt.process_<i>`/`process_<i>` files; process 0 also the shared ones),
+  self-checksummed, written once Orbax has committed the step. `verify` checks every seal and refuses a
+  file that is missing, changed or unlisted; restore checks them first. A flipped byte anywhere in a
+  sealed checkpoint (array data, Orbax's metadata, the data state, `meta`) is therefore caught, even
+  where it would not change the restored numbers. A step committed but not yet sealed (a crash in
+  between) is checked by its digests alone, and sealed when it is next resumed from.
+
 `directory` may be local or `gs://`. `gcs_settings` is the one place that reads the environment to
 point Google Cloud Storage clients at an emulator (STORAGE_EMULATOR_HOST); see there.
 """
@@ -16,7 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import sys
 from pathlib import Path
@@ -114,17 +131,23 @@ def params_digest(params: Any) -> str:
     return tree_digest(params)
 
 
-def state_digest(state: Any) -> str:
-    """The whole train state's digest (step, parameters, optimizer state), recorded as `state_digest`."""
-    return tree_digest(state)
+def state_digest(state: Any, data_state: dict[str, Any] | None = None) -> str:
+    """The whole train state's digest (step, parameters, optimizer state; with `data_state`, the data
+    iterator's position too), recorded as `state_digest`."""
+    digest = tree_digest(state)
+    if data_state is None:
+        return digest
+    data = json.dumps(data_state, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{digest}\n{data}".encode()).hexdigest()
 
 
-def check_digests(state: Any, meta: dict[str, Any], where: str) -> None:
+def check_digests(state: Any, meta: dict[str, Any], where: str, data_state: dict[str, Any] | None = None) -> None:
     """Raise PalmError unless a restored train state matches the digests recorded with it: the whole
-    state's (`state_digest`) where recorded, and the parameters' (`digest`)."""
+    state's (`state_digest`, with the data state where `meta["state_digest_data"]` says it was
+    included) where recorded, and the parameters' (`digest`)."""
     params = state.params if hasattr(state, "params") else state["params"]
     if "state_digest" in meta:
-        digest = state_digest(state)
+        digest = state_digest(state, data_state if meta.get("state_digest_data") else None)
         if digest != meta["state_digest"]:
             raise PalmError(f"{where}: train state digest {digest[:12]} does not match the recorded "
                             f"{str(meta['state_digest'])[:12]}")
@@ -172,6 +195,98 @@ def gcs_settings() -> dict[str, str]:
     return settings
 
 
+SEAL_PREFIX = "integrity.process_"
+_PROCESS_PART = re.compile(r"^(?:ocdbt\.)?process_(\d+)$")
+
+
+def _owner(relpath: str) -> int:
+    """The process that wrote a file of a step: the one named in its path (`ocdbt.process_3/…`,
+    `array_metadatas/process_3`), else the primary (0)."""
+    for part in relpath.split("/"):
+        m = _PROCESS_PART.match(part)
+        if m:
+            return int(m.group(1))
+    return 0
+
+
+def _step_files(step_dir: epath.Path) -> dict[str, epath.Path]:
+    """Every file under a step directory (but the seals) by relative path; local or gs://."""
+    out: dict[str, epath.Path] = {}
+    pending = [(step_dir, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        for path in folder.iterdir():
+            rel = f"{prefix}{path.name}"
+            if path.is_dir():
+                pending.append((path, rel + "/"))
+            elif not (path.name.startswith(SEAL_PREFIX) or path.name.startswith(f".{SEAL_PREFIX}")):
+                out[rel] = path
+    return out
+
+
+def _sha256(path: epath.Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _seal_body(record: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in record.items() if k != "self"}, sort_keys=True, separators=(",", ":"))
+
+
+def seal_step(step_dir: str | Path, process: int | None = None) -> dict[str, Any]:
+    """Write this process's seal of a committed step: size and sha256 of each file it wrote."""
+    step_dir = epath.Path(str(step_dir))
+    process = jax.process_index() if process is None else process
+    files = {rel: list(_sha256(path)) for rel, path in sorted(_step_files(step_dir).items()) if _owner(rel) == process}
+    record: dict[str, Any] = {"version": 1, "process": process, "files": files}
+    record["self"] = hashlib.sha256(_seal_body(record).encode()).hexdigest()
+    target = step_dir / f"{SEAL_PREFIX}{process}.json"
+    tmp = step_dir / f".{SEAL_PREFIX}{process}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.rename(target)  # local: atomic; GCS: a rewrite then delete, the reader checks the self-checksum
+    return record
+
+
+def check_seals(step_dir: str | Path, mine: Any = None) -> tuple[bool, str]:
+    """(sealed, problem) for a step: `problem` names the first file that is missing, changed or
+    unlisted, or a damaged seal; "" when every seal checks (or when there is none: `sealed` False).
+    `mine(process)`: hash only the files of the seals it accepts (each host of a restore checks its
+    share); every seal's own checksum and the set of files are checked regardless."""
+    step_dir = epath.Path(str(step_dir))
+    seals = sorted(p for p in step_dir.iterdir() if p.name.startswith(SEAL_PREFIX) and p.name.endswith(".json"))
+    if not seals:
+        return False, ""
+    files = _step_files(step_dir)
+    listed: set[str] = set()
+    owners = set()
+    for seal in seals:
+        try:
+            record = json.loads(seal.read_text())
+            ok = isinstance(record, dict) and record.get("self") == hashlib.sha256(_seal_body(record).encode()).hexdigest()
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            return True, f"{seal.name} is damaged (its self-checksum does not match)"
+        owners.add(record["process"])
+        listed.update(record["files"])
+        if mine is not None and not mine(record["process"]):
+            continue
+        for rel, (size, digest) in record["files"].items():
+            path = files.get(rel)
+            if path is None:
+                return True, f"{rel} is missing (listed in {seal.name})"
+            if (size, digest) != _sha256(path):
+                return True, f"{rel} differs from its sealed sha256 (listed in {seal.name})"
+    unlisted = sorted(rel for rel in files if rel not in listed and _owner(rel) in owners)
+    if unlisted:
+        return True, f"{unlisted[0]} is not listed in any seal (added after the step was sealed)"
+    return True, ""
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -198,33 +313,78 @@ class Checkpoints:
                     "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.corrupt: list[dict[str, Any]] = []
+        self.read_only = read_only
+        self.selected_step: int | None = None
+        # Seals are written off the training thread, once Orbax has committed a step (see the module doc).
+        self._sealer = None if read_only else ThreadPoolExecutor(1, thread_name_prefix="palm-seal")
+        self._unsealed: list[int] = []
+        self._seal_jobs: list[Future] = []
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step)
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Start saving (asynchronously when configured); returns once the state is off the device."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
+        # Orbax's save waits for the previous one first: every earlier step is committed now.
+        self._seal_pending(keep=step)
+        self._unsealed.append(step)
+        if not self.config.async_save:
+            self._seal_pending()
+
+    def _seal_pending(self, keep: int | None = None) -> None:
+        if self._sealer is None:
+            return
+        for step in self._unsealed:
+            if step != keep:
+                self._seal_jobs.append(self._sealer.submit(self._seal, step))
+        self._unsealed = [s for s in self._unsealed if s == keep]
+
+    def _seal(self, step: int) -> None:
+        step_dir = self.step_dir(step)
+        try:
+            seal_step(step_dir)
+        except OSError as e:
+            if step_dir.exists():  # else removed by the retention policy meanwhile: nothing to seal
+                log.warning("could not seal checkpoint %s: %s", step_dir, e)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal_pending()
+        jobs, self._seal_jobs = self._seal_jobs, []
+        for job in jobs:
+            job.result()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
+        if self._sealer is not None:
+            self._sealer.shutdown()
         self.manager.close()
 
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        """(state, data state, meta) of one step, checked against its recorded digest."""
+        """(state, data state, meta) of one step: its seals checked first (each host its share of the
+        files), then the restored state against its recorded digests. An unsealed step that passes is
+        sealed (it was committed, then the process died before sealing it)."""
+        where = f"checkpoint {self.directory}/{step}"
+        count, index = jax.process_count(), jax.process_index()
+        sealed, problem = check_seals(self.step_dir(step), mine=lambda p: p % count == index)
+        if problem:
+            raise PalmError(f"{where}: {problem}")
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         meta = out["meta"]
-        check_digests(out["state"], meta, f"checkpoint {self.directory}/{step}")
+        check_digests(out["state"], meta, where, out["data"])
+        if not sealed and not self.read_only:
+            self._seal(step)
         return out["state"], out["data"], meta
 
     def quarantine(self, step: int, reason: str) -> None:
@@ -323,16 +483,33 @@ def checkpoint_size(directory: str | Path, step: int) -> int:
 
 
 def open_checkpoints(path: str | Path) -> Checkpoints:
-    """Read-only access to the checkpoints under `path` (the checkpoints dir or the train stage dir)."""
+    """Read-only access to the checkpoints under `path`: the checkpoints directory, the train stage's
+    directory, or one step's directory (`…/checkpoints/180`, what `palm run` prints), which also sets
+    `selected_step` on the result."""
     path = str(path).rstrip("/")
     if path.startswith("gs://"):
         gcs_settings()  # before anything imports gcsfs
+    quiet_orbax()
+    step = None
+    parent, _, name = path.rpartition("/")
+    if name.isdigit() and parent and any(_exists(f"{path}/{item}") for item in ("state", "meta", "data")):
+        path, step = parent, int(name)
     candidates = [path, f"{path}/checkpoints"]
     for candidate in candidates:
         ckpts = Checkpoints(candidate, CheckpointConfig(), read_only=True) if _exists(candidate) else None
         if ckpts is not None and ckpts.steps():
+            if step is not None and step not in ckpts.steps():
+                raise PalmError(f"{path}/{step} is not a complete checkpoint (steps: {ckpts.steps()})")
+            ckpts.selected_step = step
             return ckpts
     raise PalmError(f"no checkpoints under {path} (looked in {' and '.join(candidates)})")
+
+
+def quiet_orbax() -> None:
+    """Keep Orbax's informational absl warnings ("Given directory is read only", …) off the console."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def _exists(path: str) -> bool:
@@ -342,13 +519,20 @@ def _exists(path: str) -> bool:
 
 
 def describe_checkpoints(ckpts: Checkpoints) -> list[dict[str, Any]]:
-    """One row per checkpoint: step, bytes on disk, loss and parameter digest from its metadata."""
+    """One row per checkpoint: step, bytes on disk, loss and parameter digest from its metadata, and
+    whether it is sealed; a step whose metadata cannot be read is a row with its `error`."""
     rows = []
     for step in ckpts.steps():
-        meta = ckpts.meta(step)
-        rows.append({"step": step, "bytes": checkpoint_size(ckpts.directory, step),
-                     "loss": (meta.get("metrics") or {}).get("loss"), "digest": meta.get("digest"),
-                     "spec_digest": meta.get("spec_digest")})
+        row: dict[str, Any] = {"step": step, "bytes": checkpoint_size(ckpts.directory, step), "loss": None,
+                               "digest": None, "spec_digest": None, "complete": True, "error": ""}
+        try:
+            meta = ckpts.meta(step)
+            row.update(loss=(meta.get("metrics") or {}).get("loss"), digest=meta.get("digest"),
+                       spec_digest=meta.get("spec_digest"))
+            row["sealed"] = any(p.name.startswith(SEAL_PREFIX) for p in ckpts.step_dir(step).iterdir())
+        except Exception as e:  # a step missing a file: say so, list the others
+            row.update(complete=False, error=f"incomplete: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        rows.append(row)
     return rows
 
 
@@ -358,8 +542,13 @@ def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str,
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
-    meta = ckpts.meta(step)
-    params = ckpts.manager.item_metadata(step)["state"].tree["params"]
+    try:
+        meta = ckpts.meta(step)
+        params = ckpts.manager.item_metadata(step)["state"].tree["params"]
+    except Exception as e:
+        raise PalmError(f"{ckpts.directory}/{step} is incomplete or damaged ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); `palm checkpoint verify` checks "
+                        "every step") from None
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))[0]
     shapes = [{"path": jax.tree_util.keystr(p), "shape": list(leaf.shape), "dtype": str(leaf.dtype)} for p, leaf in flat]
     return {"step": step, "path": f"{ckpts.directory}/{step}", "bytes": checkpoint_size(ckpts.directory, step),
@@ -369,20 +558,27 @@ def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str,
 
 
 def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict[str, Any]]:
-    """Restore each checkpoint's train state on the host and compare its digests with the recorded ones."""
+    """Check each checkpoint: every file against its step's seals, then the train state restored on the
+    host against the recorded digests (whole state with the data iterator's position, and parameters)."""
     results = []
     for s in ckpts.steps() if step is None else [step]:
+        row: dict[str, Any] = {"step": s, "ok": False, "sealed": False, "digest": None, "error": ""}
         try:
-            meta = ckpts.meta(s)
-            out = ckpts.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            row["sealed"], problem = check_seals(ckpts.step_dir(s))
+            if problem:
+                row["error"] = problem
+                results.append(row)
+                continue
+            out = ckpts.manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
             state = out["state"]
-            digest = params_digest(state["params"] if isinstance(state, dict) else state.params)
+            row["digest"] = params_digest(state["params"] if isinstance(state, dict) else state.params)
             try:
-                check_digests(state, meta, f"step {s}")
-                error = ""
+                check_digests(state, out["meta"], f"step {s}", out["data"])
+                row["ok"] = True
             except PalmError as e:
-                error = str(e)
-            results.append({"step": s, "ok": not error, "digest": digest, "error": error})
+                row["error"] = str(e)
         except Exception as e:  # report every failure, keep checking the others
-            results.append({"step": s, "ok": False, "digest": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        results.append(row)
     return results

@@ -440,21 +440,25 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     ckpts = open_checkpoints(args.path)
     if args.checkpoint_command == "list":
         rows = describe_checkpoints(ckpts)
-        text = "\n".join(f"step {r['step']:>8}  {r['bytes'] / 2**20:9.2f} MiB  loss {r['loss']}  digest {r['digest']}"
+        text = "\n".join(f"step {r['step']:>8}  {r['bytes'] / 2**20:9.2f} MiB  "
+                         + (f"loss {r['loss']}  digest {r['digest']}" if r["complete"] else r["error"])
                          for r in rows) or "no checkpoints"
         _emit(args, {"path": ckpts.directory, "checkpoints": rows}, text)
         return 0
     if args.checkpoint_command == "inspect":
-        info = inspect_checkpoint(ckpts, args.step)
+        info = inspect_checkpoint(ckpts, args.step if args.step is not None else ckpts.selected_step)
         text = "\n".join([f"step {info['step']} of {ckpts.directory}", f"digest {info['digest']}",
                           f"parameters {info['num_params']:,}", f"metrics {json.dumps(info['metrics'])}",
                           f"loss spikes {len(info['spikes'])}"]
                          + [f"  {p['path']}: {p['shape']} {p['dtype']}" for p in info["params"]])
         _emit(args, info, text)
         return 0
-    results = verify_checkpoints(ckpts, args.step)
+    results = verify_checkpoints(ckpts, args.step if args.step is not None else ckpts.selected_step)
     ok = all(r["ok"] for r in results)
-    text = "\n".join(f"step {r['step']}: {'ok' if r['ok'] else 'FAILED: ' + r['error']}" for r in results)
+    text = "\n".join(f"step {r['step']}: " + ("FAILED: " + r["error"] if not r["ok"] else
+                                               "ok (sealed files and digests)" if r["sealed"] else
+                                               "ok (digests only: the step has no seal)")
+                     for r in results)
     _emit(args, {"path": ckpts.directory, "ok": ok, "checkpoints": results}, text)
     return 0 if ok else 1
 

@@ -396,10 +396,11 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         if checkpoints is None:
             return
         saved[:] = [step]
+        data_state = stream.state()
         record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
-                  "state_digest": state_digest(state),
+                  "state_digest": state_digest(state, data_state), "state_digest_data": True,
                   "metrics": metrics, "spikes": spikes}
-        checkpoints.save(step, state, stream.state(), record)
+        checkpoints.save(step, state, data_state, record)
         if on_checkpoint is not None:
             on_checkpoint(step, record)
 

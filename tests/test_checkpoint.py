@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -201,3 +202,98 @@ def test_palm_checkpoint_list_inspect_verify(tmp_path, capsys):
 
     assert main(["checkpoint", "list", str(tmp_path / "nothing")]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+def _trained(tmp_path: Path, steps: int = 8) -> tuple[TrainConfig, Path]:
+    cfg = config(steps=steps)
+    ckpts = Checkpoints(tmp_path / "train" / "checkpoints", cfg.checkpoint)
+    run_training(Trainer(MODEL, cfg), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    return cfg, tmp_path / "train" / "checkpoints"
+
+
+def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected_and_never_resumed_from(tmp_path):
+    from palm.checkpoint import SEAL_PREFIX, verify_checkpoints
+
+    cfg, directory = _trained(tmp_path)
+    step_dir = directory / "8"
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    assert any(p.name.startswith(SEAL_PREFIX) for p in files)  # sealed once committed
+    kinds = {p.relative_to(step_dir).parts[0] for p in files}
+    assert {"state", "data", "meta"} <= kinds
+    reader = Checkpoints(directory, cfg.checkpoint, read_only=True)
+    assert [r["ok"] and r["sealed"] for r in verify_checkpoints(reader)] == [True, True, True]
+    missed = []
+    for path in files:
+        original = path.read_bytes()
+        for pos in sorted({0, len(original) // 2, len(original) - 1}):
+            damaged = bytearray(original)
+            damaged[pos] ^= 0x10
+            path.write_bytes(bytes(damaged))
+            if verify_checkpoints(reader, 8)[0]["ok"]:
+                missed.append(f"{path.relative_to(step_dir)}@{pos}")
+        path.write_bytes(original)
+    assert missed == []
+    # A file added after sealing is refused too.
+    (step_dir / "state" / "extra").write_bytes(b"x")
+    assert "not listed in any seal" in verify_checkpoints(reader, 8)[0]["error"]
+    (step_dir / "state" / "extra").unlink()
+    assert verify_checkpoints(reader, 8)[0]["ok"]
+
+    # The data iterator's state is in the whole-state digest: with the seals gone, a changed position
+    # (valid JSON, same size) is still refused, and training resumes from step 4 instead.
+    for seal in step_dir.glob(f"{SEAL_PREFIX}*"):
+        seal.unlink()
+    data_file = next(p for p in (step_dir / "data").rglob("*") if p.is_file() and b"position" in p.read_bytes())
+    text = data_file.read_bytes()
+    changed = re.sub(rb'("position": ?)(\d+)', lambda m: m.group(1) + str(int(m.group(2)) + 1).encode(), text)
+    assert changed != text and len(changed) == len(text)
+    data_file.write_bytes(changed)
+    row = verify_checkpoints(reader, 8)[0]
+    assert not row["ok"] and not row["sealed"] and "train state digest" in row["error"], row
+    reader.close()
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    result = run_training(Trainer(MODEL, config(steps=10)), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    assert result.resumed_from == 4 and [c["step"] for c in result.corrupt_checkpoints] == [8]
+
+
+def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
+    from palm.checkpoint import SEAL_PREFIX, check_seals
+
+    cfg, directory = _trained(tmp_path)
+    for seal in (directory / "8").glob(f"{SEAL_PREFIX}*"):
+        seal.unlink()  # as if the process died between Orbax's commit and the seal
+    assert check_seals(directory / "8") == (False, "")
+    ckpts = Checkpoints(directory, cfg.checkpoint)
+    result = run_training(Trainer(MODEL, config(steps=8)), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    assert result.resumed_from == 8
+    assert check_seals(directory / "8") == (True, "")
+
+
+def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd):
+    import json
+
+    from palm.cli import main
+
+    cfg, directory = _trained(tmp_path)
+    capfd.readouterr()
+    assert main(["checkpoint", "inspect", str(directory / "4"), "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["step"] == 4
+    assert "read only" not in err and "WARNING" not in err, err  # Orbax's absl chatter stays off the console
+    assert main(["checkpoint", "verify", str(directory / "4"), "--json"]) == 0
+    assert [r["step"] for r in json.loads(capfd.readouterr().out)["checkpoints"]] == [4]
+
+    # A step missing a file: listed as incomplete (no traceback); inspecting it is one clear line.
+    (directory / "4" / "meta" / "metadata").unlink()
+    assert main(["checkpoint", "list", str(tmp_path / "train"), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capfd.readouterr().out)["checkpoints"]}
+    assert rows[8]["complete"] and not rows[4]["complete"] and "incomplete" in rows[4]["error"]
+    assert main(["checkpoint", "inspect", str(directory / "4")]) == 2
+    err = capfd.readouterr().err
+    assert "is incomplete or damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["checkpoint", "verify", str(tmp_path / "train"), "--json"]) == 1
+    verdict = {r["step"]: r["ok"] for r in json.loads(capfd.readouterr().out)["checkpoints"]}
+    assert verdict == {0: True, 4: False, 8: True}
