@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or ../shared/data/gsm8k/test.jsonl next to the repository)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="HumanEval programs run at once, each in its own sandbox (default: 2 per core, at most 16)")
+    p.add_argument("--out", metavar="FILE", help="write one JSON line per sample with its verdict and reason "
+                   "(humaneval: index, task_id, status, passed, reason, returncode, seconds; gsm8k: index, "
+                   "question, extracted, reference, correct, reason); written whole or not at all")
     _add_json(p)
     return parser
 
@@ -486,6 +489,14 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
     data = args.data or str(default_data_file(args.task))
     if not Path(args.samples).is_file():
         raise PalmError(f"samples file not found: {args.samples}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.is_dir():
+            raise PalmError(f"--out {out}: is a directory")
+        if not out.parent.is_dir():
+            raise PalmError(f"--out {out}: directory {out.parent} does not exist")
+        if out.exists() and out.resolve() == Path(args.samples).resolve():
+            raise PalmError(f"--out {out}: is the samples file")
     start = time.monotonic()
     if args.task == "humaneval":
         from palm.evaltasks import humaneval
@@ -497,7 +508,15 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
         workers = args.workers or humaneval.default_workers()
         print(f"eval-score: running {len(samples)} programs in the sandbox, {workers} at a time",
               file=sys.stderr, flush=True)
-        metrics = humaneval.score_samples(samples, problems, workers=workers)
+        if not samples:
+            raise PalmError("no HumanEval samples to score")
+        results = humaneval.evaluate_samples(samples, problems, workers=workers)
+        metrics = humaneval.score_results(samples, results)
+        records = humaneval.sample_records(samples, results)
+        errors = [r for r in records if r["status"] == "error"]
+        if errors:
+            print(f"eval-score: {len(errors)} sample(s) could not be run and count as failures, e.g. sample "
+                  f"{errors[0]['index']}: {errors[0]['reason']}", file=sys.stderr)
         what = f"{metrics['n']} samples over {metrics['tasks']} tasks"
     else:
         from palm.evaltasks import gsm8k
@@ -507,9 +526,13 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
         samples = read_jsonl(args.samples, required={"question": str, "completion": str}, what="samples",
                              validate=lambda r: None if r["question"].strip() in questions else
                              f"question is not among the GSM8K problems: {r['question'][:200]!r}")
-        metrics = gsm8k.score_samples(samples, problems)
+        records = gsm8k.grade_samples(samples, problems)
+        metrics = gsm8k.score_records(records)
         what = f"{metrics['n']} samples"
     seconds = time.monotonic() - start
+    if out is not None:
+        _write_jsonl_atomically(out, records)
+        print(f"eval-score: wrote {len(records)} per-sample verdicts to {out}", file=sys.stderr)
     print(f"eval-score: scored {what} in {seconds:.1f} s", file=sys.stderr)
     names = [key for key in metrics if key.startswith("pass@") or key == "exact_match"]
     text = "\n".join([f"{args.task}: {what} ({args.samples})"]
@@ -519,6 +542,29 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
     _emit(args, {"task": args.task, "samples": str(args.samples), "data": data, **metrics,
                  "seconds": round(seconds, 3)}, text)
     return 0
+
+
+def _write_jsonl_atomically(path: Any, records: list[dict[str, Any]]) -> None:
+    """Write records as JSONL to a temporary file next to `path`, then rename it into place: readers see
+    the whole file or none (no half-written output is left behind on failure)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")  # ASCII: a lone surrogate is written escaped
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PalmError(f"--out {path}: cannot write ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cmd_image(args: argparse.Namespace) -> int:

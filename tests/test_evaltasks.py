@@ -334,3 +334,79 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------ malformed samples, per-sample verdicts
+
+def test_a_malformed_sample_is_a_failure_with_its_reason_and_the_run_goes_on(he_problems):
+    good = he_problems["HumanEval/0"]["canonical_solution"]
+    samples = [{"task_id": "HumanEval/0", "completion": good},
+               {"task_id": "HumanEval/0", "completion": json.loads('"\\ud800"')},  # a lone surrogate
+               {"task_id": "HumanEval/0", "completion": good[:-1] + "\udfff\n"}]
+    results = humaneval.evaluate_samples(samples, he_problems, workers=2)
+    assert [r.status for r in results] == ["passed", "error", "error"], results
+    assert "malformed sample" in results[1].detail and "\\ud800" in results[1].detail
+    metrics = humaneval.score_samples(samples, he_problems, k=(1,))
+    assert metrics == {"pass@1": pytest.approx(1 / 3), "n": 3, "tasks": 1}
+
+
+def test_eval_score_humaneval_writes_one_verdict_per_sample(he_problems, he_file, tmp_path, capsys):
+    p0, p2 = he_problems["HumanEval/0"], he_problems["HumanEval/2"]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("\n".join([
+        json.dumps({"task_id": "HumanEval/0", "completion": p0["canonical_solution"]}),
+        json.dumps({"task_id": "HumanEval/2", "completion": "    return None\n"}),
+        '{"task_id": "HumanEval/2", "completion": "\\ud800"}',
+        json.dumps({"task_id": "HumanEval/0", "completion": "    print('ok')\n    import os\n    os._exit(0)\n"}),
+        json.dumps({"task_id": "HumanEval/2", "completion": p2["canonical_solution"]}),
+    ]) + "\n")
+    out = tmp_path / "verdicts.jsonl"
+    rc = main(["eval-score", "humaneval", "--samples", str(samples), "--data", str(he_file), "--json",
+               "--out", str(out), "--workers", "2"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(stdout)["pass@1"] == pytest.approx((1 / 2 + 1 / 3) / 2)  # HumanEval/0: 1 of 2; /2: 1 of 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["task_id"], r["status"], r["passed"]) for r in rows] == [
+        (1, "HumanEval/0", "passed", True), (2, "HumanEval/2", "failed", False), (3, "HumanEval/2", "error", False),
+        (4, "HumanEval/0", "failed", False), (5, "HumanEval/2", "passed", True)]
+    assert rows[0]["reason"] == "" and "exit status 1" in rows[1]["reason"]
+    assert "malformed sample" in rows[2]["reason"] and "before the program ran to its end" in rows[3]["reason"]
+    assert all(set(r) == {"index", "task_id", "status", "passed", "reason", "returncode", "seconds"} for r in rows)
+    assert "1 sample(s) could not be run" in err and "Traceback" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_eval_score_gsm8k_writes_one_verdict_per_sample(gsm_problems, gsm_file, tmp_path, capsys):
+    p = gsm_problems[0]
+    rows = [{"question": p["question"], "completion": gsm8k.reference_completion(p["answer"])},
+            {"question": p["question"], "completion": "The answer is 123456789."},
+            {"question": p["question"], "completion": "I cannot tell."}]
+    samples = write_jsonl(tmp_path / "gsm.jsonl", rows)
+    out = tmp_path / "verdicts.jsonl"
+    rc = main(["eval-score", "gsm8k", "--samples", str(samples), "--data", str(gsm_file), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["extracted"], r["reference"], r["correct"]) for r in got] == [
+        (1, p["reference"], p["reference"], True), (2, "123456789", p["reference"], False),
+        (3, None, p["reference"], False)]
+    assert all(r["question"] == p["question"] for r in got)
+    assert "matches" in got[0]["reason"] and "differs" in got[1]["reason"] and "no number" in got[2]["reason"]
+
+
+def test_eval_score_out_is_written_whole_or_not_at_all(he_file, tmp_path, capsys):
+    out = tmp_path / "verdicts.jsonl"
+    out.write_text("previous\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/0", "completion": "    return True\\n"}\n{not json\n')
+    rc = main(["eval-score", "humaneval", "--samples", str(bad), "--data", str(he_file), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "previous\n"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "verdicts.jsonl"]
+    for args, expected in [(["--out", str(tmp_path)], "is a directory"),
+                           (["--out", str(tmp_path / "absent" / "v.jsonl")], "does not exist"),
+                           (["--out", str(bad)], "is the samples file")]:
+        rc = main(["eval-score", "gsm8k", "--samples", str(bad), *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and "Traceback" not in err, (args, err)

@@ -263,12 +263,184 @@ def test_a_batch_of_hostile_samples_scores_zero_and_the_harness_finishes(problem
 
 
 def test_the_fallback_socket_block_refuses_sockets_from_python(tmp_path):
-    # Not in effect where a network namespace can be made (see the isolation test); checked on its own.
-    from palm.evaltasks.sandbox import _NO_NETWORK_PRELUDE
+    # Not in effect where a network namespace can be made (see the isolation test); the wrapper is run here
+    # on its own, in the mode the sandbox uses without one.
+    from palm.evaltasks.sandbox import _PROGRAM_WRAPPER
 
     program = tmp_path / "main.py"
     program.write_text("import socket, sys\nprint(__name__, sys.argv)\nsocket.socket()\n")
-    out = subprocess.run([sys.executable, "-I", "-c", _NO_NETWORK_PRELUDE, str(program)], capture_output=True,
-                         text=True, timeout=30)
+    secret_r, secret_w = os.pipe()
+    os.write(secret_w, b"s" * 32)
+    os.close(secret_w)
+    verdict_r, verdict_w = os.pipe()
+    out = subprocess.run([sys.executable, "-I", "-c", _PROGRAM_WRAPPER, str(secret_r), str(verdict_w), "1", "",
+                          str(program)], capture_output=True, text=True, timeout=30, pass_fds=(secret_r, verdict_w))
+    os.close(secret_r)
+    os.close(verdict_w)
+    with os.fdopen(verdict_r, "rb") as f:
+        assert f.read() == b""  # it did not run to its end: no verdict
     assert out.returncode == 1 and "PermissionError" in out.stderr and "network access is disabled" in out.stderr
     assert out.stdout.startswith(f"__main__ [{str(program)!r}]")
+
+
+# ------------------------------------------------------------------------------------- forged passes
+
+FORGERIES = {
+    # the old end-of-tests marker scheme: print something, leave with status 0 before the tests run
+    "marker then os._exit(0) in the function": "print('passed', flush=True)\nimport os\nos._exit(0)",
+    "sys.exit(0) in the function": "import sys\nsys.exit(0)",
+    "raise SystemExit in the function": "raise SystemExit",
+    # guess at the verdict channel: write to every descriptor, list them, then leave with status 0
+    "write to every fd": """
+        import os
+        for fd in range(3, 1024):
+            try:
+                os.write(fd, b'0123456789abcdef' * 2 + b'passed\\n')
+            except OSError:
+                pass
+        os._exit(0)
+    """,
+    "read /proc/self/fd and the run's files": """
+        import os, glob
+        for fd in os.listdir('/proc/self/fd'):
+            try:
+                print(fd, os.readlink('/proc/self/fd/' + fd), os.read(int(fd), 64))
+            except OSError:
+                pass
+        for path in glob.glob(os.path.dirname(__file__) + '/*'):
+            print(path)
+        print(open('/proc/self/cmdline', 'rb').read(), open('/proc/self/environ', 'rb').read())
+        os._exit(0)
+    """,
+    "read the interpreter's memory": "open('/proc/self/mem', 'rb')\nimport os\nos._exit(0)",
+    "search the heap for the secret": "import gc\nprint(len(gc.get_objects()))\nimport os\nos._exit(0)",
+    "ctypes": "import ctypes\nctypes.string_at(id(1), 8)\nimport os\nos._exit(0)",
+    "skip the tests with a trace function": """
+        import sys
+        def skip(frame, event, arg):
+            return skip
+        sys.settrace(skip)
+    """,
+    "read the harness's code through the frame stack": """
+        import sys, os
+        frame = sys._getframe()
+        while frame.f_back is not None:
+            frame = frame.f_back
+            print(frame.f_code.co_consts)
+        os._exit(0)
+    """,
+    "the same through a signal handler's frame": """
+        import os, signal
+        def handler(signum, frame):
+            while frame is not None:
+                print(frame.f_code.co_consts)
+                frame = frame.f_back
+            os._exit(0)
+        signal.signal(signal.SIGUSR1, handler)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    """,
+}
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_a_forged_pass_fails(problem, contained, name):
+    # Each one runs before a correct solution: if the verdict could be forged, it would pass.
+    r = attack(problem, FORGERIES[name])
+    assert not r.passed and r.status == "failed", (name, r)
+
+
+def test_forgeries_at_import_time_and_a_thread_that_swaps_check_fail_too(problem, contained):
+    solution = "    " + problem["canonical_solution"].strip() + "\n"
+    for tail in ("import os\nos._exit(0)\n", "print('ok')\nimport sys\nsys.exit(0)\n",
+                 "import os, builtins\nbuiltins.exec = lambda *a, **k: None\nos._exit(0)\n"):
+        r = humaneval.check_program(problem, solution + tail)
+        assert not r.passed and r.status == "failed" and r.returncode == 0, (tail, r)
+    # check() is taken from the tests' compiled code, so a thread rebinding the name is not called
+    swap = ("import threading\ndef swap():\n    g = globals()\n    while True:\n        g['check'] = lambda c: None\n"
+            "threading.Thread(target=swap, daemon=True).start()\n")
+    r = humaneval.check_program(problem, "    return False\n" + swap)
+    assert not r.passed and r.status == "failed" and "AssertionError" in r.stderr, r
+    # and a correct solution still passes, whatever it prints
+    r = humaneval.check_program(problem, solution + "print('anything', flush=True)\n")
+    assert r.passed and r.status == "passed" and r.returncode == 0, r
+
+
+def test_run_program_needs_the_program_to_reach_its_end():
+    assert run_program("x = 1\n").passed
+    for code in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit(None)\n"):
+        r = run_program(code)
+        assert not r.passed and r.status == "failed" and r.returncode == 0, (code, r)
+        assert "before the program ran to its end" in r.detail
+    r = run_program(["x = 2\n", "def check(v):\n    assert v == 2\n"], call=("check", "x"))
+    assert r.passed, r
+    r = run_program(["x = 3\n", "def check(v):\n    assert v == 2\n"], call=("check", "x"))
+    assert not r.passed and "AssertionError" in r.stderr, r
+
+
+# ----------------------------------------------------------------------------- the process tree's memory
+
+def test_the_memory_of_the_whole_process_tree_is_capped(contained):
+    # Six children each touch 320 MB (RLIMIT_AS 400 MB allows each one); together they would need 1.9 GB.
+    # The program exits 0 only if all six held their memory at the same time.
+    code = textwrap.dedent("""
+        import os, select, time
+        r, w = os.pipe()
+        for _ in range(6):
+            if os.fork() == 0:
+                block = bytearray(320 * 2**20)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                os.write(w, b'x')
+                time.sleep(30)
+                os._exit(0)
+        os.close(w)
+        got, deadline = b'', time.monotonic() + 8
+        while len(got) < 6 and select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(r, 6)
+            if not chunk:
+                break
+            got += chunk
+        raise SystemExit(0 if len(got) == 6 else 1)
+    """)
+    r = run_program(code, timeout_s=20, memory_mb=400, tree_memory_mb=512)
+    cap = r.isolation["memory_cap"]
+    assert not r.passed and r.status == "failed", r
+    assert cap["tree_mb"] <= 512, cap
+    if cap["mechanism"].startswith("cgroup"):
+        assert r.memory_peak_mb is not None and r.memory_peak_mb <= 512 + 1, r
+        assert "memory cap" in r.detail, r
+    else:  # no cgroup here: processes x RLIMIT_AS must fit the cap (here: one process of at most 400 MB)
+        assert cap["mechanism"] == "rlimits" and cap["nproc"] * cap["per_process_mb"] <= cap["tree_mb"], cap
+        assert r.isolation["rlimits"]["as"] <= cap["per_process_mb"] * 2**20, r.isolation
+    # a program within the cap is unaffected
+    r = run_program("b = bytearray(200 * 2**20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\n",
+                    memory_mb=400, tree_memory_mb=512)
+    assert r.passed, r
+
+
+def test_the_run_reports_its_memory_cap_and_removes_its_cgroup(contained):
+    r = run_program("pass\n", tree_memory_mb=256)
+    cap = r.isolation["memory_cap"]
+    assert cap["mechanism"] in ("cgroup-v2", "cgroup-v1", "rlimits") and cap["tree_mb"] <= 256, cap
+    if os.geteuid() == 0 and os.access("/sys/fs/cgroup/memory", os.W_OK):  # this project's VMs: cgroup v1
+        assert cap["mechanism"].startswith("cgroup"), cap
+    leftovers = []
+    for base, _dirs, _files in os.walk("/sys/fs/cgroup"):
+        if os.path.basename(base).startswith(f"palm-sandbox-{os.getpid()}-"):
+            leftovers.append(base)
+    assert leftovers == []
+
+
+def test_without_a_cgroup_processes_times_rlimit_as_fit_the_cap(monkeypatch, contained):
+    from palm.evaltasks import sandbox
+
+    monkeypatch.setattr(sandbox._TreeCgroup, "create", classmethod(lambda cls, *a: None))
+    r = run_program("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n",
+                    memory_mb=400, tree_memory_mb=512)
+    cap = r.isolation["memory_cap"]
+    assert cap["mechanism"] == "rlimits" and cap["nproc"] == 1 and cap["per_process_mb"] <= 400, cap
+    assert r.isolation["rlimits"]["as"] == cap["per_process_mb"] * 2**20
+    assert not r.passed and "BlockingIOError" in r.stderr, r  # a second process would break the cap
+    r = run_program("pass\n", memory_mb=100, nproc=16, tree_memory_mb=512)
+    cap = r.isolation["memory_cap"]
+    assert r.passed and cap["nproc"] == 5 and cap["nproc"] * cap["per_process_mb"] <= 512, cap

