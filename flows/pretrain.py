@@ -21,9 +21,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from palm import storage
 from palm.errors import Preempted
 from palm.pipeline import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary
 from palm.report import write_report
+from palm.runlock import run_lock
 from palm.spec import load_spec
 from palm.workflow import resolve_workflow
 from tasks.stage import node_task
@@ -78,13 +80,15 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
     spec = load_spec(spec_path, overrides or [])
     workflow = resolve_workflow(spec)
     root = run_root(spec, output)
-    record_spec(spec, root)
+    storage.check_root(root)
     selected = workflow.select(stages)
 
     caller = attached()
     stop = caller.stop if caller.stop is not None else threading.Event()
     own = attach(Hooks(stop=stop)) if caller.stop is None else contextlib.nullcontext()
-    with sigterm_sets(stop) as previous, own:
+    # One run per run directory (palm/runlock.py): a second one exits 2 naming the holder.
+    with run_lock(root), sigterm_sets(stop) as previous, own:
+        record_spec(spec, root)
         try:
             outputs = run_graph(workflow, root, selected, frozenset(force or ()))
         except Preempted:

@@ -202,6 +202,7 @@ def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str
 
     final_dir = Path(final)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final_dir.parent, b.key)
     tmp = final_dir.parent / f".tmp-{b.key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     started = time.time()
@@ -218,6 +219,16 @@ def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return b.output(final, manifest, cached=False)
+
+
+def remove_leftovers(parent: Path, key: str) -> list[str]:
+    """Remove what killed builds of this output left behind (`.tmp-<key>-*`, `.stale-<key>-*`). Safe
+    because the run directory's lock (palm/runlock.py) admits one run: no live build owns them."""
+    removed = []
+    for leftover in [*parent.glob(f".tmp-{key}-*"), *parent.glob(f".stale-{key}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover.name)
+    return removed
 
 
 def _build_in_place(b: _Build, final: str, build: Callable[[Any], dict[str, Any]], force: bool,
