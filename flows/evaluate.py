@@ -22,6 +22,7 @@ from prefect.context import get_run_context
 
 from palm import storage
 from palm.checkpoint import open_checkpoints
+from palm.tensorboard import write_eval_results
 from palm.errors import PalmError
 from palm.config import ModelConfig
 from palm.evaljob import placement
@@ -95,6 +96,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                 ledger.release(step)
                 raise
             ledger.record(step, {**result, "evaluated_by": owner})
+            write_eval_results(storage.join(train_dir, "evals", "tensorboard"), result["step"], result["results"])
             evaluated.append(result["checkpoint"])
             logger.info("evaluated %s: %s", result["checkpoint"], result["results"])
     return {"evaluated": evaluated, "claimed_elsewhere": skipped}

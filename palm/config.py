@@ -145,6 +145,9 @@ class TrainConfig:
     #: vocabulary a slice of the sequence at a time (palm.train.loss_chunks). Each slice re-reads the
     #: embedding table and adds to its gradient, so fewer slices are faster where memory allows.
     loss_chunk_mib: int = 256
+    #: Trace training steps [first, last) with jax.profiler into the train stage's `profile/` directory
+    #: (null: no trace). Like loss_chunk_mib, not part of the train stage's key: results do not change.
+    profile_steps: tuple[int, int] | None = None
 
     def global_batch_at(self, step: int) -> int:
         """Global batch size (sequences) at `step` under the batch-size ramp."""

@@ -182,6 +182,12 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
         def upload_metrics() -> None:
             if leader and local_metrics.exists():
                 storage.upload_file(local_metrics, metrics)
+            # Event files and traces, beside the metrics: file by file (each writer's files have their own
+            # names), so those of attempts before a resume stay.
+            for folder in ("tensorboard", "profile"):
+                if leader and (work / folder).is_dir():
+                    for name in storage.list_files(work / folder):
+                        storage.upload_file(work / folder / name, storage.join(out, folder, name))
 
         def on_checkpoint(path: str, step: int, record: dict[str, Any]) -> None:
             upload_metrics()
@@ -198,7 +204,8 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
             upload_metrics()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return {**fields, "metrics": metrics}
+        return {**fields, "metrics": metrics, "tensorboard": storage.join(out, "tensorboard"),
+                "profile": storage.join(out, "profile") if fields.get("profile") else None}
 
     return build
 
@@ -222,6 +229,9 @@ def _build_eval(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Call
                                                                         "job": launched.get("job")}}
         else:
             result = evaluate_checkpoint(checkpoint, spec.eval, pack=inputs["pack"], tokenizer=inputs["tokenizer"])
+        from palm.tensorboard import write_eval_results
+
+        write_eval_results(out / "tensorboard", result["step"], result["results"])
         (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
         (out / "results.md").write_text(results_markdown(result["results"]))
         return result
@@ -240,7 +250,7 @@ def _build_scaling(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> C
 #: Settings that change how fast a stage runs, never what it computes (beyond the order of float sums):
 #: left out of its key, so that tuning them reuses the outputs already made. (The compile gate keeps
 #: them: they change the memory a step needs.)
-SPEED_ONLY = {"train": ("loss_chunk_mib",)}
+SPEED_ONLY = {"train": ("loss_chunk_mib", "profile_steps")}
 
 
 def _dump(spec: Any, speed: bool = False) -> dict[str, Any]:

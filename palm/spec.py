@@ -535,6 +535,9 @@ def check_consistency(spec: Spec) -> None:
         raise SpecError(f"must be positive, got {t.log_every}", key="train.log_every")
     if t.loss_chunk_mib <= 0:
         raise SpecError(f"must be a positive number of MiB, got {t.loss_chunk_mib}", key="train.loss_chunk_mib")
+    if t.profile_steps is not None and not 0 <= t.profile_steps[0] < t.profile_steps[1] <= t.steps:
+        raise SpecError(f"need [first, last) with 0 <= first < last <= train.steps ({t.steps}), got "
+                        f"{list(t.profile_steps)}", key="train.profile_steps")
 
     total = sum(src.weight for src in spec.data.sources)
     if not math.isclose(total, 1.0, abs_tol=1e-6):

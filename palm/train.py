@@ -524,24 +524,38 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
     checkpoints = Checkpoints(checkpoint_dir or out_dir / "checkpoints", spec.train.checkpoint)
     metrics_path = out_dir / "metrics.jsonl"
     leader = jax.process_index() == 0  # one host writes the run's files; all hosts write checkpoints
+    events = None
+    if leader:
+        from palm.tensorboard import TRAIN_SCALARS, EventWriter
+
+        events = EventWriter(out_dir / "tensorboard")
+    profiler = _Profiler(spec.train.profile_steps, out_dir / "profile")
 
     def step_hook(log: StepLog, state: TrainState) -> None:
         if leader:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(dataclasses.asdict(log)) + "\n")
+            events.scalars(log.step, {k: getattr(log, k) for k in TRAIN_SCALARS}, "train")
+        profiler.after_step(log.step)
         if on_step is not None:
             on_step(log, state)
 
     def checkpoint_hook(step: int, record: dict[str, Any]) -> None:
+        if events is not None:
+            events.flush()
         if on_checkpoint is not None:
             on_checkpoint(f"{checkpoints.directory}/{step}", step, record)
 
     try:
+        profiler.before_training()
         result = run_training(trainer, sequences, checkpoints=checkpoints, meta={"spec_digest": spec.digest()},
                               on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop, init_from=init_from)
     finally:
+        profiler.stop()
         checkpoints.close()
         sequences.close()
+        if events is not None:
+            events.close()
     from palm.checkpoint import params_digest
 
     last = result.logs[-1] if result.logs else None
@@ -559,4 +573,38 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
         "init_from": init_from,
         "metrics": str(metrics_path),
+        "tensorboard": str(out_dir / "tensorboard"),
+        "profile": str(out_dir / "profile") if profiler.traced else None,
     }
+
+
+class _Profiler:
+    """A jax.profiler trace of training steps [first, last) (`train.profile_steps`), into `directory`
+    (TensorBoard's profile plugin, Perfetto and `palm.bench.summarize_trace` read it). Steps before the
+    run resumed are not traced again."""
+
+    def __init__(self, steps: Any, directory: Path):
+        self.first, self.last = steps if steps else (None, None)
+        self.directory, self.active, self.traced = directory, False, False
+
+    def before_training(self) -> None:
+        if self.first == 0:
+            self._start()
+
+    def after_step(self, step: int) -> None:  # `step` has just run; the next one is step + 1
+        if self.first is None:
+            return
+        if self.active and step + 1 >= self.last:
+            self.stop()
+        elif not self.active and not self.traced and step + 1 == self.first:
+            self._start()
+
+    def _start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(self.directory))
+        self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active, self.traced = False, True
