@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an eval setting, e.g. --set max_examples=50 (keys of the spec's eval section)")
     _add_json(p)
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness' CLI with the model \"palm\" registered: palm lm-eval --model palm "
+                   "--model_args checkpoint=CKPT,batch_size=8 --tasks T --include_path DIR (every lm_eval flag)")
+
     p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
                        "GSM8K exact match")
     p.add_argument("task", choices=("humaneval", "gsm8k"), help="the evaluation task")
@@ -562,7 +566,21 @@ def _cpu_unless_accelerated() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _cmd_lm_eval(argv: list[str]) -> int:
+    _cpu_unless_accelerated()
+    from palm.lmeval import cli
+
+    return cli(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse would claim its flags)
+        try:
+            return _cmd_lm_eval(argv[1:])
+        except PalmError as e:
+            print(f"palm: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     _cpu_unless_accelerated()
     try:
