@@ -147,3 +147,17 @@ def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_ev
         assert rc == 2, model_args
         assert f"palm: error: palm model_args: " in err and message in err, err[-500:]
         assert "Traceback" not in err
+
+
+def test_bench_generate_batched_matches_one_at_a_time(checkpoint, capsys):
+    rc = main(["bench", "generate", str(checkpoint), "--requests", "5", "--max-gen-toks", "4", "--batch-size", "2",
+               "--prompt-chars", "80", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(out)
+    assert r["requests"] == 5 and r["batch_size"] == 2 and r["identical"] is True
+    assert r["batched"]["requests_per_s"] == pytest.approx(5 / r["batched"]["seconds"])
+    assert r["speedup"] == pytest.approx(r["one_at_a_time"]["seconds"] / r["batched"]["seconds"])
+    assert isinstance(r["generated_tokens"], int) and r["generated_tokens"] >= 0
+    assert main(["bench", "generate", str(checkpoint), "--requests", "0"]) == 2
+    assert "need --requests" in capsys.readouterr().err
