@@ -111,8 +111,8 @@ class PalmLM(LM):
         if unknown:
             raise PalmError(f"palm model_args: unknown key(s) {', '.join(sorted(unknown))}; "
                             f"expected {', '.join(MODEL_ARGS)}")
-        if device is not None:
-            log.warning("palm: device=%s is ignored; JAX picks the device (JAX_PLATFORMS)", device)
+        if device is not None:  # lm-eval's CLI always passes one (cuda:0 by default)
+            log.debug("palm: device=%s is ignored; JAX picks the device (JAX_PLATFORMS)", device)
         if language_model is not None:
             if checkpoint is not None or any(v is not None for v in (step, batch_size, max_length, dtype)):
                 raise PalmError("palm model_args: give a loaded LanguageModel or checkpoint=..., not both")
@@ -234,7 +234,9 @@ def run_lm_eval(language_model: Any, tasks: list[str], include_path: str | Path 
 
 
 def cli(argv: list[str]) -> int:
-    """`palm lm-eval ARGS`: lm-eval's CLI (`lm_eval ARGS`) with the "palm" model registered."""
+    """`palm lm-eval ARGS`: lm-eval's CLI (`lm_eval ARGS`) with the "palm" model registered. lm-eval's own
+    complaints about its input (ValueError, e.g. "Tasks not found: ...", FileNotFoundError) become one-line
+    PalmErrors, as palm's are."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
@@ -245,6 +247,10 @@ def cli(argv: list[str]) -> int:
         cli_evaluate()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, PalmError):
+            raise
+        raise PalmError(f"lm-eval: {e}") from None
     finally:
         sys.argv = saved
     return 0

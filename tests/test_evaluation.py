@@ -145,8 +145,12 @@ def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_ev
                    "--tasks", "palm_example_mc", "--limit", "1"])
         err = capsys.readouterr().err
         assert rc == 2, model_args
-        assert f"palm: error: palm model_args: " in err and message in err, err[-500:]
+        assert "palm: error: palm model_args: " in err and message in err, err[-500:]
         assert "Traceback" not in err
+    # lm-eval's own input errors are one line too.
+    assert main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint}", "--tasks", "no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert "palm: error: lm-eval: Tasks not found: no_such_task" in err and "Traceback" not in err
 
 
 def test_bench_generate_batched_matches_one_at_a_time(checkpoint, capsys):
