@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default 2)")
     q.add_argument("--prompt-len", type=int, default=128, metavar="N",
                    help="random prompt tokens per row, prefilled once (default 128)")
+    q = bench_sub.add_parser("generate", help="lm-eval generate_until requests/s through the palm backend, "
+                             "batched against one request at a time, on a checkpoint")
+    q.add_argument("checkpoint", help="a checkpoint step dir, a checkpoints dir, or a train stage dir (latest step)")
+    _add_json(q)
+    q.add_argument("--requests", type=int, default=32, metavar="N", help="requests (default 32)")
+    q.add_argument("--max-gen-toks", type=int, default=32, metavar="N", help="max_gen_toks (default 32)")
+    q.add_argument("--batch-size", type=int, default=8, metavar="N", help="batched mode's batch_size (default 8)")
+    q.add_argument("--prompt-chars", type=int, default=400, metavar="N",
+                   help="prompt: this many leading characters of a validation document (default 400)")
     p = sub.add_parser("checkpoint", help="list, inspect and verify training checkpoints")
     ck_sub = p.add_subparsers(dest="checkpoint_command", required=True)
     for name, text in (("list", "steps, sizes, metrics and parameter digests"),
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an eval setting, e.g. --set eval.max_examples=50")
     _add_json(p)
+
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness' CLI with the model \"palm\" registered: palm lm-eval --model palm "
+                   "--model_args checkpoint=CKPT,batch_size=8 --tasks T --include_path DIR (every lm_eval flag)")
 
     p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
                        "GSM8K exact match")
@@ -393,6 +406,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_input(args)
     if args.bench_command == "decode":
         return _cmd_bench_decode(args)
+    if args.bench_command == "generate":
+        from palm.bench import bench_generate, render_generate
+
+        result = bench_generate(args.checkpoint, requests=args.requests, max_gen_toks=args.max_gen_toks,
+                                batch_size=args.batch_size, prompt_chars=args.prompt_chars)
+        _emit(args, result, render_generate(result))
+        return 0
     from palm.bench import bench_train, render_train
     from palm.spec import load_spec
 
@@ -599,7 +619,21 @@ def _cpu_unless_accelerated() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _cmd_lm_eval(argv: list[str]) -> int:
+    _cpu_unless_accelerated()
+    from palm.lmeval import cli
+
+    return cli(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's (argparse would claim its flags)
+        try:
+            return _cmd_lm_eval(argv[1:])
+        except PalmError as e:
+            print(f"palm: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     _cpu_unless_accelerated()
     try:

@@ -5,20 +5,27 @@ training (`palm.train.loss_fn`): the model's first input is START_TOKEN (the end
 every scored text is conditioned on "a document just started", and logits are float32.
 
 - `loglikelihood(context, continuation)` -> (sum of log p of the continuation's tokens, whether greedy
-  decoding would have produced exactly them). Trailing whitespace of the context moves to the start of
-  the continuation (as lm-evaluation-harness does), context and continuation are encoded separately,
-  and the input [START] + context + continuation is truncated from the left to seq_len.
+  decoding would have produced exactly them). Tokenized as lm-evaluation-harness' causal models do
+  (`TemplateLM._encode_pair`): trailing whitespace of the context moves to the start of the
+  continuation, then context + continuation is encoded whole and the continuation's tokens are the
+  whole's tokens after the first len(encode(context)) (so a word that the boundary splits is tokenized
+  as in running text); an empty context gives just encode(continuation). The input [START] + context +
+  continuation is truncated from the left to `max_length` (START plays the harness' prefix token).
 - `loglikelihood_rolling(text)` -> sum of log p over every token of a text, in windows of at most
-  seq_len inputs: the first window scores its first seq_len tokens from START; each later window scores
-  the next `stride` tokens (default seq_len: disjoint windows as in lm-evaluation-harness), with the
-  inputs reaching back seq_len tokens, so each token has up to seq_len - 1 tokens of context (at least
-  seq_len - stride).
+  max_length inputs: the first window scores its first max_length tokens from START; each later window
+  scores the next `stride` tokens (default max_length: disjoint windows as in lm-evaluation-harness),
+  with the inputs reaching back max_length tokens, so each token has up to max_length - 1 tokens of
+  context (at least max_length - stride).
 - `perplexity_and_bits_per_byte(texts)`: token-level perplexity and bits per UTF-8 byte.
 - `rank_choices(context, choices)`: multiple-choice rank classification, raw and per-character
   normalized log-likelihood (lm-evaluation-harness' acc and acc_norm).
 - `generate(prompts, ...)`: batched prefill of the right-padded prompts into a KV cache (see palm.model),
   then one jitted decode step per token, greedy or temperature + nucleus sampling; each row stops at
   eos, at a stop sequence or at max_new_tokens.
+
+`max_length` (default: the model's seq_len, never more) caps every input as lm-evaluation-harness'
+max_length does: scored sequences are cut from the left to it, and a prompt to max_length -
+max_new_tokens tokens.
 
 Shapes are fixed so that jit compiles little: batches are padded to `batch_size` rows, sequence lengths
 to a power of two (at most seq_len), and the decode step's cache always has seq_len slots, so the
@@ -147,12 +154,17 @@ class LanguageModel:
     sharding: a `palm.sharding.Sharding` with a live mesh: `params` are already laid out on it (see
     `load_sharded_language_model`), activations are constrained as in training, and everything read back
     to the host is replicated first, so that every process of a multi-host job can read it.
+    max_length: the longest input (tokens, START included) scoring and generation use; at most seq_len,
+    which is the default.
     """
 
     def __init__(self, params: Any, config: ModelConfig, tokenizer: "Tokenizer", *, batch_size: int = 8,
-                 platform: str | None = None, sharding: "Sharding | None" = None):
+                 platform: str | None = None, sharding: "Sharding | None" = None, max_length: int | None = None):
         if batch_size < 1:
             raise PalmError(f"batch_size must be positive, got {batch_size}")
+        max_length = config.seq_len if max_length is None else max_length
+        if not 2 <= max_length <= config.seq_len:
+            raise PalmError(f"max_length must be between 2 and the model's seq_len {config.seq_len}, got {max_length}")
         if tokenizer.vocab_size > config.vocab_size:
             raise PalmError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocab_size "
                             f"{config.vocab_size}")
@@ -161,6 +173,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seq_len = config.seq_len
+        self.max_length = max_length
         self.start_token = START_TOKEN
         self.eos_id = tokenizer.eos_id
         self.pad_id = max(tokenizer.pad_id, 0)
@@ -258,10 +271,10 @@ class LanguageModel:
         return results
 
     def _continuation_row(self, context: Sequence[int], continuation: Sequence[int]) -> _Row:
-        if len(continuation) > self.seq_len:
-            raise PalmError(f"a continuation of {len(continuation)} tokens is longer than seq_len {self.seq_len}")
+        if len(continuation) > self.max_length:
+            raise PalmError(f"a continuation of {len(continuation)} tokens is longer than max_length {self.max_length}")
         sequence = [self.start_token, *context, *continuation]
-        return _Row(sequence[:-1][-self.seq_len:], sequence[1:][-self.seq_len:], len(continuation))
+        return _Row(sequence[:-1][-self.max_length:], sequence[1:][-self.max_length:], len(continuation))
 
     def loglikelihood_tokens(self, requests: Iterable[tuple[Sequence[int], Sequence[int]]]) \
             -> list[tuple[float, bool]]:
@@ -269,10 +282,16 @@ class LanguageModel:
         return self._score_rows([self._continuation_row(c, x) for c, x in requests])
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token ids of context and continuation, the context's trailing whitespace moved to the latter."""
+        """Token ids of context and continuation as lm-evaluation-harness' causal models split them
+        (`TemplateLM._encode_pair`, lm-eval 0.4.13): the context's trailing whitespace moved to the
+        continuation, context + continuation encoded whole, the continuation being the whole's tokens after
+        the first len(encode(context)). An empty context (after the move) gives ([], encode(continuation)),
+        as the harness' empty-context case does before putting its prefix token (here START) in front."""
         context, continuation = _move_trailing_whitespace(context, continuation)
-        ctx, cont = self.tokenizer.encode_batch([context, continuation])
-        return ctx, cont
+        if not context:
+            return [], self.tokenizer.encode(continuation)
+        whole, ctx = self.tokenizer.encode_batch([context + continuation, context])
+        return ctx, whole[len(ctx):]
 
     def loglikelihood_batch(self, requests: Iterable[tuple[str, str]]) -> list[tuple[float, bool]]:
         """[(context, continuation)] -> [(sum of log p(continuation | START + context), is_greedy)].
@@ -288,7 +307,7 @@ class LanguageModel:
     def _rolling_rows(self, ids: Sequence[int], stride: int | None) -> list[_Row]:
         sequence = [self.start_token, *ids]
         return [_Row(sequence[lo:b], list(ids[lo:b]), b - a)
-                for lo, a, b in rolling_windows(len(ids), self.seq_len, stride)]
+                for lo, a, b in rolling_windows(len(ids), self.max_length, stride)]
 
     def loglikelihood_rolling_tokens(self, texts_ids: Sequence[Sequence[int]],
                                      stride: int | None = None) -> list[float]:
@@ -350,17 +369,19 @@ class LanguageModel:
         Greedy when temperature == 0, else temperature + nucleus (top_p) sampling; prompt i draws from
         PRNG keys fold_in(fold_in(key(seed), i), k) for its k-th token, so results do not depend on how
         prompts are batched. Prompts ([START] + their tokens) are truncated from the left to
-        seq_len - max_new_tokens tokens.
+        max_length - max_new_tokens tokens. All prompts are decoded together, `batch_size` rows at a time
+        (longest first), and results come back in the prompts' order.
         """
         prompts = list(prompts)
         if temperature < 0 or not 0 < top_p <= 1:
             raise PalmError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         if max_new_tokens <= 0 or not prompts:
             return [""] * len(prompts)
-        if max_new_tokens >= self.seq_len:
-            raise PalmError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in seq_len {self.seq_len}")
+        if max_new_tokens >= self.max_length:
+            raise PalmError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in max_length "
+                            f"{self.max_length}")
         stop = [s for s in (stop or []) if s]
-        keep = self.seq_len - max_new_tokens
+        keep = self.max_length - max_new_tokens
         encoded = [[self.start_token, *ids][-keep:] for ids in self.tokenizer.encode_batch(prompts)]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         out = [""] * len(prompts)
@@ -479,13 +500,15 @@ def _tokenizer(tokenizer_path: str | Path) -> "Tokenizer":
 
 
 def load_language_model(checkpoint_dir: str | Path, model_config: ModelConfig, tokenizer_path: str | Path,
-                        step: int | None = None, *, batch_size: int = 8, verify: bool = True) -> LanguageModel:
+                        step: int | None = None, *, batch_size: int = 8, verify: bool = True,
+                        max_length: int | None = None) -> LanguageModel:
     """A LanguageModel from a training run's checkpoint (latest step by default) and its tokenizer.
 
     tokenizer_path: the SentencePiece model file, or the tokenizer stage directory holding tokenizer.model.
     """
     params, _ = restore_params(checkpoint_dir, model_config, step, verify=verify)
-    return LanguageModel(params, model_config, _tokenizer(tokenizer_path), batch_size=batch_size)
+    return LanguageModel(params, model_config, _tokenizer(tokenizer_path), batch_size=batch_size,
+                         max_length=max_length)
 
 
 def load_sharded_language_model(step_dir: str | Path, model_config: ModelConfig, tokenizer_path: str | Path,

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+
 from palm.config import ModelConfig
 from palm.errors import PalmError
 from palm.eval import LanguageModel, load_language_model, rolling_windows, sample_tokens
@@ -272,13 +275,80 @@ def reference_loglikelihood(full_logits, context: list[int], continuation: list[
     return float(total), all(int(np.argmax(logits[i])) == targets[i] for i in span)
 
 
+class HarnessTokens(TemplateLM):
+    """lm-eval's own tokenization of loglikelihood requests (TemplateLM.loglikelihood and _encode_pair, as
+    its HF backend uses them), over palm's tokenizer with START as the prefix token: what palm must match."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tok = tokenizer
+
+    @property
+    def eot_token_id(self):
+        return START_TOKEN
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        return self.tok.encode(string)
+
+    def _loglikelihood_tokens(self, requests, **kwargs):
+        return [(context_enc, continuation_enc) for _, context_enc, continuation_enc in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    def generate_until(self, requests, disable_tqdm=False):
+        raise NotImplementedError
+
+    def encode(self, pairs):
+        """[(context, continuation)] -> [(model input before the continuation, continuation ids)]."""
+        requests = [Instance("loglikelihood", {}, pair, 0) for pair in pairs]
+        return self.loglikelihood(requests, disable_tqdm=True)
+
+
+def palm_tokens(lm, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """palm's model input before the continuation ([START] + context ids) and the continuation ids."""
+    ctx, cont = lm.encode_pair(context, continuation)
+    return [START_TOKEN, *ctx], cont
+
+
+def test_encode_pair_is_the_harness_tokenization(lm, tokenizer):
+    """Words split across the context/continuation boundary tokenize as in running text (lm-eval encodes
+    context + continuation whole), unlike encoding the two separately."""
+    harness = HarnessTokens(tokenizer)
+    words = sorted({w for line in corpus(200) for w in line.rstrip(".,!?").split() if len(w) >= 5})
+    planted = []
+    for word in words:
+        for k in range(2, len(word) - 1):
+            context, continuation = f"ti {word[:k]}", f"{word[k:]} sa"
+            if tokenizer.encode(context) + tokenizer.encode(continuation) != tokenizer.encode(context + continuation):
+                planted.append((context, continuation))
+    assert len(planted) >= 5, "no word whose split tokenizes differently: the test would prove nothing"
+    planted = planted[:20]
+    # The HF backend's other cases: trailing whitespace moved to the continuation (several kinds of it), an
+    # empty context, a whitespace-only context, an empty continuation.
+    cases = planted + [("kalo mine ", "rusa"), ("kalo mine \n\t", "rusa ti"), ("", "kalo mine"), ("  ", "kalo"),
+                       ("kalo", ""), (TEXT[:300], TEXT[300:400])]
+    want = harness.encode(cases)
+    got = [palm_tokens(lm, context, continuation) for context, continuation in cases]
+    for case, (ctx, cont), (want_ctx, want_cont) in zip(cases, got, want):
+        assert cont == want_cont, case
+        # The harness feeds its prefix token only when the context is empty; palm always starts from START
+        # (training's document start), as a tokenizer that adds a BOS token does.
+        assert ctx == (want_ctx if want_ctx[:1] == [START_TOKEN] else [START_TOKEN, *want_ctx]), case
+    # Separate encoding would have given other continuation tokens for every planted case.
+    for (context, continuation), (_, cont) in zip(planted, got):
+        assert cont != tokenizer.encode(continuation)
+
+
 def test_loglikelihood_matches_log_softmax_of_recomputed_logits(lm, full_logits, tokenizer):
     requests = [("kalo mine", " rusa ti"), ("", "kalo mine"), ("vo pe da gu", " fi"),
-                ("sa ti vo pe da gu fi ho ze by", " wa ka lo"), (TEXT, " mine rusa"), ("a", "b c d e f g")]
-    results = lm.loglikelihood_batch(requests)  # six requests, batch_size 4, lengths up to seq_len
-    for (context, continuation), (total, greedy) in zip(requests, results):
-        want, want_greedy = reference_loglikelihood(full_logits, tokenizer.encode(context),
-                                                    tokenizer.encode(continuation))
+                ("sa ti vo pe da gu fi ho ze by", " wa ka lo"), (TEXT, " mine rusa"), ("a", "b c d e f g"),
+                ("kalo mi", "ne rusa")]
+    results = lm.loglikelihood_batch(requests)  # seven requests, batch_size 4, lengths up to seq_len
+    encoded = HarnessTokens(tokenizer).encode(requests)
+    for (context, continuation), (ctx_ids, cont_ids), (total, greedy) in zip(requests, encoded, results):
+        ctx_ids = ctx_ids[1:] if ctx_ids[:1] == [START_TOKEN] else ctx_ids  # the reference adds START itself
+        want, want_greedy = reference_loglikelihood(full_logits, ctx_ids, cont_ids)
         assert total == pytest.approx(want, abs=1e-3, rel=1e-5), (context[:20], continuation)
         assert greedy == want_greedy
         assert lm.loglikelihood(context, continuation)[0] == pytest.approx(total, abs=1e-4)
@@ -403,3 +473,106 @@ def test_matrices_are_cast_to_the_compute_dtype_once_with_the_same_logits(params
         base = jax.jit(lambda p, t: PaLM(cfg).apply({"params": p}, t))(params, tokens)
         unrolled = jax.jit(lambda p, t: PaLM(cfg, unroll_layers=True).apply({"params": p}, t))(params, tokens)
         np.testing.assert_allclose(np.asarray(unrolled), np.asarray(base), atol=tol, rtol=tol)
+
+
+# 5. max_length and the lm-eval backend -----------------------------------------------------------
+
+def test_max_length_caps_every_input(params, lm, full_logits, tokenizer):
+    short = LanguageModel(params, SMALL, tokenizer, batch_size=4, max_length=24)
+    ids = tokenizer.encode(TEXT)
+    # Scoring: [START] + context + continuation cut from the left to 24 inputs.
+    continuation = tokenizer.encode(" mine rusa")
+    sequence = [START_TOKEN, *ids, *continuation]
+    inputs, targets = sequence[:-1][-24:], sequence[1:][-24:]
+    logp = log_softmax(full_logits(inputs))
+    want = sum(logp[i, targets[i]] for i in range(24 - len(continuation), 24))
+    assert short.loglikelihood_tokens([(ids, continuation)])[0][0] == pytest.approx(want, rel=1e-5)
+    assert short.loglikelihood_tokens([(ids, continuation)])[0][0] != pytest.approx(
+        lm.loglikelihood_tokens([(ids, continuation)])[0][0], rel=1e-3)
+    # Rolling: disjoint windows of 24.
+    seq = [START_TOKEN, *ids]
+    want = 0.0
+    for start in range(0, len(ids), 24):
+        end = min(len(ids), start + 24)
+        lo = max(0, end - 24)
+        logp = log_softmax(full_logits(seq[lo:end]))
+        want += sum(logp[j - lo, ids[j]] for j in range(start, end))
+    assert short.loglikelihood_rolling(TEXT) == pytest.approx(want, rel=1e-5)
+    # Generation: the prompt keeps max_length - max_new_tokens tokens.
+    context = [START_TOKEN, *ids][-(24 - 4):]
+    expected = []
+    for _ in range(4):
+        token = int(np.argmax(full_logits(context)[-1]))
+        if token == tokenizer.eos_id:
+            break
+        expected.append(token)
+        context.append(token)
+    assert short.generate([TEXT], max_new_tokens=4) == [tokenizer.decode(expected)]
+    with pytest.raises(PalmError, match="max_new_tokens 24 leaves no room"):
+        short.generate(["x"], max_new_tokens=24)
+    for bad in (1, SMALL.seq_len + 1):
+        with pytest.raises(PalmError, match="max_length must be between 2 and the model's seq_len 64"):
+            LanguageModel(params, SMALL, tokenizer, max_length=bad)
+
+
+def generate_request(context: str, gen_kwargs: dict):
+    return Instance("generate_until", {}, (context, gen_kwargs), 0)
+
+
+def test_palm_lm_generate_until_batches_by_kwargs_like_one_at_a_time(params, lm, full_logits, tokenizer):
+    from palm.lmeval import PalmLM
+
+    stop_a = tokenizer.decode(greedy_by_recompute(full_logits, tokenizer, PROMPTS[0], 12))[2:4]
+    kwargs_a = {"until": ["\x00never", stop_a], "max_gen_toks": 12, "do_sample": False}
+    kwargs_b = {"until": "\n", "max_gen_toks": 5}
+    kwargs_c = {"until": [], "max_gen_toks": 7, "do_sample": False, "temperature": 0.7}  # greedy, as in lm-eval
+    prompts = PROMPTS + ["kalo mine rusa ti vo", "ze by wa"]
+    requests = [generate_request(p, kwargs_a) for p in prompts] + \
+        [generate_request(p, kwargs_b if i % 2 else kwargs_c) for i, p in enumerate(prompts)]
+    rng = np.random.default_rng(0)
+    requests = [requests[i] for i in rng.permutation(len(requests))]
+
+    # Independently: greedy argmax by recomputation, cut at the first stop sequence.
+    def expected(request):
+        context, kw = request.args
+        until = [kw["until"]] if isinstance(kw["until"], str) else kw["until"]
+        ids = greedy_by_recompute(full_logits, tokenizer, context, kw["max_gen_toks"])
+        return cut_at_stop(tokenizer, ids, until) if until else tokenizer.decode(ids)
+
+    calls = []
+    batched_lm = LanguageModel(params, SMALL, tokenizer, batch_size=4)
+    original = batched_lm._generate_batch
+    batched_lm._generate_batch = lambda prompts, *a: calls.append(len(prompts)) or original(prompts, *a)
+    batched = PalmLM(batched_lm).generate_until(requests)
+    single = PalmLM(LanguageModel(params, SMALL, tokenizer, batch_size=1))
+    one_by_one = [single.generate_until([r])[0] for r in requests]
+    assert batched == one_by_one == [expected(r) for r in requests]
+    assert any(stop_a in tokenizer.decode(greedy_by_recompute(full_logits, tokenizer, r.args[0], 12))
+               for r in requests if r.args[1] is kwargs_a)  # the stop sequence does cut something
+    # Three groups of kwargs, each decoded in batches of up to 4 prompts: far fewer batches than requests.
+    groups = {str(r.args[1]) for r in requests}
+    sizes = [sum(str(r.args[1]) == g for r in requests) for g in groups]
+    assert len(groups) == 3 and sorted(calls) == sorted(
+        [min(4, n - k) for n in sizes for k in range(0, n, 4)])
+    assert len(calls) < len(requests)
+
+
+def test_palm_lm_refuses_what_it_cannot_do(lm):
+    from palm.lmeval import PalmLM
+
+    palm_lm = PalmLM(lm)
+    with pytest.raises(PalmError, match="does not implement generation kwarg.*top_k"):
+        palm_lm.generate_until([generate_request("kalo", {"do_sample": True, "temperature": 1.0, "top_k": 5})])
+    with pytest.raises(PalmError, match="max_gen_toks 64 leaves no room for a prompt in max_length 64"):
+        palm_lm.generate_until([generate_request("kalo", {"max_gen_toks": 64})])
+    assert palm_lm.max_gen_toks == SMALL.seq_len // 2  # the default 256 capped for a short model
+    with pytest.raises(PalmError, match="unknown key.*bogus"):
+        PalmLM.create_from_arg_string("checkpoint=/x,bogus=1")
+    with pytest.raises(PalmError, match="key=value"):
+        PalmLM.create_from_arg_string("/some/checkpoint")
+    with pytest.raises(PalmError, match="checkpoint=PATH is required"):
+        PalmLM.create_from_arg_string("batch_size=4")
+    with pytest.raises(PalmError, match="batch_size must be an integer"):
+        PalmLM.create_from_arg_string("checkpoint=/x,batch_size=auto")
+    with pytest.raises(PalmError, match="not both"):
+        PalmLM(lm, checkpoint="/x")

@@ -10,7 +10,7 @@ import pytest
 from palm.cli import main
 from palm.errors import PalmError
 from palm.evaltasks.run import MC_KEYS, load_mc_task
-from tests.conftest import SPECS
+from tests.conftest import ROOT, SPECS
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +161,87 @@ def test_multiple_choice_task_errors_name_what_to_fix(tmp_path, yaml_text, lines
     with pytest.raises(PalmError) as e:
         load_mc_task(tmp_path / "t.yaml")
     assert message in str(e.value)
+# lm-eval building the "palm" model by name, on the example tasks shipped in examples/lm_eval -----------
+
+EXAMPLES = ROOT / "examples" / "lm_eval"
+
+
+@pytest.fixture
+def lm_eval_offline(monkeypatch):
+    """The example tasks' data_files are relative to the repository root; nothing comes from the hub."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import palm.lmeval
+
+    step = checkpoint / "6"
+    out = lm_eval.simple_evaluate(
+        model="palm", model_args=f"checkpoint={step},batch_size=4,max_length=96,dtype=float32",
+        tasks=["palm_examples"], task_manager=TaskManager(include_path=str(EXAMPLES)), limit=3,
+        bootstrap_iters=0, log_samples=True)
+    r = out["results"]
+    assert 0 <= r["palm_example_mc"]["acc,none"] <= 1 and 0 <= r["palm_example_mc"]["acc_norm,none"] <= 1
+    assert 0 <= r["palm_example_gen"]["exact_match,none"] <= 1
+    assert r["palm_example_text"]["bits_per_byte,none"] > 0 and r["palm_example_ll"]["perplexity,none"] > 1
+    assert {t: r[t]["sample_len"] for t in r if t != "palm_examples"} == {
+        "palm_example_mc": 3, "palm_example_gen": 3, "palm_example_text": 3, "palm_example_ll": 3}
+
+    # What lm-eval got back is what a LanguageModel on the same checkpoint computes.
+    lm = palm.lmeval.load_checkpoint(step, batch_size=2, max_length=96)
+    assert lm.max_length == 96
+    samples = out["samples"]
+    gen = [s["arguments"][0] for s in samples["palm_example_gen"]]
+    assert [s["resps"][0][0] for s in samples["palm_example_gen"]] == \
+        [lm.generate([context], 16, stop=["\n"])[0] for context, _ in gen]
+    texts = [s["arguments"][0][0] for s in samples["palm_example_text"]]
+    want = [lm.loglikelihood_rolling(t) for t in texts]
+    assert [s["resps"][0][0] for s in samples["palm_example_text"]] == pytest.approx(want, rel=1e-5)
+    pairs = [tuple(a) for s in samples["palm_example_mc"] + samples["palm_example_ll"] for a in s["arguments"]]
+    got = [resp[0][0] for s in samples["palm_example_mc"] + samples["palm_example_ll"] for resp in s["resps"]]
+    assert got == pytest.approx([lm.loglikelihood(c, x)[0] for c, x in pairs], rel=1e-5)
+
+
+def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, capsys):
+    rc = main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint},dtype=bfloat16",
+               "--batch_size", "4", "--include_path", str(EXAMPLES), "--tasks", "palm_example_mc,palm_example_gen",
+               "--limit", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "palm_example_mc" in out and "palm_example_gen" in out and "exact_match" in out
+
+    for model_args, message in [
+            (f"checkpoint={checkpoint},max_length=4096", "max_length 4096 exceeds the model's seq_len 128"),
+            (f"checkpoint={checkpoint},dtype=int8", "dtype must be one of float32, bfloat16 or auto"),
+            (f"checkpoint={checkpoint / '6'},step=3", "is step 6, but step=3"),
+            (f"checkpoint={checkpoint},batch_size=0", "batch_size must be at least 1"),
+            (f"checkpoint={checkpoint},temperature=1", "unknown key(s) temperature")]:
+        rc = main(["lm-eval", "--model", "palm", "--model_args", model_args, "--include_path", str(EXAMPLES),
+                   "--tasks", "palm_example_mc", "--limit", "1"])
+        err = capsys.readouterr().err
+        assert rc == 2, model_args
+        assert "palm: error: palm model_args: " in err and message in err, err[-500:]
+        assert "Traceback" not in err
+    # lm-eval's own input errors are one line too.
+    assert main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint}", "--tasks", "no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert "palm: error: lm-eval: Tasks not found: no_such_task" in err and "Traceback" not in err
+
+
+def test_bench_generate_batched_matches_one_at_a_time(checkpoint, capsys):
+    rc = main(["bench", "generate", str(checkpoint), "--requests", "5", "--max-gen-toks", "4", "--batch-size", "2",
+               "--prompt-chars", "80", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(out)
+    assert r["requests"] == 5 and r["batch_size"] == 2 and r["identical"] is True
+    assert r["batched"]["requests_per_s"] == pytest.approx(5 / r["batched"]["seconds"])
+    assert r["speedup"] == pytest.approx(r["one_at_a_time"]["seconds"] / r["batched"]["seconds"])
+    assert isinstance(r["generated_tokens"], int) and r["generated_tokens"] >= 0
+    assert main(["bench", "generate", str(checkpoint), "--requests", "0"]) == 2
+    assert "need --requests" in capsys.readouterr().err
