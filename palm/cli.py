@@ -25,8 +25,23 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+class _Version(argparse.Action):
+    """--version: the package version and the commit, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from palm import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version,
+                        help="print the package version and the commit it was built from, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per device, mesh, stages, wall time")

@@ -28,12 +28,16 @@ def image_commands(spec: Any, cloud_build: bool = False) -> list[list[str]]:
         raise SpecError("the worker image to build: the container image the launcher runs (e.g. "
                         "us-docker.pkg.dev/PROJECT/palm/palm-pipeline:latest)", key="infra.launcher.image")
     registry = image.split("/", 1)[0]
+    from palm import version_info
+
+    commit = version_info()["commit"]  # `palm --version` in the image reports it
     if cloud_build:
         project = [f"--project={spec.infra.launcher.project}"] if spec.infra.launcher.project else []
-        return [["gcloud", "builds", "submit", *project, f"--config={CLOUD_BUILD}", f"--substitutions=_IMAGE={image}",
-                 "."]]
+        return [["gcloud", "builds", "submit", *project, f"--config={CLOUD_BUILD}",
+                 f"--substitutions=_IMAGE={image},_PALM_COMMIT={commit}", "."]]
     login = [["gcloud", "auth", "configure-docker", registry, "--quiet"]] if "." in registry and "/" in image else []
-    return [*login, ["docker", "build", f"--file={DOCKERFILE}", f"--tag={image}", "."], ["docker", "push", image]]
+    return [*login, ["docker", "build", f"--file={DOCKERFILE}", f"--tag={image}", f"--build-arg=PALM_COMMIT={commit}",
+                     "."], ["docker", "push", image]]
 
 
 def render(spec: Any, cloud_build: bool = False) -> str:

@@ -154,3 +154,22 @@ def test_missing_subcommand_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+def test_version_names_the_package_and_the_commit(capsys, monkeypatch, tmp_path):
+    import subprocess
+
+    import palm
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert out.startswith(f"palm-pipeline {palm.__version__} (commit {head}")
+    # Outside a checkout (the worker image): the commit the image was built from.
+    monkeypatch.setattr(palm, "__file__", str(tmp_path / "palm" / "__init__.py"))
+    monkeypatch.setenv("PALM_COMMIT", "0123abcd")
+    assert palm.version_info() == {"version": palm.__version__, "commit": "0123abcd", "dirty": None, "source": "image"}
+    monkeypatch.delenv("PALM_COMMIT")
+    assert palm.version_info()["commit"] == "unknown"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from palm import version_info
 from palm.cli import main
 from tests.conftest import ROOT, SPECS
 
@@ -38,14 +39,19 @@ def test_the_dockerfile_installs_the_locked_environment_with_the_tpu_runtime_and
     assert config["steps"][0]["args"][:3] == ["build", "--file", "infra/Dockerfile"] and config["images"] == ["${_IMAGE}"]
 
 
+COMMIT = version_info()["commit"]
+
+
 def test_image_dry_run_prints_docker_or_cloud_build(capsys):
+    assert len(COMMIT) == 40  # the tests run from a git checkout
     assert main(["image", S540, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines == ["gcloud auth configure-docker us-docker.pkg.dev --quiet",
-                     f"docker build --file=infra/Dockerfile --tag={IMAGE} .", f"docker push {IMAGE}"]
+                     f"docker build --file=infra/Dockerfile --tag={IMAGE} --build-arg=PALM_COMMIT={COMMIT} .",
+                     f"docker push {IMAGE}"]
     assert main(["image", S540, "--dry-run", "--cloud-build"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == [
-        f"gcloud builds submit --project=my-gcp-project --config=infra/cloudbuild.yaml --substitutions=_IMAGE={IMAGE} ."]
+        f"gcloud builds submit --project=my-gcp-project --config=infra/cloudbuild.yaml --substitutions=_IMAGE={IMAGE},_PALM_COMMIT={COMMIT} ."]
 
 
 def test_image_without_a_name_is_bad_input(capsys):
@@ -65,7 +71,8 @@ def test_image_runs_the_commands_from_the_repository_root(capsys, tmp_path, monk
     assert main(["image", S540]) == 0
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[0] for c in calls] == ["gcloud", "docker", "docker"]
-    assert calls[1][1] == ["build", "--file=infra/Dockerfile", f"--tag={IMAGE}", "."] and calls[2][1] == ["push", IMAGE]
+    assert calls[1][1] == ["build", "--file=infra/Dockerfile", f"--tag={IMAGE}", f"--build-arg=PALM_COMMIT={COMMIT}", "."]
+    assert calls[2][1] == ["push", IMAGE]
     assert {Path(c[2]) for c in calls} == {ROOT}
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert main(["image", S540]) == 2
