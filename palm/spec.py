@@ -831,6 +831,8 @@ def _load_remote_tree(path: str) -> dict[str, Any]:
     from palm import storage
 
     try:
+        if storage.size(path) > safeyaml.MAX_BYTES:
+            raise SpecError(f"is larger than {safeyaml.MAX_BYTES // 2**20} MiB, too large for a YAML file", file=path)
         text = storage.read_text(path)
     except FileNotFoundError:
         raise SpecError("file not found", file=path) from None

@@ -505,3 +505,22 @@ def test_long_values_are_truncated_in_messages(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(TINY, ["train.steps=" + "x" * 5000])
     assert e.value.key == "train.steps" and len(str(e.value)) < 300, str(e.value)
+
+
+def test_a_spec_on_gs_is_read_with_the_same_bounds(gcs_emulator):
+    """The resolved spec a launched worker reads from gs://: too large, duplicate keys, an alias bomb."""
+    import uuid
+
+    from palm import storage
+
+    root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
+    cases = {
+        "big.yaml": ("#" * (safeyaml.MAX_BYTES + 1), "is larger than 4 MiB"),
+        "dup.yaml": ("name: a\nname: b\n", "duplicate key name (first at line 1)"),
+        "bomb.yaml": (_alias_bomb(9), "expands to more than"),
+    }
+    for name, (text, message) in cases.items():
+        storage.write_text_atomic(f"{root}/{name}", text)
+        with pytest.raises(SpecError) as e:
+            load_spec(f"{root}/{name}")
+        assert e.value.file == f"{root}/{name}" and message in e.value.detail, str(e.value)
