@@ -1,7 +1,9 @@
 """The `palm` command: plan, run, bench and inspect PaLM pretraining pipelines.
 
 Conventions for every subcommand: `--set dotted.key=value` overrides the spec, `--json` prints one
-machine-readable object on stdout (logs go to stderr), exit codes are 0 success, 1 failure, 2 bad input.
+machine-readable object on stdout (logs go to stderr), exit codes are 0 success, 1 failure, 2 bad input
+or a fault of the machine that a retry would meet again (a full disk, permission denied, a directory where
+a file should be: one line naming the path), 75 a stop or a fault a later attempt may not meet.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from palm.errors import PalmError
+from palm.errors import PalmError, environment_fault
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -322,6 +324,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except TerminationSignal:  # SIGTERM outside training: the stage in progress is incomplete, never reused
         print("palm: terminated; complete stages are kept, re-run to continue", file=sys.stderr)
         return Preempted.exit_code
+    except Exception as e:  # a fault of the machine in the flow itself (writing spec.json, the report)
+        fault = environment_fault(e, where=root)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
     finally:
         for handler, level in restore:
             handler.setLevel(level)
@@ -653,9 +660,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _cpu_unless_accelerated()
     try:
         return COMMANDS[args.command](args)
-    except PalmError as e:
+    except PalmError as e:  # bad input, or a fault of the machine (EnvironmentFault: exit 2, or 75 if transient)
         print(f"palm: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except Exception as e:
+        fault = environment_fault(e)  # an OSError (a full disk, permission denied...) no command converted
+        if fault is None:
+            raise
+        print(f"palm: error: {fault}", file=sys.stderr)
+        return fault.exit_code
 
 
 if __name__ == "__main__":

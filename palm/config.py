@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-_STRICT = {"extra": "forbid"}
+#: pydantic's config for each section (read only when palm.spec validates them): unknown keys and
+#: non-finite floats (NaN, infinity) are refused.
+_STRICT = {"extra": "forbid", "allow_inf_nan": False}
 
 Remat = Literal["none", "full", "save_dots", "offload"]
 Attention = Literal["auto", "xla", "cudnn", "pallas"]

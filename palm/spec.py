@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from palm import safeyaml
 from palm.config import (
     CheckpointConfig,
     LossSpikeConfig,
@@ -33,7 +35,9 @@ from palm.topology import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_top
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float field of the spec is a finite number (`.nan`, `.inf`, "nan" are
+    # refused by name), as `x <= 0` style checks are all false for NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -664,23 +668,25 @@ def node_spec(spec: Spec, overrides: dict[str, Any]) -> Spec:
     return node
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, *, parent: bool = False) -> dict[str, Any]:
+    """The mapping in the YAML file at `path` (palm.safeyaml's bounds and duplicate-key check). A spec
+    named on the command line may be a pipe (`<(...)`); a parent named by `extends` must be a regular file
+    (the caller says which file, and that key, when it is not)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = safeyaml.read_text(path, allow_fifo=not parent)
     except FileNotFoundError:
         raise SpecError("file not found", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"cannot read: {e}", file=str(path)) from None
+    except safeyaml.NotReadable as e:
+        raise SpecError(e.reason, file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", file=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safeyaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        opened = getattr(e, "context_mark", None)
-        if opened is not None and getattr(e, "context", None):
-            problem += f" ({e.context} at line {opened.line + 1})"
-        raise SpecError(f"invalid YAML: {where}{problem}", file=str(path)) from None
+        what = "refused YAML" if isinstance(e, safeyaml.YAMLRefused) else "invalid YAML"
+        raise SpecError(f"{what}: {safeyaml.error_text(e)}", file=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -699,21 +705,55 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _spec_sections() -> set[str]:
+    return {*Spec.model_fields, "extends"}
+
+
+def _read_parent(parent_path: Path, child: Path, parent: str) -> dict[str, Any]:
+    """The parent spec `extends: parent` names, from `child`. Only a regular file that parses as a mapping
+    of spec sections is a parent: anything else is one line keyed `extends` of the child that says what
+    the parent is, never quoting its content (`extends: /etc/passwd` must not print the file)."""
+    where = dict(file=str(child), key="extends")
+    name, show = safeyaml.shown(parent, 120), safeyaml.shown(str(parent_path), 200)
+    try:
+        data = _read_yaml(parent_path, parent=True)
+    except SpecError as e:
+        if e.detail == "file not found":
+            raise SpecError(f"{name} not found (looked in {child.parent})", **where) from None
+        if e.detail.startswith("refused YAML"):
+            raise  # palm's own words (a bound, a duplicate key), at the parent's line
+        if e.detail.startswith("invalid YAML"):
+            # PyYAML's problem text can quote the file (an alias's or a tag's name): the place only.
+            mark = re.match(r"invalid YAML: (line \d+, column \d+)", e.detail)
+            raise SpecError(f"{name} is not a spec file: invalid YAML{' at ' + mark.group(1) if mark else ''} "
+                            f"(`palm spec show {show}` says what is wrong)", **where) from None
+        if e.detail.startswith("expected a mapping"):
+            raise SpecError(f"{name} is not a spec file (not a YAML mapping)", **where) from None
+        raise SpecError(f"{name} {e.detail}" if e.detail.startswith("is ") else f"{name}: {e.detail}",
+                        **where) from None
+    if not set(map(str, data)) <= _spec_sections():
+        raise SpecError(f"{name} is not a spec file (its top-level keys are not spec sections: "
+                        f"{', '.join(sorted(_spec_sections()))}); check it with `palm spec show {show}`", **where)
+    return data
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = (), name: str = "") -> dict[str, Any]:
+    """The merged tree of the spec at `path` and its parents; `name` is how its child's `extends` wrote it."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
         raise SpecError(f"extends forms a cycle: {chain}", file=str(path), key="extends")
-    data = _read_yaml(path)
+    data = _read_yaml(path) if not seen else _read_parent(path, seen[-1], name)
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or not parent:
         raise SpecError("expected a file name (relative to this file)", file=str(path), key="extends")
     parent_path = (path.parent / parent)
-    if not parent_path.exists():
-        raise SpecError(f"{parent} not found (looked in {path.parent})", file=str(path), key="extends")
-    return deep_merge(_load_tree(parent_path, (*seen, path)), data)
+    if not os.path.lexists(parent_path):
+        raise SpecError(f"{safeyaml.shown(parent, 120)} not found (looked in {path.parent})", file=str(path),
+                        key="extends")
+    return deep_merge(_load_tree(parent_path, (*seen, path), parent), data)
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
@@ -726,7 +766,9 @@ def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
     if not sep or not _KEY.match(key):
         raise SpecError(f"expected dotted.key=value, got {assignment!r}", file="--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safeyaml.safe_load(raw) if raw.strip() else ""
+    except safeyaml.YAMLRefused as e:  # a duplicate key or a bound: never a plain string the user meant
+        raise SpecError(f"refused YAML value: {safeyaml.error_text(e)}", file="--set", key=key) from None
     except yaml.YAMLError:
         value = raw
     return set_dotted(tree, key, value, file="--set")
@@ -771,14 +813,15 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, file: str | None = No
 def _format_validation_error(err: ValidationError, file: str) -> SpecError:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if p != "[key]") or "(top level)"
+        key = ".".join(safeyaml.shown(p) for p in e["loc"] if p != "[key]") or "(top level)"
         msg = e["msg"]
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key (not in the schema; see `palm spec schema`)"
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
+            got = repr(e["input"])
+            msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
         lines.append((key, msg))
     key, msg = lines[0]
     extra = "".join(f"\n  also {k}: {m}" for k, m in lines[1:])
@@ -791,13 +834,15 @@ def _load_remote_tree(path: str) -> dict[str, Any]:
     from palm import storage
 
     try:
+        if storage.size(path) > safeyaml.MAX_BYTES:
+            raise SpecError(f"is larger than {safeyaml.MAX_BYTES // 2**20} MiB, too large for a YAML file", file=path)
         text = storage.read_text(path)
     except FileNotFoundError:
         raise SpecError("file not found", file=path) from None
     try:
-        data = yaml.safe_load(text)
+        data = safeyaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"invalid YAML/JSON: {e}", file=path) from None
+        raise SpecError(f"invalid YAML/JSON: {safeyaml.error_text(e)}", file=path) from None
     if not isinstance(data, dict):
         raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=path)
     if "extends" in data:

@@ -8,20 +8,33 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State, TaskRun
 
-from palm.errors import PalmError, Preempted
+from palm.errors import PalmError, Preempted, environment_fault
 from palm.stages import StageOutput
 
 
 def worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry crashes and transient failures, never bad input (a PalmError fails the same way every
-    time) nor a stop this process was asked for (Preempted: the caller exits 75 and resumes later)."""
+    time), a fault of the machine that a retry meets again (a full disk, a path this user may not use, a
+    directory where a file should be: EnvironmentFault, or an OSError of that kind that reached here
+    unconverted), nor a stop this process was asked for (Preempted: the caller exits 75 and resumes later).
+    A TransientFault (a connection reset or timed out) is retried."""
     try:
         state.result()
-    except (PalmError, Preempted):
+    except Preempted:
         return False
-    except BaseException:  # noqa: BLE001 - anything else may be transient: that is what retries are for
-        return True
+    except PalmError as e:
+        return getattr(e, "retryable", False)
+    except BaseException as e:  # noqa: BLE001 - anything else may be transient: that is what retries are for
+        fault = environment_fault(e)
+        return fault is None or fault.retryable
     return True
+
+
+def as_environment_fault(error: BaseException, root: str) -> BaseException:
+    """What a stage task raises for `error`: the EnvironmentFault it is (naming the path, `root` when the
+    OSError names none), so that it is not retried and the CLI prints one line; else `error` itself."""
+    fault = environment_fault(error, where=root)
+    return error if fault is None else fault
 
 
 def with_retry_policy(task: Task, spec: Any, stage: str) -> Task:

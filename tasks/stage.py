@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from palm.pipeline import STAGES, attached, run_node
 from palm.stages import StageOutput
-from tasks.common import artifact_key, publish_summary, with_retry_policy
+from tasks.common import artifact_key, as_environment_fault, publish_summary, with_retry_policy
 
 
 def accounting_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -92,12 +92,18 @@ def stage_task(node: Any, root: str, inputs: dict[str, StageOutput], force: bool
     hooks = attached()
     if hooks.on_stage_start is not None:
         hooks.on_stage_start(node.name)
-    if STAGES[node.stage].trains:
-        from tasks.train import run_training_node
+    try:
+        if STAGES[node.stage].trains:
+            from tasks.train import run_training_node
 
-        out = run_training_node(node, root, inputs, force, get_run_logger())
-    else:
-        out = run_node(node, root, inputs, force=force, hooks=hooks)
+            out = run_training_node(node, root, inputs, force, get_run_logger())
+        else:
+            out = run_node(node, root, inputs, force=force, hooks=hooks)
+    except Exception as e:  # noqa: BLE001 - a full disk, a forbidden or wrong kind of path: one line, no retry
+        fault = as_environment_fault(e, root)
+        if fault is e:
+            raise
+        raise fault from e  # the original stays in the task run's log
     if node.stage in PUBLISHERS:
         PUBLISHERS[node.stage](node, out)
     publish_summary(node, out)

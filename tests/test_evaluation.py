@@ -153,8 +153,13 @@ def test_the_multiple_choice_format_is_documented_where_the_readme_points():
     ("data: d.jsonl\n", ["not json"], "d.jsonl:1: not valid JSON"),
     ("data: missing.jsonl\n", [], "file not found"),
     ("data: d.jsonl\nnum_shots: 1\n", ['{"question": "q", "choices": ["a"], "answer": 0}'], "leave none after the 1 shots"),
-    ("data: [d.jsonl\n", [], "cannot read it"),
+    ("data: [d.jsonl\n", [], "t.yaml: invalid YAML: line 2, column 1"),
+    ("data: d.jsonl\ndata: e.jsonl\n", [], "t.yaml: invalid YAML: line 2, column 1: duplicate key data (first at line 1)"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)),
+     [], "expands to more than"),
 ])
+@pytest.mark.timeout(60)
 def test_multiple_choice_task_errors_name_what_to_fix(tmp_path, yaml_text, lines, message):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "t.yaml").write_text(yaml_text)
@@ -245,3 +250,24 @@ def test_bench_generate_batched_matches_one_at_a_time(checkpoint, capsys):
     assert isinstance(r["generated_tokens"], int) and r["generated_tokens"] >= 0
     assert main(["bench", "generate", str(checkpoint), "--requests", "0"]) == 2
     assert "need --requests" in capsys.readouterr().err
+
+
+def test_multiple_choice_task_that_is_a_directory_or_device(tmp_path):
+    (tmp_path / "t.yaml").mkdir()
+    with pytest.raises(PalmError, match="t.yaml: is a directory, not a file$"):
+        load_mc_task(tmp_path / "t.yaml")
+    with pytest.raises(PalmError, match="/dev/zero: is a device, not a regular file$"):
+        load_mc_task("/dev/zero")
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("eval.max_examples=[unclosed", "eval.max_examples: Input should be a valid integer"),
+    ("eval.tasks={a: 1, a: 2}", "--set: eval.tasks: refused YAML value: line 1, column 8: duplicate key a"),
+    ("eval.max_examples=.nan", "eval.max_examples: Input should be a finite number"),
+    ("eval.batch_size=.inf", "eval.batch_size: Input should be a finite number"),
+])
+def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(tmp_path, capsys, assignment, message):
+    """With --spec the settings are checked before the checkpoint is looked at (none exists here)."""
+    assert main(["eval", str(tmp_path / "no-checkpoint"), "--spec", str(SPECS / "tiny.yaml"), "--set", assignment]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

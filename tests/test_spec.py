@@ -7,6 +7,7 @@ Broken specs are small files in tmp_path that extend specs/tiny.yaml and add the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -277,3 +278,249 @@ def test_spec_schema_is_json(capsys):
     assert model["additionalProperties"] is False
     assert "num_layers" in model["properties"]
     assert resolve(props["train"])["additionalProperties"] is False
+
+
+# ------------------------------------------------------------- bad input that used to pass silently
+# Each is one SpecError (exit 2, one line) naming the file and the key, found before any work starts.
+
+from palm.errors import SpecError  # noqa: E402
+from palm import safeyaml  # noqa: E402
+
+
+def _nested(key: str, value: str) -> str:
+    """`a.b.c` and `.nan` as the YAML block `a:\n  b:\n    c: .nan\n`."""
+    parts = key.split(".")
+    return "".join("  " * i + f"{p}:\n" for i, p in enumerate(parts[:-1])) + "  " * (len(parts) - 1) + \
+        f"{parts[-1]}: {value}\n"
+
+
+# Float fields of every kind of section (a config dataclass, a pydantic model, a Field with bounds, a dict
+# of floats, a retry policy) and an int field, each with NaN or an infinity.
+NON_FINITE = [
+    ("train.schedule.peak_learning_rate", ".nan"),   # used to end in "train.steps: must be positive"
+    ("train.z_loss", ".inf"),
+    ("train.optimizer.gradient_clip", ".nan"),
+    ("train.optimizer.update_clip", "-.inf"),
+    ("train.loss_spike.threshold", ".inf"),
+    ("model.layer_norm_epsilon", ".nan"),
+    ("data.dedup.near.threshold", ".nan"),
+    ("data.quality.alpha", ".inf"),
+    ("infra.launcher.poll_seconds", ".nan"),
+    ("retries.train.delay_seconds", ".inf"),
+    ("eval.max_examples", ".nan"),
+    ("eval.batch_size", ".inf"),
+]
+
+
+@pytest.mark.parametrize("key, value", NON_FINITE, ids=[k for k, _ in NON_FINITE])
+def test_non_finite_number_in_a_file_names_its_key(tmp_path, key, value):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child(_nested(key, value)), encoding="utf-8")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.key == key and e.value.file == str(path), str(e.value)
+    assert "finite number" in e.value.detail, str(e.value)
+
+
+@pytest.mark.parametrize("key, value", NON_FINITE + [("train.z_loss", "nan"), ("train.optimizer.beta1", "-inf"),
+                                                     ("data.sources.0.filters.max_fraction_top_ngram_chars.2",
+                                                      ".nan")],
+                         ids=[k for k, _ in NON_FINITE] + ["z_loss-string-nan", "beta1-string-inf",
+                                                           "ngram-dict-value"])
+def test_non_finite_number_in_set_names_its_key(key, value):
+    with pytest.raises(SpecError) as e:
+        load_spec(TINY, [f"{key}={value}"])
+    assert e.value.key == key and "finite number" in e.value.detail, str(e.value)
+
+
+def test_non_finite_number_in_a_workflow_node_override_names_its_key(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child("workflow:\n  data: {}\n  train: {needs: [data], set: {train.z_loss: .nan}}\n"))
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.key == "workflow.train.set.train.z_loss" and "finite number" in e.value.detail, str(e.value)
+
+
+def test_nan_learning_rate_is_one_line_from_the_cli(capsys):
+    assert main(["plan", str(TINY), "--set", "train.schedule.peak_learning_rate=.nan"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert "tiny.yaml: train.schedule.peak_learning_rate: Input should be a finite number" in err
+    assert "train.steps" not in err
+
+
+def test_duplicate_key_names_the_key_file_and_both_lines(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child("train:\n  steps: 3\n  seed: 1\n  steps: 4\n"), encoding="utf-8")
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert e.value.file == str(path), str(e.value)
+    assert "duplicate key steps (first at line 3)" in e.value.detail and "line 5" in e.value.detail, str(e.value)
+
+
+def test_duplicate_top_level_key_in_a_parent_names_the_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY.read_text() + "name: again\n", encoding="utf-8")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\n", encoding="utf-8")
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "child.yaml")
+    assert e.value.file == str(tmp_path / "base.yaml") and "duplicate key name" in e.value.detail, str(e.value)
+
+
+def test_duplicate_key_in_a_set_value_is_refused():
+    with pytest.raises(SpecError) as e:
+        load_spec(TINY, ["infra.mesh={data: 1, data: 2}"])
+    assert e.value.file == "--set" and e.value.key == "infra.mesh" and "duplicate key data" in e.value.detail
+
+
+def test_merge_keys_still_work_and_may_override(tmp_path):
+    path = tmp_path / "child.yaml"
+    text = _child("""\
+        name: child
+        model: &m {num_layers: 3}
+        train:
+          schedule: {<<: {peak_learning_rate: 0.5, constant_steps: 100, warmup_steps: 0}, peak_learning_rate: 0.25}
+        """)
+    path.write_text(text, encoding="utf-8")
+    spec = load_spec(path)
+    assert spec.train.schedule.peak_learning_rate == 0.25 and spec.model.num_layers == 3
+
+
+def _alias_bomb(levels: int, indent: str = "") -> str:
+    """`levels` anchors, each a list of nine aliases of the one before: 9**levels strings from ~50 bytes
+    a line ("billion laughs" at 9)."""
+    lines = [f'{indent}l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{indent}l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(60)
+def test_alias_bomb_is_refused_fast(tmp_path):
+    """Under a workflow node's `set` (values of any type) the aliases used to be expanded by every dump of
+    the spec: nine levels hung `palm plan` for minutes. Six levels (half a million strings) finish either
+    way, so this fails by returning a spec if the bound goes, rather than by hanging."""
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    bomb = _alias_bomb(6, indent="      ").replace("      l", "      workflow.train.set.l")
+    path.write_text(_child("workflow:\n  data: {}\n  train:\n    needs: [data]\n    set:\n" + bomb), encoding="utf-8")
+    start = time.monotonic()
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    assert time.monotonic() - start < 5
+    assert e.value.file == str(path) and "refused YAML" in e.value.detail, str(e.value)
+    assert f"expands to more than {safeyaml.MAX_NODES:,} values" in e.value.detail
+
+
+@pytest.mark.parametrize("text, message", [
+    (_alias_bomb(9), "expands to more than"),
+    # Merge keys copy the merged mapping's entries: five levels of ten merges, 400,000 entries.
+    ("m0: &m0 {a: 1, b: 2, c: 3, d: 4}\n" + "".join(
+        f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}\n" for i in range(1, 6)), "expands to more than"),
+    ("x: " + "[" * 200 + "]" * 200 + "\n", f"nested more than {safeyaml.MAX_DEPTH} levels"),
+    ("x: &a [1, *a]\n", "alias *a refers to a node that contains it"),
+], ids=["billion-laughs", "merge-bomb", "deep-nesting", "recursive-alias"])
+@pytest.mark.timeout(60)
+def test_unbounded_yaml_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["spec", "show", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"palm: error: {path}: refused YAML: line ") and message in err, err
+
+
+def test_oversized_spec_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    path.write_text("# " + "x" * safeyaml.MAX_BYTES + "\nname: huge\n", encoding="utf-8")
+    assert main(["spec", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"palm: error: {path}: is larger than 4 MiB, too large for a YAML file"
+
+
+def _extends(tmp_path: Path, parent: str) -> Path:
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: '{parent}'\nname: child\n", encoding="utf-8")
+    return child
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make, what", [
+    (lambda d: "/dev/zero", "/dev/zero is a device, not a regular file"),
+    (lambda d: os.mkfifo(d / "fifo") or "fifo", "fifo is a FIFO, not a regular file"),  # nobody writes: a hang
+    (lambda d: (d / "dir").mkdir() or "dir", "dir is a directory, not a file"),
+    (lambda d: (d / "big.yaml").write_text("#" * (safeyaml.MAX_BYTES + 1)) and "big.yaml",
+     "big.yaml is larger than 4 MiB"),
+], ids=["device", "fifo", "directory", "oversized"])
+def test_extends_reads_regular_files_only(tmp_path, capsys, make, what):
+    child = _extends(tmp_path, make(tmp_path))
+    assert main(["spec", "show", str(child)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"palm: error: {child}: extends: {what}" + (
+        ", too large for a YAML file" if "larger" in what else "")
+
+
+SECRET = "s3cr3t-Value-42"
+
+
+@pytest.mark.parametrize("content", [
+    f"root:x:0:0:{SECRET}:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",  # like /etc/passwd
+    f"api_token: {SECRET}\nname: x\n",                     # a mapping, not of spec sections
+    f"{SECRET}: 1\n",                                      # a secret as a key
+    f"name: x\nmodel: *{SECRET}\n",                        # invalid YAML whose error would name the alias
+    f"name: x\nmodel: {{d: [{SECRET}\n",                   # invalid YAML whose error would quote the line
+    f"- {SECRET}\n",
+], ids=["passwd-like", "foreign-mapping", "secret-key", "undefined-alias", "unclosed", "list"])
+def test_extends_never_prints_another_files_content(tmp_path, capsys, content):
+    (tmp_path / "other.conf").write_text(content, encoding="utf-8")
+    child = _extends(tmp_path, "other.conf")
+    assert main(["spec", "show", str(child)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{child}: extends: other.conf is not a spec file" in err, err
+    assert SECRET not in err and "api_token" not in err and "root:x" not in err, err
+
+
+def test_extends_etc_passwd_is_not_a_spec_file(tmp_path, capsys):
+    if not Path("/etc/passwd").is_file():
+        pytest.fail("this test needs /etc/passwd (a Linux host)")
+    first = Path("/etc/passwd").read_text().splitlines()[0]
+    child = _extends(tmp_path, "/etc/passwd")
+    assert main(["spec", "show", str(child)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"palm: error: {child}: extends: /etc/passwd is not a spec file (not a YAML mapping)"
+    assert first not in err
+
+
+def test_unknown_keys_are_escaped_and_truncated(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text(_child('"bad\\nkey\\u001b[31m": 1\n' + f'"{"k" * 500}": 2\n'), encoding="utf-8")
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "k" * 100 not in err, err
+    assert "'bad\\nkey\\x1b[31m': unknown key" in err
+    assert len(err.strip().splitlines()) == 2, err  # the first error and one "also" line
+
+
+def test_long_values_are_truncated_in_messages(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_spec(TINY, ["train.steps=" + "x" * 5000])
+    assert e.value.key == "train.steps" and len(str(e.value)) < 300, str(e.value)
+
+
+def test_a_spec_on_gs_is_read_with_the_same_bounds(gcs_emulator):
+    """The resolved spec a launched worker reads from gs://: too large, duplicate keys, an alias bomb."""
+    import uuid
+
+    from palm import storage
+
+    root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
+    cases = {
+        "big.yaml": ("#" * (safeyaml.MAX_BYTES + 1), "is larger than 4 MiB"),
+        "dup.yaml": ("name: a\nname: b\n", "duplicate key name (first at line 1)"),
+        "bomb.yaml": (_alias_bomb(9), "expands to more than"),
+    }
+    for name, (text, message) in cases.items():
+        storage.write_text_atomic(f"{root}/{name}", text)
+        with pytest.raises(SpecError) as e:
+            load_spec(f"{root}/{name}")
+        assert e.value.file == f"{root}/{name}" and message in e.value.detail, str(e.value)

@@ -11,12 +11,14 @@ shard is a hash of its id, and a shard's documents are sorted by id.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import heapq
 import importlib
 import io
 import json
+import logging
 import re
 import unicodedata
 from pathlib import Path
@@ -32,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from palm import storage
 from palm.data import builtin, filters, minhash
 from palm.data.quality import SCORE_BINS, score_bin
-from palm.errors import PalmError
+from palm.errors import EnvironmentFault, PalmError, environment_fault
 from palm.spec import DataSpec, Source
 
 # Elements: raw records (doc_id, source, bytes, format) and documents (doc_id, source, text).
@@ -64,6 +66,10 @@ def source_patterns(spec: DataSpec) -> list[tuple[str, int, str]]:
                 if pattern not in builtin.CORPORA:
                     raise PalmError(f"data.sources.{i}.paths: unknown builtin corpus {pattern!r}; "
                                     f"choose from {', '.join(sorted(builtin.CORPORA))}")
+            elif not storage.is_remote(pattern) and Path(pattern).is_dir():
+                raise EnvironmentFault(f"data.sources.{i}.paths: {pattern} is a directory, where a file was expected "
+                                       f"(EISDIR); name its files with a glob, such as {pattern.rstrip('/')}/*."
+                                       f"{src.format}", path=pattern)
             elif not any(r.metadata_list for r in FileSystems.match([pattern], limits=[1])):
                 raise PalmError(f"data.sources.{i}.paths: no file matches {pattern!r} (source {src.name!r})")
             out.append((src.name, p, pattern))
@@ -825,7 +831,9 @@ def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_ima
     a `palm-data-error:` raised in a worker comes back as the user's PalmError.
 
     `worker_image` is the spec's infra.launcher.image: remote workers run it unless
-    data.beam.sdk_container_image names another (see `pipeline_options`)."""
+    data.beam.sdk_container_image names another (see `pipeline_options`). A fault of the machine in a
+    worker that names its file (a forbidden path, a directory read as a file) is one EnvironmentFault; one
+    that names none (a full disk) is raised as it is, for the stage task to name the run's root."""
     check_submission_environment(spec)
     options = pipeline_options(spec, job_name=job_name, worker_image=worker_image)
     runner = None
@@ -834,13 +842,44 @@ def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_ima
 
         runner = FnApiRunner()
     try:
-        with beam.Pipeline(runner=runner, options=options) as p:
+        with _quiet_environment_faults(), beam.Pipeline(runner=runner, options=options) as p:
             build(p)
     except Exception as e:  # Beam wraps worker errors; surface ours as the user's error
         message = str(e)
         if _FAIL in message:
             raise PalmError(message.split(_FAIL, 1)[1].split("\n")[0].rstrip(" '\"[]")) from None
+        fault = environment_fault(e)
+        if fault is not None and fault.path is not None:
+            raise fault from None
         raise
+
+
+class _DropEnvironmentFaults(logging.Filter):
+    """Beam's workers log every failed bundle with its traceback (one per thread or retry of the bundle);
+    for a fault of the machine, which run_beam turns into one line, those are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return environment_fault(error if error is not None else Exception(record.getMessage())) is None
+
+
+@contextlib.contextmanager
+def _quiet_environment_faults() -> Iterator[None]:
+    drop = _DropEnvironmentFaults()
+    loggers = [logging.getLogger(name) for name in _BEAM_ERROR_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+#: The Beam loggers that report a failed DoFn (in process and in the SDK harness).
+_BEAM_ERROR_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
+                       "apache_beam.runners.worker.bundle_processor",
+                       "apache_beam.runners.portability.fn_api_runner.fn_runner")
 
 
 def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None = None,

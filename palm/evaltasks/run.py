@@ -123,11 +123,21 @@ def load_mc_task(task_file: str | Path) -> tuple[dict[str, Any], list[dict[str, 
     PalmError naming the file, the key or the line."""
     import yaml
 
+    from palm import safeyaml
+
     path = Path(task_file)
     try:
-        task = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise PalmError(f"multiple-choice task {path}: cannot read it: {e}") from None
+        task = safeyaml.safe_load(safeyaml.read_text(path))
+    except FileNotFoundError:
+        raise PalmError(f"multiple-choice task {path}: file not found") from None
+    except safeyaml.NotReadable as e:
+        raise PalmError(f"multiple-choice task {path}: {e.reason}") from None
+    except UnicodeDecodeError as e:
+        raise PalmError(f"multiple-choice task {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PalmError(f"multiple-choice task {path}: cannot read it: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise PalmError(f"multiple-choice task {path}: invalid YAML: {safeyaml.error_text(e)}") from None
     if not isinstance(task, dict):
         raise PalmError(f"multiple-choice task {path}: expected a mapping of {', '.join(MC_KEYS)}")
     unknown = sorted(set(task) - set(MC_KEYS))
