@@ -193,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm-evaluation-harness' CLI with the model \"palm\" registered: palm lm-eval --model palm "
                    "--model_args checkpoint=CKPT,batch_size=8 --tasks T --include_path DIR (every lm_eval flag)")
 
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV-cache generation, as evaluation's)")
+    p.add_argument("checkpoint", help="a checkpoint step dir, a checkpoints dir, or a train stage dir (latest step)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line; or JSONL (.jsonl) with a "
+                   "'prompt' field per line")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="new tokens per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (results do not depend on batching)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion at this text "
+                   "(repeatable; not included)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts decoded together")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (default: the run's)")
+    _add_json(p)
+
     p = sub.add_parser("eval-score", help="score model samples: HumanEval pass@k (programs run in a sandbox), "
                        "GSM8K exact match")
     p.add_argument("task", choices=("humaneval", "gsm8k"), help="the evaluation task")
@@ -520,6 +536,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import math
+
+    from palm.evaltasks import iter_jsonl
+    from palm.evaltasks.run import load_checkpoint_model
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = args.prompts_file
+        if path.endswith((".jsonl", ".jsonl.gz")):
+            for lineno, record in iter_jsonl(path, what="prompts"):
+                if not isinstance(record.get("prompt"), str):
+                    raise PalmError(f"{path}:{lineno}: needs a string field 'prompt'")
+                prompts.append(record["prompt"])
+        else:
+            try:
+                text = open(path, encoding="utf-8").read()
+            except FileNotFoundError:
+                raise PalmError(f"--prompts-file: {path} not found") from None
+            except (IsADirectoryError, UnicodeDecodeError) as e:
+                raise PalmError(f"--prompts-file: {path}: {e}") from None
+            prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PalmError("no prompts: pass --prompt TEXT or --prompts-file FILE")
+    if args.max_tokens < 1 or args.batch_size < 1:
+        raise PalmError("--max-tokens and --batch-size must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise PalmError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise PalmError(f"--top-p must be in (0, 1], got {args.top_p}")
+    lm = load_checkpoint_model(args.checkpoint, batch_size=args.batch_size, dtype=args.dtype, what="generate: ")
+    if args.max_tokens >= lm.seq_len:
+        raise PalmError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's {lm.seq_len} tokens")
+    completions = lm.generate(prompts, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              stop=args.stop, seed=args.seed)
+    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    text = "\n\n".join(c if len(rows) == 1 else f"--- {i}: {p!r}\n{c}" for i, (p, c) in
+                        enumerate(zip(prompts, completions)))
+    _emit(args, {"checkpoint": str(args.checkpoint), "temperature": args.temperature, "top_p": args.top_p,
+                 "seed": args.seed, "max_tokens": args.max_tokens, "samples": rows}, text)
+    return 0
+
+
 def _cmd_eval_score(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -623,7 +682,7 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 COMMANDS = {"image": _cmd_image, "plan": _cmd_plan, "run": _cmd_run, "worker": _cmd_worker, "launch": _cmd_launch,
             "spec": _cmd_spec, "data": _cmd_data, "bench": _cmd_bench, "checkpoint": _cmd_checkpoint,
-            "eval-score": _cmd_eval_score, "eval": _cmd_eval}
+            "eval-score": _cmd_eval_score, "generate": _cmd_generate, "eval": _cmd_eval}
 
 
 def _cpu_unless_accelerated() -> None:

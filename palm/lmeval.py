@@ -75,27 +75,10 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
 def load_checkpoint(checkpoint: str | Path, *, step: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                     max_length: int | None = None, dtype: str | None = None) -> Any:
     """A `palm.eval.LanguageModel` from a training run's checkpoint (see the module docstring for the args)."""
-    import dataclasses
+    from palm.evaltasks.run import load_checkpoint_model
 
-    from palm.config import ModelConfig
-    from palm.eval import load_language_model
-    from palm.evaltasks.run import locate_run
-    from palm.stages import local_copy
-
-    run = locate_run(checkpoint)
-    if run["step"] is not None and step is not None and run["step"] != step:
-        raise PalmError(f"palm model_args: checkpoint {checkpoint} is step {run['step']}, but step={step}")
-    step = run["step"] if step is None else step
-    config = ModelConfig(**run["model"])
-    if dtype not in (None, "auto"):
-        if dtype not in DTYPES:
-            raise PalmError(f"palm model_args: dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
-        config = dataclasses.replace(config, dtype=dtype)
-    if max_length is not None and max_length > config.seq_len:
-        raise PalmError(f"palm model_args: max_length {max_length} exceeds the model's seq_len {config.seq_len}")
-    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
-    return load_language_model(run["train_dir"], config, tokenizer, step=step, batch_size=batch_size,
-                               max_length=max_length)
+    return load_checkpoint_model(checkpoint, step=step, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                                 what="palm model_args: ")
 
 
 @register_model("palm")

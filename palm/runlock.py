@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from palm import storage
-from palm.errors import PalmError
+from palm.errors import PalmError, environment_fault
 
 LOCK_FILE = ".palm-run.lock"
 
@@ -44,8 +44,13 @@ def run_lock(root: str | os.PathLike) -> Iterator[Path | None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except (FileExistsError, NotADirectoryError):
+    except FileExistsError:
         raise PalmError(f"{root} (the run directory) is a file, not a directory: pass another --output") from None
+    except OSError as e:  # a file above it, no permission, a full disk: the one line of palm.errors
+        fault = environment_fault(e, str(root))
+        if fault is None:
+            raise
+        raise fault from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

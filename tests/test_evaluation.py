@@ -271,3 +271,42 @@ def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(t
     assert main(["eval", str(tmp_path / "no-checkpoint"), "--spec", str(SPECS / "tiny.yaml"), "--set", assignment]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkpoint, capsys, tmp_path):
+    from palm.evaltasks.run import load_checkpoint_model
+
+    prompts = ["The king", "To be, or not", "First Citizen:"]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts[1:]) + "\n")
+    args = ["generate", str(checkpoint), "--prompt", prompts[0], "--prompts-file", str(tmp_path / "prompts.jsonl"),
+            "--max-tokens", "12", "--batch-size", "2", "--json"]
+    runs = []
+    for _ in range(2):
+        assert main(args) == 0
+        runs.append(json.loads(capsys.readouterr().out)["samples"])
+    assert runs[0] == runs[1] and [r["prompt"] for r in runs[0]] == prompts
+    # Evaluation's greedy generation (what GSM8K and HumanEval use) on the same checkpoint, another batch size.
+    lm = load_checkpoint_model(checkpoint, batch_size=4)
+    assert [r["completion"] for r in runs[0]] == lm.generate(prompts, 12)
+    # Sampling: the seed decides, not the batching.
+    sampled = []
+    for batch in ("1", "3"):
+        assert main(["generate", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[2], "--max-tokens", "12",
+                     "--temperature", "0.9", "--top-p", "0.9", "--seed", "5", "--batch-size", batch, "--json"]) == 0
+        sampled.append(json.loads(capsys.readouterr().out)["samples"])
+    assert sampled[0] == sampled[1]
+    assert [r["completion"] for r in sampled[0]] == lm.generate([prompts[0], prompts[2]], 12, temperature=0.9,
+                                                                 top_p=0.9, seed=5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no prompts"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be"),
+    (["--prompt", "x", "--top-p", "0"], "--top-p must be"),
+    (["--prompt", "x", "--max-tokens", "100000"], "leaves no room for a prompt"),
+    (["--prompts-file", "/nonexistent/p.txt"], "not found"),
+])
+def test_palm_generate_bad_input_is_one_line(checkpoint, capsys, extra, message):
+    assert main(["generate", str(checkpoint), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -313,6 +313,37 @@ def eval_settings(checkpoint: str | Path, spec: str | Path | None = None, tasks:
     return settings, source
 
 
+#: Compute dtypes a checkpoint may be loaded in for evaluation and generation.
+DTYPES = ("float32", "bfloat16")
+
+
+def load_checkpoint_model(checkpoint: str | Path, *, step: int | None = None, batch_size: int = 8,
+                          max_length: int | None = None, dtype: str | None = None, what: str = "") -> Any:
+    """A `palm.eval.LanguageModel` from a training run's checkpoint (a step, checkpoints or train
+    directory; the latest step unless the path or `step` names one), with the run's tokenizer. `dtype`
+    overrides the model's compute dtype ("auto"/None: the run's); `what` prefixes error messages."""
+    import dataclasses
+
+    from palm.config import ModelConfig
+    from palm.eval import load_language_model
+    from palm.stages import local_copy
+
+    run = locate_run(checkpoint)
+    if run["step"] is not None and step is not None and run["step"] != step:
+        raise PalmError(f"{what}checkpoint {checkpoint} is step {run['step']}, but step={step}")
+    step = run["step"] if step is None else step
+    config = ModelConfig(**run["model"])
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise PalmError(f"{what}dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
+        config = dataclasses.replace(config, dtype=dtype)
+    if max_length is not None and max_length > config.seq_len:
+        raise PalmError(f"{what}max_length {max_length} exceeds the model's seq_len {config.seq_len}")
+    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
+    return load_language_model(run["train_dir"], config, tokenizer, step=step, batch_size=batch_size,
+                               max_length=max_length)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
                         pack: Any = None, tokenizer: Any = None,
                         mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
