@@ -33,7 +33,16 @@ from tasks.train import sigterm_sets
 
 
 def run_root(spec: Any, output: str | None) -> str:
-    return output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    if output:
+        return output
+    from prefect.runtime import deployment
+
+    root = spec.infra.storage_root.rstrip("/")
+    # A deployment's runs keep to a directory of their own (`runs/deployments/pretrain-tiny`), apart from
+    # `palm run`'s (`runs/tiny`): a deployed run never finds a local run's outputs cached, nor waits on its
+    # lock; the deployment's own runs share their cache, as repeated `palm run`s do.
+    name = deployment.name
+    return f"{root}/deployments/{name}" if name else f"{root}/{spec.name}"
 
 
 def run_graph(workflow: Any, root: str, selected: list[str], force: frozenset[str]) -> dict[str, Any]:

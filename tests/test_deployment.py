@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +23,6 @@ import pytest
 
 from tests.conftest import ROOT
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 OVERRIDES = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
 TERMINAL_BAD = {"FAILED", "CRASHED", "CANCELLED"}
 
@@ -32,11 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -54,51 +48,79 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def cli(env: dict[str, str], *args: str, timeout: float = 180) -> str:
-    done = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def tail(path: Path, n: int = 6000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
+README_PORT = "4200"
+
+
+def readme_section_5() -> list[str]:
+    """The commands of README section 5's code block, as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### 5. Deploy to a cluster", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 @pytest.fixture
 def prefect_stack(tmp_path):
-    """A Prefect server on a free loopback port; yields (env for CLI calls, api url, start(), tmp)."""
+    """README section 5 run verbatim, in bash, from the repository root: the `export`s set the
+    environment of the later commands, `... &` lines keep running (the server, the worker) and the
+    others must succeed. The only changes: the port (4200 may be taken; a free one is put in its place)
+    and, by the caller, `--params` added to the final `deployment run`. PREFECT_HOME and the database
+    are the test's own, so nothing of the user's Prefect is touched.
+
+    Yields (run the remaining README lines, env, api url, tmp)."""
     home = tmp_path / "prefect-home"
     home.mkdir()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api,
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PREFECT_CLI_PROMPT="false", PALM_PIPELINE_DIR=str(ROOT))
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PALM_PIPELINE_DIR"}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_CLI_PROMPT="false")
+    assert shutil.which("uv", path=env.get("PATH")), "README section 5 runs `uv run`: uv must be on PATH"
+    lines = [line.replace(README_PORT, port) for line in readme_section_5()]
     procs: list[subprocess.Popen] = []
+    state = {"api": None}
 
-    def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
-        procs.append(start(cmd, env, log))
-        return procs[-1]
+    def run(line: str) -> str:
+        line = line.split("  #", 1)[0].strip()
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value
+            if key == "PREFECT_API_URL":
+                state["api"] = value
+            return ""
+        if line.endswith("&"):
+            log = tmp_path / f"bg{len(procs)}.log"
+            procs.append(subprocess.Popen(["bash", "-c", f"exec {line[:-1].strip()}"], env=env, cwd=ROOT,
+                                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+            if " server start" in line:
+                wait_for_server(procs[-1], state["api"], log)
+            return ""
+        done = subprocess.run(["bash", "-c", line], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"README line failed: {line}\n{done.stdout}\n{done.stderr}"
+        return done.stdout
 
-    server_log = tmp_path / "server.log"
-    server = spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"the Prefect server exited:\n{tail(server_log)}"
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the Prefect server did not answer:\n{tail(server_log)}"
-            time.sleep(0.5)
-        yield env, api, spawn, tmp_path
+        yield lines, run, env, state, tmp_path, procs
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def wait_for_server(server: subprocess.Popen, api: str | None, log: Path) -> None:
+    assert api, "README section 5 must export PREFECT_API_URL before it starts the server"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, f"the Prefect server exited:\n{tail(log)}"
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the Prefect server did not answer:\n{tail(log)}"
+        time.sleep(0.5)
 
 
 def flow_runs(api: str, flow_name: str) -> list[dict]:
@@ -110,40 +132,47 @@ def flow_runs(api: str, flow_name: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_deployed_pretrain_tiny_runs_and_its_events_evaluate_each_checkpoint_once(prefect_stack, shared_data):
-    env, api, spawn, tmp = prefect_stack
-
-    cli(env, "work-pool", "create", "local-process", "--type", "process")
-    # `deploy --all` also deploys the TPU deployments, and refuses a pool that does not exist: give them
-    # their pool (no worker polls it here, so nothing runs there).
-    cli(env, "work-pool", "create", "tpu-v4", "--type", "process")
-    cli(env, "deploy", "--all", "--prefect-file", "infra/prefect.yaml", "--no-prompt", timeout=300)
+def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(prefect_stack, shared_data):
+    lines, run, env, state, tmp, procs = prefect_stack
+    assert lines[0].startswith("export PREFECT_API_URL=http://127.0.0.1:")
+    assert all(line.startswith(("export ", "uv run prefect ")) for line in lines), lines
+    *setup, last = lines
+    assert last == "uv run prefect deployment run pretrain/pretrain-tiny"
+    before_worker = [i for i, line in enumerate(setup) if " worker start" in line][0]
+    for line in setup[:before_worker]:
+        run(line)
+    api = state["api"]
     deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()}
     assert {"pretrain-tiny", "eval-new-checkpoints"} <= set(deployments), sorted(deployments)
+    tiny = deployments["pretrain-tiny"]
+    # No variable needed: `prefect deploy` recorded this checkout as the working directory.
+    assert tiny["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     eval_dep = deployments["eval-new-checkpoints"]
     # The hourly fallback is not under test: pause it so only the events start evaluations.
     for sched in eval_dep.get("schedules") or []:
         httpx.patch(f"{api}/deployments/{eval_dep['id']}/schedules/{sched['id']}", json={"active": False},
                     timeout=30).raise_for_status()
-    for run in flow_runs(api, "eval-new-checkpoints"):  # any auto-scheduled run made before the pause
-        httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=30).raise_for_status()
+    for flow_run in flow_runs(api, "eval-new-checkpoints"):  # any auto-scheduled run made before the pause
+        httpx.delete(f"{api}/flow_runs/{flow_run['id']}", timeout=30).raise_for_status()
+    for line in setup[before_worker:]:
+        run(line)
+    worker, worker_log = procs[-1], tmp / f"bg{len(procs) - 1}.log"
 
-    worker_log = tmp / "worker.log"
-    worker = spawn([PREFECT, "worker", "start", "--pool", "local-process"], worker_log)
-
+    # The README's last line, with a small run of it into a temporary directory.
     out = tmp / "run"
     params = json.dumps({"output": str(out), "overrides": OVERRIDES})
-    text = cli(env, "deployment", "run", "pretrain/pretrain-tiny", "--params", params)
+    text = run(f"{last} --params '{params}'")
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", text).group(1)
 
     deadline = time.monotonic() + 360
     while True:
-        state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]
-        assert state["type"] not in TERMINAL_BAD, f"pretrain ended {state['name']}: {state.get('message')}\n{tail(worker_log)}"
-        if state["type"] == "COMPLETED":
+        flow_state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]
+        assert flow_state["type"] not in TERMINAL_BAD, \
+            f"pretrain ended {flow_state['name']}: {flow_state.get('message')}\n{tail(worker_log)}"
+        if flow_state["type"] == "COMPLETED":
             break
         assert worker.poll() is None, f"the worker exited:\n{tail(worker_log)}"
-        assert time.monotonic() < deadline, f"pretrain still {state['name']} after 6 minutes\n{tail(worker_log)}"
+        assert time.monotonic() < deadline, f"pretrain still {flow_state['name']} after 6 minutes\n{tail(worker_log)}"
         time.sleep(2)
 
     # The outputs of the deployed run.
@@ -190,3 +219,14 @@ def test_deployed_pretrain_tiny_runs_and_its_events_evaluate_each_checkpoint_onc
     assert sum(evaluated.values()) == 3, [(tr["name"], tr["task_key"], tr["state_type"]) for tr in task_runs]
     assert len(evaluated) == 3 and set(evaluated.values()) == {1}, evaluated
     print("eval-checkpoint task runs:", dict(evaluated))
+
+
+def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):
+    from flows.pretrain import run_root
+    from palm.spec import load_spec
+
+    spec = load_spec(ROOT / "specs" / "tiny.yaml")
+    assert run_root(spec, None) == "runs/tiny"  # palm run, or the flow called directly
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "pretrain-tiny")
+    assert run_root(spec, None) == "runs/deployments/pretrain-tiny"
+    assert run_root(spec, "/elsewhere") == "/elsewhere"  # the run's output parameter wins
