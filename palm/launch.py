@@ -578,10 +578,8 @@ def validate_jobset(manifest: dict[str, Any]) -> None:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
     if errors:
         raise PalmError(f"the JobSet manifest is invalid at {_where(errors[0].absolute_path)}: {errors[0].message}")
-    try:
-        import kubernetes_validate
-    except ImportError:
-        return
+    import kubernetes_validate
+
     for i, rjob in enumerate(manifest["spec"]["replicatedJobs"]):
         job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{manifest['metadata']['name']}-{rjob['name']}-0"},
                **{k: v for k, v in rjob["template"].items() if k != "metadata"}}
