@@ -23,7 +23,7 @@ import optax
 from palm import optimizer as palm_optimizer
 from palm.config import ModelConfig, TrainConfig
 from palm.errors import PalmError, Preempted
-from palm.model import PaLM, abstract_params, count_params, model_flops_per_token, output_logits
+from palm.model import PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
 from palm.sharding import Sharding, make_mesh
 
 #: Token placed before the first token of each packed sequence (the end-of-document id).
@@ -117,12 +117,6 @@ def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_l
     return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
 
 
-def layer_axes(boxed: Any) -> Any:
-    """0 for parameters stacked over layers (leading axis named "layers"), None for the rest."""
-    return jax.tree.map(lambda p: 0 if p.names and p.names[0] == "layers" else None, boxed,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 class Trainer:
     """A jitted, sharded PaLM training step for one model, train config and mesh."""
 
@@ -142,7 +136,8 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(model_config, self.num_params)
         self.peak_flops = peak_flops(devices[0])
         self.num_devices = len(devices)
-        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule, layer_axes(boxed))
+        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule,
+                                            matrix_axes(boxed))
         self.learning_rate = palm_optimizer.learning_rate(train_config.schedule)
 
         param_shardings = self.sharding.for_params(boxed)
