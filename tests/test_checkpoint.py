@@ -313,3 +313,38 @@ def test_palm_checkpoint_list_inspect_verify(tmp_path, capsys):
 
     assert main(["checkpoint", "list", str(tmp_path / "nothing")]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+RESTART_POINT_ON_A_MESH = """
+import jax, numpy as np
+from palm.checkpoint import state_digest
+from palm.config import ModelConfig, TrainConfig
+from palm.train import Trainer, to_devices, to_host
+model = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
+                    dtype="float32", remat="none")
+trainer = Trainer(model, TrainConfig(), {"data": 2, "fsdp": 2, "model": 2})
+state = trainer.init()
+host = to_host(state)
+back = to_devices(host)
+assert state_digest(back) == state_digest(state)
+assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)))
+# Each distinct shard is copied once: the step counter (replicated on 8 devices) once, the query kernel
+# (fsdp x model, replicated over data) 4 times, each put back on its 2 devices.
+assert len(host.step.shards) == 1 and len(host.step.shards[0][1]) == 8
+query = host.params["layers"]["query"]
+assert len(query.shards) == 4 and all(len(devices) == 2 for _, devices in query.shards)
+print("ok")
+"""
+
+
+def test_restart_points_copy_each_shard_once_and_restore_the_layout():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", RESTART_POINT_ON_A_MESH], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
