@@ -1,8 +1,9 @@
 """Checkpoints with Orbax: asynchronous, atomic, retained by policy, verified on restore.
 
 A checkpoint at step s holds the train state after s steps (parameters, optimizer state, step), the
-data iterator's state after the batches of steps < s, and `meta`: the spec's hash, the parameters'
-digest, the seed, the step's metrics and the run's loss-spike events. Orbax writes each checkpoint to
+data iterator's state after the batches of steps < s (and any a loss spike skipped), and `meta`: the
+spec's hash, the parameters' digest, the seed, the step's metrics, the run's loss-spike events and
+`data_position`, the sequences drawn from the data stream so far. Orbax writes each checkpoint to
 a temporary directory and renames it when complete (on GCS, which cannot rename, it writes the step in
 place and a `commit_success.txt` marker last), so a half-written checkpoint is never listed.
 On restore the digest is recomputed: a checkpoint that fails to load or whose digest differs is moved
@@ -359,6 +360,16 @@ class Checkpoints:
         jobs, self._seal_jobs = self._seal_jobs, []
         for job in jobs:
             job.result()
+
+    def discard_from(self, step: int) -> list[int]:
+        """Delete the checkpoints at `step` and after (a loss spike rolled training back to `step`: they hold
+        the abandoned trajectory, and the steps will be saved again). Returns the steps deleted."""
+        self.wait()
+        gone = [s for s in self.steps() if s >= step]
+        for s in gone:
+            self.manager.delete(s)
+        self.manager.reload()
+        return gone
 
     def close(self) -> None:
         self.wait()

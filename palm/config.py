@@ -115,7 +115,39 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossSpikeConfig:
-    """Section 5.1: on a spike, roll back to an earlier checkpoint and skip the batches that caused it."""
+    """Section 5.1: on a loss spike, restart from about 100 steps before the spike began and skip the
+    batches seen since then (the paper skipped about 200 to 500).
+
+    A spike is detected at step s when the loss is non-finite or above `threshold` times the median of
+    the last `window` losses. It began at the earliest of the steps just before s (at most `onset_steps`
+    back, in an unbroken run) whose losses were already above (1 + threshold) / 2 times that median,
+    or at s. Training rolls back to the latest restart point at or before max(0, start - rollback_steps)
+    and skips max(skip_batches, s - restart + 1) batches from there, so every batch from the restart
+    point through the spike is skipped. With the defaults that restart point lies in [s - 149, s - 100],
+    inside the paper's window: rollback_steps to rollback_steps + onset_steps + restart_every - 1 steps
+    before s.
+
+    Restart points are copies of the train state (parameters, optimizer state, step) with the data
+    iterator's position, kept in host memory (each host its own devices' shards) every `restart_every`
+    steps and at every (re)start. Only those a later spike could still roll back to are kept: at most
+    ceil((rollback_steps + onset_steps) / restart_every) + 2 copies (7 with the defaults). A copy is
+    the train state's size: 12 bytes per parameter with float32 momentum (4 parameter, 4 second
+    moment, 4 momentum), so about 100 GB for 8B and 6.5 TB for 540B over the whole job (about 4 GB per
+    copy per host on 1536 hosts of four TPU v4 chips). Where host memory is short, raise
+    `restart_every` (fewer copies, a coarser restart step) or set it to null (none kept). Restart
+    points live in memory only: after a resume the first is the resume step.
+
+    Where no restart point is old enough (none kept, the first steps of a run, just after a resume) the
+    rollback goes to the latest valid checkpoint at or before the target; failing that, to the oldest
+    restart point kept, or the latest checkpoint before the spike. The checkpoints after the restart
+    step (the abandoned trajectory) are deleted, and the restart step is checkpointed again with the data
+    position after the skip, so a preemption right after a rollback does not train on skipped batches.
+
+    Rollback needs checkpoints (run_training without them neither detects spikes nor keeps restart
+    points). Every event is recorded with the checkpoints' metadata and the train stage's manifest
+    (`loss_spikes`): the spike's step and start, the restart step and where it came from, and the
+    skipped batches and their sequence range in the data stream.
+    """
 
     __pydantic_config__ = _STRICT
 
@@ -123,8 +155,21 @@ class LossSpikeConfig:
     #: A loss above `threshold` times the median of the last `window` losses is a spike.
     threshold: float = 2.0
     window: int = 100
-    #: Batches skipped after rolling back (the paper skipped about 200 to 500).
+    #: Batches skipped after rolling back (the paper skipped about 200 to 500), at least those from the
+    #: restart point through the spike.
     skip_batches: int = 300
+    #: Roll back to the latest restart point at or before this many steps before the spike began (paper: ~100).
+    rollback_steps: int = 100
+    #: How many steps before its detection a spike's start is looked for.
+    onset_steps: int = 25
+    #: Steps between restart points kept in host memory; null: none (roll back to checkpoints only).
+    restart_every: int | None = 25
+
+    def max_restart_points(self) -> int:
+        """The most restart points kept at once (see the class docstring); 0 without them."""
+        if self.restart_every is None:
+            return 0
+        return -(-(self.rollback_steps + self.onset_steps) // self.restart_every) + 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,15 @@ Array = jax.Array
 Constrain = Callable[[Array, tuple[str | None, ...]], Array]
 
 
+#: Logical name of the leading axis of parameters scanned over layers (nn.scan's partition name).
+LAYERS = "layers"
+#: Logical name of the axis that stacks a fused kernel's matrices (multi-query attention's key and value,
+#: SwiGLU's gate and up), so one matmul computes both. `palm.sharding` has no rule for it (never split).
+FUSED = "fused"
+#: Axes whose every index is a separate weight matrix, as the optimizer sees them (`matrix_axes`).
+MATRIX_INDEX_AXES = (LAYERS, FUSED)
+
+
 def _no_constraint(x: Array, names: tuple[str | None, ...]) -> Array:
     return x
 
@@ -294,10 +303,10 @@ class Block(nn.Module):
         d, n, kv, h, f = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff
         w_q = kernel("query", (d, n, h), ("embed", "heads", "head_dim"), (0,))
         # One key and one value projection (multi-query), stacked so one matmul computes both.
-        w_kv = kernel("key_value", (d, 2, kv, h), ("embed", None, "kv_heads", "head_dim"), (0,))
+        w_kv = kernel("key_value", (d, 2, kv, h), ("embed", FUSED, "kv_heads", "head_dim"), (0,))
         w_o = kernel("out", (n, h, d), ("heads", "head_dim", "embed"), (0, 1))
         # SwiGLU's gate and up projections, stacked likewise.
-        w_in = kernel("mlp_in", (d, 2, f), ("embed", None, "mlp"), (0,))
+        w_in = kernel("mlp_in", (d, 2, f), ("embed", FUSED, "mlp"), (0,))
         w_down = kernel("mlp_out", (f, d), ("mlp", "embed"), (0,))
 
         y = LayerNorm(c.layer_norm_epsilon, pdtype, name="layer_norm")(x).astype(dtype)
@@ -376,7 +385,7 @@ class PaLM(nn.Module):
             # The cache (when given) is scanned over its leading layers axis and restacked on the way out.
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast if cache is None else (nn.broadcast, 0), length=c.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"},
+                            metadata_params={nn.PARTITION_NAME: LAYERS},
                             unroll=c.num_layers if self.unroll_layers else 1)
             layers = stack(**kwargs, name="layers")
             x, cache = layers(x, positions) if cache is None else layers(x, positions, cache)
@@ -483,6 +492,19 @@ def hardware_flops_per_token(config: ModelConfig, num_params: int | None = None)
     layers_fwd = 2.0 * (n - c.vocab_size * c.d_model) + attention_fwd
     recompute = {"none": 0.0, "save_dots": attention_fwd, "offload": attention_fwd, "full": layers_fwd}
     return model_flops_per_token(c, n) + recompute[c.remat]
+
+
+def matrix_axes(boxed: Any) -> Any:
+    """For each parameter of a tree of nn.Partitioned boxes (`abstract_params`), the tuple of its axes
+    that index separate weight matrices: the layer axis of scanned parameters and the slot axis of fused
+    kernels (logical names in MATRIX_INDEX_AXES). key_value scanned, [layers, d_model, 2, kv_heads,
+    head_dim], gives (0, 2): one matrix per layer and per key/value. Read from the names the model gives
+    its axes, never from shapes."""
+
+    def axes(p: nn.Partitioned) -> tuple[int, ...]:
+        return tuple(i for i, name in enumerate(p.names) if name in MATRIX_INDEX_AXES)
+
+    return jax.tree.map(axes, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,15 @@
 
 Per step, in optax.adafactor's order: clip the gradients' global norm; divide by the root of the
 second moment (β2 = 1 - k^-0.8); clip each update matrix to RMS 1; multiply by the learning rate and
-by max(parameter RMS, 1e-3); momentum β1; add lr²·parameter; negate. Parameters scanned over layers
-carry a leading layer axis, and both RMS terms are taken per layer, since PaLM treats each layer's
-matrix as its own.
+by max(parameter RMS, 1e-3); momentum β1; add lr²·parameter; negate.
+
+Both RMS terms are taken per weight matrix, as the paper's optimizer sees each matrix on its own. Some
+parameters hold several matrices in one array: those scanned over layers carry a leading layer axis,
+and the fused kernels (multi-query attention's key and value, SwiGLU's gate and up) a slot axis. The
+axes that index separate matrices come from the model's logical axis names (`palm.model.matrix_axes`);
+the RMS is taken over the other axes, once per index of these. Second moments and momentum are
+elementwise, so they need no such split. (With `factored=True`, optax factors the last two axes of
+each array as they are; PaLM's optimizer is unfactored.)
 """
 
 from __future__ import annotations
@@ -42,53 +48,77 @@ def learning_rate(schedule: ScheduleConfig) -> Schedule:
     return lr
 
 
-def per_layer_rms(x: jax.Array, layer_axis: int | None) -> jax.Array:
-    """RMS of x, per slice along `layer_axis` (None: over the whole array), broadcastable against x."""
-    axes = tuple(i for i in range(x.ndim) if layer_axis is None or i != layer_axis % x.ndim)
-    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=axes, keepdims=True))
+def _as_axes(axes: Any) -> tuple[int, ...]:
+    """Matrix axes as a tuple: None (one matrix) -> (), an int -> (it,), a sequence as given."""
+    if axes is None:
+        return ()
+    if isinstance(axes, int):
+        return (axes,)
+    return tuple(int(a) for a in axes)
 
 
-def clip_by_layer_rms(threshold: float, layer_axis: Any) -> optax.GradientTransformation:
-    """Divide each update (each layer's, for stacked parameters) by max(1, RMS / threshold)."""
+def _leaf_axes(matrix_axes: Any) -> Any:
+    """`matrix_axes` with each leaf's entry (None, an int or a tuple of ints) boxed, so tree.map sees one leaf."""
+    return jax.tree.map(lambda a: _Axes(_as_axes(a)), matrix_axes,
+                        is_leaf=lambda a: a is None or isinstance(a, (int, tuple)))
+
+
+class _Axes(tuple):
+    """A tuple of axes that pytree functions treat as one leaf (a plain tuple would be a node)."""
+
+
+def per_matrix_rms(x: jax.Array, matrix_axes: Any) -> jax.Array:
+    """RMS of x per matrix, broadcastable against x: the mean of squares over every axis but
+    `matrix_axes` (the axes that index separate matrices: layers, fused slots), in float32."""
+    keep = {a % x.ndim for a in _as_axes(matrix_axes)} if x.ndim else set()
+    reduce = tuple(i for i in range(x.ndim) if i not in keep)
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=reduce, keepdims=True))
+
+
+def clip_by_matrix_rms(threshold: float, matrix_axes: Any) -> optax.GradientTransformation:
+    """Divide each matrix of each update by max(1, RMS / threshold) (Adafactor's update clipping)."""
+    axes = _leaf_axes(matrix_axes)
 
     def update_fn(updates, state, params=None):
         del params
 
-        def clip(u, axis):
-            return (u / jnp.maximum(1.0, per_layer_rms(u, axis) / threshold)).astype(u.dtype)
+        def clip(u, a):
+            return (u / jnp.maximum(1.0, per_matrix_rms(u, a) / threshold)).astype(u.dtype)
 
-        return jax.tree.map(clip, updates, layer_axis), state
+        return jax.tree.map(clip, updates, axes), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def scale_by_param_layer_rms(min_scale: float, layer_axis: Any) -> optax.GradientTransformation:
-    """Multiply each update by max(RMS of its parameter, min_scale), per layer for stacked parameters."""
+def scale_by_param_matrix_rms(min_scale: float, matrix_axes: Any) -> optax.GradientTransformation:
+    """Multiply each matrix of each update by max(RMS of that matrix of the parameter, min_scale)."""
+    axes = _leaf_axes(matrix_axes)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("parameter scaling needs the params: call update(grads, state, params)")
 
-        def scale(u, p, axis):
-            return (u * jnp.maximum(per_layer_rms(p, axis), min_scale)).astype(u.dtype)
+        def scale(u, p, a):
+            return (u * jnp.maximum(per_matrix_rms(p, a), min_scale)).astype(u.dtype)
 
-        return jax.tree.map(scale, updates, params, layer_axis), state
+        return jax.tree.map(scale, updates, params, axes), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def adafactor(opt: OptimizerConfig, schedule: ScheduleConfig, layer_axis: Any) -> optax.GradientTransformation:
-    """PaLM's Adafactor; `layer_axis` mirrors the params, 0 for leaves stacked over layers, None otherwise."""
+def adafactor(opt: OptimizerConfig, schedule: ScheduleConfig, matrix_axes: Any) -> optax.GradientTransformation:
+    """PaLM's Adafactor. `matrix_axes` mirrors the params: for each, the axes that index separate weight
+    matrices (`palm.model.matrix_axes`: a tuple of ints; None or an int are read as () and (int,))."""
     lr = learning_rate(schedule)
     # Each counter below starts at 0 and advances once per update, so all see the same 0-based step.
     chain = [
         optax.clip_by_global_norm(opt.gradient_clip),
         optax.scale_by_factored_rms(factored=opt.factored, decay_rate=opt.decay_exponent, epsilon=opt.epsilon),
-        clip_by_layer_rms(opt.update_clip, layer_axis),
+        clip_by_matrix_rms(opt.update_clip, matrix_axes),
         optax.scale_by_learning_rate(lr, flip_sign=False),
     ]
     if opt.parameter_scaling:
-        chain.append(scale_by_param_layer_rms(opt.min_parameter_scale, layer_axis))
+        chain.append(scale_by_param_matrix_rms(opt.min_parameter_scale, matrix_axes))
     if opt.beta1 > 0:
         chain.append(optax.ema(opt.beta1, debias=False, accumulator_dtype=jnp.dtype(opt.momentum_dtype)))
     if opt.weight_decay_lr_power is not None:

@@ -22,7 +22,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from palm.errors import PalmError
 from palm.topology import MESH_AXES, slice_mesh_shape, torus_assignment
 
-#: Logical name -> candidate mesh axes, tried in order. Unlisted names are never sharded.
+#: Logical name -> candidate mesh axes, tried in order. Unlisted names are never sharded: among them
+#: "layers" (the scanned layer axis) and "fused" (the key/value and gate/up slots of fused kernels).
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("vocab", ("fsdp",)),

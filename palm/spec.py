@@ -533,8 +533,7 @@ def check_consistency(spec: Spec) -> None:
     c = t.checkpoint
     if c.every_steps <= 0 or c.keep_last <= 0 or (c.keep_every is not None and c.keep_every <= 0):
         raise SpecError("every_steps, keep_last and keep_every must be positive", key="train.checkpoint")
-    if t.loss_spike.threshold <= 1 or t.loss_spike.window <= 0 or t.loss_spike.skip_batches < 0:
-        raise SpecError("need threshold > 1, window > 0, skip_batches >= 0", key="train.loss_spike")
+    _check_loss_spike(t.loss_spike)
     if t.log_every <= 0:
         raise SpecError(f"must be positive, got {t.log_every}", key="train.log_every")
     if t.loss_chunk_mib <= 0:
@@ -604,6 +603,21 @@ def check_consistency(spec: Spec) -> None:
 
 
 # -------------------------------------------------------------------------------------- loading
+
+
+def _check_loss_spike(ls: LossSpikeConfig) -> None:
+    """train.loss_spike's values, each error naming its key."""
+    if not ls.threshold > 1:
+        raise SpecError(f"must be above 1 (a multiple of the median loss), got {ls.threshold}",
+                        key="train.loss_spike.threshold")
+    for key in ("window", "restart_every"):
+        value = getattr(ls, key)
+        if value is not None and value <= 0:
+            raise SpecError(f"must be a positive number of steps{' or null' if key == 'restart_every' else ''}, "
+                            f"got {value}", key=f"train.loss_spike.{key}")
+    for key in ("skip_batches", "rollback_steps", "onset_steps"):
+        if getattr(ls, key) < 0:
+            raise SpecError(f"must be 0 or more, got {getattr(ls, key)}", key=f"train.loss_spike.{key}")
 
 
 def _check_quality(data: DataSpec) -> None:

@@ -9,6 +9,7 @@ distinct batch size.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,8 +24,10 @@ import optax
 from palm import optimizer as palm_optimizer
 from palm.config import ModelConfig, TrainConfig
 from palm.errors import PalmError, Preempted
-from palm.model import PaLM, abstract_params, count_params, model_flops_per_token, output_logits
+from palm.model import PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
 from palm.sharding import Sharding, make_mesh
+
+logger = logging.getLogger("palm.train")
 
 #: Token placed before the first token of each packed sequence (the end-of-document id).
 START_TOKEN = 1
@@ -117,12 +120,6 @@ def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_l
     return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
 
 
-def layer_axes(boxed: Any) -> Any:
-    """0 for parameters stacked over layers (leading axis named "layers"), None for the rest."""
-    return jax.tree.map(lambda p: 0 if p.names and p.names[0] == "layers" else None, boxed,
-                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 class Trainer:
     """A jitted, sharded PaLM training step for one model, train config and mesh."""
 
@@ -142,7 +139,8 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(model_config, self.num_params)
         self.peak_flops = peak_flops(devices[0])
         self.num_devices = len(devices)
-        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule, layer_axes(boxed))
+        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule,
+                                            matrix_axes(boxed))
         self.learning_rate = palm_optimizer.learning_rate(train_config.schedule)
 
         param_shardings = self.sharding.for_params(boxed)
@@ -333,6 +331,10 @@ class _Stream:
                                 "pack stage produced sequences for; lower train.steps or add data") from None
         return np.stack(rows)
 
+    def skip(self, n: int, step: int) -> None:
+        """Pass over the next `n` sequences (a plain iterator has to draw them)."""
+        self.take(n, step)
+
     def state(self) -> dict[str, Any]:
         return self.it.state() if hasattr(self.it, "state") else {}
 
@@ -370,13 +372,127 @@ def is_spike(loss: float, recent: list[float], threshold: float) -> bool:
     return len(recent) >= 5 and loss > threshold * float(np.median(recent))
 
 
+def spike_start(step: int, recent: list[tuple[int, float]], median: float | None, threshold: float,
+                onset_steps: int) -> int:
+    """The step a spike detected at `step` began: the earliest of an unbroken run of steps just before it
+    (at most `onset_steps` back) whose losses were already above (1 + threshold) / 2 times the median,
+    half way to the detection threshold; `step` itself when the loss jumped at once. `recent` holds the
+    (step, loss) of the steps trained before `step`, in order."""
+    if median is None or not np.isfinite(median):
+        return step
+    rising = median * (1.0 + threshold) / 2.0
+    start = step
+    for s, loss in reversed(recent):
+        if s != start - 1 or s < step - onset_steps or not loss > rising:
+            break
+        start = s
+    return start
+
+
+def restart_target(start: int, rollback_steps: int) -> int:
+    """The step a spike that began at `start` rolls back to at the latest: max(0, start - rollback_steps)."""
+    return max(0, start - rollback_steps)
+
+
+def _shard_key(index: tuple[slice, ...]) -> tuple[tuple[Any, Any, Any], ...]:
+    return tuple((i.start, i.stop, i.step) for i in index)
+
+
+@dataclasses.dataclass
+class _HostArray:
+    """One array's shards on this host, each distinct shard once with the devices that hold it."""
+
+    shape: tuple[int, ...]
+    sharding: Any
+    shards: list[tuple[np.ndarray, list[jax.Device]]]
+
+
+def to_host(tree: Any) -> Any:
+    """A copy of a tree of (sharded) jax.Arrays in this host's memory: each addressable shard copied once
+    (replicas on several local devices share a copy). Works with several hosts, each copying its own."""
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return np.array(x, copy=True)
+        shards: dict[Any, tuple[np.ndarray, list[jax.Device]]] = {}
+        for shard in x.addressable_shards:
+            key = _shard_key(shard.index)
+            if key not in shards:  # np.array copies: a view of a buffer the step later donates would change
+                shards[key] = (np.array(shard.data, copy=True), [])
+            shards[key][1].append(shard.device)
+        return _HostArray(tuple(x.shape), x.sharding, list(shards.values()))
+
+    return jax.tree.map(copy, tree)
+
+
+def to_devices(tree: Any) -> Any:
+    """The tree of `to_host`, back on the devices and shardings it came from."""
+
+    def put(x: Any) -> Any:
+        if not isinstance(x, _HostArray):
+            return x
+        arrays = [jax.device_put(data, device) for data, devices in x.shards for device in devices]
+        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
+
+    return jax.tree.map(put, tree, is_leaf=lambda x: isinstance(x, _HostArray))
+
+
+@dataclasses.dataclass
+class RestartPoint:
+    step: int
+    state: Any  # the train state as `to_host` copies it
+    data: dict[str, Any]  # the data iterator's state
+    position: int | None  # sequences drawn from the data stream before it
+
+
+class RestartPoints:
+    """Recent train states in host memory to roll a loss spike back to (see LossSpikeConfig).
+
+    `add` keeps a point every `every` steps (and wherever `force`d); it drops the points that no later
+    spike can roll back to: a spike detected at step s >= now began at s - onset_steps or later, so it
+    rolls back to the latest point at or before now - onset_steps - rollback_steps, or a later one."""
+
+    def __init__(self, every: int, reach: int):
+        self.every, self.reach = every, reach
+        self.points: dict[int, RestartPoint] = {}
+
+    def due(self, step: int) -> bool:
+        return step not in self.points and (step % self.every == 0 or not self.points)
+
+    def add(self, step: int, state: Any, data: dict[str, Any], position: int | None) -> None:
+        import copy
+
+        self.points[step] = RestartPoint(step, to_host(state), copy.deepcopy(data), position)
+        oldest_needed = self.latest_at_or_before(step - self.reach)
+        if oldest_needed is not None:
+            self.points = {s: p for s, p in self.points.items() if s >= oldest_needed}
+
+    def latest_at_or_before(self, step: int) -> int | None:
+        return max((s for s in self.points if s <= step), default=None)
+
+    def oldest(self) -> int | None:
+        return min(self.points, default=None)
+
+    def drop_after(self, step: int) -> None:
+        """Forget the points after `step` (another trajectory, once training rolled back to `step`)."""
+        self.points = {s: p for s, p in self.points.items() if s <= step}
+
+    def restore(self, step: int) -> RestartPoint:
+        import copy
+
+        p = self.points[step]
+        return RestartPoint(step, to_devices(p.state), copy.deepcopy(p.data), p.position)
+
+
 def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoints: Any = None,
                  meta: dict[str, Any] | None = None, on_step: Callable[[StepLog, TrainState], None] | None = None,
                  on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
                  stop: Any = None, init_from: str | None = None) -> RunResult:
     """Train to `train.steps`, resuming from the latest valid checkpoint and surviving loss spikes.
 
-    `checkpoints` is a `palm.checkpoint.Checkpoints` (None: no checkpoints, no rollback). `stop` is any
+    `checkpoints` is a `palm.checkpoint.Checkpoints` (None: no checkpoints, no rollback). A loss spike
+    rolls back to a restart point (or checkpoint) about `loss_spike.rollback_steps` before it began and
+    skips the batches from there through it (`palm.config.LossSpikeConfig`). `stop` is any
     object with `is_set()` (a threading.Event set by a SIGTERM handler): the loop then saves at the
     current step and raises `Preempted`.
     """
@@ -387,8 +503,12 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
     meta = dict(meta or {})
     logs: list[StepLog] = []
     spikes: list[dict[str, Any]] = []
-    recent: list[float] = []
+    recent: list[tuple[int, float]] = []  # (step, loss) of the current trajectory
     resumed_from = None
+    handle_spikes = spike_cfg.enabled and checkpoints is not None
+    points = (RestartPoints(spike_cfg.restart_every, spike_cfg.rollback_steps + spike_cfg.onset_steps)
+              if handle_spikes and spike_cfg.restart_every is not None else None)
+    position: int | None = 0  # sequences drawn from the data stream (None: unknown, an older checkpoint)
 
     saved: list[int] = []  # the last step saved by this run
 
@@ -399,7 +519,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         data_state = stream.state()
         record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
                   "state_digest": state_digest(state, data_state), "state_digest_data": True,
-                  "metrics": metrics, "spikes": spikes}
+                  "metrics": metrics, "spikes": spikes, "data_position": position}
         checkpoints.save(step, state, data_state, record)
         if on_checkpoint is not None:
             on_checkpoint(step, record)
@@ -410,6 +530,64 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
             stream.restore(restored.data)
         return restored
 
+    def draw(size: int, step: int) -> np.ndarray:
+        nonlocal position
+        tokens = stream.take(size, step)
+        position = None if position is None else position + size
+        return tokens
+
+    def roll_back(step: int, loss: float) -> TrainState:
+        """Roll back from a spike detected at `step`; returns the state to go on from (its step)."""
+        nonlocal position, recent
+        window = [loss for _, loss in recent[-spike_cfg.window:]]
+        median = float(np.median(window)) if window else None
+        start = spike_start(step, recent, median, spike_cfg.threshold, spike_cfg.onset_steps)
+        target = restart_target(start, spike_cfg.rollback_steps)
+        # The latest restart point at or before the target, else the latest checkpoint there, else the
+        # oldest restart point kept, else the latest checkpoint before the spike.
+        state = source = None
+        point = points.latest_at_or_before(target) if points is not None else None
+        if point is None:
+            restored = restore(before=target + 1)
+            if restored is not None:
+                source, state, rolled_to = "checkpoint", restored.state, restored.step
+                position = restored.meta.get("data_position")
+        if state is None and point is None and points is not None:
+            point = points.oldest()
+        if state is None and point is not None:
+            p = points.restore(point)
+            stream.restore(p.data)
+            source, state, rolled_to, position = "restart_point", p.state, point, p.position
+        if state is None:
+            restored = restore(before=step + 1)
+            if restored is None:
+                raise PalmError(f"loss spike at step {step} (loss {loss}) and no restart point or valid checkpoint "
+                                "to roll back to")
+            source, state, rolled_to = "checkpoint", restored.state, restored.step
+            position = restored.meta.get("data_position")
+        # Skip at least the batches from the restart step through the spike, so the batch that caused it is
+        # never seen again (the paper skipped about 200 to 500): those the next steps would have taken.
+        skip = max(spike_cfg.skip_batches, step - rolled_to + 1)
+        first = position
+        for i in range(skip):
+            size = cfg.global_batch_at(rolled_to + i)
+            stream.skip(size, rolled_to + i) if hasattr(stream, "skip") else stream.take(size, rolled_to + i)
+            position = None if position is None else position + size
+        spikes.append({"step": step, "loss": loss, "median": median, "start": start, "target": target,
+                       "rolled_back_to": rolled_to, "restart_from": source, "skipped_batches": skip,
+                       "skipped_sequences": None if first is None else [first, position]})
+        logger.warning("loss spike at step %d (loss %.4g, median %s), begun at step %d: rolled back to step %d (%s), "
+                    "skipped %d batches", step, loss, median, start, rolled_to, source, skip)
+        recent = [(s, x) for s, x in recent if s < rolled_to]
+        # The checkpoints after the restart step hold another trajectory; one at that step is replaced by the
+        # state with the data position after the skip, so a resume from it does not see the skipped batches.
+        checkpoints.discard_from(rolled_to)
+        save(rolled_to, state, {})
+        if points is not None:
+            points.drop_after(rolled_to)
+            points.add(rolled_to, state, stream.state(), position)
+        return state
+
     state = None
     if checkpoints is not None:
         restored = restore()
@@ -417,6 +595,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
             state, resumed_from = restored.state, restored.step
             saved[:] = [restored.step]
             spikes.extend(restored.meta.get("spikes", []))
+            position = restored.meta.get("data_position")
     if state is None:  # nothing to resume: fresh, or from another run's parameters (fine-tuning)
         state = trainer.init() if init_from is None else trainer.init_from(init_from)
         save(0, state, {})
@@ -428,32 +607,24 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
                 save(step, state, logs[-1].__dict__ if logs else {})
             checkpoints.wait() if checkpoints is not None else None
             raise Preempted(step)
+        if points is not None and points.due(step):
+            points.add(step, state, stream.state(), position)
         size = cfg.global_batch_at(step)
-        tokens = stream.take(size, step)
+        tokens = draw(size, step)
         t0 = time.perf_counter()
         new_state, metrics = trainer.step(state, tokens, global_batch=size)
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
         loss = float(metrics["loss"])
 
-        if spike_cfg.enabled and checkpoints is not None and is_spike(loss, recent[-spike_cfg.window:],
-                                                                     spike_cfg.threshold):
-            restored = restore(before=step + 1)
-            if restored is None:
-                raise PalmError(f"loss spike at step {step} (loss {loss}) and no valid checkpoint to roll back to")
-            # Skip at least the batches from the checkpoint through the spike, so the batch that caused it
-            # is never seen again (the paper skipped about 200 to 500).
-            skip = max(spike_cfg.skip_batches, step - restored.step + 1)
-            for _ in range(skip):
-                stream.take(cfg.global_batch_at(restored.step), restored.step)
-            spikes.append({"step": step, "loss": loss, "median": float(np.median(recent[-spike_cfg.window:]))
-                           if recent else None, "rolled_back_to": restored.step, "skipped_batches": skip})
-            state, step = restored.state, restored.step
-            saved[:] = [step]
+        if handle_spikes and is_spike(loss, [x for _, x in recent[-spike_cfg.window:]], spike_cfg.threshold):
+            state = roll_back(step, loss)
+            step = int(state.step)
             continue
 
         state = new_state
-        recent.append(loss)
+        recent.append((step, loss))
+        del recent[:-max(spike_cfg.window, spike_cfg.onset_steps + 1)]
         tps = size * tokens.shape[1] / dt  # the global batch's tokens, over all hosts
         mfu = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.num_devices) if trainer.peak_flops else None
         log = StepLog(step=step, loss=loss, z_loss=float(metrics["z_loss"]), accuracy=float(metrics["accuracy"]),

@@ -134,7 +134,9 @@ def test_missing_files_are_detected_too(tmp_path):
 
 
 def test_poisoned_batches_trigger_rollback_and_skip(tmp_path):
-    spike = LossSpikeConfig(enabled=True, threshold=1.5, window=20, skip_batches=3)
+    # Without restart points and with no margin, a spike rolls back to the latest checkpoint before it.
+    spike = LossSpikeConfig(enabled=True, threshold=1.5, window=20, skip_batches=3, restart_every=None,
+                            rollback_steps=0, onset_steps=0)
     cfg = config(steps=40, every=4, spike=spike)
     # Steps 0-11 take 4 sequences each (48), then 8 each: step 30 reads positions 192..199.
     stream = Stream(poison=range(192, 200))
@@ -145,10 +147,120 @@ def test_poisoned_batches_trigger_rollback_and_skip(tmp_path):
     event = result.spikes[0]
     assert event["step"] == 30 and event["rolled_back_to"] == 28
     assert event["skipped_batches"] == 3 and event["loss"] > 1.5 * event["median"]
+    assert event["restart_from"] == "checkpoint" and event["start"] == 30
+    # Step 28 starts at position 48 + 16 * 8 = 176; 3 batches of 8 skipped, the poisoned 192..199 among them.
+    assert event["skipped_sequences"] == [176, 200]
     assert int(result.state.step) == 40 and np.isfinite(result.logs[-1].loss)
     # The event travels with the checkpoints, so a resumed run's summary still has it.
     meta = Checkpoints(tmp_path / "run", cfg.checkpoint, read_only=True).meta(40)
     assert meta["spikes"] == result.spikes
+
+
+class Recording(Trainer):
+    """A Trainer that records which stream positions each step call was fed (the rows just drawn)."""
+
+    def __init__(self, *args, stream: Stream, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream, self.fed = stream, []
+
+    def step(self, state, tokens, weights=None, global_batch=None):
+        self.fed.append(range(self.stream.position - len(tokens), self.stream.position))
+        return super().step(state, tokens, weights, global_batch)
+
+
+def test_spike_rolls_back_to_a_restart_point_before_its_start_and_skips_the_batches(tmp_path):
+    """The paper's rollback, scaled down: restart points every 5 steps, back 20 steps before the spike's
+    start, which is looked for up to 5 steps before its detection: at s, a point in [s - 29, s - 20]
+    (the defaults' 25 / 100 / 25 give [s - 149, s - 100]; see the test below)."""
+    spike = LossSpikeConfig(enabled=True, threshold=3.0, window=20, skip_batches=25, restart_every=5,
+                            rollback_steps=20, onset_steps=5)
+    cfg = TrainConfig(steps=50, batch_ramp=(RampStage(0, 4),), seed=3,
+                      schedule=ScheduleConfig(peak_learning_rate=5e-2, constant_steps=8),
+                      checkpoint=CheckpointConfig(every_steps=5, keep_last=30, async_save=True), loss_spike=spike)
+    stream = Stream(poison=range(160, 164))  # step 40's batch
+    trainer = Recording(MODEL, cfg, stream=stream)
+    ckpts = Checkpoints(tmp_path / "run", cfg.checkpoint)
+    records = []
+    result = run_training(trainer, stream, checkpoints=ckpts, on_checkpoint=lambda step, r: records.append(r))
+    ckpts.close()
+    assert len(result.spikes) == 1
+    event = result.spikes[0]
+    s, start, back = event["step"], event["start"], event["rolled_back_to"]
+    assert s == 40 and s - 5 <= start <= s and event["target"] == start - 20
+    assert event["restart_from"] == "restart_point" and back == event["target"] // 5 * 5
+    assert s - 29 <= back <= s - 20
+    # Skipped: 25 batches from the restart point, which include every batch from there through the spike.
+    assert event["skipped_batches"] == 25 and event["skipped_sequences"] == [4 * back, 4 * back + 100]
+    first, stop = event["skipped_sequences"]
+    assert first <= 160 and 164 <= stop
+    # Fed to the step: steps 0..40 in order (the last one discarded), then from the restart point on the
+    # sequences after the skipped ones; the skipped batches are never trained on again.
+    fed = [list(r) for r in trainer.fed]
+    assert fed[:41] == [list(range(4 * k, 4 * k + 4)) for k in range(41)]
+    after = [p for r in fed[41:] for p in r]
+    assert after == list(range(stop, stop + 4 * (50 - back)))
+    assert int(result.state.step) == 50 and [log.step for log in result.logs][-(50 - back):] == list(range(back, 50))
+    assert np.isfinite(result.logs[-1].loss)
+    # The restart point held the very state of step `back` (a host copy, unharmed by the step's donation):
+    # checkpointed before the spike and again after the rollback, with the same digests.
+    at_back = [r for r in records if r["step"] == back]
+    assert len(at_back) == 2 and at_back[0]["state_digest"] == at_back[1]["state_digest"]
+    assert (at_back[0]["data_position"], at_back[1]["data_position"]) == (4 * back, stop)
+    # The checkpoints of the abandoned trajectory were replaced; the restart step's checkpoint resumes after
+    # the skip, and every later one carries the event.
+    reader = Checkpoints(tmp_path / "run", cfg.checkpoint, read_only=True)
+    assert reader.steps() == list(range(0, 51, 5))
+    for later in range(back, 51, 5):
+        meta = reader.meta(later)
+        assert meta["spikes"] == result.spikes and meta["data_position"] == stop + 4 * (later - back)
+    assert reader.meta(back - 5)["spikes"] == [] and reader.meta(back - 5)["data_position"] == 4 * (back - 5)
+    _, data, _ = reader.restore(back, trainer.abstract_state())
+    assert data == {"position": stop}
+    reader.close()
+
+
+def test_default_restart_points_cover_the_papers_window():
+    """With the defaults (a point every 25 steps, back 100 steps from a start up to 25 steps before the
+    detection), a spike detected at any step s rolls back to a kept point in [s - 150, s - 50], while at
+    most max_restart_points() copies are kept."""
+    import jax.numpy as jnp
+
+    from palm.train import RestartPoints, restart_target
+
+    ls = LossSpikeConfig()
+    assert (ls.restart_every, ls.rollback_steps, ls.onset_steps) == (25, 100, 25)
+    points = RestartPoints(ls.restart_every, ls.rollback_steps + ls.onset_steps)
+    most = 0
+    for step in range(0, 401):
+        if points.due(step):
+            points.add(step, {"w": jnp.float32(step)}, {"position": step}, step)
+        most = max(most, len(points.points))
+        if step < 150:
+            continue
+        for start in range(step - ls.onset_steps, step + 1):
+            back = points.latest_at_or_before(restart_target(start, ls.rollback_steps))
+            assert back is not None and step - 150 <= back <= step - 50, (step, start, back)
+            assert step - 149 <= back <= step - 100
+    assert most <= ls.max_restart_points() == 7
+    # A restored point is the state it copied, on the device again.
+    p = points.restore(375)
+    assert float(p.state["w"]) == 375.0 and p.data == {"position": 375} and p.position == 375
+
+
+def test_a_spikes_start_is_the_rise_just_before_its_detection():
+    from palm.train import spike_start
+
+    flat = [(k, 1.0) for k in range(80, 100)]
+    # Threshold 3: the loss is "rising" above (1 + 3) / 2 = 2x the median.
+    assert spike_start(100, flat, 1.0, 3.0, 25) == 100
+    rising = flat[:-3] + [(97, 2.5), (98, 2.2), (99, 2.9)]
+    assert spike_start(100, rising, 1.0, 3.0, 25) == 97
+    assert spike_start(100, rising, 1.0, 3.0, 2) == 98  # looked for at most onset_steps back
+    broken = flat[:-3] + [(97, 2.5), (98, 1.5), (99, 2.9)]
+    assert spike_start(100, broken, 1.0, 3.0, 25) == 99  # an unbroken run only
+    gap = [(k, 2.5) for k in range(90, 97)] + [(99, 2.5)]  # steps missing (rolled back): the run stops
+    assert spike_start(100, gap, 1.0, 3.0, 25) == 99
+    assert spike_start(100, [], None, 3.0, 25) == 100
 
 
 def test_checkpoint_meta_and_retention(tmp_path):
@@ -297,3 +409,36 @@ def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd)
     assert main(["checkpoint", "verify", str(tmp_path / "train"), "--json"]) == 1
     verdict = {r["step"]: r["ok"] for r in json.loads(capfd.readouterr().out)["checkpoints"]}
     assert verdict == {0: True, 4: False, 8: True}
+RESTART_POINT_ON_A_MESH = """
+import jax, numpy as np
+from palm.checkpoint import state_digest
+from palm.config import ModelConfig, TrainConfig
+from palm.train import Trainer, to_devices, to_host
+model = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
+                    dtype="float32", remat="none")
+trainer = Trainer(model, TrainConfig(), {"data": 2, "fsdp": 2, "model": 2})
+state = trainer.init()
+host = to_host(state)
+back = to_devices(host)
+assert state_digest(back) == state_digest(state)
+assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)))
+# Each distinct shard is copied once: the step counter (replicated on 8 devices) once, the query kernel
+# (fsdp x model, replicated over data) 4 times, each put back on its 2 devices.
+assert len(host.step.shards) == 1 and len(host.step.shards[0][1]) == 8
+query = host.params["layers"]["query"]
+assert len(query.shards) == 4 and all(len(devices) == 2 for _, devices in query.shards)
+print("ok")
+"""
+
+
+def test_restart_points_copy_each_shard_once_and_restore_the_layout():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", RESTART_POINT_ON_A_MESH], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -263,3 +263,131 @@ def test_parameter_scaling_needs_params():
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError):
         tx.update(params, tx.init(params))
+
+
+# ------------------------------------------------------------------------- per weight matrix
+
+from palm.config import ModelConfig  # noqa: E402
+from palm.model import abstract_params, matrix_axes  # noqa: E402
+from palm.optimizer import per_matrix_rms  # noqa: E402
+
+#: Two layers, scanned: key_value is [2, 16, 2, 1, 8] and mlp_in [2, 16, 2, 64], each holding four matrices.
+SMALL = ModelConfig(num_layers=2, d_model=16, num_heads=2, head_dim=8, vocab_size=32, seq_len=8,
+                    dtype="float32", remat="none")
+#: The fused kernels, where the slot axis separates key from value and gate from up.
+FUSED_KERNELS = ("key_value", "mlp_in")
+
+
+def model_tree(config: ModelConfig, rng: np.random.Generator, scale: float = 1.0) -> dict:
+    """Normal values shaped like the model's parameters."""
+    shapes = jax.tree.map(lambda p: p.value.shape, abstract_params(config),
+                          is_leaf=lambda x: hasattr(x, "names"))
+    return jax.tree.map(lambda s: (rng.standard_normal(s) * scale).astype(np.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def unstack(tree: dict, axes: dict) -> dict:
+    """Every matrix of `tree` as its own leaf: each index of each matrix axis split off, keyed by path."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        pieces = {name: np.asarray(leaf)}
+        leaf_axes = _axes_at(axes, path)
+        for axis in sorted(leaf_axes, reverse=True):  # split the later axes first, so earlier indices hold
+            pieces = {f"{n}[{axis}={i}]": np.take(x, i, axis=axis) for n, x in pieces.items()
+                      for i in range(x.shape[axis])}
+        out.update(pieces)
+    return out
+
+
+def _axes_at(axes: dict, path) -> tuple:
+    node = axes
+    for k in path:
+        node = node[getattr(k, "key", k)]
+    return node
+
+
+def test_matrix_axes_come_from_the_models_axis_names():
+    axes = matrix_axes(abstract_params(SMALL))
+    assert axes["layers"] == {"query": (0,), "key_value": (0, 2), "out": (0,), "mlp_in": (0, 2), "mlp_out": (0,),
+                              "layer_norm": {"scale": (0,)}}
+    assert axes["embedding"] == () and axes["final_norm"] == {"scale": ()}
+    # Unscanned layers keep the fused slot axis, now the second.
+    unscanned = matrix_axes(abstract_params(ModelConfig(**{**SMALL.__dict__, "scan_layers": False})))
+    assert unscanned["layer_1"]["key_value"] == (1,) and unscanned["layer_1"]["mlp_in"] == (1,)
+    assert unscanned["layer_1"]["query"] == ()
+
+
+def stacked_vs_separate(params: dict, grads_seq: list, opt: OptimizerConfig, schedule: ScheduleConfig):
+    """Updates of the stacked, fused tree (split into matrices afterwards) and of the same matrices as
+    separate leaves, each with its own statistics, by the same optimizer."""
+    axes = matrix_axes(abstract_params(SMALL))
+    tx = adafactor(opt, schedule, axes)
+    p = jax.tree.map(jnp.asarray, params)
+    state, step = tx.init(p), jax.jit(tx.update)
+    sep_params = {n: jnp.asarray(x) for n, x in unstack(params, axes).items()}
+    sep_tx = adafactor(opt, schedule, jax.tree.map(lambda _: (), sep_params))
+    sep_state, sep_step = sep_tx.init(sep_params), jax.jit(sep_tx.update)
+    got, want = [], []
+    for grads in grads_seq:
+        updates, state = step(jax.tree.map(jnp.asarray, grads), state, p)
+        p = optax.apply_updates(p, updates)
+        got.append(unstack(jax.tree.map(np.asarray, updates), axes))
+        sep_updates, sep_state = sep_step({n: jnp.asarray(x) for n, x in unstack(grads, axes).items()},
+                                          sep_state, sep_params)
+        sep_params = optax.apply_updates(sep_params, sep_updates)
+        want.append({n: np.asarray(x) for n, x in sep_updates.items()})
+    return got, want
+
+
+def test_stacked_fused_updates_equal_each_matrix_updated_on_its_own():
+    rng = np.random.default_rng(8)
+    params = model_tree(SMALL, rng)
+    # Each matrix its own scale, so per-matrix and whole-array statistics disagree everywhere.
+    for name in FUSED_KERNELS:
+        params["layers"][name] *= np.array([[1.0, 30.0], [1e-5, 3.0]], np.float32).reshape(
+            (2, 1, 2) + (1,) * (params["layers"][name].ndim - 3))
+    grads = [model_tree(SMALL, rng, s) for s in (0.01, 5.0, 1.0)]
+    got, want = stacked_vs_separate(params, grads, OptimizerConfig(),
+                                    ScheduleConfig(peak_learning_rate=1e-2, constant_steps=2))
+    assert got[0].keys() == want[0].keys() and "layers/key_value[2=0][0=1]" in got[0]
+    assert len(got[0]) == 7 * 2 + 2 + 2  # per layer 3 kernels + 2 fused of 2; 2 layer norms; embedding, final norm
+    for k, (g, w) in enumerate(zip(got, want)):
+        for n in w:
+            np.testing.assert_allclose(g[n], w[n], rtol=1e-6, atol=1e-6 * np.max(np.abs(w[n])),
+                                       err_msg=f"step {k + 1}, {n}")
+
+
+def test_one_large_matrix_does_not_rescale_the_others():
+    """Layer 1's value matrix 1000x the others' RMS: per matrix, the key's and layer 0's updates are what
+    they would be without it; over the whole array (or per layer only, both slots together) they are not."""
+    rng = np.random.default_rng(9)
+    params = model_tree(SMALL, rng)
+    params["layers"]["key_value"][1, :, 1] *= 1000.0
+    grads = [model_tree(SMALL, rng, 0.1) for _ in range(2)]
+    # PaLM's settings but the weight decay, so step 1's update is exactly lr·(1 - β1)·RMS(param)·sign(g).
+    opt = OptimizerConfig(weight_decay_lr_power=None)
+    schedule = ScheduleConfig(peak_learning_rate=1e-2, constant_steps=2)
+
+    def kv_updates(axes_for_kv):
+        axes = matrix_axes(abstract_params(SMALL))
+        axes["layers"]["key_value"] = axes_for_kv
+        tx = adafactor(opt, schedule, axes)
+        p = jax.tree.map(jnp.asarray, params)
+        state, out = tx.init(p), []
+        for g in grads:
+            u, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+            p = optax.apply_updates(p, u)
+            out.append(np.asarray(u["layers"]["key_value"]))
+        return out
+
+    per_matrix, whole, per_layer = kv_updates((0, 2)), kv_updates(()), kv_updates((0,))
+    rms = np.asarray(per_matrix_rms(jnp.asarray(params["layers"]["key_value"]), (0, 2))).ravel()
+    assert rms[3] > 500 * max(rms[:3])  # layer 1's value matrix
+    # The small matrices' scaling follows their own RMS (about 1/sqrt(d_model)), not the large one's.
+    first = per_matrix[0]
+    for layer, slot in ((0, 0), (0, 1), (1, 0)):
+        want = 1e-2 * (1 - 0.9) * rms[2 * layer + slot]  # lr · (1 - β1) · RMS(param) times sign(g), step 1
+        np.testing.assert_allclose(np.sqrt(np.mean(first[layer, :, slot] ** 2)), want, rtol=1e-5)
+        assert np.max(np.abs(whole[0][layer, :, slot])) > 10 * np.max(np.abs(first[layer, :, slot]))
+    assert np.max(np.abs(per_layer[0][1, :, 0])) > 10 * np.max(np.abs(first[1, :, 0]))

@@ -132,6 +132,14 @@ def test_hosts_read_their_rows_of_the_same_global_batches(run):
     assert np.array_equal(resumed.take(4, 5), np.stack(full[sum(sizes):sum(sizes) + 4]))
     with pytest.raises(PalmError, match="ran out at step 9"):
         HostBatches(ds, rows=lambda n: (0, n)).take(len(ds) + 1, 9)
+    # A loss spike's skip passes over whole global batches without reading them, prefetched or not.
+    skipping = HostBatches(ds, rows=lambda n: (0, n))
+    skipping.take(4, 0)  # prefetches positions 4..7, which the skip passes over
+    skipping.skip(8, 1)
+    assert skipping.state() == {"position": 12}
+    assert np.array_equal(skipping.take(4, 2), np.stack(full[12:16]))
+    with pytest.raises(PalmError, match="ran out at step 3 while skipping"):
+        skipping.skip(len(ds), 3)
 
 
 def test_mixture_interleaves_sources_by_weight(run):

@@ -133,6 +133,16 @@ BROKEN = [
      ["tiny.yaml", "train.schedule.peak_learning_rate", "positive"]),
     ("launcher-needs-accelerator", None, ["infra.launcher.kind=gke"],
      ["tiny.yaml", "infra.hardware.accelerator"]),
+    ("loss-spike-threshold-not-above-one", None, ["train.loss_spike.threshold=1"],
+     ["tiny.yaml", "train.loss_spike.threshold", "above 1"]),
+    ("loss-spike-restart-every-zero", None, ["train.loss_spike.restart_every=0"],
+     ["tiny.yaml", "train.loss_spike.restart_every", "positive number of steps or null"]),
+    ("loss-spike-negative-rollback", None, ["train.loss_spike.rollback_steps=-5"],
+     ["tiny.yaml", "train.loss_spike.rollback_steps", "0 or more, got -5"]),
+    ("loss-spike-negative-onset", {"broken.yaml": _child("train: {loss_spike: {onset_steps: -1}}\n")}, [],
+     ["{file}", "train.loss_spike.onset_steps", "0 or more"]),
+    ("loss-spike-restart-every-text", None, ["train.loss_spike.restart_every=often"],
+     ["tiny.yaml", "train.loss_spike.restart_every", "'often'"]),
 ]
 
 
@@ -189,6 +199,12 @@ def test_several_validation_errors_are_all_listed(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ overrides
+
+
+def test_loss_spike_restart_points_can_be_turned_off():
+    spec = load_spec(TINY, ["train.loss_spike.restart_every=null"])
+    assert spec.train.loss_spike.restart_every is None and spec.train.loss_spike.max_restart_points() == 0
+    assert load_spec(TINY).train.loss_spike.max_restart_points() == 7  # ceil((100 + 25) / 25) + 2
 
 
 def test_set_types_integer():

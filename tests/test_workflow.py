@@ -44,16 +44,17 @@ def test_the_default_graph_is_the_chain_with_the_keys_it_always_had():
     pack stage's version 2, files of rows instead of ArrayRecord, changed pack, train and eval; the data
     section's new fields, data.beam.packaging, data.dedup.near.candidate_margin and the separate "#" and
     ellipsis ratios, data.quality (the quality classifier's settings), and Gopher's stop-word and repetition
-    filters, changed them all)."""
+    filters, changed them all; the train stage's version 3, Adafactor per weight matrix, and the loss-spike
+    rollback's new settings changed train and eval)."""
     workflow = resolve_workflow(load_spec(TINY))
     assert not workflow.declared and list(workflow.nodes) == ["data", "tokenizer", "pack", "train", "eval"]
     assert keys(load_spec(TINY)) == {"data": "6141a568be616cb3", "tokenizer": "3bb528a4907b5d61",
-                                     "pack": "ae029c3f2cb33198", "train": "9621823f3cb91aa6",
-                                     "eval": "fff6ba9fb04539b4"}
+                                     "pack": "ae029c3f2cb33198", "train": "7bb5675fd9bbca75",
+                                     "eval": "68285d82dba89435"}
     tpu = resolve_workflow(load_spec(SPECS / "palm-540b.yaml"))
     assert list(tpu.nodes)[0] == "compile" and tpu.nodes["train"].after == ("compile",)
     # A declared graph's node with the same config and inputs has the same key (under its own name).
-    assert keys(load_spec(SCALING))["train-m"] == "9621823f3cb91aa6"
+    assert keys(load_spec(SCALING))["train-m"] == "7bb5675fd9bbca75"
 
 
 def test_inputs_resolve_to_the_nearest_node_of_their_type():

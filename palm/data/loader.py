@@ -158,6 +158,14 @@ class HostBatches:
             if self.position + size <= len(self.dataset) else None
         return batch
 
+    def skip(self, size: int, step: int) -> None:
+        """Pass over the next global batch of `size` sequences without reading it (a loss spike's skip)."""
+        if self.position + size > len(self.dataset):
+            raise PalmError(f"the training data ran out at step {step} while skipping the batches after a loss "
+                            "spike; lower train.steps or train.loss_spike.skip_batches, or add data")
+        self.position += size
+        self._ahead = None
+
     def state(self) -> dict[str, Any]:
         return {"position": self.position}
 
