@@ -28,6 +28,7 @@ from palm.report import write_report
 from palm.runlock import run_lock
 from palm.spec import load_spec
 from palm.workflow import resolve_workflow
+from tasks.report import publish_run_report
 from tasks.stage import node_task
 from tasks.train import sigterm_sets
 
@@ -97,4 +98,6 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
             raise
     for name, out in outputs.items():
         logger.info("stage %s: %s (%s)", name, out.path, "cached" if out.cached else "built")
-    return run_summary(root, write_report(root, spec.name, workflow, outputs), outputs)
+    report = write_report(root, spec.name, workflow, outputs)
+    publish_run_report(root, spec.name, workflow, outputs)  # the same report in the UI (tasks/report.py)
+    return run_summary(root, report, outputs)
