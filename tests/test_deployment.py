@@ -190,3 +190,26 @@ def test_deployed_pretrain_tiny_runs_and_its_events_evaluate_each_checkpoint_onc
     assert sum(evaluated.values()) == 3, [(tr["name"], tr["task_key"], tr["state_type"]) for tr in task_runs]
     assert len(evaluated) == 3 and set(evaluated.values()) == {1}, evaluated
     print("eval-checkpoint task runs:", dict(evaluated))
+
+
+@pytest.mark.timeout(600)
+def test_the_evaluation_automation_has_the_name_and_description_of_prefect_yaml(prefect_stack):
+    """`prefect deploy` names the automation of eval-new-checkpoints' trigger as infra/prefect.yaml says,
+    not `eval-new-checkpoints__automation_1`, "A custom trigger"."""
+    import yaml
+
+    env, api, _, _ = prefect_stack
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    trigger = next(d for d in spec["deployments"] if d["name"] == "eval-new-checkpoints")["triggers"][0]
+    assert trigger["name"] == "evaluate-each-saved-checkpoint" and "palm.checkpoint.saved" in trigger["description"]
+
+    cli(env, "work-pool", "create", "local-process", "--type", "process")
+    cli(env, "deploy", "--name", "eval-new-checkpoints", "--prefect-file", "infra/prefect.yaml", "--no-prompt",
+        timeout=300)
+    deployment = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+    assert [d["name"] for d in deployment] == ["eval-new-checkpoints"]
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    assert [(a["name"], a["description"]) for a in automations] == [(trigger["name"], trigger["description"])]
+    automation = automations[0]
+    assert automation["enabled"] is True and automation["trigger"]["expect"] == ["palm.checkpoint.saved"]
+    assert [(a["type"], a.get("deployment_id")) for a in automation["actions"]] == [("run-deployment", deployment[0]["id"])]
