@@ -8,6 +8,9 @@ futures, so independent branches run concurrently and Prefect records the graph'
 are content-addressed (palm.stages): a re-run skips complete nodes, a changed node re-runs with what
 depends on it, and a retried training node resumes from its checkpoints.
 
+The flow run ends with the run's report as artifacts (tasks/report.py), beside report.md; its tasks
+publish each stage's tables and, while training, a live progress artifact. Keys: tasks.common.run_key.
+
 The flow owns SIGTERM while it runs (the tasks may run in other threads, where a handler cannot be
 installed): it sets the stop event that training reads, which checkpoints at the current step and stops.
 """
