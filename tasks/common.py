@@ -96,17 +96,20 @@ def publish_summary(node: Any, root: str | Path, out: StageOutput) -> None:
 def training_lines(manifest: dict[str, Any]) -> list[str]:
     """Markdown list items of a training node's result: steps, final loss, throughput and MFU (means over
     the steps in its metrics.jsonl after the first, which compiles; MFU where the chip's peak is known),
-    the checkpoint."""
+    the checkpoint; "unknown" for what the manifest lacks (launched workers write their own)."""
     from palm.report import throughput
 
     m = manifest
     loss = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "unknown"
-    speed = throughput(m["metrics"])
+    try:
+        speed = throughput(m["metrics"]) if m.get("metrics") else {}
+    except (OSError, ValueError):  # unreadable metrics: the summary says "unknown", training stays done
+        speed = {}
     tps = f"{speed['tokens_per_second']:,.0f}" if speed.get("tokens_per_second") is not None else "unknown"
     mfu = (f"{speed['mfu']:.1%}" if speed.get("mfu") is not None
            else "unknown (no peak FLOPs known for this chip)" if speed.get("tokens_per_second") is not None
            else "unknown")
-    return [f"- steps: {m['final_step']}", f"- final loss: {loss}", f"- tokens/s: {tps}", f"- MFU: {mfu}",
+    return [f"- steps: {m.get('final_step')}", f"- final loss: {loss}", f"- tokens/s: {tps}", f"- MFU: {mfu}",
             f"- parameters: {m['params']:,}" if m.get("params") is not None else None,
-            f"- checkpoint: `{m['checkpoint']}`",
+            f"- checkpoint: `{m['checkpoint']}`" if m.get("checkpoint") else None,
             f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else None]
