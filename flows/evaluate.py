@@ -10,6 +10,10 @@ worker's small VM), as a sharded job on the spec's launcher, on the same hosts a
 this flow follows to its end. Either way: claim, evaluate, record once; a failure releases the claim
 and fails the flow run with the job's error. A re-run re-attaches to the running job of the same
 checkpoint instead of starting a second one.
+
+After each evaluation the run's table of evaluations across checkpoints (`<run key>-<node>-evaluations`,
+tasks.eval.publish_evaluations: every checkpoint of the ledger, by step) gets a new version, and once
+more at the end where the latest lacks a step that a concurrent evaluation run recorded meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from palm.ledger import EvalLedger
 from palm.pipeline import SPEC_RECORD
 from palm.spec import Spec, load_spec
 from palm.stages import CONTEXT
-from tasks.eval import eval_checkpoint_task, eval_on_workers_task
+from tasks.eval import eval_checkpoint_task, eval_on_workers_task, publish_evaluations
 
 
 def spec_of_run(root: str) -> Spec:
@@ -69,7 +73,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
         root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
         train_dirs = [storage.parent(p) for p in storage.glob(storage.join(root, "*", "*", CONTEXT))]  # every training node
     owner = str(get_run_context().flow_run.id)
-    evaluated, skipped = [], []
+    evaluated, skipped, touched = [], [], []
     for train_dir in train_dirs:
         ledger = EvalLedger(storage.join(train_dir, "evals"))
         ckpts = open_checkpoints(train_dir)
@@ -88,7 +92,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
             path = storage.join(train_dir, "checkpoints", str(step))
             try:
                 if where == "local":
-                    result = eval_checkpoint_task(path, spec.eval, spec.name)
+                    result = eval_checkpoint_task(path, spec.eval, spec.name, root)
                 else:
                     result = eval_on_workers_task(path, spec, worker_spec, worker_overrides, root)
                     result = {k: result[k] for k in ("checkpoint", "step", "results", "job")}
@@ -97,6 +101,12 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                 raise
             ledger.record(step, {**result, "evaluated_by": owner})
             write_eval_results(storage.join(train_dir, "evals", "tensorboard"), result["step"], result["results"])
+            publish_evaluations(spec.name, root, train_dir, ledger.results())  # the table so far, in the UI
             evaluated.append(result["checkpoint"])
+            if train_dir not in touched:
+                touched.append(train_dir)
             logger.info("evaluated %s: %s", result["checkpoint"], result["results"])
+    for train_dir in touched:  # what a concurrent evaluation run recorded after this one's last table
+        publish_evaluations(spec.name, root, train_dir, EvalLedger(storage.join(train_dir, "evals")).results(),
+                            if_stale=True)
     return {"evaluated": evaluated, "claimed_elsewhere": skipped}

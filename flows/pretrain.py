@@ -8,6 +8,9 @@ futures, so independent branches run concurrently and Prefect records the graph'
 are content-addressed (palm.stages): a re-run skips complete nodes, a changed node re-runs with what
 depends on it, and a retried training node resumes from its checkpoints.
 
+The flow run ends with the run's report as artifacts (tasks/report.py), beside report.md; its tasks
+publish each stage's tables and, while training, a live progress artifact. Keys: tasks.common.run_key.
+
 The flow owns SIGTERM while it runs (the tasks may run in other threads, where a handler cannot be
 installed): it sets the stop event that training reads, which checkpoints at the current step and stops.
 """
@@ -28,6 +31,7 @@ from palm.report import write_report
 from palm.runlock import run_lock
 from palm.spec import load_spec
 from palm.workflow import resolve_workflow
+from tasks.report import publish_run_report
 from tasks.stage import node_task
 from tasks.train import sigterm_sets
 
@@ -106,4 +110,6 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
             raise
     for name, out in outputs.items():
         logger.info("stage %s: %s (%s)", name, out.path, "cached" if out.cached else "built")
-    return run_summary(root, write_report(root, spec.name, workflow, outputs), outputs)
+    report = write_report(root, spec.name, workflow, outputs)
+    publish_run_report(root, spec.name, workflow, outputs)  # the same report in the UI (tasks/report.py)
+    return run_summary(root, report, outputs)

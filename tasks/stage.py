@@ -33,53 +33,54 @@ def accounting_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _publish_quality(node: Any, out: StageOutput) -> None:
+def _publish_quality(node: Any, root: str, out: StageOutput) -> None:
     m = out.manifest
     rows = [{"source": name, "class": s["class"], "sampled": s["sampled"], "held_out": s["held_out"],
              "median score (held out)": round(s["held_out_scores"].get("p50", float("nan")), 4),
              "expected keep rate": round(s["expected_keep_rate"], 4) if s["expected_keep_rate"] is not None else "-"}
             for name, s in m["sources"].items()]
-    create_table_artifact(key=artifact_key(node, "classifier"), table=rows,
+    create_table_artifact(key=artifact_key(node, root, "classifier"), table=rows,
                           description=f"Quality classifier: held-out AUC {m['held_out_auc']:.4f} ({out.path})")
 
 
-def _publish_data(node: Any, out: StageOutput) -> None:
-    create_table_artifact(key=artifact_key(node, "accounting"), table=accounting_rows(out.manifest),
+def _publish_data(node: Any, root: str, out: StageOutput) -> None:
+    create_table_artifact(key=artifact_key(node, root, "accounting"), table=accounting_rows(out.manifest),
                           description=f"Documents in, kept and dropped by reason, per source ({out.path})")
 
 
-def _publish_pack(node: Any, out: StageOutput) -> None:
+def _publish_pack(node: Any, root: str, out: StageOutput) -> None:
     rows = [{"split": split, "source": source, "docs": c["docs"], "tokens": c["tokens"], "sequences": c["sequences"],
              "tokens_dropped": c["tokens_dropped"]}
             for split, by_source in out.manifest["splits"].items() for source, c in by_source.items()]
-    create_table_artifact(key=artifact_key(node, "sequences"), table=rows,
+    create_table_artifact(key=artifact_key(node, root, "sequences"), table=rows,
                           description=f"Tokens and sequences per split and source ({out.path})")
 
 
-def _publish_compile(node: Any, out: StageOutput) -> None:
+def _publish_compile(node: Any, root: str, out: StageOutput) -> None:
     rows = [{"step": s["kind"], "global_batch": s["global_batch"],
              "GiB per chip": round(s["memory_per_device_bytes"] / 2**30, 2),
              "GiB estimated": round(s["estimated_memory_per_device_bytes"] / 2**30, 2),
              "compile seconds": round(s["compile_seconds"], 1)} for s in out.manifest["steps"]]
-    create_table_artifact(key=artifact_key(node, "memory"), table=rows,
+    create_table_artifact(key=artifact_key(node, root, "memory"), table=rows,
                           description=f"Per-chip memory of each step on {out.manifest['devices']} "
                                       f"{out.manifest['accelerator']} chips ({out.path})")
 
 
-def _publish_eval(node: Any, out: StageOutput) -> None:
+def _publish_eval(node: Any, root: str, out: StageOutput) -> None:
     from palm.evaltasks.run import results_markdown
 
-    create_markdown_artifact(key=artifact_key(node, "results"), markdown=results_markdown(out.manifest["results"]),
+    create_markdown_artifact(key=artifact_key(node, root, "results"), markdown=results_markdown(out.manifest["results"]),
                              description=f"Evaluation of {out.manifest['checkpoint']}")
 
 
-def _publish_scaling(node: Any, out: StageOutput) -> None:
-    create_table_artifact(key=artifact_key(node, "table"), table=out.manifest["rows"],
+def _publish_scaling(node: Any, root: str, out: StageOutput) -> None:
+    create_table_artifact(key=artifact_key(node, root, "table"), table=out.manifest["rows"],
                           description=f"Loss against parameters and training FLOPs ({out.path})")
 
 
-#: Artifacts per stage type, after the summary every node publishes.
-PUBLISHERS: dict[str, Callable[[Any, StageOutput], None]] = {
+#: Artifacts per stage type, before the summary every node publishes (a training node's has its result:
+#: tasks.common.publish_summary; its loss curve is in the run's report, tasks.report). Keys: run_key.
+PUBLISHERS: dict[str, Callable[[Any, str, StageOutput], None]] = {
     "data": _publish_data, "pack": _publish_pack, "compile": _publish_compile, "eval": _publish_eval,
     "quality": _publish_quality,
     "scaling": _publish_scaling,
@@ -105,8 +106,8 @@ def stage_task(node: Any, root: str, inputs: dict[str, StageOutput], force: bool
             raise
         raise fault from e  # the original stays in the task run's log
     if node.stage in PUBLISHERS:
-        PUBLISHERS[node.stage](node, out)
-    publish_summary(node, out)
+        PUBLISHERS[node.stage](node, root, out)
+    publish_summary(node, root, out)
     if hooks.on_stage is not None:
         hooks.on_stage(out)
     return out

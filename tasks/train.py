@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 from palm.errors import Preempted
 from palm.pipeline import Hooks, attached, run_node
 from palm.stages import StageOutput
+from tasks.common import artifact_key
 
 CHECKPOINT_SAVED = "palm.checkpoint.saved"
 
@@ -36,6 +38,55 @@ def emit_checkpoint_saved(spec: Any, path: str, step: int, record: dict[str, Any
                resource={"prefect.resource.id": f"palm.checkpoint.{path}", "palm.checkpoint.path": path,
                          "palm.run": spec.name},
                payload={"run": spec.name, "step": step, "loss": loss, "path": path})
+
+
+class TrainingProgress:
+    """A training node's live progress artifact (`<run key>-<node>-progress`, tasks.common.run_key): the
+    percentage of `train.steps` done, with the step and loss in its description.
+
+    Created at 0 when training starts (a resumed run's first update jumps to where it is); updated at
+    most once every `every_seconds` and always at the last step, so a fast run does not call the API
+    each step. The Prefect API failing never fails training: the error is logged once and updates stop.
+    """
+
+    def __init__(self, key: str, total_steps: int, logger: Any, every_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.key, self.total, self.logger, self.every, self.clock = key, total_steps, logger, every_seconds, clock
+        self.id, self.last, self.sent = None, float("-inf"), None
+        self._call(lambda: setattr(self, "id", _create_progress(0.0, key, f"0/{total_steps} steps")))
+
+    def update(self, steps_done: int, loss: float | None = None, force: bool = False) -> bool:
+        """Report `steps_done` of the total (if due); whether the artifact was updated."""
+        if self.id is None or steps_done == self.sent:
+            return False
+        now = self.clock()
+        if not force and steps_done < self.total and now - self.last < self.every:
+            return False
+        self.last, self.sent = now, steps_done
+        text = f"{steps_done}/{self.total} steps" + (f", loss {loss:.4f}" if loss is not None else "")
+        return self._call(lambda: _update_progress(self.id, min(100.0, 100.0 * steps_done / self.total), text))
+
+    def _call(self, fn: Callable[[], Any]) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - the UI's progress bar must never stop training
+            self.logger.warning("could not publish training progress (%s): %s; no more progress updates",
+                                self.key, e)
+            self.id = None
+            return False
+
+
+def _create_progress(progress: float, key: str, description: str) -> Any:
+    from prefect.artifacts import create_progress_artifact
+
+    return create_progress_artifact(progress, key=key, description=description)
+
+
+def _update_progress(artifact_id: Any, progress: float, description: str) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    update_progress_artifact(artifact_id, progress, description=description)
 
 
 @contextlib.contextmanager
@@ -85,8 +136,10 @@ class CheckpointWatcher:
 
 
 @contextlib.contextmanager
-def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any) -> Iterator[CheckpointWatcher]:
-    """While the block runs (and once after it), emit an event for each new checkpoint under `directory`."""
+def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any,
+                           progress: TrainingProgress | None = None) -> Iterator[CheckpointWatcher]:
+    """While the block runs (and once after it), emit an event for each new checkpoint under `directory`
+    (and move `progress` to its step: what this process knows of launched workers' progress)."""
     watcher, done = CheckpointWatcher(directory), threading.Event()
 
     def announce() -> None:
@@ -94,6 +147,8 @@ def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any)
             for step, meta in watcher.new():
                 logger.info("checkpoint %d saved by the workers: %s/%d", step, directory, step)
                 emit_checkpoint_saved(spec, f"{directory}/{step}", step, meta)
+                if progress is not None:
+                    progress.update(step, (meta.get("metrics") or {}).get("loss"), force=True)
         except Exception as e:  # noqa: BLE001 - a failed look must never fail the training job it watches
             logger.warning("could not list checkpoints in %s: %s", directory, e)
 
@@ -120,7 +175,8 @@ def train_launched(node: Any, root: str, inputs: dict[str, StageOutput], force: 
 
     stop = attached().stop or threading.Event()
     checkpoints = storage.join(train_output(node, root, inputs)[1], "checkpoints")
-    with announcing_checkpoints(node.spec, checkpoints, node.spec.infra.launcher.poll_seconds, logger):
+    progress = TrainingProgress(artifact_key(node, root, "progress"), node.spec.train.steps, logger)
+    with announcing_checkpoints(node.spec, checkpoints, node.spec.infra.launcher.poll_seconds, logger, progress):
         try:
             return train_on_workers(node, root, inputs, force, stop=stop, log=lambda line: logger.info("%s", line))
         except Preempted as e:  # JobStopped: this process was asked to stop, and stopped the job
@@ -133,8 +189,10 @@ def run_training_node(node: Any, root: str, inputs: dict[str, StageOutput], forc
     spec = node.spec
     if launched(spec):
         return train_launched(node, root, inputs, force, logger)
+    progress = TrainingProgress(artifact_key(node, root, "progress"), spec.train.steps, logger)
 
     def on_step(log, state) -> None:
+        progress.update(log.step + 1, log.loss)
         if log.step % spec.train.log_every == 0 or log.step + 1 == spec.train.steps:
             logger.info("step %d/%d loss %.4f lr %.2e batch %d %.0f tokens/s", log.step + 1, spec.train.steps,
                         log.loss, log.learning_rate, log.global_batch, log.tokens_per_second)

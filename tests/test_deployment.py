@@ -148,6 +148,16 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
     # No variable needed: `prefect deploy` recorded this checkout as the working directory.
     assert tiny["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     eval_dep = deployments["eval-new-checkpoints"]
+    # Its trigger's automation carries the name and description of infra/prefect.yaml (not
+    # `eval-new-checkpoints__automation_1`, "A custom trigger").
+    import yaml
+
+    trigger = next(d for d in yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "eval-new-checkpoints")["triggers"][0]
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    assert [(a["name"], a["description"]) for a in automations] == [(trigger["name"], trigger["description"])]
+    assert trigger["name"] == "evaluate-each-saved-checkpoint" and automations[0]["enabled"] is True
+    assert [(a["type"], a.get("deployment_id")) for a in automations[0]["actions"]] == [("run-deployment", eval_dep["id"])]
     # The hourly fallback is not under test: pause it so only the events start evaluations.
     for sched in eval_dep.get("schedules") or []:
         httpx.patch(f"{api}/deployments/{eval_dep['id']}/schedules/{sched['id']}", json={"active": False},
@@ -174,6 +184,22 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
         assert worker.poll() is None, f"the worker exited:\n{tail(worker_log)}"
         assert time.monotonic() < deadline, f"pretrain still {flow_state['name']} after 6 minutes\n{tail(worker_log)}"
         time.sleep(2)
+
+    # The run in the Prefect UI: its report, the training's progress, loss table and summary, under keys
+    # that name this run (its spec and directory), read back through the API.
+    from tasks.common import run_artifact_key
+
+    def artifacts(body: dict) -> list[dict]:
+        r = httpx.post(f"{api}/artifacts/filter", json=body, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    mine = {a["key"]: a for a in artifacts({"artifacts": {"flow_run_id": {"any_": [run_id]}}}) if a.get("key")}
+    key = lambda *parts: run_artifact_key("tiny", out, *parts)  # noqa: E731
+    assert {key("report"), key("train", "summary"), key("train", "progress"), key("train", "loss")} <= set(mine), sorted(mine)
+    assert "final loss" in mine[key("train", "summary")]["data"].lower()
+    assert mine[key("train", "progress")]["data"] == 100
+    assert "| stage" in mine[key("report")]["data"].lower() or "stage" in mine[key("report")]["data"].lower()
 
     # The outputs of the deployed run.
     assert (out / "report.md").is_file()
@@ -219,6 +245,11 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
     assert sum(evaluated.values()) == 3, [(tr["name"], tr["task_key"], tr["state_type"]) for tr in task_runs]
     assert len(evaluated) == 3 and set(evaluated.values()) == {1}, evaluated
     print("eval-checkpoint task runs:", dict(evaluated))
+    # The evaluations-across-checkpoints table of this run: one row per evaluated step.
+    tables = artifacts({"artifacts": {"key": {"any_": [key("train", "evaluations")]}}, "sort": "CREATED_DESC"})
+    assert tables, "no evaluations table"
+    rows = json.loads(tables[0]["data"]) if isinstance(tables[0]["data"], str) else tables[0]["data"]
+    assert sorted(int(r["step"]) for r in rows) == [0, 3, 6], rows
 
 
 def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):

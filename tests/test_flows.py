@@ -3,13 +3,20 @@ re-runs, and exactly-once evaluation of every checkpoint by concurrent evaluatio
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactCollectionFilter, ArtifactCollectionFilterKey, ArtifactFilter,
+                                            ArtifactFilterFlowRunId, ArtifactFilterKey)
+
 from flows.evaluate import evaluate_new_checkpoints
 from flows.pretrain import pretrain
 from palm.ledger import EvalLedger
+from tasks.common import run_artifact_key
 from tests.conftest import SPECS
 
 TINY = str(SPECS / "tiny.yaml")
@@ -21,13 +28,53 @@ def cached(result: dict) -> dict[str, bool]:
     return {name: s["cached"] for name, s in result["stages"].items()}
 
 
+def artifacts(key: str | None = None, flow_run_id=None) -> list:
+    """Every version of the artifacts with `key` (and/or of one flow run), from the server."""
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]) if key else None,
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None))
+    return asyncio.run(read())
+
+
+def latest(key: str):
+    async def read():
+        async with get_client() as client:
+            return await client.read_latest_artifacts(
+                artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])))
+    found = asyncio.run(read())
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+def rows(artifact) -> list[dict]:
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
 def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
-    first = pretrain(TINY, QUICK, str(tmp_path), ALL)
+    state = pretrain(TINY, QUICK, str(tmp_path), ALL, return_state=True)
+    first, run_id = state.result(), state.state_details.flow_run_id
     assert first["status"] == "completed" and first["final_step"] == 6
     assert not any(cached(first).values())
     assert "validation_loss" in first["eval"]
     assert (tmp_path / "report.md").is_file() and (tmp_path / "loss.png").is_file()
     assert (tmp_path / "spec.json").is_file()
+
+    # The run in the Prefect UI: its report (stages, loss curve as sampled steps, evaluation) and loss
+    # table are artifacts of this flow run, keyed by the run (spec name and run directory).
+    key = lambda *parts: run_artifact_key("tiny", tmp_path, *parts)  # noqa: E731
+    of_run = {a.key: a for a in artifacts(flow_run_id=run_id)}
+    assert {key("report"), key("train", "loss"), key("train", "summary"), key("train", "progress"),
+            key("data", "accounting"), key("eval", "results")} <= set(of_run), sorted(of_run)
+    report = of_run[key("report")]
+    assert report.type == "markdown"
+    for section in ("# Run report: tiny", "## Stages", "## Training", "Loss curve (sampled steps):", "## Evaluation",
+                    "| validation_loss |", f"`{first['checkpoint']}`"):
+        assert section in report.data, section
+    assert "![" not in report.data  # no image the UI could not open
+    loss = rows(of_run[key("train", "loss")])
+    assert [r["step"] for r in loss] == [1, 2, 3, 4, 5, 6] and loss[-1]["loss"] == round(first["final_loss"], 4)
 
     t0 = time.perf_counter()
     again = pretrain(TINY, QUICK, str(tmp_path), ALL)
@@ -44,6 +91,17 @@ def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
     ledger = EvalLedger(Path(checkpoint).parent.parent / "evals")
     assert sorted(ledger.results()) == [0, 3, 6]
     assert "validation_loss" in ledger.result(6)["results"]
+    # The table of evaluations across checkpoints: a version after each evaluation, the latest with all.
+    table = latest(key("train", "evaluations"))
+    assert [r["step"] for r in rows(table)] == [0, 3, 6]
+    for r in rows(table):
+        result = ledger.result(r["step"])["results"]
+        assert r["checkpoint"] == ledger.result(r["step"])["checkpoint"]
+        assert {c: v for c, v in r.items() if c not in ("step", "checkpoint")} == {
+            f"{task} {metric}": round(v, 4) if isinstance(v, float) else v
+            for task, metrics in result.items() for metric, v in metrics.items()}
+    assert len(artifacts(key("train", "evaluations"))) >= 3
+    assert [bool(artifacts(key("train", "eval-step", s))) for s in (0, 3, 6)] == [True, True, True]
     scheduled = evaluate_new_checkpoints(spec_path=TINY, overrides=QUICK, output=str(tmp_path))
     assert scheduled["evaluated"] == []  # the scheduled fallback finds nothing left to do
 
@@ -56,3 +114,13 @@ def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
 
     forced = pretrain(TINY, QUICK, str(tmp_path), "data", force=["data"])
     assert forced["stages"]["data"]["cached"] is False
+
+    # The same spec into another directory is another run: its own keys, its own history.
+    other_dir = tmp_path / "other"
+    other = pretrain(TINY, QUICK, str(other_dir), "data", return_state=True)
+    other_key = run_artifact_key("tiny", other_dir, "data", "accounting")
+    assert other_key != key("data", "accounting")
+    mine, theirs = artifacts(key("data", "accounting")), artifacts(other_key)
+    assert [a.flow_run_id for a in theirs] == [other.state_details.flow_run_id]
+    assert other.state_details.flow_run_id not in {a.flow_run_id for a in mine} and run_id in {a.flow_run_id for a in mine}
+

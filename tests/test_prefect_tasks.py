@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from palm.spec import load_spec
 from palm.pipeline import node_inputs
 from palm.workflow import resolve_workflow
-from tasks.common import with_retry_policy
+from tasks.common import run_artifact_key, run_key, with_retry_policy
 from tasks.stage import node_task, stage_task
 from tests.conftest import SPECS
 
@@ -40,14 +40,15 @@ def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
 
     out = data_only()
     assert out.manifest["complete"] is True
-    table = asyncio.run(_artifacts("tiny-data-accounting"))
+    table = asyncio.run(_artifacts(run_artifact_key("tiny", tmp_path, "data", "accounting")))
     assert table and table[0].type == "table"
     rows = table[0].data if isinstance(table[0].data, list) else __import__("json").loads(table[0].data)
     assert {r["source"] for r in rows} == {"stdlib-docs", "stdlib-code", "planted"}
     for row in rows:
         src = out.manifest["sources"][row["source"]]
         assert row["docs_in"] == src["docs_in"] and row["docs_kept"] == src["docs_kept"]
-    assert asyncio.run(_artifacts("tiny-data-summary"))
+    assert asyncio.run(_artifacts(run_artifact_key("tiny", tmp_path, "data", "summary")))
+    assert not asyncio.run(_artifacts("tiny-data-accounting"))  # the spec name alone is no run's key
 
 
 def test_quality_and_data_tasks_publish_the_classifier_and_its_keep_rates(prefect_server, tmp_path):
@@ -67,9 +68,9 @@ def test_quality_and_data_tasks_publish_the_classifier_and_its_keep_rates(prefec
     assert data["quality"]["classifier_key"] == outs["quality"].key
     planted = data["sources"]["planted"]["quality_sampling"]
     assert 0 < planted["kept"] < planted["scored"]
-    table = asyncio.run(_artifacts("tiny-quality-quality-classifier"))
+    table = asyncio.run(_artifacts(run_artifact_key("tiny-quality", tmp_path, "quality", "classifier")))
     assert table and f"{quality['held_out_auc']:.4f}" in table[0].description
-    rows = asyncio.run(_artifacts("tiny-quality-data-accounting"))[0].data
+    rows = asyncio.run(_artifacts(run_artifact_key("tiny-quality", tmp_path, "data", "accounting")))[0].data
     rows = rows if isinstance(rows, list) else __import__("json").loads(rows)
     keep = {r["source"]: r["quality_keep_rate"] for r in rows}
     assert keep == {"stdlib-docs": "-", "stdlib-code": "-", "planted": round(planted["keep_rate"], 4)}
@@ -115,6 +116,19 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     for e in events:
         assert e.payload["run"] == "tiny" and e.resource["palm.run"] == "tiny"
         assert e.payload["path"].endswith(f"/checkpoints/{e.payload['step']}")
+
+    # The live progress bar ended at 100%, and the train summary says how training went.
+    progress = asyncio.run(_artifacts(run_artifact_key("tiny", root, "train", "progress")))
+    assert len(progress) == 1 and progress[0].type == "progress"
+    assert float(progress[0].data) == 100.0
+    assert progress[0].description.startswith("6/6 steps, loss ")
+    summary = asyncio.run(_artifacts(run_artifact_key("tiny", root, "train", "summary")))
+    text = summary[0].data
+    assert f"- steps: 6" in text and f"- final loss: {out.manifest['final_loss']:.4f}" in text
+    assert f"- checkpoint: `{out.manifest['checkpoint']}`" in text and f"- key: `{out.key}`" in text
+    tps = float(text.split("- tokens/s: ")[1].split("\n")[0].replace(",", ""))
+    assert tps > 0
+    assert "- MFU: unknown (no peak FLOPs known for this chip)" in text  # a CPU has no peak in palm's table
 
 
 def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
@@ -202,3 +216,44 @@ def test_checkpoints_of_launched_workers_are_announced_once_each(tmp_path, monke
         writer.close()
     assert emitted == [(f"{directory}/0", 0, 10.0), (f"{directory}/3", 3, 7.0), (f"{directory}/6", 6, 4.0)]
     assert watcher.new() == []  # each once
+
+
+def test_run_keys_name_the_run_not_only_the_spec(tmp_path, monkeypatch):
+    import re
+
+    a, b = run_key("tiny", tmp_path / "a"), run_key("tiny", tmp_path / "b")
+    assert a != b and a.startswith("tiny-") and b.startswith("tiny-")
+    monkeypatch.chdir(tmp_path)
+    assert run_key("tiny", "a") == a == run_key("tiny", f"{tmp_path}/x/../a")  # any spelling of one directory
+    assert run_key("tiny", "gs://bucket/runs/tiny/") == run_key("tiny", "gs://bucket/runs/tiny")
+    key = run_artifact_key("My_Spec.v2", "gs://bucket/r", "train_2", "eval-step", 300)
+    assert re.fullmatch(r"[a-z0-9-]+", key) and key.startswith("my-spec-v2-") and key.endswith("-train-2-eval-step-300")
+
+
+def test_training_progress_is_throttled_ends_at_the_last_step_and_never_fails_training(monkeypatch):
+    import logging
+
+    import tasks.train as train_module
+    from tasks.train import TrainingProgress
+
+    calls, now = [], [0.0]
+    monkeypatch.setattr(train_module, "_create_progress", lambda p, key, text: calls.append(("create", p, text)) or "id")
+    monkeypatch.setattr(train_module, "_update_progress", lambda i, p, text: calls.append(("update", p, text)))
+    progress = TrainingProgress("k", 100, logging.getLogger("test"), every_seconds=5.0, clock=lambda: now[0])
+    sent = []
+    for step in range(1, 101):
+        now[0] = step * 0.5  # two steps a second
+        sent.append(progress.update(step, 2.0))
+    assert calls[0] == ("create", 0.0, "0/100 steps")
+    assert [c[1] for c in calls[1:]] == [1.0, 11.0, 21.0, 31.0, 41.0, 51.0, 61.0, 71.0, 81.0, 91.0, 100.0]
+    assert calls[-1][2] == "100/100 steps, loss 2.0000" and sum(sent) == 11
+
+    def down(*_):
+        raise ConnectionError("the API is down")
+
+    monkeypatch.setattr(train_module, "_update_progress", down)
+    failing = TrainingProgress("k", 10, logging.getLogger("test"), clock=lambda: now[0])
+    assert failing.update(10) is False  # logged, not raised
+    monkeypatch.setattr(train_module, "_update_progress", lambda *a: calls.append(a))
+    n = len(calls)
+    assert failing.update(10, force=True) is False and len(calls) == n  # no more calls after a failure
