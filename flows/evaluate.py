@@ -100,7 +100,7 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                 ledger.release(step)
                 raise
             ledger.record(step, {**result, "evaluated_by": owner})
-            write_eval_results(storage.join(train_dir, "evals", "tensorboard"), result["step"], result["results"])
+            write_eval_results(storage.join(train_dir, "tensorboard", "evals"), result["step"], result["results"])
             publish_evaluations(spec.name, root, train_dir, ledger.results())  # the table so far, in the UI
             evaluated.append(result["checkpoint"])
             if train_dir not in touched:

@@ -121,29 +121,38 @@ def summarize_trace(directory: str | Path, steps: int = 1, top: int = 40) -> dic
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
 
-    def counted(e: dict[str, Any]) -> bool:
+    def counted(e: dict[str, Any], on_device: bool) -> bool:
         if e.get("ph") != "X":
             return False
-        if device_pids:
+        if on_device:
             return e["pid"] in device_pids
         return "python" not in threads.get((e["pid"], e.get("tid")), "python")
 
-    # Keyed by (line, name): a device's trace has several lines (streams, and derived lines such as
-    # "XLA Ops" that repeat the kernels' time), which must not be added together.
-    totals: dict[tuple[str, str], list[float]] = {}
-    for e in events:
-        if counted(e):
-            line = f"{processes.get(e['pid'], '?')} {threads.get((e['pid'], e.get('tid')), '?')}"
-            entry = totals.setdefault((line, e.get("name", "?")), [0.0, 0])
-            entry[0] += float(e.get("dur", 0.0))  # microseconds
-            entry[1] += 1
+    def sums(on_device: bool) -> dict[tuple[str, str], list[float]]:
+        # Keyed by (line, name): a device's trace has several lines (streams, and derived lines such as
+        # "XLA Ops" that repeat the kernels' time), which must not be added together.
+        totals: dict[tuple[str, str], list[float]] = {}
+        for e in events:
+            if counted(e, on_device):
+                line = f"{processes.get(e['pid'], '?')} {threads.get((e['pid'], e.get('tid')), '?')}"
+                entry = totals.setdefault((line, e.get("name", "?")), [0.0, 0])
+                entry[0] += float(e.get("dur", 0.0))  # microseconds
+                entry[1] += 1
+        return totals
+
+    # A CPU trace may name a "/device:CPU" process yet put no operation on it: the host threads then.
+    totals = sums(True) if device_pids else {}
+    scope = "device"
+    if not totals:
+        totals = sums(False)
+        scope = "host (no device in the trace)" if not device_pids else "host (the device line is empty)"
     busy: dict[str, float] = {}
     for (line, _), (t, _) in totals.items():
         busy[line] = busy.get(line, 0.0) + t
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "trace": str(traces[-1]),
-        "scope": "device" if device_pids else "host (no device in the trace)",
+        "scope": scope,
         "steps": steps,
         "busy_seconds_per_step": {line: t / 1e6 / steps for line, t in sorted(busy.items(), key=lambda kv: -kv[1])},
         "top": [{"line": line, "name": name, "seconds_per_step": t / 1e6 / steps, "calls_per_step": n / steps,

@@ -5,9 +5,9 @@ Where they go (point `tensorboard --logdir` at the run root to see them all):
 - `<train stage dir>/tensorboard/`: `train/<metric>` per step (loss, z_loss, accuracy, grad_norm,
   update_norm, learning_rate, global_batch, tokens_per_second, step_seconds, and mfu where the
   accelerator's peak is known), written by the leading host;
-- `<eval stage dir>/tensorboard/` (the pipeline's eval stage) and `<train stage dir>/evals/tensorboard/`
-  (the eval-new-checkpoints flow, beside its ledger: one point per checkpoint, so the curves run across
-  steps): `eval/<task>/<metric>` at the checkpoint's step.
+- `<eval stage dir>/tensorboard/` (the pipeline's eval stage) and `<train stage dir>/tensorboard/evals/`
+  (the eval-new-checkpoints flow: one point per checkpoint, so the curves run across steps, beside the
+  training's own): `eval/<task>/<metric>` at the checkpoint's step.
 
 Non-finite and non-numeric values are left out (TensorBoard would draw them as gaps anyway).
 """

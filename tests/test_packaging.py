@@ -30,8 +30,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 WHEEL_NAME = f"palm_pipeline-{PYPROJECT['version']}-py3-none-any.whl"
 DIST_INFO = f"palm_pipeline-{PYPROJECT['version']}.dist-info"
 # The dev and bench groups' own packages: none belongs on a worker.
-NOT_ON_WORKERS = {"pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "gcp-storage-emulator",
-                  "kubernetes-validate", "datatrove", "spacy", "palm-pipeline", "pip"}
+NOT_ON_WORKERS = {"pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "gcp-storage-emulator", "tensorboard",
+                  "datatrove", "spacy", "tokenizers", "palm-pipeline", "pip"}
 DATAFLOW = {"runner": "dataflow", "project": "proj", "region": "us-central2", "temp_location": "gs://bucket/tmp",
             "machine_type": "n2-highmem-16", "num_workers": 10, "max_num_workers": 1000, "packaging": "wheel"}
 
