@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 #: The model_args PalmLM takes (lm-eval adds batch_size, max_batch_size and device from its own flags).
 MODEL_ARGS = ("checkpoint", "step", "batch_size", "max_length", "dtype", "max_gen_toks")
-DTYPES = ("float32", "bfloat16")
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
 #: Generation kwargs that palm's decoder implements; others are refused unless unset (None).

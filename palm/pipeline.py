@@ -182,12 +182,11 @@ def _build_train(spec: Any, inputs: dict[str, StageOutput], hooks: Hooks) -> Cal
         def upload_metrics() -> None:
             if leader and local_metrics.exists():
                 storage.upload_file(local_metrics, metrics)
-            # Event files and traces, beside the metrics: file by file (each writer's files have their own
-            # names), so those of attempts before a resume stay.
+            # Event files and traces, beside the metrics: added, never replacing the folder (each writer's
+            # files have their own names), so those of attempts before a resume stay.
             for folder in ("tensorboard", "profile"):
                 if leader and (work / folder).is_dir():
-                    for name in storage.list_files(work / folder):
-                        storage.upload_file(work / folder / name, storage.join(out, folder, name))
+                    storage.add_files(work / folder, storage.join(out, folder))
 
         def on_checkpoint(path: str, step: int, record: dict[str, Any]) -> None:
             upload_metrics()

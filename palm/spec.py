@@ -258,6 +258,16 @@ class PackSpec(_Strict):
 # ----------------------------------------------------------------------------------------- eval
 
 
+#: Evaluation tasks by name; besides these, mc:<task.yaml> and lm_eval:<task>.
+BUILTIN_EVAL_TASKS = ("validation_loss", "memorization", "gsm8k", "humaneval")
+
+
+def is_eval_task(task: str) -> bool:
+    """Whether `task` names an evaluation task (eval.tasks, `palm eval --tasks`)."""
+    kind, _, arg = task.partition(":")
+    return task in BUILTIN_EVAL_TASKS or (kind in ("mc", "lm_eval") and bool(arg))
+
+
 class EvalSpec(_Strict):
     """What to evaluate on each checkpoint. Task names: validation_loss, memorization, gsm8k, humaneval,
     mc:<path to a multiple-choice task YAML>, lm_eval:<lm-eval task name>."""
@@ -588,9 +598,7 @@ def check_consistency(spec: Spec) -> None:
                             "data.beam.packaging: wheel to pip-install palm on every worker at start-up",
                             key="data.beam.sdk_container_image")
     for i, task in enumerate(spec.eval.tasks):
-        kind, _, arg = task.partition(":")
-        if task not in ("validation_loss", "memorization", "gsm8k", "humaneval") and not (
-                kind in ("mc", "lm_eval") and arg):
+        if not is_eval_task(task):
             raise SpecError(f"unknown task {task!r}; use validation_loss, memorization, gsm8k, humaneval, "
                             "mc:<task.yaml> or lm_eval:<task>", key=f"eval.tasks.{i}")
     e = spec.eval

@@ -348,6 +348,14 @@ def _upload_files(fs: Any, pairs: list[tuple[str, str]]) -> None:
         fs.put([local for local, _ in pairs], [remote for _, remote in pairs])
 
 
+def add_files(local_dir: str | os.PathLike, remote_dir: str) -> None:
+    """Upload every file of `local_dir` under the gs:// `remote_dir`, leaving the objects already there
+    (event files and traces accumulate across attempts; each writer names its own files)."""
+    remote_dir = remote_dir.rstrip("/")
+    with _gcs(remote_dir) as fs:
+        _upload_files(fs, [(str(Path(local_dir, n)), f"{remote_dir}/{n}") for n in list_files(local_dir)])
+
+
 def upload_dir(local_dir: str | os.PathLike, remote_dir: str, last: str | None = "manifest.json") -> None:
     """Make `remote_dir` a copy of `local_dir`, with the file `last` (the completion marker) uploaded last.
 

@@ -73,8 +73,7 @@ def write_eval_results(logdir: str | Path, step: int, results: Mapping[str, Mapp
         with EventWriter(local, order=step) as writer:
             written = sum(writer.scalars(step, metrics, f"eval/{task}") for task, metrics in results.items())
         if storage.is_remote(logdir):
-            for name in storage.list_files(local):
-                storage.upload_file(local / name, storage.join(str(logdir), name))
+            storage.add_files(local, str(logdir))
     finally:
         if storage.is_remote(logdir):
             shutil.rmtree(local, ignore_errors=True)

@@ -254,15 +254,12 @@ def locate_run(checkpoint: str | Path) -> dict[str, Any]:
             "data_dir": pack["inputs"]["data"]["path"]}
 
 
-#: Task names `palm eval --tasks` and `eval.tasks` take, besides mc:<task.yaml> and lm_eval:<task>.
-BUILTIN_TASKS = ("validation_loss", "memorization", "gsm8k", "humaneval")
-
-
 def check_task_names(tasks: list[str], where: str = "eval.tasks") -> None:
+    from palm.spec import BUILTIN_EVAL_TASKS, is_eval_task
+
     for task in tasks:
-        kind, _, arg = task.partition(":")
-        if task not in BUILTIN_TASKS and not (kind in ("mc", "lm_eval") and arg):
-            raise PalmError(f"{where}: unknown task {task!r} (known: {', '.join(BUILTIN_TASKS)}, "
+        if not is_eval_task(task):
+            raise PalmError(f"{where}: unknown task {task!r} (known: {', '.join(BUILTIN_EVAL_TASKS)}, "
                             f"mc:<task.yaml>, lm_eval:<task>)")
 
 
