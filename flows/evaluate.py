@@ -1,10 +1,10 @@
 """Evaluate every checkpoint of a run that has no result yet, exactly once.
 
-Started by each `palm.checkpoint.saved` event (with that checkpoint's path) and on a schedule as a
+Started by each `palm.core.checkpoint.saved` event (with that checkpoint's path) and on a schedule as a
 fallback (with no checkpoint: every run under the spec's root). Claims in the run's ledger make two
 evaluation runs that start at the same moment split the work instead of repeating it.
 
-Each claimed checkpoint is evaluated where `eval.launch` and its size say (palm.evaljob.placement): in
+Each claimed checkpoint is evaluated where `eval.launch` and its size say (palm.jobs.evaljob.placement): in
 this process, or, for a checkpoint too large for it (PaLM 540B's 2.2 TB of parameters on the Prefect
 worker's small VM), as a sharded job on the spec's launcher, on the same hosts and mesh as training, which
 this flow follows to its end. Either way: claim, evaluate, record once; a failure releases the claim
@@ -24,17 +24,17 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-from palm import storage
-from palm.checkpoint import open_checkpoints
-from palm.tensorboard import write_eval_results
-from palm.errors import PalmError
-from palm.config import ModelConfig
-from palm.evaljob import placement
-from palm.evaltasks.run import locate_run
-from palm.ledger import EvalLedger
-from palm.pipeline import SPEC_RECORD
-from palm.spec import Spec, load_spec
-from palm.stages import CONTEXT
+from palm.base import storage
+from palm.core.checkpoint import open_checkpoints
+from palm.store.tensorboard import write_eval_results
+from palm.base.errors import PalmError
+from palm.spec.config import ModelConfig
+from palm.jobs.evaljob import placement
+from palm.evaluation.run import locate_run
+from palm.store.ledger import EvalLedger
+from palm.dag.runner import SPEC_RECORD
+from palm.spec.schema import Spec, load_spec
+from palm.store.outputs import CONTEXT
 from tasks.eval import eval_checkpoint_task, eval_on_workers_task, publish_evaluations
 
 

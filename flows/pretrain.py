@@ -2,10 +2,10 @@
 
     [compile] -> data -> tokenizer -> pack -> train -> eval        (the default graph)
 
-or whatever graph the spec declares (palm.workflow): shared upstream nodes, several models, fine-tuning,
+or whatever graph the spec declares (palm.dag.workflow): shared upstream nodes, several models, fine-tuning,
 a scaling report. Each node is the generic stage task (tasks/stage.py) submitted with its upstream tasks'
 futures, so independent branches run concurrently and Prefect records the graph's edges. Node outputs
-are content-addressed (palm.stages): a re-run skips complete nodes, a changed node re-runs with what
+are content-addressed (palm.store.outputs): a re-run skips complete nodes, a changed node re-runs with what
 depends on it, and a retried training node resumes from its checkpoints.
 
 The flow run ends with the run's report as artifacts (tasks/report.py), beside report.md; its tasks
@@ -24,13 +24,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from palm import storage
-from palm.errors import Preempted
-from palm.pipeline import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary
-from palm.report import write_report
-from palm.runlock import run_lock
-from palm.spec import load_spec
-from palm.workflow import resolve_workflow
+from palm.base import storage
+from palm.base.errors import Preempted
+from palm.dag.runner import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary
+from palm.app.report import write_report
+from palm.store.runlock import run_lock
+from palm.spec.schema import load_spec
+from palm.dag.workflow import resolve_workflow
 from tasks.report import publish_run_report
 from tasks.stage import node_task
 from tasks.train import sigterm_sets
@@ -99,7 +99,7 @@ def pretrain(spec_path: str, overrides: list[str] | None = None, output: str | N
     caller = attached()
     stop = caller.stop if caller.stop is not None else threading.Event()
     own = attach(Hooks(stop=stop)) if caller.stop is None else contextlib.nullcontext()
-    # One run per run directory (palm/runlock.py): a second one exits 2 naming the holder.
+    # One run per run directory (palm/store/runlock.py): a second one exits 2 naming the holder.
     with run_lock(root), sigterm_sets(stop) as previous, own:
         record_spec(spec, root)
         try:

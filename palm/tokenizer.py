@@ -50,8 +50,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from palm import storage
-from palm.errors import PalmError
+from palm.base import storage
+from palm.base.errors import PalmError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -92,7 +92,7 @@ class Tokenizer:
         if isinstance(model, (bytes, bytearray, memoryview)):
             self._proto = bytes(model)
         else:
-            from palm import storage
+            from palm.base import storage
 
             self._proto = storage.read_bytes(model)  # a local path or gs://
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)

@@ -1,5 +1,5 @@
 """Evaluation of one checkpoint on its own, as a Prefect task: in this process, or as a sharded job on the
-launcher's workers for a checkpoint too large for it (palm.evaljob). (The eval stage is tasks.stage's.)"""
+launcher's workers for a checkpoint too large for it (palm.jobs.evaljob). (The eval stage is tasks.stage's.)"""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Sequence
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from palm import storage
-from palm.evaltasks.run import evaluate_checkpoint, results_markdown
+from palm.base import storage
+from palm.evaluation.run import evaluate_checkpoint, results_markdown
 from tasks.common import run_artifact_key
 
 
@@ -80,10 +80,10 @@ def eval_checkpoint_task(checkpoint: str, eval_spec: Any, spec_name: str, root: 
 
 @task(name="eval-checkpoint-on-workers", task_run_name="eval-on-workers[{checkpoint}]")
 def eval_on_workers_task(checkpoint: str, spec: Any, spec_path: str, overrides: Sequence[str], root: str) -> dict[str, Any]:
-    """Evaluate one checkpoint as a sharded job on the spec's launcher (palm.evaljob.evaluate_on_workers):
+    """Evaluate one checkpoint as a sharded job on the spec's launcher (palm.jobs.evaljob.evaluate_on_workers):
     launch it (or re-attach to the running job of this checkpoint), follow it, its log lines into this
     task's log, and publish the result its host 0 wrote."""
-    from palm.evaljob import evaluate_on_workers
+    from palm.jobs.evaljob import evaluate_on_workers
 
     logger = get_run_logger()
     result = evaluate_on_workers(spec, spec_path, root, checkpoint, list(overrides),

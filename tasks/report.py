@@ -1,6 +1,6 @@
 """The run's report in the Prefect UI: artifacts of the pretrain flow run (keys: tasks.common.run_key).
 
-- `<run key>-report` (markdown): what palm.report writes to report.md (the stages, each training node's
+- `<run key>-report` (markdown): what palm.app.report writes to report.md (the stages, each training node's
   result and loss curve, the evaluation and scaling tables), the loss curve as a table of sampled steps;
 - `<run key>-<node>-loss` (table), for each training node with metrics: the sampled loss curve.
 """
@@ -11,14 +11,14 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from palm import storage
-from palm.report import loss_rows, read_metrics, report_markdown
+from palm.base import storage
+from palm.app.report import loss_rows, read_metrics, report_markdown
 from tasks.common import run_artifact_key
 
 
 def publish_run_report(root: str, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
     """Publish the report and the loss tables; returns the report's key."""
-    from palm.pipeline import STAGES
+    from palm.dag.runner import STAGES
 
     key = run_artifact_key(spec_name, root, "report")
     create_markdown_artifact(key=key, markdown=report_markdown(root, spec_name, workflow, outputs),

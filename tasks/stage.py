@@ -1,6 +1,6 @@
 """One Prefect task for every workflow node: the spec's retry policy around one palm call, then the stage
 type's artifacts. Training nodes go through tasks.train (launchers, checkpoint events); the rest build in
-this process (palm.pipeline.run_node)."""
+this process (palm.dag.runner.run_node)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from palm.pipeline import STAGES, attached, run_node
-from palm.stages import StageOutput
+from palm.dag.runner import STAGES, attached, run_node
+from palm.store.outputs import StageOutput
 from tasks.common import artifact_key, as_environment_fault, publish_summary, with_retry_policy
 
 
@@ -67,7 +67,7 @@ def _publish_compile(node: Any, root: str, out: StageOutput) -> None:
 
 
 def _publish_eval(node: Any, root: str, out: StageOutput) -> None:
-    from palm.evaltasks.run import results_markdown
+    from palm.evaluation.run import results_markdown
 
     create_markdown_artifact(key=artifact_key(node, root, "results"), markdown=results_markdown(out.manifest["results"]),
                              description=f"Evaluation of {out.manifest['checkpoint']}")

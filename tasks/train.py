@@ -5,7 +5,7 @@ A retry (after a crash, a preemption or a bad host) runs the same content-addres
 resumes from its latest valid checkpoint: it never starts again from step 0.
 
 With `infra.launcher.kind` tpu-vm or gke (or local with several processes) the node trains on launched
-workers (palm.launch): the task launches them, follows the job and returns the manifest they wrote.
+workers (palm.jobs.launch): the task launches them, follows the job and returns the manifest they wrote.
 
 SIGTERM while training (a preempted VM, a stopped container, a cancelled flow run) saves a checkpoint at
 the current step first: the pretrain flow owns SIGTERM (`sigterm_sets`, in the main thread) and hands its
@@ -21,12 +21,12 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from palm.errors import Preempted
-from palm.pipeline import Hooks, attached, run_node
-from palm.stages import StageOutput
+from palm.base.errors import Preempted
+from palm.dag.runner import Hooks, attached, run_node
+from palm.store.outputs import StageOutput
 from tasks.common import artifact_key
 
-CHECKPOINT_SAVED = "palm.checkpoint.saved"
+CHECKPOINT_SAVED = "palm.core.checkpoint.saved"
 
 
 def emit_checkpoint_saved(spec: Any, path: str, step: int, record: dict[str, Any]) -> None:
@@ -35,7 +35,7 @@ def emit_checkpoint_saved(spec: Any, path: str, step: int, record: dict[str, Any
 
     loss = (record.get("metrics") or {}).get("loss")
     emit_event(event=CHECKPOINT_SAVED,
-               resource={"prefect.resource.id": f"palm.checkpoint.{path}", "palm.checkpoint.path": path,
+               resource={"prefect.resource.id": f"palm.core.checkpoint.{path}", "palm.core.checkpoint.path": path,
                          "palm.run": spec.name},
                payload={"run": spec.name, "step": step, "loss": loss, "path": path})
 
@@ -107,22 +107,22 @@ def sigterm_sets(stop: threading.Event) -> Iterator[Any]:
 
 
 def launched(spec: Any) -> bool:
-    """Whether the train stage runs on launched workers (palm.launch) instead of in this process."""
+    """Whether the train stage runs on launched workers (palm.jobs.launch) instead of in this process."""
     return spec.infra.launcher.kind != "local" or spec.infra.launcher.processes > 1
 
 
 class CheckpointWatcher:
     """Finds the checkpoints launched workers commit (local or gs://), each once, so the task that follows
-    the job can announce them (`palm.checkpoint.saved`) as an in-process train stage does."""
+    the job can announce them (`palm.core.checkpoint.saved`) as an in-process train stage does."""
 
     def __init__(self, directory: str):
         self.directory, self.seen = directory, set()
 
     def new(self) -> list[tuple[int, dict[str, Any]]]:
         """(step, metadata) of each committed checkpoint not returned before, oldest first."""
-        from palm import storage
-        from palm.checkpoint import Checkpoints
-        from palm.config import CheckpointConfig
+        from palm.base import storage
+        from palm.core.checkpoint import Checkpoints
+        from palm.spec.config import CheckpointConfig
 
         if not storage.exists(self.directory):
             return []
@@ -167,11 +167,11 @@ def announcing_checkpoints(spec: Any, directory: str, every: float, logger: Any,
 
 
 def train_launched(node: Any, root: str, inputs: dict[str, StageOutput], force: bool, logger: Any) -> StageOutput:
-    """The node on the launcher's workers (palm.launch.train_on_workers). The stop event stops the job,
+    """The node on the launcher's workers (palm.jobs.launch.train_on_workers). The stop event stops the job,
     whose workers checkpoint first. A preempted job raises `JobPreempted`, which the retry policy
     retries; the retry's workers resume from the checkpoints."""
-    from palm import storage
-    from palm.launch import train_on_workers, train_output
+    from palm.base import storage
+    from palm.jobs.launch import train_on_workers, train_output
 
     stop = attached().stop or threading.Event()
     checkpoints = storage.join(train_output(node, root, inputs)[1], "checkpoints")

@@ -3,7 +3,7 @@
 Run in a child process, so that XLA_FLAGS can give it simulated CPU devices:
     python tests/digest_state.py '[{"data": 2, "fsdp": 2, "model": 2}]'
 With JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set it first joins a multi-process job
-(palm.worker.initialize_distributed), and the meshes span every process's devices.
+(palm.app.worker.initialize_distributed), and the meshes span every process's devices.
 """
 
 import json
@@ -11,10 +11,10 @@ import sys
 
 import jax
 
-from palm.checkpoint import _leaf_sums_jit, params_digest, state_digest
-from palm.config import ModelConfig, RampStage, TrainConfig
-from palm.train import Trainer, TrainState
-from palm.worker import initialize_distributed
+from palm.core.checkpoint import _leaf_sums_jit, params_digest, state_digest
+from palm.spec.config import ModelConfig, RampStage, TrainConfig
+from palm.core.train import Trainer, TrainState
+from palm.app.worker import initialize_distributed
 
 MODEL = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=512, seq_len=32,
                     dtype="float32", remat="full")

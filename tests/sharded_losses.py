@@ -10,8 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from palm.config import ModelConfig, RampStage, ScheduleConfig, TrainConfig
-from palm.train import Trainer, train
+from palm.spec.config import ModelConfig, RampStage, ScheduleConfig, TrainConfig
+from palm.core.train import Trainer, train
 
 MODEL = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=512, seq_len=32,
                     dtype="float32", remat="full")
@@ -34,7 +34,7 @@ def run(mesh: dict, steps: int) -> dict:
             yield seq
     state, logs = train(trainer, sequences())
     specs = {name: str(spec) for name, _, spec in trainer.sharding.describe(
-        __import__("palm.model", fromlist=["abstract_params"]).abstract_params(MODEL))}
+        __import__("palm.core.model", fromlist=["abstract_params"]).abstract_params(MODEL))}
     return {"mesh": mesh, "devices": n, "losses": [log.loss for log in logs], "layout": specs}
 
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from palm.aot import compile_spec, refused_bytes
-from palm.cli import main
-from palm.plan import estimate_memory
-from palm.spec import load_spec
+from palm.analysis.aot import compile_spec, refused_bytes
+from palm.app.cli import main
+from palm.app.plan import estimate_memory
+from palm.spec.schema import load_spec
 from tests.conftest import SPECS
 from tests.test_cli import flow_run_and_tasks, prefect_flow_runs
 
@@ -31,8 +31,8 @@ def test_the_540b_step_compiles_for_two_slices_and_matches_the_plan():
     """The whole spec: 118 layers, its width and vocabulary, two 12x16x16 slices, data 2 x fsdp 256 x
     model 12. The layers are scanned, so the full depth compiles about as fast as two layers; the first
     batch of the ramp only (the others are in docs/benchmarks.md, from `palm plan --compile`)."""
-    from palm.aot import tpu_devices
-    from palm.train import Trainer
+    from palm.analysis.aot import tpu_devices
+    from palm.core.train import Trainer
 
     spec = load_spec(SPECS / "palm-540b.yaml")
     compiled = compile_spec(spec, batches=[512])

@@ -1,4 +1,4 @@
-"""The Pallas splash attention path of palm.model, checked against XLA attention on CPU.
+"""The Pallas splash attention path of palm.core.model, checked against XLA attention on CPU.
 
 The TPU kernel runs here in the Pallas interpreter (implementation PALLAS_INTERPRET), which executes
 the same kernel body, block-sparsity tables and custom VJP as on a TPU, so a wrong scale, a leaky
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.config import ModelConfig
-from palm.errors import PalmError
-from palm.model import PALLAS_INTERPRET, PaLM, _splash_block, attention_implementation, causal_attention
+from palm.spec.config import ModelConfig
+from palm.base.errors import PalmError
+from palm.core.model import PALLAS_INTERPRET, PaLM, _splash_block, attention_implementation, causal_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -132,9 +132,9 @@ def test_model_with_splash_matches_model_with_xla():
 MULTI_DEVICE = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from palm.errors import PalmError
-from palm.model import PALLAS_INTERPRET, causal_attention
-from palm.sharding import make_mesh
+from palm.base.errors import PalmError
+from palm.core.model import PALLAS_INTERPRET, causal_attention
+from palm.core.sharding import make_mesh
 
 assert jax.device_count() == 4
 mesh = make_mesh({"data": 1, "fsdp": 2, "model": 2})

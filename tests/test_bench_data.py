@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from palm.bench import BOOKS_SPLIT, WIKI_SPLIT, render_data, split_text
-from palm.cli import main
+from palm.app.bench import BOOKS_SPLIT, WIKI_SPLIT, render_data, split_text
+from palm.app.cli import main
 
 SYSTEMS = ("palm", "datatrove")
 

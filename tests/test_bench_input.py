@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from palm.cli import main
+from palm.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_loader_batches_and_headroom_against_one_h100(result):
 
 
 def test_text_output_names_the_comparison(result):
-    from palm.bench import render_input
+    from palm.app.bench import render_input
 
     text = render_input(result[0])
     assert "tokens/s per core" in text and "batches/s" in text

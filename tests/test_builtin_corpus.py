@@ -10,8 +10,8 @@ import pytest
 from palm.data import builtin
 from palm.data.builtin import CORPORA, PLANTED, PLANTED_ORIGINAL, PLANTED_REASON, builtin_records
 from palm.data.filters import quality_drop_reason
-from palm.errors import PalmError
-from palm.spec import QualityFilters
+from palm.base.errors import PalmError
+from palm.spec.schema import QualityFilters
 
 DEFAULT = QualityFilters()
 CATEGORIES = ("distinct", "exact_duplicate", "near_duplicate", "junk", "invalid_utf8")

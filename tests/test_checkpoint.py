@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palm.checkpoint import Checkpoints, params_digest
-from palm.config import CheckpointConfig, LossSpikeConfig, ModelConfig, RampStage, ScheduleConfig, TrainConfig
-from palm.train import Preempted, Trainer, run_training
+from palm.core.checkpoint import Checkpoints, params_digest
+from palm.spec.config import CheckpointConfig, LossSpikeConfig, ModelConfig, RampStage, ScheduleConfig, TrainConfig
+from palm.core.train import Preempted, Trainer, run_training
 
 MODEL = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
                     dtype="float32", remat="none")
@@ -227,7 +227,7 @@ def test_default_restart_points_cover_the_papers_window():
     most max_restart_points() copies are kept."""
     import jax.numpy as jnp
 
-    from palm.train import RestartPoints, restart_target
+    from palm.core.train import RestartPoints, restart_target
 
     ls = LossSpikeConfig()
     assert (ls.restart_every, ls.rollback_steps, ls.onset_steps) == (25, 100, 25)
@@ -250,7 +250,7 @@ def test_default_restart_points_cover_the_papers_window():
 
 
 def test_a_spikes_start_is_the_rise_just_before_its_detection():
-    from palm.train import spike_start
+    from palm.core.train import spike_start
 
     flat = [(k, 1.0) for k in range(80, 100)]
     # Threshold 3: the loss is "rising" above (1 + 3) / 2 = 2x the median.
@@ -285,7 +285,7 @@ def test_checkpoint_meta_and_retention(tmp_path):
 def test_palm_checkpoint_list_inspect_verify(tmp_path, capsys):
     import json
 
-    from palm.cli import main
+    from palm.app.cli import main
 
     cfg = config(steps=8)
     ckpts = Checkpoints(tmp_path / "train" / "checkpoints", cfg.checkpoint)
@@ -327,7 +327,7 @@ def _trained(tmp_path: Path, steps: int = 8) -> tuple[TrainConfig, Path]:
 
 
 def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected_and_never_resumed_from(tmp_path):
-    from palm.checkpoint import SEAL_PREFIX, verify_checkpoints
+    from palm.core.checkpoint import SEAL_PREFIX, verify_checkpoints
 
     cfg, directory = _trained(tmp_path)
     step_dir = directory / "8"
@@ -373,7 +373,7 @@ def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected_and_never_resumed_f
 
 
 def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
-    from palm.checkpoint import SEAL_PREFIX, check_seals
+    from palm.core.checkpoint import SEAL_PREFIX, check_seals
 
     cfg, directory = _trained(tmp_path)
     for seal in (directory / "8").glob(f"{SEAL_PREFIX}*"):
@@ -389,7 +389,7 @@ def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
 def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd):
     import json
 
-    from palm.cli import main
+    from palm.app.cli import main
 
     cfg, directory = _trained(tmp_path)
     capfd.readouterr()
@@ -413,9 +413,9 @@ def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd)
     assert verdict == {0: True, 4: False, 8: True}
 RESTART_POINT_ON_A_MESH = """
 import jax, numpy as np
-from palm.checkpoint import state_digest
-from palm.config import ModelConfig, TrainConfig
-from palm.train import Trainer, to_devices, to_host
+from palm.core.checkpoint import state_digest
+from palm.spec.config import ModelConfig, TrainConfig
+from palm.core.train import Trainer, to_devices, to_host
 model = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
                     dtype="float32", remat="none")
 trainer = Trainer(model, TrainConfig(), {"data": 2, "fsdp": 2, "model": 2})

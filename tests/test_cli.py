@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palm.cli import main
-from palm.pipeline import STAGES
-from palm.spec import load_spec
-from palm.workflow import resolve_workflow
+from palm.app.cli import main
+from palm.dag.runner import STAGES
+from palm.spec.schema import load_spec
+from palm.dag.workflow import resolve_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
@@ -142,7 +142,7 @@ def test_spec_show_applies_overrides_and_inherits(capsys):
 
 
 def test_spec_show_output_is_a_loadable_spec(tmp_path, capsys):
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     assert main(["spec", "show", TINY]) == 0
     path = tmp_path / "shown.yaml"

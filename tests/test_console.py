@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import re
 
-from palm.console import RunConsole
-from palm.stages import StageOutput
-from palm.train import StepLog
+from palm.app.console import RunConsole
+from palm.store.outputs import StageOutput
+from palm.core.train import StepLog
 
 
 def log(step: int, loss: float) -> StepLog:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
+from palm.app.cli import main
 from palm.data import builtin
 from palm.data.pipeline import run_data_stage
-from palm.errors import PalmError
-from palm.spec import DataSpec
-from palm.stages import read_manifest, run_stage
+from palm.base.errors import PalmError
+from palm.spec.schema import DataSpec
+from palm.store.outputs import read_manifest, run_stage
 from tests.conftest import SPECS
 
 

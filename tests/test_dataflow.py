@@ -32,8 +32,8 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from palm.data.package import build_wheel
 from palm.data.pipeline import build_pipeline, pipeline_options, run_data_stage
-from palm.errors import PalmError
-from palm.spec import DataSpec
+from palm.base.errors import PalmError
+from palm.spec.schema import DataSpec
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.checkpoint import tree_digest
+from palm.core.checkpoint import tree_digest
 from tests.conftest import ROOT
 from tests.test_multihost import free_port
 

@@ -1,6 +1,6 @@
 """Faults of the machine, not of the input: a full disk, permission denied, a path of the wrong kind. Each is
 one line naming the path and what to do, exit 2 (75 where a later attempt may succeed), no traceback, and
-no Prefect retry when a retry would meet the same fault (palm.errors.EnvironmentFault).
+no Prefect retry when a retry would meet the same fault (palm.base.errors.EnvironmentFault).
 
 Full disks and refused permissions are simulated by raising the OSError a real one raises, where palm's
 code meets it (these tests run as root, whom permissions do not stop); a directory given as a data path is
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.errors import EnvironmentFault, PalmError, TransientFault, environment_fault
+from palm.app.cli import main
+from palm.base.errors import EnvironmentFault, PalmError, TransientFault, environment_fault
 from tests.test_cli import flow_run_and_tasks, prefect_flow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def test_beam_workers_do_not_log_a_traceback_for_an_environment_fault(caplog):
     import apache_beam as beam
 
     from palm.data.pipeline import run_beam
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     def refused(x):
         raise PermissionError(errno.EACCES, "Permission denied", f"/data/{x}.jsonl")

@@ -1,5 +1,5 @@
 """Checkpoints too large for the evaluating process: the eval-new-checkpoints flow evaluates them as a
-sharded job on the spec's launcher (palm/evaljob.py), records each result exactly once, releases the
+sharded job on the spec's launcher (palm/jobs/evaljob.py), records each result exactly once, releases the
 claim when the job fails, and never launches a second job for a checkpoint. One test runs the real
 local launcher: two JAX processes on this machine evaluate a real checkpoint sharded over both, and
 their numbers are the in-process evaluation's."""
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-import palm.launch
+import palm.jobs.launch
 from flows.evaluate import evaluate_new_checkpoints
-from palm import evaljob
-from palm.errors import PalmError
-from palm.evaljob import placement, result_path, write_result
-from palm.launch import JobFailed, WorkerRejected
-from palm.ledger import EvalLedger
-from palm.pipeline import SPEC_RECORD, record_spec, run_dag
-from palm.spec import load_spec
+from palm.jobs import evaljob
+from palm.base.errors import PalmError
+from palm.jobs.evaljob import placement, result_path, write_result
+from palm.jobs.launch import JobFailed, WorkerRejected
+from palm.store.ledger import EvalLedger
+from palm.dag.runner import SPEC_RECORD, record_spec, run_dag
+from palm.spec.schema import load_spec
 from tests.conftest import SPECS
 
 TINY = str(SPECS / "tiny.yaml")
@@ -52,7 +52,7 @@ def copy_run(trained: Path, tmp_path: Path, overrides: list[str]) -> tuple[Path,
 
 
 class FakeLauncher:
-    """Stands in for palm.launch.launch: records each plan and plays host 0 of the job (writes the result
+    """Stands in for palm.jobs.launch.launch: records each plan and plays host 0 of the job (writes the result
     file where the workers would), or raises what a failed job raises."""
 
     def __init__(self, fail: BaseException | None = None, write: bool = True):
@@ -83,7 +83,7 @@ def test_a_too_large_checkpoint_is_evaluated_by_a_launched_job_and_recorded_once
     # This process holds 1 MiB: the tiny model's 2.3 MiB of parameters do not fit (eval.launch is auto).
     monkeypatch.setattr(evaljob, "process_capacity", lambda: (2**20, "a test's 1 MiB"))
     fake = FakeLauncher()
-    monkeypatch.setattr(palm.launch, "launch", fake)
+    monkeypatch.setattr(palm.jobs.launch, "launch", fake)
 
     first = evaluate_new_checkpoints(checkpoint=str(train_dir / "checkpoints" / "6"))
     assert [Path(c).name for c in first["evaluated"]] == ["0", "3", "6"]
@@ -130,7 +130,7 @@ def test_a_failed_job_releases_the_claim_and_fails_the_flow(prefect_server, trai
                                                             message):
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES + ["eval.launch=workers"])
     fake = FakeLauncher(fail=fail, write=False)
-    monkeypatch.setattr(palm.launch, "launch", fake)
+    monkeypatch.setattr(palm.jobs.launch, "launch", fake)
     with pytest.raises(Exception) as info:
         evaluate_new_checkpoints(checkpoint=str(train_dir / "checkpoints" / "6"))
     assert type(info.value) is (type(fail) if fail is not None else JobFailed)
@@ -140,7 +140,7 @@ def test_a_failed_job_releases_the_claim_and_fails_the_flow(prefect_server, trai
     assert not list(evals.glob("*.claim")) and EvalLedger(evals).results() == {}  # released, nothing recorded
 
     # The claim was given back: the next run takes the checkpoint and evaluates it.
-    monkeypatch.setattr(palm.launch, "launch", FakeLauncher())
+    monkeypatch.setattr(palm.jobs.launch, "launch", FakeLauncher())
     after = evaluate_new_checkpoints(checkpoint=str(train_dir / "checkpoints" / "6"))
     assert [Path(c).name for c in after["evaluated"]] == ["0", "3", "6"]
 
@@ -172,7 +172,7 @@ def test_placement_by_size_and_setting():
 
 
 def test_where_evaluation_runs_does_not_change_the_eval_stage_key():
-    from palm.pipeline import STAGES
+    from palm.dag.runner import STAGES
 
     config = STAGES["eval"].config
     assert config(load_spec(TINY)) == config(load_spec(TINY, ["eval.launch=workers"]))
@@ -183,7 +183,7 @@ def test_two_local_processes_evaluate_a_real_checkpoint_sharded_and_match_one_pr
                                                                                       tmp_path):
     """The real local launcher: `palm worker --eval-checkpoint` in two JAX processes (gloo), the
     parameters restored sharded over fsdp=2 across them; host 0's result is recorded in the ledger."""
-    from palm.evaltasks.run import evaluate_checkpoint
+    from palm.evaluation.run import evaluate_checkpoint
 
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES + ["eval.launch=workers"])
     ledger = EvalLedger(train_dir / "evals")
@@ -211,7 +211,7 @@ def test_two_local_processes_evaluate_a_real_checkpoint_sharded_and_match_one_pr
     ("checkpoints/6", "is not inside a train stage directory"),
 ])
 def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys, tmp_path, where, message):
-    from palm.cli import main
+    from palm.app.cli import main
 
     (tmp_path / where).mkdir(parents=True)
     rc = main(["worker", TINY, "--output", str(tmp_path), "--eval-checkpoint", str(tmp_path / where)])
@@ -222,12 +222,12 @@ def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys
 def test_the_pipelines_eval_stage_launches_a_job_for_a_model_too_large_for_it(trained, tmp_path, monkeypatch):
     """The pretrain flow's own eval node (the final checkpoint) takes the same path: a model too large for
     the process is evaluated by the launched job (its plan on the run's recorded spec), its result kept."""
-    from palm.pipeline import Hooks, STAGES
-    from palm.stages import StageOutput, read_manifest
+    from palm.dag.runner import Hooks, STAGES
+    from palm.store.outputs import StageOutput, read_manifest
 
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES)
     fake = FakeLauncher()
-    monkeypatch.setattr(palm.launch, "launch", fake)
+    monkeypatch.setattr(palm.jobs.launch, "launch", fake)
     monkeypatch.setattr(evaljob, "process_capacity", lambda: (1 << 20, "this test's 1 MiB"))
     spec = load_spec(str(root / SPEC_RECORD))
     inputs = {}

@@ -1,4 +1,4 @@
-"""KV-cache decoding (palm.model) and the evaluation harness (palm.eval) on a small random model.
+"""KV-cache decoding (palm.core.model) and the evaluation harness (palm.core.lm) on a small random model.
 
 Every check compares against an independent computation: the model's plain training forward pass
 (`PaLM.__call__` on whole sequences, no cache) and log-softmax read off at the positions worked out here,
@@ -20,12 +20,12 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
-from palm.config import ModelConfig
-from palm.errors import PalmError
-from palm.eval import LanguageModel, load_language_model, rolling_windows, sample_tokens
-from palm.model import KVCache, PaLM, init_cache
+from palm.spec.config import ModelConfig
+from palm.base.errors import PalmError
+from palm.core.lm import LanguageModel, load_language_model, rolling_windows, sample_tokens
+from palm.core.model import KVCache, PaLM, init_cache
 from palm.tokenizer import Tokenizer, train_tokenizer
-from palm.train import START_TOKEN
+from palm.core.train import START_TOKEN
 
 SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=512, seq_len=64,
                     dtype="float32", remat="none")
@@ -435,9 +435,9 @@ def test_perplexity_and_bits_per_byte_on_a_uniform_model(params, tokenizer):
 # 4. Loading a checkpoint -------------------------------------------------------------------------
 
 def test_load_language_model_from_a_checkpoint(tmp_path, params, lm, tokenizer_path):
-    from palm.checkpoint import Checkpoints, params_digest
-    from palm.config import CheckpointConfig
-    from palm.train import TrainState
+    from palm.core.checkpoint import Checkpoints, params_digest
+    from palm.spec.config import CheckpointConfig
+    from palm.core.train import TrainState
 
     ckpts = Checkpoints(tmp_path / "train" / "checkpoints", CheckpointConfig(async_save=False))
     state = TrainState(step=jnp.array(7, jnp.int32), params=params, opt_state={"m": jnp.ones(3)})
@@ -520,7 +520,7 @@ def generate_request(context: str, gen_kwargs: dict):
 
 
 def test_palm_lm_generate_until_batches_by_kwargs_like_one_at_a_time(params, lm, full_logits, tokenizer):
-    from palm.lmeval import PalmLM
+    from palm.evaluation.lmeval import PalmLM
 
     stop_a = tokenizer.decode(greedy_by_recompute(full_logits, tokenizer, PROMPTS[0], 12))[2:4]
     kwargs_a = {"until": ["\x00never", stop_a], "max_gen_toks": 12, "do_sample": False}
@@ -558,7 +558,7 @@ def test_palm_lm_generate_until_batches_by_kwargs_like_one_at_a_time(params, lm,
 
 
 def test_palm_lm_refuses_what_it_cannot_do(lm):
-    from palm.lmeval import PalmLM
+    from palm.evaluation.lmeval import PalmLM
 
     palm_lm = PalmLM(lm)
     with pytest.raises(PalmError, match="does not implement generation kwarg.*top_k"):

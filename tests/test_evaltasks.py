@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.errors import PalmError
-from palm.evaltasks import gsm8k, humaneval
-from palm.evaltasks.metrics import mean_pass_at_k, pass_at_k, pass_at_ks
+from palm.app.cli import main
+from palm.base.errors import PalmError
+from palm.evaluation import gsm8k, humaneval
+from palm.evaluation.metrics import mean_pass_at_k, pass_at_k, pass_at_ks
 from tests.conftest import ROOT
 
 
@@ -328,7 +328,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] not in allowed:
             raise ImportError("not the standard library or numpy: " + name)
 sys.meta_path.insert(0, Block())
-import palm.evaltasks.gsm8k, palm.evaltasks.humaneval, palm.evaltasks.metrics, palm.evaltasks.sandbox
+import palm.evaluation.gsm8k, palm.evaluation.humaneval, palm.evaluation.metrics, palm.evaluation.sandbox
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.errors import PalmError
-from palm.evaltasks.run import MC_KEYS, load_mc_task
+from palm.app.cli import main
+from palm.base.errors import PalmError
+from palm.evaluation.run import MC_KEYS, load_mc_task
 from tests.conftest import ROOT, SPECS
 
 
@@ -183,7 +183,7 @@ def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import palm.lmeval
+    import palm.evaluation.lmeval
 
     step = checkpoint / "6"
     out = lm_eval.simple_evaluate(
@@ -198,7 +198,7 @@ def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline
         "palm_example_mc": 3, "palm_example_gen": 3, "palm_example_text": 3, "palm_example_ll": 3}
 
     # What lm-eval got back is what a LanguageModel on the same checkpoint computes.
-    lm = palm.lmeval.load_checkpoint(step, batch_size=2, max_length=96)
+    lm = palm.evaluation.lmeval.load_checkpoint(step, batch_size=2, max_length=96)
     assert lm.max_length == 96
     samples = out["samples"]
     gen = [s["arguments"][0] for s in samples["palm_example_gen"]]
@@ -274,7 +274,7 @@ def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(t
 
 
 def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkpoint, capsys, tmp_path):
-    from palm.evaltasks.run import load_checkpoint_model
+    from palm.evaluation.run import load_checkpoint_model
 
     prompts = ["The king", "To be, or not", "First Citizen:"]
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts[1:]) + "\n")

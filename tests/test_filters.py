@@ -13,7 +13,7 @@ import pytest
 
 from palm.data import filters
 from palm.data.filters import REASONS, keep_by_quality, keep_probability, quality_drop_reason, quality_score
-from palm.spec import QualityFilters
+from palm.spec.schema import QualityFilters
 
 DEFAULT = QualityFilters()
 
@@ -401,11 +401,11 @@ def test_the_rules_stay_linear_on_long_documents():
         assert time.perf_counter() - t0 < 10
 
 
-# ---------------------------------------------------------------- kind-aware defaults (palm.spec)
+# ---------------------------------------------------------------- kind-aware defaults (palm.spec.schema)
 
 
 def _source(tmp_path, body: str):
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     path = tmp_path / "child.yaml"
     path.write_text(f"extends: {TINY_SPEC}\ndata:\n  sources:\n{body}")
@@ -416,7 +416,7 @@ TINY_SPEC = Path(__file__).resolve().parents[1] / "specs" / "tiny.yaml"
 
 
 def test_code_sources_default_to_no_prose_rules(tmp_path):
-    from palm.spec import CODE_FILTER_DEFAULTS
+    from palm.spec.schema import CODE_FILTER_DEFAULTS
 
     sources = _source(tmp_path, """\
     - {name: code, kind: code, weight: 0.5, format: builtin, paths: [python-stdlib-code]}
@@ -454,7 +454,7 @@ def test_explicit_code_filters_win(tmp_path):
     assert code.max_hash_to_word_ratio is None and code.max_fraction_duplicate_ngram_chars is None
     assert prose.min_stop_words is None and prose.max_hash_to_word_ratio == 0.1
     # --set reaches them too, and a kind set to code by --set gets the code defaults.
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     spec = load_spec(TINY_SPEC, ["data.sources.2.kind=code", "data.sources.1.filters.min_stop_words=2",
                                  "data.sources.0.filters.max_fraction_top_ngram_chars.2=0.25"])
@@ -465,7 +465,7 @@ def test_explicit_code_filters_win(tmp_path):
 
 
 def test_code_defaults_hold_for_sources_built_in_python():
-    from palm.spec import Source
+    from palm.spec.schema import Source
 
     base = {"name": "c", "weight": 1.0, "format": "builtin", "paths": ["python-stdlib-code"]}
     assert Source(**base, kind="code").filters.min_stop_words is None
@@ -478,7 +478,7 @@ def test_code_defaults_hold_for_sources_built_in_python():
 
 
 def test_tiny_specs_code_sources_keep_their_filters():
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     for path in ("tiny.yaml", "tiny-coder.yaml"):
         spec = load_spec(TINY_SPEC.parent / path)

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import (ArtifactCollectionFilter, ArtifactCo
 
 from flows.evaluate import evaluate_new_checkpoints
 from flows.pretrain import pretrain
-from palm.ledger import EvalLedger
+from palm.store.ledger import EvalLedger
 from tasks.common import run_artifact_key
 from tests.conftest import SPECS
 

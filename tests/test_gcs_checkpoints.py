@@ -1,7 +1,7 @@
 """`gs://` checkpoints against a GCS emulator on loopback: preemption, exact resume, corruption.
 
 Orbax writes through TensorStore (the arrays, OCDBT) and gcsfs (everything else); both, and the gcsfs
-client these tests inspect the bucket with, reach the emulator through palm.checkpoint.gcs_settings.
+client these tests inspect the bucket with, reach the emulator through palm.core.checkpoint.gcs_settings.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 
-from palm.checkpoint import Checkpoints, params_digest
-from palm.train import Preempted, RunResult, Trainer, run_training
+from palm.core.checkpoint import Checkpoints, params_digest
+from palm.core.train import Preempted, RunResult, Trainer, run_training
 from tests.test_checkpoint import MODEL, StopAt, Stream, config
 
 CFG = config(steps=12)  # a checkpoint every 4 steps

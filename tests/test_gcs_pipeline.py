@@ -17,12 +17,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from palm import storage
-from palm.ledger import EvalLedger
-from palm.pipeline import record_spec, run_dag, run_summary
-from palm.workflow import resolve_workflow
-from palm.report import write_report
-from palm.spec import load_spec
+from palm.base import storage
+from palm.store.ledger import EvalLedger
+from palm.dag.runner import record_spec, run_dag, run_summary
+from palm.dag.workflow import resolve_workflow
+from palm.app.report import write_report
+from palm.spec.schema import load_spec
 from tests.conftest import SPECS
 
 QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4", "eval.tasks=[validation_loss]"]

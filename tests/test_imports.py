@@ -5,7 +5,7 @@ import sys
 
 from tests.conftest import ROOT
 
-CORE = ["palm.config", "palm.model", "palm.optimizer", "palm.sharding", "palm.train"]
+CORE = ["palm.spec.config", "palm.core.model", "palm.core.optimizer", "palm.core.sharding", "palm.core.train"]
 FORBIDDEN = ["prefect", "apache_beam", "pydantic", "sentencepiece", "gcsfs", "grain"]
 
 BLOCKER = f"""

@@ -1,4 +1,4 @@
-"""`palm launch` and palm/launch.py: what each launcher would run (golden files), that every JobSet is
+"""`palm launch` and palm/jobs/launch.py: what each launcher would run (golden files), that every JobSet is
 valid, that bad launcher settings are bad input (exit 2, naming the key), and launching for real through
 fake `gcloud`, `kubectl` and `palm` executables that record their calls and play a scenario: success,
 preemption, failure, bad input.
@@ -24,9 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from palm.cli import main
-from palm.errors import PalmError
-from palm.launch import (
+from palm.app.cli import main
+from palm.base.errors import PalmError
+from palm.jobs.launch import (
     JobFailed,
     JobPreempted,
     JobStopped,
@@ -36,7 +36,7 @@ from palm.launch import (
     validate_jobset,
     worker_command,
 )
-from palm.spec import load_spec
+from palm.spec.schema import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -247,7 +247,7 @@ def test_540b_checkpoints_on_tpu_vms_are_evaluated_by_their_own_queued_resource(
 
 
 def test_eval_job_names_keep_the_step():
-    from palm.launch import eval_job_name
+    from palm.jobs.launch import eval_job_name
 
     spec = load_spec(S540, ["name=a-very-long-spec-name-for-a-very-large-language-model"])
     name = eval_job_name(spec, 1_234_567)
@@ -308,7 +308,7 @@ def test_gke_refuses_a_topology_it_lacks_naming_the_shape_it_offers(capsys):
 
 
 def test_palm_plan_flags_a_topology_the_launcher_cannot_get(capsys):
-    from palm.cli import main as palm
+    from palm.app.cli import main as palm
 
     assert palm(["plan", S540, "--set", "infra.launcher.kind=gke"]) == 0
     text = capsys.readouterr().out
@@ -625,7 +625,7 @@ def test_tpu_vm_launch_creates_follows_the_hosts_statuses_and_deletes(capsys, tm
     assert ["gcloud", *calls[-1]] == dry["teardown"][0]["argv"]
     assert f"[{HOSTS[0]}] {HOSTS[0]}: step 10/180 loss 9.1" in err  # the first host's log, from the run root
     assert "WAITING_FOR_RESOURCES" in err and "ACTIVE" in err
-    from palm import storage
+    from palm.base import storage
 
     assert json.loads(storage.read_text(f"{tpu_vm_root}/launch/tiny/job.json"))["fingerprint"] == dry["fingerprint"]
 
@@ -654,7 +654,7 @@ def test_tpu_vm_outcomes_always_delete_the_tpus(capsys, tmp_path, monkeypatch, t
 def test_a_rerun_reattaches_to_its_running_tpus_instead_of_starting_again(capsys, tmp_path, monkeypatch, tpu_vm_root):
     """The launcher's machine restarted mid-run: the queued resource is still ACTIVE with this job's
     startup script, so the re-run follows it (no create, no delete before it)."""
-    from palm import storage
+    from palm.base import storage
 
     dry = json.loads(run_cli(capsys, *small_tpu_vm(tpu_vm_root), "--dry-run", "--json")[1])
     storage.write_text_atomic(f"{tpu_vm_root}/launch/tiny/job.json",
@@ -676,7 +676,7 @@ def test_tpus_of_another_job_are_never_taken_over(capsys, tmp_path, monkeypatch,
 
 
 def test_a_stop_asks_tpu_vm_workers_to_checkpoint_through_the_run_root(tmp_path, monkeypatch, tpu_vm_root):
-    from palm import storage
+    from palm.base import storage
 
     Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, states=["ACTIVE"], exit={h: None for h in HOSTS}))
     spec = load_spec(TINY, [a for a in small_tpu_vm(tpu_vm_root)[3:] if a != "--set"])
@@ -698,7 +698,7 @@ def test_a_stop_asks_tpu_vm_workers_to_checkpoint_through_the_run_root(tmp_path,
 
 
 def test_a_worker_stops_when_its_stop_file_appears(tmp_path, monkeypatch):
-    from palm.worker import _watch_stop_file
+    from palm.app.worker import _watch_stop_file
 
     monkeypatch.setenv("PALM_STOP_POLL_SECONDS", "0.05")
     stop = threading.Event()
@@ -789,9 +789,9 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
                                                                         monkeypatch):
     from prefect import flow
 
-    from palm.launch import train_output
-    from palm.stages import StageOutput, read_manifest
-    from palm.workflow import resolve_workflow
+    from palm.jobs.launch import train_output
+    from palm.store.outputs import StageOutput, read_manifest
+    from palm.dag.workflow import resolve_workflow
     from tasks.stage import node_task
 
     root = "gs://bucket/launch-test"
@@ -822,7 +822,7 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
     command = created["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
     # The workers load the resolved spec this flow validated, recorded beside the run.
     assert command[:5] == ["palm", "worker", f"{root}/spec.json", "--output", root]
-    from palm import storage
+    from palm.base import storage
 
     assert json.loads(storage.read_text(f"{root}/spec.json")) == spec.model_dump(mode="json")
 

@@ -6,7 +6,7 @@ import multiprocessing as mp
 import os
 import time
 
-from palm.ledger import EvalLedger
+from palm.store.ledger import EvalLedger
 
 
 def _contend(directory: str, steps: list[int], start: float, queue) -> None:

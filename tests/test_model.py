@@ -1,4 +1,4 @@
-"""Properties of the PaLM decoder in palm.model that the paper's architecture promises.
+"""Properties of the PaLM decoder in palm.core.model that the paper's architecture promises.
 
 Small float32 configs keep every test on CPU in seconds; each check is written so that a plausible
 mistake (a leaky mask, absolute positions, per-head keys, untied or unscaled logits, a wrong fan-in,
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.config import ModelConfig
-from palm.errors import PalmError
-from palm.model import PaLM, attention_implementation, count_params, describe_params, rope
+from palm.spec.config import ModelConfig
+from palm.base.errors import PalmError
+from palm.core.model import PaLM, attention_implementation, count_params, describe_params, rope
 
 SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=512, seq_len=64,
                     dtype="float32", remat="none")

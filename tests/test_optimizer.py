@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from palm.config import OptimizerConfig, ScheduleConfig
-from palm.optimizer import adafactor
+from palm.spec.config import OptimizerConfig, ScheduleConfig
+from palm.core.optimizer import adafactor
 
 LAYER_AXIS = {"matrix": None, "stacked": 0, "vector": None}
 SHAPES = {"matrix": (3, 4), "stacked": (2, 3, 4), "vector": (5,)}
@@ -82,7 +82,7 @@ def random_tree(rng: np.random.Generator, scale: dict | float = 1.0) -> dict:
 
 
 def run(opt, schedule, params, grads_seq, per_layer=True, apply=True):
-    """Updates from palm.optimizer.adafactor (jitted), the reference's, and the final optax state."""
+    """Updates from palm.core.optimizer.adafactor (jitted), the reference's, and the final optax state."""
     tx = adafactor(opt, schedule, LAYER_AXIS)
     jparams = {n: jnp.asarray(x) for n, x in params.items()}
     state = tx.init(jparams)
@@ -267,9 +267,9 @@ def test_parameter_scaling_needs_params():
 
 # ------------------------------------------------------------------------- per weight matrix
 
-from palm.config import ModelConfig  # noqa: E402
-from palm.model import abstract_params, matrix_axes  # noqa: E402
-from palm.optimizer import per_matrix_rms  # noqa: E402
+from palm.spec.config import ModelConfig  # noqa: E402
+from palm.core.model import abstract_params, matrix_axes  # noqa: E402
+from palm.core.optimizer import per_matrix_rms  # noqa: E402
 
 #: Two layers, scanned: key_value is [2, 16, 2, 1, 8] and mlp_in [2, 16, 2, 64], each holding four matrices.
 SMALL = ModelConfig(num_layers=2, d_model=16, num_heads=2, head_dim=8, vocab_size=32, seq_len=8,

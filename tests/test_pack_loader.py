@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from palm import storage
-from palm.cli import main
+from palm.base import storage
+from palm.app.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
-from palm.errors import PalmError
+from palm.base.errors import PalmError
 from palm.data.pipeline import stable_unit
 from palm.tokenizer import Tokenizer
 from tests.conftest import SPECS
@@ -166,7 +166,7 @@ def test_pack_stage_writes_to_gs_and_hosts_read_only_their_rows(run, gcs_emulato
 
     from palm.data.loader import HostBatches
     from palm.data.pack import run_pack_stage
-    from palm.spec import load_spec
+    from palm.spec.schema import load_spec
 
     stage, local = run
     spec = load_spec(SPECS / "tiny.yaml")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.model import count_params
-from palm.spec import load_spec
+from palm.app.cli import main
+from palm.core.model import count_params
+from palm.spec.schema import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -31,7 +31,7 @@ def plan_json(capsys, spec: Path | str, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def plan_540b():
-    from palm.plan import plan
+    from palm.app.plan import plan
 
     # Round-trip through JSON like the CLI does, so the module-scoped result matches `--json`.
     return json.loads(json.dumps(plan(load_spec(SPECS / "palm-540b.yaml")), default=str))
@@ -45,7 +45,7 @@ def test_paper_model_sizes(capsys, name, params, layers, heads):
     assert p["params"] == params
     head_dim, seq_len = 256, 2048
     assert p["model_flops_per_token"] == 6 * params + 12 * layers * heads * head_dim * seq_len
-    # TPU specs check first that every step fits their pods (the pre-flight compile stage, palm.aot).
+    # TPU specs check first that every step fits their pods (the pre-flight compile stage, palm.analysis.aot).
     # PaLM's filtered webpages are sampled by the quality classifier, trained first (palm.data.quality).
     assert [s["name"] for s in p["stages"]] == ["compile", "quality", "data", "tokenizer", "pack", "train", "eval"]
     assert next(s for s in p["stages"] if s["name"] == "train")["after"] == ["compile"]

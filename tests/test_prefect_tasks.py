@@ -9,9 +9,9 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from palm.spec import load_spec
-from palm.pipeline import node_inputs
-from palm.workflow import resolve_workflow
+from palm.spec.schema import load_spec
+from palm.dag.runner import node_inputs
+from palm.dag.workflow import resolve_workflow
 from tasks.common import run_artifact_key, run_key, with_retry_policy
 from tasks.stage import node_task, stage_task
 from tests.conftest import SPECS
@@ -105,7 +105,7 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
         async with get_client() as client:
             page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=[CHECKPOINT_SAVED])),
                                             limit=50)  # the server caps pages at 50
-            return [e for e in page.events if e.resource.get("palm.checkpoint.path", "").startswith(root)]
+            return [e for e in page.events if e.resource.get("palm.core.checkpoint.path", "").startswith(root)]
 
     deadline = time.time() + 60
     events = []
@@ -132,7 +132,7 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
 
 
 def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
-    from palm.train import Trainer
+    from palm.core.train import Trainer
 
     spec = load_spec(SPECS / "tiny.yaml", ["train.steps=8", "train.checkpoint.every_steps=3",
                                             "retries.train.retries=2", "retries.train.delay_seconds=0"])
@@ -183,15 +183,15 @@ def test_sigterm_during_training_sets_the_stop_event_and_the_old_handler_comes_b
 
 
 def test_checkpoints_of_launched_workers_are_announced_once_each(tmp_path, monkeypatch):
-    """The task following a launched job emits palm.checkpoint.saved for each checkpoint the workers
+    """The task following a launched job emits palm.core.checkpoint.saved for each checkpoint the workers
     commit, as it appears and once at the end, never twice, so evaluation triggers on launched runs too."""
     import logging
 
     import numpy as np
 
     import tasks.train as train_module
-    from palm.checkpoint import Checkpoints
-    from palm.config import CheckpointConfig
+    from palm.core.checkpoint import Checkpoints
+    from palm.spec.config import CheckpointConfig
     from tasks.train import announcing_checkpoints
 
     emitted = []

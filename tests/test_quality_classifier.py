@@ -16,8 +16,8 @@ import pytest
 from palm.data import filters
 from palm.data.quality import QualityClassifier, train_quality_stage
 from palm.data.synthetic_web import fluent_spam, keyword_list, web_page
-from palm.errors import PalmError, SpecError
-from palm.spec import DataSpec, load_spec
+from palm.base.errors import PalmError, SpecError
+from palm.spec.schema import DataSpec, load_spec
 from tests.conftest import SPECS
 
 
@@ -121,7 +121,7 @@ def test_specs_name_their_curated_sources(tmp_path):
     base = SPECS / "tiny.yaml"
     sampled = ["data.sources.2.filters.quality_sampling=true"]
     spec = load_spec(base, sampled)  # stdlib-docs is of kind books: the default positives
-    from palm.workflow import resolve_workflow
+    from palm.dag.workflow import resolve_workflow
 
     graph = resolve_workflow(spec)
     assert "quality" in graph.nodes and graph.nodes["data"].inputs == {"quality": "quality"}

@@ -1,4 +1,4 @@
-"""One run per run directory (palm/runlock.py), and leftovers of killed builds removed at stage start."""
+"""One run per run directory (palm/store/runlock.py), and leftovers of killed builds removed at stage start."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.errors import PalmError
-from palm.runlock import LOCK_FILE, run_lock
-from palm.stages import run_stage
+from palm.app.cli import main
+from palm.base.errors import PalmError
+from palm.store.runlock import LOCK_FILE, run_lock
+from palm.store.outputs import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
 
 HOLDER = """
 import sys, time
-from palm.runlock import run_lock
+from palm.store.runlock import run_lock
 with run_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -54,7 +54,7 @@ def test_the_lock_goes_with_its_holder_however_it_ends(held, tmp_path):
     held.wait()
     with run_lock(tmp_path / "run") as path:
         assert path == tmp_path / "run" / LOCK_FILE
-    # gs:// roots are not locked (documented in palm/runlock.py).
+    # gs:// roots are not locked (documented in palm/store/runlock.py).
     with run_lock("gs://bucket/run") as path:
         assert path is None
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from palm.evaltasks import humaneval
-from palm.evaltasks.sandbox import isolation, processes_of_uid, run_program
+from palm.evaluation import humaneval
+from palm.evaluation.sandbox import isolation, processes_of_uid, run_program
 
 TASK = "HumanEval/0"
 
@@ -265,7 +265,7 @@ def test_a_batch_of_hostile_samples_scores_zero_and_the_harness_finishes(problem
 def test_the_fallback_socket_block_refuses_sockets_from_python(tmp_path):
     # Not in effect where a network namespace can be made (see the isolation test); the wrapper is run here
     # on its own, in the mode the sandbox uses without one.
-    from palm.evaltasks.sandbox import _PROGRAM_WRAPPER
+    from palm.evaluation.sandbox import _PROGRAM_WRAPPER
 
     program = tmp_path / "main.py"
     program.write_text("import socket, sys\nprint(__name__, sys.argv)\nsocket.socket()\n")
@@ -432,7 +432,7 @@ def test_the_run_reports_its_memory_cap_and_removes_its_cgroup(contained):
 
 
 def test_without_a_cgroup_processes_times_rlimit_as_fit_the_cap(monkeypatch, contained):
-    from palm.evaltasks import sandbox
+    from palm.evaluation import sandbox
 
     monkeypatch.setattr(sandbox._TreeCgroup, "create", classmethod(lambda cls, *a: None))
     r = run_program("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n",

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.config import ScheduleConfig
-from palm.optimizer import learning_rate
+from palm.spec.config import ScheduleConfig
+from palm.core.optimizer import learning_rate
 
 
 @pytest.mark.parametrize("step, expected", [(0, 1e-2), (9_999, 1e-2), (10_000, 1e-2), (40_000, 1 / 200),

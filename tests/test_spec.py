@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
-from palm.spec import Spec, apply_override, deep_merge, load_spec
+from palm.app.cli import main
+from palm.spec.schema import Spec, apply_override, deep_merge, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -179,7 +179,7 @@ def test_at_least_18_broken_specs():
 def test_broken_spec_in_subprocess_prints_one_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(_child("model: {num_layers: -1}\n"), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "palm.cli", "plan", str(path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "palm.app.cli", "plan", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -299,8 +299,8 @@ def test_spec_schema_is_json(capsys):
 # ------------------------------------------------------------- bad input that used to pass silently
 # Each is one SpecError (exit 2, one line) naming the file and the key, found before any work starts.
 
-from palm.errors import SpecError  # noqa: E402
-from palm import safeyaml  # noqa: E402
+from palm.base.errors import SpecError  # noqa: E402
+from palm.base import safeyaml  # noqa: E402
 
 
 def _nested(key: str, value: str) -> str:
@@ -527,7 +527,7 @@ def test_a_spec_on_gs_is_read_with_the_same_bounds(gcs_emulator):
     """The resolved spec a launched worker reads from gs://: too large, duplicate keys, an alias bomb."""
     import uuid
 
-    from palm import storage
+    from palm.base import storage
 
     root = f"gs://bucket/{uuid.uuid4().hex[:8]}"
     cases = {

@@ -1,4 +1,4 @@
-"""palm.storage and content-addressed stage outputs on gs://, against the GCS emulator on loopback:
+"""palm.base.storage and content-addressed stage outputs on gs://, against the GCS emulator on loopback:
 an upload that stops half way is never taken for a complete output, local copies are downloaded once
 and follow a rebuild, exclusive creation grants one claim, and an unusable root is a clear error."""
 
@@ -12,10 +12,12 @@ import uuid
 
 import pytest
 
-from palm import stages, storage
-from palm.errors import PalmError
-from palm.ledger import EvalLedger
-from palm.stages import MANIFEST, read_manifest, run_stage
+from palm.store import outputs as stages
+
+from palm.base import storage
+from palm.base.errors import PalmError
+from palm.store.ledger import EvalLedger
+from palm.store.outputs import MANIFEST, read_manifest, run_stage
 from tests.gcs import _free_port
 
 

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from palm.cli import main
-from palm.errors import PalmError
-from palm.spec import load_spec
-from palm.topology import mesh_fits_topology, nearest_mesh, parse_topology, torus_assignment, valid_meshes
+from palm.app.cli import main
+from palm.base.errors import PalmError
+from palm.spec.schema import load_spec
+from palm.base.hardware import mesh_fits_topology, nearest_mesh, parse_topology, torus_assignment, valid_meshes
 from tests.conftest import SPECS
 
 
@@ -71,8 +71,8 @@ def _coords(devices) -> np.ndarray:
 
 
 def test_the_540b_mesh_is_two_slices_of_torus_laid_axes():
-    from palm.aot import tpu_devices
-    from palm.sharding import make_mesh
+    from palm.analysis.aot import tpu_devices
+    from palm.core.sharding import make_mesh
 
     devices = tpu_devices("tpu-v4", "12x16x16", num_slices=2)
     assert len(devices) == 6144
@@ -91,8 +91,8 @@ def test_the_540b_mesh_is_two_slices_of_torus_laid_axes():
 
 
 def test_make_mesh_refuses_what_the_torus_cannot_take():
-    from palm.aot import tpu_devices
-    from palm.sharding import make_mesh
+    from palm.analysis.aot import tpu_devices
+    from palm.core.sharding import make_mesh
 
     devices = tpu_devices("tpu-v4", "2x2x2", num_slices=2)
     mesh = make_mesh({"data": 2, "fsdp": 4, "model": 2}, devices)

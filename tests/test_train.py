@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.config import RampStage, TrainConfig
-from palm.spec import load_spec
-from palm.train import Trainer, batches, loss_fn, train
+from palm.spec.config import RampStage, TrainConfig
+from palm.spec.schema import load_spec
+from palm.core.train import Trainer, batches, loss_fn, train
 from tests.conftest import ROOT, SPECS
 
 
@@ -56,8 +56,8 @@ def test_the_chunked_loss_has_the_same_value_and_gradient():
     import jax
     import flax.linen as nn
 
-    from palm.config import ModelConfig
-    from palm.model import PaLM
+    from palm.spec.config import ModelConfig
+    from palm.core.model import PaLM
 
     config = ModelConfig(num_layers=2, d_model=32, num_heads=4, head_dim=8, vocab_size=300, seq_len=64,
                          dtype="float32", remat="full")
@@ -89,7 +89,7 @@ def test_the_chunked_loss_has_the_same_value_and_gradient():
 def test_the_evaluation_step_is_the_training_loss_without_an_update():
     import jax
 
-    from palm.config import ModelConfig
+    from palm.spec.config import ModelConfig
 
     config = ModelConfig(num_layers=1, d_model=32, num_heads=2, head_dim=16, vocab_size=128, seq_len=16,
                          dtype="float32", remat="none")
@@ -105,7 +105,7 @@ def test_the_evaluation_step_is_the_training_loss_without_an_update():
 
 
 def test_loss_chunks_keep_each_slice_of_logits_under_the_budget():
-    from palm.train import LOGITS_CHUNK_BYTES, loss_chunks
+    from palm.core.train import LOGITS_CHUNK_BYTES, loss_chunks
 
     assert loss_chunks(8, 128, 256) == 1  # tiny: whole logits
     # 62B on 64-way FSDP x 8-way model at batch 1024: 16 sequences x 2048 tokens x 32,000 of the vocabulary.
@@ -136,7 +136,7 @@ def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
 
 
 def test_running_out_of_data_is_a_clear_error():
-    from palm.errors import PalmError
+    from palm.base.errors import PalmError
 
     cfg = TrainConfig(steps=3, batch_ramp=(RampStage(0, 4),))
     with pytest.raises(PalmError, match="ran out at step 1"):
@@ -192,12 +192,12 @@ def test_sharded_training_matches_one_device():
 
 
 def test_the_vocabulary_projection_differentiates_in_the_compute_dtype():
-    """palm.model.project_to_vocab's hand-written gradient: the float32 cotangent is cast to bf16 before both
+    """palm.core.model.project_to_vocab's hand-written gradient: the float32 cotangent is cast to bf16 before both
     matmuls (no float32 GEMMs), the table's gradient summed in float32; against autodiff of the same
     mixed-precision computation written out by hand."""
     import jax
 
-    from palm.model import project_to_vocab
+    from palm.core.model import project_to_vocab
 
     k = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k[0], (2, 8, 64)).astype(jnp.bfloat16)
@@ -230,8 +230,8 @@ def test_the_vocabulary_projection_differentiates_in_the_compute_dtype():
 
 
 def test_loss_chunk_budget_is_a_spec_setting_outside_the_train_stage_key():
-    from palm.errors import SpecError
-    from palm.pipeline import STAGES
+    from palm.base.errors import SpecError
+    from palm.dag.runner import STAGES
 
     spec = load_spec(SPECS / "tiny.yaml")
     wide = load_spec(SPECS / "tiny.yaml", ["train.loss_chunk_mib=4096"])

@@ -1,4 +1,4 @@
-"""Workflow graphs declared in the spec (palm.workflow): the default chain keeps its keys, declared graphs
+"""Workflow graphs declared in the spec (palm.dag.workflow): the default chain keeps its keys, declared graphs
 with shared upstream and several models run (branches concurrently) and re-run only what changed,
 fine-tuning starts from a trained model, bad graphs are refused naming the node, and a stage type is one
 builder and one table row."""
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palm.cli import main
-from palm.errors import PalmError, SpecError
-from palm.pipeline import STAGES, Stage, node_inputs, run_dag, stage_key_of
-from palm.spec import load_spec
-from palm.stages import StageOutput
-from palm.workflow import resolve_workflow
+from palm.app.cli import main
+from palm.base.errors import PalmError, SpecError
+from palm.dag.runner import STAGES, Stage, node_inputs, run_dag, stage_key_of
+from palm.spec.schema import load_spec
+from palm.store.outputs import StageOutput
+from palm.dag.workflow import resolve_workflow
 from tests.conftest import SPECS
 from tests.test_cli import flow_run_and_tasks
 
@@ -158,7 +158,7 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
 
 def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
     """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
-    from palm.checkpoint import open_checkpoints
+    from palm.core.checkpoint import open_checkpoints
 
     keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {"train.checkpoint.keep_last": 5}}})
     spec = load_spec(keep, QUICK)
@@ -186,7 +186,7 @@ def test_a_finetune_of_another_architecture_is_bad_input(tmp_path):
 
 
 def test_a_worker_runs_the_training_node_it_is_given(tmp_path):
-    from palm.worker import run_worker
+    from palm.app.worker import run_worker
 
     spec = load_spec(SCALING, QUICK)
     run_dag(spec, tmp_path, ["data", "tokenizer", "pack"])

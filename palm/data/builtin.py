@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from palm.errors import PalmError
+from palm.base.errors import PalmError
 
 #: Known corpus names.
 CORPORA: tuple[str, ...] = ("python-docs", "python-stdlib-code", "synthetic-planted")

@@ -4,8 +4,8 @@ The rules (Rae et al. 2021, "Gopher", appendix A and Table A1; Raffel et al. 202
 that are not natural-language prose: too short or too long, gibberish word lengths, symbol soup, teaser
 text cut off with ellipses, mostly numbers or markup, no English stop words, or boilerplate repeated
 line after line, paragraph after paragraph or phrase after phrase. Every threshold lives in
-`QualityFilters`; a threshold of None disables its check. (`palm.spec.Source` turns the prose rules off
-by default for sources of kind "code": see `palm.spec.CODE_FILTER_DEFAULTS`.)
+`QualityFilters`; a threshold of None disables its check. (`palm.spec.schema.Source` turns the prose rules off
+by default for sources of kind "code": see `palm.spec.schema.CODE_FILTER_DEFAULTS`.)
 
 Definitions, all on the text as it is (no normalization, no lower-casing):
 
@@ -74,7 +74,7 @@ from operator import itemgetter, mul, ne
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only annotations need it: the filters run without pydantic
-    from palm.spec import QualityFilters
+    from palm.spec.schema import QualityFilters
 
 #: Drop reasons in the order `quality_drop_reason` tries them; the names are manifest keys.
 REASONS: tuple[str, ...] = (

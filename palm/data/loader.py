@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
-from palm import storage
-from palm.errors import PalmError
+from palm.base import storage
+from palm.base.errors import PalmError
 
 TOKEN_DTYPE = np.dtype("<i4")
 
@@ -127,7 +127,7 @@ class HostBatches:
     """This host's rows of each global batch, read by index from the globally shuffled sequences.
 
     `rows(global_batch) -> (start, stop)` names the rows of a global batch this host's devices hold
-    (`palm.train.Trainer.host_rows`); a single host holds them all. `take` is called once per step
+    (`palm.core.train.Trainer.host_rows`); a single host holds them all. `take` is called once per step
     with that step's global batch size (the batch ramp changes it) and advances the stream position
     by the whole global batch on every host alike.
     """

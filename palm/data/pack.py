@@ -26,10 +26,10 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from palm import storage
+from palm.base import storage
 from palm.data.pipeline import LOCAL_RUNNERS, run_beam, stable_unit
-from palm.errors import PalmError
-from palm.spec import DataSpec
+from palm.base.errors import PalmError
+from palm.spec.schema import DataSpec
 
 TOKEN_DTYPE = np.dtype("<i4")
 SUFFIX = ".tokens"

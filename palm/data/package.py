@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from palm.errors import PalmError
+from palm.base.errors import PalmError
 
 #: The source checkout this module belongs to (pyproject.toml, uv.lock, palm/, tasks/, flows/).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -31,11 +31,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from palm import storage
+from palm.base import storage
 from palm.data import builtin, filters, minhash
 from palm.data.quality import SCORE_BINS, score_bin
-from palm.errors import EnvironmentFault, PalmError, environment_fault
-from palm.spec import DataSpec, Source
+from palm.base.errors import EnvironmentFault, PalmError, environment_fault
+from palm.spec.schema import DataSpec, Source
 
 # Elements: raw records (doc_id, source, bytes, format) and documents (doc_id, source, text).
 DROPPED = "dropped"

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from palm import storage
-from palm.errors import PalmError
+from palm.base import storage
+from palm.base.errors import PalmError
 
 if TYPE_CHECKING:
-    from palm.spec import DataSpec, Source
+    from palm.spec.schema import DataSpec, Source
 
 CLASSIFIER = "classifier.json"
 WEIGHTS = "weights.npy"

@@ -1,0 +1,138 @@
+"""The run report: `report.md` with the loss curve (PNG) and the evaluation table, in the run directory
+(local or gs://; each file is written whole, never seen half-written). `report_markdown` is the same
+report for the Prefect UI, with the loss curve as a table of sampled steps instead of the image."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from palm.base import storage
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Per-step metrics from the train stage's metrics.jsonl; after a resume the later line for a step wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in storage.read_text(path).splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def throughput(metrics_path: str | Path) -> dict[str, float | None]:
+    """Mean tokens/s and MFU (None where the chip's peak is unknown) over the steps of metrics.jsonl after
+    the first of each attempt (which compiles the step), or {} when there are no metrics."""
+    if not storage.exists(metrics_path):
+        return {}
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return {}
+    steady = rows[1:] or rows
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    return {"tokens_per_second": sum(r["tokens_per_second"] for r in steady) / len(steady),
+            "mfu": sum(mfus) / len(mfus) if mfus else None}
+
+
+def loss_rows(metrics: list[dict[str, Any]], samples: int = 20) -> list[dict[str, Any]]:
+    """The loss curve as at most `samples` rows (step, loss, learning rate, tokens/s), evenly spaced from
+    the first step to the last; steps are counted from 1, as the logs and the plot count them."""
+    if not metrics:
+        return []
+    n = len(metrics)
+    picks = sorted({round(i * (n - 1) / (samples - 1)) for i in range(samples)}) if n > samples else range(n)
+    return [{"step": metrics[i]["step"] + 1, "loss": round(metrics[i]["loss"], 4),
+             "learning_rate": float(f"{metrics[i]['learning_rate']:.3g}"),
+             "tokens_per_second": round(metrics[i]["tokens_per_second"])} for i in picks]
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> str | Path:
+    """Loss (and learning rate on a second axis) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] + 1 for m in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [m["loss"] for m in metrics], color="tab:blue", lw=1.2, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(steps, [m["learning_rate"] for m in metrics], color="tab:orange", lw=1, alpha=0.7, label="learning rate")
+    lr.set_ylabel("learning rate")
+    ax.set_title(title)
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    storage.write_bytes_atomic(path, png.getvalue())
+    return path
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_none_\n"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def eval_rows(eval_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """(task, metric, value) rows from the eval stage's manifest."""
+    if not eval_manifest:
+        return []
+    return [{"task": task, "metric": metric, "value": value}
+            for task, metrics in eval_manifest.get("results", {}).items()
+            for metric, value in metrics.items() if isinstance(value, (int, float))]
+
+
+def write_report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
+    """Write `report.md` (with a loss curve per training node, and each evaluation and scaling table)
+    into the run directory; returns the report's path."""
+    path = storage.join(root, "report.md")
+    storage.write_text_atomic(path, _report(root, spec_name, workflow, outputs, plots=True))
+    return path
+
+
+def report_markdown(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
+    """The report as `write_report` writes it, for a viewer that cannot open the run directory's files
+    (the Prefect UI): each loss curve a table of sampled steps (loss_rows), no images."""
+    return _report(root, spec_name, workflow, outputs, plots=False)
+
+
+def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any], plots: bool) -> str:
+    from palm.dag.runner import STAGES
+
+    lines = [f"# Run report: {spec_name}", "", "## Stages", "",
+             _table([{"stage": name, "type": o.stage, "cached": o.cached, "output": o.path} for name, o in outputs.items()])]
+    for name, out in outputs.items():
+        if STAGES[out.stage].trains:
+            m = out.manifest
+            metrics = read_metrics(m["metrics"]) if storage.exists(m["metrics"]) else []
+            lines += [f"## Training: {name}" if workflow.declared else "## Training", "",
+                      f"- steps: {m['final_step']}, final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None
+                      else f"- steps: {m['final_step']}",
+                      f"- checkpoint: `{m['checkpoint']}` (digest `{m['digest'][:16]}`)",
+                      f"- started from: `{m['init_from']}`" if m.get("init_from") else None,
+                      f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
+                      f"- loss spikes handled: {len(m.get('loss_spikes', []))}", ""]
+            if metrics and plots:
+                png = "loss.png" if name == "train" else f"loss-{name}.png"
+                plot_loss(metrics, storage.join(root, png), f"{spec_name}: {name} loss")
+                lines += [f"![loss curve]({png})", ""]
+            elif metrics:
+                lines += ["Loss curve (sampled steps):", "", _table(loss_rows(metrics))]
+        elif out.stage == "eval":
+            lines += [f"## Evaluation: {name}" if workflow.declared else "## Evaluation", "", _table(eval_rows(out.manifest))]
+        elif out.stage == "scaling":
+            lines += [f"## Scaling: {name}", "", _table(out.manifest["rows"]), out.manifest.get("fit_text", ""), ""]
+            if plots:
+                lines += [f"![scaling]({name}/{out.key}/scaling.png)", ""]
+    return "\n".join(line for line in lines if line is not None)

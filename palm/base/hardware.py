@@ -1,0 +1,166 @@
+"""TPU slices as 3D meshes of chips, and which (data, fsdp, model) meshes lay out on them; no JAX needed.
+
+A TPU v4 slice is a 3D mesh of chips (e.g. 12x16x16), each linked to its neighbours along every axis;
+some shapes (2A=B=C or 2A=2B=C, e.g. 4x4x8, 8x8x16) close each axis into a ring with wrap-around links,
+a torus. A mesh axis that spans whole physical axes runs its collectives over every link of those axes;
+an axis that took part of a physical axis would share links with another mesh axis and, on a torus, cut
+its rings. Such meshes are refused before any work (`palm.spec.schema` checks a spec's mesh against its
+topology and suggests the nearest that lays out), and `palm.core.sharding.make_mesh` builds the device mesh
+from the same assignment. Several slices (pods) are joined only by the data-center network: the `data`
+axis spans them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+from palm.base.errors import PalmError
+
+MESH_AXES = ("data", "fsdp", "model")
+
+
+def torus_assignment(physical: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, ...]] | None:
+    """Which physical axes of one slice each mesh axis spans, or None if they cannot be laid out.
+
+    Every mesh axis must be the product of whole physical axes (never a part of one), all physical axes
+    used. Axes are placed from the last (model,
+    the most communication-heavy) to the first, each preferring as many physical axes as it can take, so
+    model parallelism gets the widest, fastest neighbourhoods; among equals the first physical axes win.
+    This is the same preference as jax.experimental.mesh_utils, but searched exhaustively, so a layout is
+    found whenever one exists.
+    """
+    physical, sizes = tuple(int(p) for p in physical), tuple(int(s) for s in sizes)
+    if math.prod(physical) != math.prod(sizes):
+        return None
+    free_axes = [i for i, p in enumerate(physical) if p > 1]
+
+    def place(k: int, free: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+        if k < 0:
+            return [] if not free else None
+        candidates = [c for n in range(len(free), -1, -1) for c in itertools.combinations(free, n)
+                      if math.prod(physical[i] for i in c) == sizes[k]]
+        for chosen in candidates:
+            rest = place(k - 1, tuple(i for i in free if i not in chosen))
+            if rest is not None:
+                return rest + [chosen]
+        return None
+
+    return place(len(sizes) - 1, tuple(free_axes))
+
+
+def parse_topology(topology: str) -> tuple[int, ...]:
+    """'12x16x16' -> (12, 16, 16): chips along each physical axis of one slice."""
+    try:
+        dims = tuple(int(x) for x in topology.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise PalmError(f"TPU topology {topology!r} is not of the form AxBxC (chips along each axis of the slice), "
+                        "e.g. 8x8x16")
+    return dims
+
+
+def slice_mesh_shape(shape: dict[str, int], num_slices: int) -> dict[str, int]:
+    """One slice's share of the mesh: `data` spans the slices (over the data-center network) first."""
+    data = shape.get("data", 1)
+    if data % num_slices:
+        raise PalmError(f"mesh data={data} must be a multiple of the {num_slices} slices: the data axis "
+                        "spans the slices (their only link is the data-center network)")
+    return {"data": data // num_slices, "fsdp": shape.get("fsdp", 1), "model": shape.get("model", 1)}
+
+
+def mesh_fits_topology(shape: dict[str, int], topology: Sequence[int], num_slices: int = 1) -> bool:
+    """Whether the (data, fsdp, model) mesh lays out on `num_slices` slices of this shape."""
+    try:
+        per_slice = slice_mesh_shape(shape, num_slices)
+    except PalmError:
+        return False
+    return torus_assignment(topology, [per_slice[a] for a in MESH_AXES]) is not None
+
+
+def valid_meshes(num_devices: int, topology: Sequence[int], num_slices: int = 1) -> list[dict[str, int]]:
+    """Every (data, fsdp, model) mesh of `num_devices` that lays out on the slices."""
+    out = []
+    for data in range(1, num_devices + 1):
+        if num_devices % data:
+            continue
+        for model in range(1, num_devices // data + 1):
+            if (num_devices // data) % model:
+                continue
+            shape = {"data": data, "fsdp": num_devices // data // model, "model": model}
+            if mesh_fits_topology(shape, topology, num_slices):
+                out.append(shape)
+    return out
+
+
+def nearest_mesh(shape: dict[str, int], topology: Sequence[int], num_slices: int = 1,
+                 heads: int | None = None, batches: Sequence[int] = ()) -> dict[str, int] | None:
+    """The valid mesh closest to `shape` (model size first, then data): model dividing `heads` and
+    data x fsdp dividing every global batch where such a mesh exists."""
+    num_devices = math.prod(shape.get(a, 1) for a in MESH_AXES)
+    candidates = valid_meshes(num_devices, topology, num_slices)
+
+    def usable(m: dict[str, int]) -> bool:
+        return (heads is None or heads % m["model"] == 0) and all(b % (m["data"] * m["fsdp"]) == 0 for b in batches)
+
+    def distance(m: dict[str, int]) -> tuple[float, ...]:
+        return tuple(abs(math.log2(m[a] / shape.get(a, 1))) for a in ("model", "data", "fsdp"))
+
+    ranked = sorted(candidates, key=lambda m: (not usable(m), distance(m)))
+    return ranked[0] if ranked else None
+
+
+# ------------------------------------------------------------------------------ what Google Cloud offers
+
+#: The largest TPU v4 slice: one pod.
+V4_POD_CHIPS = 4096
+
+#: The slice shapes of TPU v4 node pools on GKE (node pool topology `--tpu-topology`, machine type
+#: ct4p-hightpu-4t, 4 chips per node), from 4 chips to 2048. Cloud TPU's queued resources take any
+#: shape by `cloud_tpu_v4_problem`'s rule; GKE only these.
+GKE_V4_TOPOLOGIES = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x12",
+                     "8x8x16", "8x16x16")
+
+
+def cloud_tpu_v4_problem(dims: Sequence[int]) -> str | None:
+    """Why AxBxC is not a TPU v4 slice Cloud TPU can create (A <= B <= C, each at most 4 or a multiple
+    of 4, at most a pod), or None."""
+    dims = tuple(int(d) for d in dims)
+    text = "x".join(map(str, dims))
+    if len(dims) != 3 or list(dims) != sorted(dims) or any(d <= 0 or (d > 4 and d % 4) for d in dims):
+        return (f"{text} is not a TPU v4 topology: write AxBxC with A <= B <= C, each at most 4 or a multiple of 4"
+                + (f" (e.g. {'x'.join(map(str, sorted(dims)))} if its sizes are right)" if len(dims) == 3 else ""))
+    if math.prod(dims) > V4_POD_CHIPS:
+        return f"{text} is {math.prod(dims)} chips, more than a TPU v4 pod's {V4_POD_CHIPS}: use several slices"
+    return None
+
+
+def gke_v4_alternatives(num_devices: int, mesh: dict[str, int], heads: int | None = None,
+                        batches: Sequence[int] = ()) -> list[dict]:
+    """GKE node-pool shapes that hold `num_devices` chips in whole slices, each with the mesh that lays out
+    on it (the given one if it does, else the nearest), best first: a mesh whose model axis divides the
+    heads and whose data x fsdp divides every batch, then the model axis closest to the given one, then
+    the fewest slices."""
+    out = []
+    for topology in GKE_V4_TOPOLOGIES:
+        dims = parse_topology(topology)
+        chips = math.prod(dims)
+        if num_devices % chips:
+            continue
+        slices = num_devices // chips
+        laid = mesh if mesh_fits_topology(mesh, dims, slices) else nearest_mesh(mesh, dims, slices, heads, batches)
+        if laid is None:
+            continue
+        usable = (heads is None or heads % laid["model"] == 0) and all(
+            b % (laid["data"] * laid["fsdp"]) == 0 for b in batches)
+        out.append({"topology": topology, "num_slices": slices, "mesh": laid, "usable": usable})
+    out.sort(key=lambda a: (not a["usable"], abs(math.log2(a["mesh"]["model"] / mesh.get("model", 1))),
+                            a["num_slices"]))
+    return out
+
+
+def describe_alternative(alt: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in alt["mesh"].items())
+    return f"{alt['num_slices']} slice(s) of {alt['topology']} with mesh {mesh}"

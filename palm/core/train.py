@@ -1,0 +1,781 @@
+"""The training step and loop: loss with z-loss, Adafactor, the batch-size ramp, 2D sharding.
+
+`Trainer` owns the jitted step for one (model, train config, mesh). `batches` turns a stream of packed
+sequences into per-step global batches under the ramp: step s takes the next `global_batch_at(s)`
+sequences, so the order of tokens seen is the same with or without a ramp, and jit compiles once per
+distinct batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from palm.core import optimizer as palm_optimizer
+from palm.spec.config import ModelConfig, TrainConfig
+from palm.base.errors import PalmError, Preempted
+from palm.core.model import PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
+from palm.core.sharding import Sharding, make_mesh
+
+logger = logging.getLogger("palm.core.train")
+
+#: Token placed before the first token of each packed sequence (the end-of-document id).
+START_TOKEN = 1
+
+PEAK_FLOPS_BY_DEVICE = {"h100": 989.4e12, "h200": 989.4e12, "a100": 312e12, "tpu v4": 275e12,
+                        "tpu v5p": 459e12}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak FLOP/s of a device, or None where unknown (CPU)."""
+    kind = device.device_kind.lower()
+    for name, peak in PEAK_FLOPS_BY_DEVICE.items():
+        if name in kind:
+            return peak
+    return None
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+#: Float32 logits per device above which the loss projects onto the vocabulary a chunk of the sequence
+#: at a time. At 62B on 64-way FSDP x 8-way model with batch 1024 the whole [batch, length, vocab]
+#: logits would be 4 GiB per device (33 GiB without the vocabulary split), and their gradient as much again.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def _target_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, ...]:
+    """Weighted sums over the targets of cross-entropy, log²Z and correct argmax predictions."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # The target's logit picked by comparison, not a gather: with the vocabulary split over devices a gather
+    # would first assemble every device's logits (the whole vocabulary per device); this stays per shard.
+    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    target_logit = jnp.where(vocab == targets[..., None], logits, 0.0).sum(-1)
+    correct = jnp.argmax(logits, -1) == targets
+    return ((log_z - target_logit) * weights).sum(), (jnp.square(log_z) * weights).sum(), (correct * weights).sum()
+
+
+def _chunked_target_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                         model: PaLM, chunks: int) -> tuple[jax.Array, ...]:
+    """`_target_sums` of the logits of hidden states x [b, t, d], `chunks` slices of the sequence at a time.
+
+    A scan over the slices, each rematerialized: the forward and the backward pass hold one slice's
+    logits (and their gradient) at a time, never the whole batch's. Same value and gradient as the whole
+    logits, up to the order of float32 sums."""
+    b, t, d = x.shape
+    if t % chunks:
+        raise PalmError(f"the loss's {chunks} chunks must divide the sequence length {t}")
+
+    def split(a: jax.Array) -> jax.Array:  # [b, t, ...] -> [chunks, b, t / chunks, ...]
+        return jnp.moveaxis(a.reshape(b, chunks, t // chunks, *a.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, chunk):
+        xc, tc, wc = chunk
+        logits = output_logits(xc, embedding, model.config, model.constrain, model.vocab_split)
+        return tuple(a + s for a, s in zip(carry, _target_sums(logits, tc, wc))), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), (split(x), split(targets), split(weights)))
+    return sums
+
+
+def loss_chunks(batch_per_device: int, seq_len: int, vocab_per_device: int,
+                budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Fewest slices of the sequence (a divisor of its length) whose float32 logits per device fit `budget`."""
+    whole = batch_per_device * seq_len * vocab_per_device * 4
+    for chunks in range(1, seq_len + 1):
+        if seq_len % chunks == 0 and whole <= budget * chunks:
+            return chunks
+    return seq_len
+
+
+def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_loss: float, chunks: int = 1):
+    """Mean next-token cross-entropy plus z_loss·log²Z over the weighted (unmasked) targets.
+
+    With `chunks` > 1 the logits are computed a slice of the sequence at a time (`_chunked_target_sums`)."""
+    inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], axis=1)
+    if chunks == 1:
+        sums = _target_sums(model.apply({"params": params}, inputs), tokens, weights)
+    else:
+        x = model.apply({"params": params}, inputs, hidden=True)
+        sums = _chunked_target_sums(x, params["embedding"], tokens, weights, model, chunks)
+    ce_sum, z_sum, correct = sums
+    denom = jnp.maximum(weights.sum(), 1.0)
+    ce, z = ce_sum / denom, z_loss * z_sum / denom
+    return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
+
+
+class Trainer:
+    """A jitted, sharded PaLM training step for one model, train config and mesh."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 mesh_shape: dict[str, int] | None = None, devices: list[jax.Device] | None = None):
+        devices = list(jax.devices() if devices is None else devices)
+        mesh_shape = mesh_shape or {"data": 1, "fsdp": len(devices), "model": 1}
+        self.model_config, self.train_config = model_config, train_config
+        self.sharding = Sharding.on(make_mesh(mesh_shape, devices))
+        platform = devices[0].platform
+        constrain = self.sharding.constrain if len(devices) > 1 else (lambda x, names: x)
+        model_ways = self.sharding.axis_sizes["model"]
+        self.model = PaLM(model_config, constrain=constrain, platform=platform,
+                          vocab_split=model_ways > 1 and model_config.vocab_size % model_ways == 0)
+        boxed = abstract_params(model_config)
+        self.num_params = count_params(model_config)
+        self.flops_per_token = model_flops_per_token(model_config, self.num_params)
+        self.peak_flops = peak_flops(devices[0])
+        self.num_devices = len(devices)
+        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule,
+                                            matrix_axes(boxed))
+        self.learning_rate = palm_optimizer.learning_rate(train_config.schedule)
+
+        param_shardings = self.sharding.for_params(boxed)
+        abstract = jax.tree.map(lambda p: p.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        abstract_opt = jax.eval_shape(self.tx.init, abstract)
+        # Optimizer leaves shaped like their parameter (second moments, momentum) share its layout;
+        # the rest (counters, Adafactor's unused factor slots) are replicated.
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda leaf, s, p: s if leaf.shape == p.shape else self.sharding.replicated,
+            abstract_opt, param_shardings, abstract, transform_non_params=lambda _: self.sharding.replicated)
+        self.state_shardings = TrainState(step=self.sharding.replicated, params=param_shardings,
+                                          opt_state=opt_shardings)
+        self.batch_sharding = self.sharding.named(("batch", "length"))
+
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self._init_from = jax.jit(self._init_from_fn, in_shardings=(param_shardings,),
+                                  out_shardings=self.state_shardings)
+        self._step = jax.jit(self._step_fn, donate_argnums=0,
+                             in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                             out_shardings=(self.state_shardings, self.sharding.replicated))
+        self._eval = jax.jit(self._eval_fn, in_shardings=(param_shardings, self.batch_sharding, self.batch_sharding),
+                             out_shardings=self.sharding.replicated)
+
+    # -- jitted bodies ----------------------------------------------------------------------------
+
+    def _init_fn(self, rng: jax.Array) -> TrainState:
+        tokens = jnp.zeros((1, min(8, self.model_config.seq_len)), jnp.int32)
+        params = nn.unbox(self.model.init(rng, tokens)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def loss_chunks(self, global_batch: int) -> int:
+        """How many slices of the sequence the loss projects onto the vocabulary at a time (see loss_fn)."""
+        sizes = self.sharding.axis_sizes
+        per_device = -(-global_batch // self.sharding.data_parallel_size)
+        vocab = self.model_config.vocab_size
+        vocab_per_device = vocab // sizes["model"] if vocab % sizes["model"] == 0 else vocab
+        return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device,
+                           self.train_config.loss_chunk_mib * 2**20)
+
+    def _init_from_fn(self, params: Any) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss,
+                                      self.loss_chunks(tokens.shape[0]))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                       learning_rate=self.learning_rate(state.step),
+                       finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads)))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_fn(self, params: Any, tokens: jax.Array, weights: jax.Array):
+        _, metrics = loss_fn(params, self.model, tokens, weights, self.train_config.z_loss,
+                             self.loss_chunks(tokens.shape[0]))
+        return metrics
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def init(self, seed: int | None = None) -> TrainState:
+        """Fresh parameters and optimizer state, laid out on the mesh."""
+        seed = self.train_config.seed if seed is None else seed
+        with jax.set_mesh(self.sharding.mesh):  # Pallas kernels read the mesh to shard_map themselves
+            return self._init(jax.random.key(seed))
+
+    def init_from(self, checkpoint: str) -> TrainState:
+        """Step 0 from another run's parameters (a checkpoint step directory), with a fresh optimizer
+        state: how a fine-tuning run starts (PaLM-Coder continued from PaLM 540B this way)."""
+        from palm.core.checkpoint import restore_params_onto
+
+        params = restore_params_onto(checkpoint, self.abstract_state().params)
+        with jax.set_mesh(self.sharding.mesh):
+            return self._init_from(params)
+
+    def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None,
+             global_batch: int | None = None):
+        """One optimizer step on a global batch [batch, seq_len] of token ids.
+
+        With several processes (hosts), `tokens` are this host's rows of the global batch
+        (`host_rows(global_batch)`), and the global array is assembled from every host's rows.
+        """
+        tokens, weights = self._global_batch(tokens, weights, global_batch)
+        with jax.set_mesh(self.sharding.mesh):
+            return self._step(state, tokens, weights)
+
+    def _global_batch(self, tokens: np.ndarray, weights: np.ndarray | None, global_batch: int | None):
+        """(tokens, weights) as global arrays: this host's rows assembled with every other host's."""
+        if weights is None:
+            weights = np.ones(tokens.shape, np.float32)
+        if jax.process_count() > 1:
+            shape = (global_batch or tokens.shape[0] * jax.process_count(), tokens.shape[1])
+            tokens = jax.make_array_from_process_local_data(self.batch_sharding, tokens, shape)
+            weights = jax.make_array_from_process_local_data(self.batch_sharding, weights, shape)
+        return tokens, weights
+
+    def evaluate(self, params: Any, tokens: np.ndarray, weights: np.ndarray | None = None,
+                 global_batch: int | None = None) -> dict[str, Any]:
+        """Loss, z-loss and accuracy of `params` on a global batch (the evaluation step: the training
+        forward pass without gradients, on the training mesh). Rows as in `step`."""
+        tokens, weights = self._global_batch(tokens, weights, global_batch)
+        with jax.set_mesh(self.sharding.mesh):
+            return jax.device_get(self._eval(params, tokens, weights))
+
+    def step_arguments(self, kind: str, global_batch: int) -> tuple[Any, ...]:
+        """Abstract arguments (shapes, dtypes, shardings) of the train ("train") or evaluation ("eval") step."""
+        batch = jax.ShapeDtypeStruct((global_batch, self.model_config.seq_len), jnp.int32,
+                                     sharding=self.batch_sharding)
+        weights = jax.ShapeDtypeStruct(batch.shape, jnp.float32, sharding=self.batch_sharding)
+        state = self.abstract_state()
+        if kind == "train":
+            return state, batch, weights
+        if kind == "eval":
+            return state.params, batch, weights
+        raise ValueError(f"unknown step kind {kind!r}")
+
+    def lower(self, kind: str, global_batch: int) -> Any:
+        """The train or evaluation step lowered for a global batch, from abstract shapes and shardings
+        alone: nothing is allocated, so the devices may be a topology this host does not have (see
+        palm.analysis.aot). `.compile()` it for the executable and its memory analysis."""
+        args = self.step_arguments(kind, global_batch)
+        with jax.set_mesh(self.sharding.mesh):
+            return (self._step if kind == "train" else self._eval).lower(*args)
+
+    def host_rows(self, global_batch: int) -> tuple[int, int]:
+        """The rows [start, stop) of a global batch that this process's devices hold."""
+        if jax.process_count() == 1:
+            return 0, global_batch
+        shape = (global_batch, self.model_config.seq_len)
+        spans = {(i[0].start or 0, global_batch if i[0].stop is None else i[0].stop)
+                 for i in self.batch_sharding.addressable_devices_indices_map(shape).values()}
+        start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+        if sum(b - a for a, b in spans) != stop - start:
+            raise PalmError(f"this host's devices hold rows {sorted(spans)} of the global batch, not one contiguous "
+                            "block; order the mesh's devices by host (data and fsdp outermost)")
+        return start, stop
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state, for restoring a checkpoint onto this mesh."""
+        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def compiled_batch_sizes(self) -> int:
+        """How many distinct batch shapes the step has been compiled for."""
+        return self._step._cache_size()
+
+
+@dataclasses.dataclass
+class StepLog:
+    step: int
+    loss: float
+    z_loss: float
+    accuracy: float
+    grad_norm: float
+    update_norm: float
+    learning_rate: float
+    global_batch: int
+    step_seconds: float
+    tokens_per_second: float
+    mfu: float | None
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    logs: list[StepLog]
+    #: Loss spikes and non-finite losses met, each with the rollback and the batches skipped.
+    spikes: list[dict[str, Any]]
+    #: Checkpoints found unusable on restore and moved aside.
+    corrupt_checkpoints: list[dict[str, Any]]
+    resumed_from: int | None
+
+
+class _Stream:
+    """Sequences with an optional saveable state (Grain iterators have one; plain iterators do not)."""
+
+    def __init__(self, sequences: Iterable[np.ndarray]):
+        self.it = iter(sequences)
+
+    def take(self, n: int, step: int) -> np.ndarray:
+        rows = []
+        for _ in range(n):
+            try:
+                rows.append(np.asarray(next(self.it), np.int32))
+            except StopIteration:
+                raise PalmError(f"the training data ran out at step {step}: more steps (train.steps) than the "
+                                "pack stage produced sequences for; lower train.steps or add data") from None
+        return np.stack(rows)
+
+    def skip(self, n: int, step: int) -> None:
+        """Pass over the next `n` sequences (a plain iterator has to draw them)."""
+        self.take(n, step)
+
+    def state(self) -> dict[str, Any]:
+        return self.it.state() if hasattr(self.it, "state") else {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if hasattr(self.it, "restore"):
+            self.it.restore(state)
+
+
+def batches(sequences: Iterable[np.ndarray], train_config: TrainConfig, start_step: int = 0,
+            end_step: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, [global_batch_at(step), seq_len] tokens), consuming `sequences` in order."""
+    stream = _Stream(sequences)
+    end = train_config.steps if end_step is None else end_step
+    for step in range(start_step, end):
+        yield step, stream.take(train_config.global_batch_at(step), step)
+
+
+def stop_requested(stop: Any) -> bool:
+    """Whether to checkpoint and stop now. With several hosts, a stop on any host stops them all at the
+    same step (a checkpoint is a collective; hosts that disagreed would wait for each other forever)."""
+    if stop is None:
+        return False
+    asked = bool(stop.is_set())
+    if jax.process_count() == 1:
+        return asked
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([asked]))))
+
+
+def is_spike(loss: float, recent: list[float], threshold: float) -> bool:
+    """Non-finite, or above `threshold` times the median of the recent losses (section 5.1)."""
+    if not np.isfinite(loss):
+        return True
+    return len(recent) >= 5 and loss > threshold * float(np.median(recent))
+
+
+def spike_start(step: int, recent: list[tuple[int, float]], median: float | None, threshold: float,
+                onset_steps: int) -> int:
+    """The step a spike detected at `step` began: the earliest of an unbroken run of steps just before it
+    (at most `onset_steps` back) whose losses were already above (1 + threshold) / 2 times the median,
+    half way to the detection threshold; `step` itself when the loss jumped at once. `recent` holds the
+    (step, loss) of the steps trained before `step`, in order."""
+    if median is None or not np.isfinite(median):
+        return step
+    rising = median * (1.0 + threshold) / 2.0
+    start = step
+    for s, loss in reversed(recent):
+        if s != start - 1 or s < step - onset_steps or not loss > rising:
+            break
+        start = s
+    return start
+
+
+def restart_target(start: int, rollback_steps: int) -> int:
+    """The step a spike that began at `start` rolls back to at the latest: max(0, start - rollback_steps)."""
+    return max(0, start - rollback_steps)
+
+
+def _shard_key(index: tuple[slice, ...]) -> tuple[tuple[Any, Any, Any], ...]:
+    return tuple((i.start, i.stop, i.step) for i in index)
+
+
+@dataclasses.dataclass
+class _HostArray:
+    """One array's shards on this host, each distinct shard once with the devices that hold it."""
+
+    shape: tuple[int, ...]
+    sharding: Any
+    shards: list[tuple[np.ndarray, list[jax.Device]]]
+
+
+def to_host(tree: Any) -> Any:
+    """A copy of a tree of (sharded) jax.Arrays in this host's memory: each addressable shard copied once
+    (replicas on several local devices share a copy). Works with several hosts, each copying its own."""
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return np.array(x, copy=True)
+        shards: dict[Any, tuple[np.ndarray, list[jax.Device]]] = {}
+        for shard in x.addressable_shards:
+            key = _shard_key(shard.index)
+            if key not in shards:  # np.array copies: a view of a buffer the step later donates would change
+                shards[key] = (np.array(shard.data, copy=True), [])
+            shards[key][1].append(shard.device)
+        return _HostArray(tuple(x.shape), x.sharding, list(shards.values()))
+
+    return jax.tree.map(copy, tree)
+
+
+def to_devices(tree: Any) -> Any:
+    """The tree of `to_host`, back on the devices and shardings it came from."""
+
+    def put(x: Any) -> Any:
+        if not isinstance(x, _HostArray):
+            return x
+        arrays = [jax.device_put(data, device) for data, devices in x.shards for device in devices]
+        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
+
+    return jax.tree.map(put, tree, is_leaf=lambda x: isinstance(x, _HostArray))
+
+
+@dataclasses.dataclass
+class RestartPoint:
+    step: int
+    state: Any  # the train state as `to_host` copies it
+    data: dict[str, Any]  # the data iterator's state
+    position: int | None  # sequences drawn from the data stream before it
+
+
+class RestartPoints:
+    """Recent train states in host memory to roll a loss spike back to (see LossSpikeConfig).
+
+    `add` keeps a point every `every` steps (and wherever `force`d); it drops the points that no later
+    spike can roll back to: a spike detected at step s >= now began at s - onset_steps or later, so it
+    rolls back to the latest point at or before now - onset_steps - rollback_steps, or a later one."""
+
+    def __init__(self, every: int, reach: int):
+        self.every, self.reach = every, reach
+        self.points: dict[int, RestartPoint] = {}
+
+    def due(self, step: int) -> bool:
+        return step not in self.points and (step % self.every == 0 or not self.points)
+
+    def add(self, step: int, state: Any, data: dict[str, Any], position: int | None) -> None:
+        import copy
+
+        self.points[step] = RestartPoint(step, to_host(state), copy.deepcopy(data), position)
+        oldest_needed = self.latest_at_or_before(step - self.reach)
+        if oldest_needed is not None:
+            self.points = {s: p for s, p in self.points.items() if s >= oldest_needed}
+
+    def latest_at_or_before(self, step: int) -> int | None:
+        return max((s for s in self.points if s <= step), default=None)
+
+    def oldest(self) -> int | None:
+        return min(self.points, default=None)
+
+    def drop_after(self, step: int) -> None:
+        """Forget the points after `step` (another trajectory, once training rolled back to `step`)."""
+        self.points = {s: p for s, p in self.points.items() if s <= step}
+
+    def restore(self, step: int) -> RestartPoint:
+        import copy
+
+        p = self.points[step]
+        return RestartPoint(step, to_devices(p.state), copy.deepcopy(p.data), p.position)
+
+
+def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoints: Any = None,
+                 meta: dict[str, Any] | None = None, on_step: Callable[[StepLog, TrainState], None] | None = None,
+                 on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+                 stop: Any = None, init_from: str | None = None) -> RunResult:
+    """Train to `train.steps`, resuming from the latest valid checkpoint and surviving loss spikes.
+
+    `checkpoints` is a `palm.core.checkpoint.Checkpoints` (None: no checkpoints, no rollback). A loss spike
+    rolls back to a restart point (or checkpoint) about `loss_spike.rollback_steps` before it began and
+    skips the batches from there through it (`palm.spec.config.LossSpikeConfig`). `stop` is any
+    object with `is_set()` (a threading.Event set by a SIGTERM handler): the loop then saves at the
+    current step and raises `Preempted`.
+    """
+    from palm.core.checkpoint import params_digest, state_digest
+
+    cfg, spike_cfg = trainer.train_config, trainer.train_config.loss_spike
+    stream = sequences if hasattr(sequences, "take") else _Stream(sequences)  # HostBatches, or any iterable
+    meta = dict(meta or {})
+    logs: list[StepLog] = []
+    spikes: list[dict[str, Any]] = []
+    recent: list[tuple[int, float]] = []  # (step, loss) of the current trajectory
+    resumed_from = None
+    handle_spikes = spike_cfg.enabled and checkpoints is not None
+    points = (RestartPoints(spike_cfg.restart_every, spike_cfg.rollback_steps + spike_cfg.onset_steps)
+              if handle_spikes and spike_cfg.restart_every is not None else None)
+    position: int | None = 0  # sequences drawn from the data stream (None: unknown, an older checkpoint)
+
+    saved: list[int] = []  # the last step saved by this run
+
+    def save(step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+        if checkpoints is None:
+            return
+        saved[:] = [step]
+        data_state = stream.state()
+        record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
+                  "state_digest": state_digest(state, data_state), "state_digest_data": True,
+                  "metrics": metrics, "spikes": spikes, "data_position": position}
+        checkpoints.save(step, state, data_state, record)
+        if on_checkpoint is not None:
+            on_checkpoint(step, record)
+
+    def restore(before: int | None = None):
+        restored = checkpoints.restore_latest_valid(trainer.abstract_state(), before=before)
+        if restored is not None:
+            stream.restore(restored.data)
+        return restored
+
+    def draw(size: int, step: int) -> np.ndarray:
+        nonlocal position
+        tokens = stream.take(size, step)
+        position = None if position is None else position + size
+        return tokens
+
+    def roll_back(step: int, loss: float) -> TrainState:
+        """Roll back from a spike detected at `step`; returns the state to go on from (its step)."""
+        nonlocal position, recent
+        window = [loss for _, loss in recent[-spike_cfg.window:]]
+        median = float(np.median(window)) if window else None
+        start = spike_start(step, recent, median, spike_cfg.threshold, spike_cfg.onset_steps)
+        target = restart_target(start, spike_cfg.rollback_steps)
+        # The latest restart point at or before the target, else the latest checkpoint there, else the
+        # oldest restart point kept, else the latest checkpoint before the spike.
+        state = source = None
+        point = points.latest_at_or_before(target) if points is not None else None
+        if point is None:
+            restored = restore(before=target + 1)
+            if restored is not None:
+                source, state, rolled_to = "checkpoint", restored.state, restored.step
+                position = restored.meta.get("data_position")
+        if state is None and point is None and points is not None:
+            point = points.oldest()
+        if state is None and point is not None:
+            p = points.restore(point)
+            stream.restore(p.data)
+            source, state, rolled_to, position = "restart_point", p.state, point, p.position
+        if state is None:
+            restored = restore(before=step + 1)
+            if restored is None:
+                raise PalmError(f"loss spike at step {step} (loss {loss}) and no restart point or valid checkpoint "
+                                "to roll back to")
+            source, state, rolled_to = "checkpoint", restored.state, restored.step
+            position = restored.meta.get("data_position")
+        # Skip at least the batches from the restart step through the spike, so the batch that caused it is
+        # never seen again (the paper skipped about 200 to 500): those the next steps would have taken.
+        skip = max(spike_cfg.skip_batches, step - rolled_to + 1)
+        first = position
+        for i in range(skip):
+            size = cfg.global_batch_at(rolled_to + i)
+            stream.skip(size, rolled_to + i) if hasattr(stream, "skip") else stream.take(size, rolled_to + i)
+            position = None if position is None else position + size
+        spikes.append({"step": step, "loss": loss, "median": median, "start": start, "target": target,
+                       "rolled_back_to": rolled_to, "restart_from": source, "skipped_batches": skip,
+                       "skipped_sequences": None if first is None else [first, position]})
+        logger.warning("loss spike at step %d (loss %.4g, median %s), begun at step %d: rolled back to step %d (%s), "
+                    "skipped %d batches", step, loss, median, start, rolled_to, source, skip)
+        recent = [(s, x) for s, x in recent if s < rolled_to]
+        # The checkpoints after the restart step hold another trajectory; one at that step is replaced by the
+        # state with the data position after the skip, so a resume from it does not see the skipped batches.
+        checkpoints.discard_from(rolled_to)
+        save(rolled_to, state, {})
+        if points is not None:
+            points.drop_after(rolled_to)
+            points.add(rolled_to, state, stream.state(), position)
+        return state
+
+    state = None
+    if checkpoints is not None:
+        restored = restore()
+        if restored is not None:
+            state, resumed_from = restored.state, restored.step
+            saved[:] = [restored.step]
+            spikes.extend(restored.meta.get("spikes", []))
+            position = restored.meta.get("data_position")
+    if state is None:  # nothing to resume: fresh, or from another run's parameters (fine-tuning)
+        state = trainer.init() if init_from is None else trainer.init_from(init_from)
+        save(0, state, {})
+    step = int(state.step)
+
+    while step < cfg.steps:
+        if stop_requested(stop):
+            if saved != [step]:  # a stop right after a scheduled checkpoint has nothing new to save
+                save(step, state, logs[-1].__dict__ if logs else {})
+            checkpoints.wait() if checkpoints is not None else None
+            raise Preempted(step)
+        if points is not None and points.due(step):
+            points.add(step, state, stream.state(), position)
+        size = cfg.global_batch_at(step)
+        tokens = draw(size, step)
+        t0 = time.perf_counter()
+        new_state, metrics = trainer.step(state, tokens, global_batch=size)
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        loss = float(metrics["loss"])
+
+        if handle_spikes and is_spike(loss, [x for _, x in recent[-spike_cfg.window:]], spike_cfg.threshold):
+            state = roll_back(step, loss)
+            step = int(state.step)
+            continue
+
+        state = new_state
+        recent.append((step, loss))
+        del recent[:-max(spike_cfg.window, spike_cfg.onset_steps + 1)]
+        tps = size * tokens.shape[1] / dt  # the global batch's tokens, over all hosts
+        mfu = tps * trainer.flops_per_token / (trainer.peak_flops * trainer.num_devices) if trainer.peak_flops else None
+        log = StepLog(step=step, loss=loss, z_loss=float(metrics["z_loss"]), accuracy=float(metrics["accuracy"]),
+                      grad_norm=float(metrics["grad_norm"]), update_norm=float(metrics["update_norm"]),
+                      learning_rate=float(metrics["learning_rate"]), global_batch=size, step_seconds=dt,
+                      tokens_per_second=tps, mfu=mfu)
+        logs.append(log)
+        step += 1
+        if on_step is not None:
+            on_step(log, state)
+        if checkpoints is not None and (step % cfg.checkpoint.every_steps == 0 or step == cfg.steps):
+            save(step, state, dataclasses.asdict(log))
+
+    if checkpoints is not None:
+        checkpoints.wait()
+    return RunResult(state, logs, spikes, list(getattr(checkpoints, "corrupt", [])), resumed_from)
+
+
+def train(trainer: Trainer, sequences: Iterable[np.ndarray], state: TrainState | None = None,
+          on_step: Callable[[StepLog, TrainState], None] | None = None) -> tuple[TrainState, list[StepLog]]:
+    """Train without checkpoints (tests, benchmarks): `trainer.train_config.steps` steps from `state`."""
+    if state is not None:
+        raise PalmError("train() starts fresh; resume through run_training with checkpoints")
+    result = run_training(trainer, sequences, on_step=on_step)
+    return result.state, result.logs
+
+
+def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, Any], out_dir: str | Path, *,
+                    checkpoint_dir: str | None = None,
+                    on_step: Callable[[StepLog, TrainState], None] | None = None,
+                    on_checkpoint: Callable[[str, int, dict[str, Any]], None] | None = None,
+                    stop: Any = None, init_from: str | None = None) -> dict[str, Any]:
+    """The train stage: resume from the checkpoints if any, train, return the manifest fields. With
+    `init_from` (a checkpoint step directory: a finetune node's base model) a fresh run starts from those
+    parameters with a new optimizer state.
+
+    Checkpoints go to `checkpoint_dir` (a local path or gs://…; default `out_dir/checkpoints`); the
+    local `out_dir` holds the per-step metrics.
+
+    `spec` is the validated Spec (read by attribute, so this module needs no pydantic). Per-step
+    metrics are appended to `out_dir/metrics.jsonl` (after a resume, later lines supersede earlier
+    ones for the same step).
+    """
+    import json
+
+    from palm.core.checkpoint import Checkpoints
+    from palm.data.loader import HostBatches, sequence_dataset
+
+    out_dir = Path(out_dir)
+    if pack_manifest["vocab_size"] > spec.model.vocab_size:
+        raise PalmError(f"the tokenizer has {pack_manifest['vocab_size']} ids but model.vocab_size is "
+                        f"{spec.model.vocab_size}; raise model.vocab_size")
+    if pack_manifest["seq_len"] != spec.model.seq_len:
+        raise PalmError(f"the packed sequences have {pack_manifest['seq_len']} tokens but model.seq_len is "
+                        f"{spec.model.seq_len}; re-run the pack stage")
+    if jax.device_count() != spec.infra.hardware.num_devices:
+        raise PalmError(f"infra.hardware.num_devices is {spec.infra.hardware.num_devices} but JAX sees "
+                        f"{jax.device_count()} devices here")
+    needed = sum(spec.train.global_batch_at(s) for s in range(spec.train.steps))
+    available = pack_manifest["sequences"]["train"]
+    if needed > available:
+        raise PalmError(f"train.steps={spec.train.steps} under the batch ramp needs {needed:,} sequences but the "
+                        f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
+
+    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
+    sequences = HostBatches(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed),
+                            rows=trainer.host_rows)
+    checkpoints = Checkpoints(checkpoint_dir or out_dir / "checkpoints", spec.train.checkpoint)
+    metrics_path = out_dir / "metrics.jsonl"
+    leader = jax.process_index() == 0  # one host writes the run's files; all hosts write checkpoints
+    events = None
+    if leader:
+        from palm.store.tensorboard import TRAIN_SCALARS, EventWriter
+
+        events = EventWriter(out_dir / "tensorboard")
+    profiler = _Profiler(spec.train.profile_steps, out_dir / "profile")
+
+    def step_hook(log: StepLog, state: TrainState) -> None:
+        if leader:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(dataclasses.asdict(log)) + "\n")
+            events.scalars(log.step, {k: getattr(log, k) for k in TRAIN_SCALARS}, "train")
+        profiler.after_step(log.step)
+        if on_step is not None:
+            on_step(log, state)
+
+    def checkpoint_hook(step: int, record: dict[str, Any]) -> None:
+        if events is not None:
+            events.flush()
+        if on_checkpoint is not None:
+            on_checkpoint(f"{checkpoints.directory}/{step}", step, record)
+
+    try:
+        profiler.before_training()
+        result = run_training(trainer, sequences, checkpoints=checkpoints, meta={"spec_digest": spec.digest()},
+                              on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop, init_from=init_from)
+    finally:
+        profiler.stop()
+        checkpoints.close()
+        sequences.close()
+        if events is not None:
+            events.close()
+    from palm.core.checkpoint import params_digest
+
+    last = result.logs[-1] if result.logs else None
+    return {
+        "final_step": int(result.state.step),
+        "final_loss": last.loss if last else None,
+        "checkpoint": f"{checkpoints.directory}/{int(result.state.step)}",
+        "checkpoints": checkpoints.steps(),
+        "digest": params_digest(result.state.params),
+        "resumed_from": result.resumed_from,
+        "loss_spikes": result.spikes,
+        "corrupt_checkpoints": result.corrupt_checkpoints,
+        "params": trainer.num_params,
+        "model_flops_per_token": trainer.flops_per_token,
+        "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
+        "init_from": init_from,
+        "metrics": str(metrics_path),
+        "tensorboard": str(out_dir / "tensorboard"),
+        "profile": str(out_dir / "profile") if profiler.traced else None,
+    }
+
+
+class _Profiler:
+    """A jax.profiler trace of training steps [first, last) (`train.profile_steps`), into `directory`
+    (TensorBoard's profile plugin, Perfetto and `palm.app.bench.summarize_trace` read it). Steps before the
+    run resumed are not traced again."""
+
+    def __init__(self, steps: Any, directory: Path):
+        self.first, self.last = steps if steps else (None, None)
+        self.directory, self.active, self.traced = directory, False, False
+
+    def before_training(self) -> None:
+        if self.first == 0:
+            self._start()
+
+    def after_step(self, step: int) -> None:  # `step` has just run; the next one is step + 1
+        if self.first is None:
+            return
+        if self.active and step + 1 >= self.last:
+            self.stop()
+        elif not self.active and not self.traced and step + 1 == self.first:
+            self._start()
+
+    def _start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(self.directory))
+        self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active, self.traced = False, True

@@ -1,0 +1,393 @@
+"""Run a spec's evaluation tasks on one checkpoint: PaLM's protocol, plus YAML and lm-eval tasks.
+
+    validation_loss   token loss, perplexity and bits per byte on the data stage's validation split
+    memorization      section 7: 50-token prefixes of training sequences, exact match of the next 50 greedy
+    gsm8k             8-shot chain of thought (Wei et al. 2022 exemplars), exact match
+    humaneval         0-shot, greedy pass@1 (and pass@k with T=0.8, top-p 0.95), sandboxed execution
+    mc:<task.yaml>    few-shot multiple choice by rank classification (acc, acc_norm)
+    lm_eval:<task>    any lm-evaluation-harness task with local data, through palm.evaluation.lmeval
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palm.base.errors import PalmError
+
+
+def _validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
+    """The validation split's texts (the train split's when it has none), in shard order, streamed from
+    the data stage's output (local or gs://) and read only as far as `limit`."""
+    from palm.base import storage
+
+    texts: list[str] = []
+    shards = storage.glob(storage.join(data_dir, "validation-*.jsonl.gz")) \
+        or storage.glob(storage.join(data_dir, "train-*.jsonl.gz"))
+    for shard in shards:
+        with storage.open_read(shard) as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            for line in f:
+                if limit and len(texts) >= limit:
+                    return texts
+                texts.append(json.loads(line)["text"])
+    return texts
+
+
+def validation_loss(lm: Any, data_dir: Path, limit: int | None) -> dict[str, float]:
+    texts = _validation_texts(data_dir, limit)
+    if not texts:
+        raise PalmError(f"no validation documents in {data_dir}")
+    return {**lm.perplexity_and_bits_per_byte(texts), "documents": len(texts)}
+
+
+def memorization(lm: Any, pack_dir: Path, pack_manifest: dict[str, Any], prefix: int, continuation: int,
+                 limit: int | None, seed: int) -> dict[str, float]:
+    """Fraction of training sequences whose next `continuation` tokens the model reproduces greedily."""
+    from palm.data.loader import sequence_dataset
+
+    ds = sequence_dataset(pack_dir, pack_manifest, "train", seed=seed)
+    n = min(len(ds), limit or 128)
+    rows = np.stack([ds[i] for i in range(n)])
+    prompts, targets = rows[:, :prefix], rows[:, prefix:prefix + continuation]
+    generated = greedy_tokens(lm, prompts, continuation)
+    exact = (generated == targets).all(axis=1)
+    return {"exact_match": float(exact.mean()), "token_match": float((generated == targets).mean()),
+            "examples": n, "prefix_tokens": prefix, "continuation_tokens": continuation}
+
+
+def greedy_tokens(lm: Any, prompts: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy continuation token ids of each prompt row (the prompts are training token ids).
+
+    One fixed-length buffer, filled left to right: attention is causal, so the unfilled tail cannot
+    change the logits at the filled positions, and every step reuses one compiled shape.
+    """
+    n, p = prompts.shape
+    buffer = np.full((n, 1 + p + steps), lm.pad_id, np.int32)
+    buffer[:, 0] = lm.start_token
+    buffer[:, 1:1 + p] = prompts
+    for t in range(steps):
+        logits = np.asarray(lm.logits(buffer))
+        buffer[:, 1 + p + t] = logits[:, p + t].argmax(-1)
+    return buffer[:, 1 + p:]
+
+
+def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> dict[str, float]:
+    from palm.evaluation import gsm8k as task
+
+    problems = task.load_problems(Path(data_dir) / "gsm8k" / "test.jsonl")[: limit or None]
+    prompts = [task.build_prompt(p["question"]) for p in problems]
+    completions = lm.generate(prompts, min(max_new_tokens, lm.seq_len // 2), stop=list(task.STOP))
+    samples = [{"question": p["question"], "completion": c} for p, c in zip(problems, completions)]
+    return task.score_samples(samples, problems)
+
+
+def humaneval(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int, samples: int,
+              seed: int) -> dict[str, float]:
+    from palm.evaluation import humaneval as task
+
+    by_id = task.load_problems(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")
+    problems = list(by_id.values())[: limit or None]
+    stop = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+    new = min(max_new_tokens, lm.seq_len // 2)
+    rows = []
+    if samples == 1:
+        completions = lm.generate([p["prompt"] for p in problems], new, stop=stop)
+        rows = [{"task_id": p["task_id"], "completion": c} for p, c in zip(problems, completions)]
+    else:
+        for k in range(samples):
+            completions = lm.generate([p["prompt"] for p in problems], new, temperature=0.8, top_p=0.95,
+                                      stop=stop, seed=seed + k)
+            rows += [{"task_id": p["task_id"], "completion": c} for p, c in zip(problems, completions)]
+    return task.score_samples(rows, {p["task_id"]: p for p in problems})
+
+
+#: Keys of a multiple-choice task YAML (docs/evaluation.md): key -> (type, default, meaning).
+MC_KEYS: dict[str, tuple[type, Any, str]] = {
+    "data": (str, None, "JSONL file of examples, relative to the YAML file (required)"),
+    "question": (str, "question", "field holding the question text"),
+    "choices": (str, "choices", "field holding the list of choice strings"),
+    "answer": (str, "answer", "field holding the index of the right choice"),
+    "num_shots": (int, 0, "the first N examples (with their right answers) prefix every question"),
+    "answer_prefix": (str, " ", "text between a question and a choice"),
+    "description": (str, "", "text before the shots and the question"),
+    "separator": (str, "\n\n", "text after each shot"),
+}
+
+
+def load_mc_task(task_file: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A multiple-choice task YAML and its examples, validated: (settings, docs). Any problem is one
+    PalmError naming the file, the key or the line."""
+    import yaml
+
+    from palm.base import safeyaml
+
+    path = Path(task_file)
+    try:
+        task = safeyaml.safe_load(safeyaml.read_text(path))
+    except FileNotFoundError:
+        raise PalmError(f"multiple-choice task {path}: file not found") from None
+    except safeyaml.NotReadable as e:
+        raise PalmError(f"multiple-choice task {path}: {e.reason}") from None
+    except UnicodeDecodeError as e:
+        raise PalmError(f"multiple-choice task {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PalmError(f"multiple-choice task {path}: cannot read it: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise PalmError(f"multiple-choice task {path}: invalid YAML: {safeyaml.error_text(e)}") from None
+    if not isinstance(task, dict):
+        raise PalmError(f"multiple-choice task {path}: expected a mapping of {', '.join(MC_KEYS)}")
+    unknown = sorted(set(task) - set(MC_KEYS))
+    if unknown:
+        raise PalmError(f"multiple-choice task {path}: unknown key(s) {unknown} (known: {', '.join(MC_KEYS)})")
+    settings: dict[str, Any] = {}
+    for key, (kind, default, _) in MC_KEYS.items():
+        value = task.get(key, default)
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            raise PalmError(f"multiple-choice task {path}: {key} must be a {kind.__name__}"
+                            + (", and is required" if default is None else f", got {value!r}"))
+        settings[key] = value
+    if settings["num_shots"] < 0:
+        raise PalmError(f"multiple-choice task {path}: num_shots must be >= 0, got {settings['num_shots']}")
+    from palm.evaluation import read_jsonl
+
+    q, c, a = settings["question"], settings["choices"], settings["answer"]
+
+    def check(doc: dict[str, Any]) -> str | None:
+        if not isinstance(doc.get(q), str):
+            return f"{q!r} must be a string"
+        choices = doc.get(c)
+        if not isinstance(choices, list) or not choices or not all(isinstance(x, str) for x in choices):
+            return f"{c!r} must be a non-empty list of strings"
+        gold = doc.get(a)
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            return f"{a!r} must be an index into {c!r} (0 to {len(choices) - 1}), got {gold!r}"
+        return None
+
+    docs = read_jsonl(path.parent / settings["data"], what=f"multiple-choice examples of {path}", validate=check)
+    if len(docs) <= settings["num_shots"]:
+        raise PalmError(f"multiple-choice task {path}: {len(docs)} examples leave none after the "
+                        f"{settings['num_shots']} shots")
+    return settings, docs
+
+
+def multiple_choice(lm: Any, task_file: str | Path, limit: int | None) -> dict[str, float]:
+    """A few-shot multiple-choice task defined in YAML (format: docs/evaluation.md), scored by rank
+    classification: acc (the most likely choice) and acc_norm (per character, as lm-eval's acc_norm)."""
+    t, docs = load_mc_task(task_file)
+    q, c, a, prefix = t["question"], t["choices"], t["answer"], t["answer_prefix"]
+    shots = t["num_shots"]
+    context_shots = t["description"] + "".join(f"{d[q]}{prefix}{d[c][d[a]]}{t['separator']}" for d in docs[:shots])
+    acc, acc_norm = [], []
+    for doc in docs[shots:][: limit or None]:
+        ranked = lm.rank_choices(context_shots + doc[q], [prefix + x for x in doc[c]], gold=doc[a])
+        acc.append(ranked["acc"])
+        acc_norm.append(ranked["acc_norm"])
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "examples": len(acc)}
+
+
+def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir: Path | None = None,
+              pack_manifest: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Every task of `eval_spec.tasks` on one loaded model: {task: {metric: value}}."""
+    e = eval_spec
+    results: dict[str, dict[str, float]] = {}
+    lm_eval_tasks = []
+    for task in e.tasks:
+        if task == "validation_loss":
+            if data_dir is None:
+                raise PalmError("validation_loss needs the data stage's output")
+            results[task] = validation_loss(lm, data_dir, e.max_examples)
+        elif task == "memorization":
+            if pack_dir is None:
+                raise PalmError("memorization needs the pack stage's output")
+            results[task] = memorization(lm, pack_dir, pack_manifest, e.memorization_prefix,
+                                         e.memorization_continuation, e.max_examples, e.seed)
+        elif task == "gsm8k":
+            results[task] = gsm8k(lm, Path(e.data_dir), e.max_examples, e.max_new_tokens)
+        elif task == "humaneval":
+            results[task] = humaneval(lm, Path(e.data_dir), e.max_examples, e.max_new_tokens, e.humaneval_samples,
+                                      e.seed)
+        elif task.startswith("mc:"):
+            results[task] = multiple_choice(lm, task[3:], e.max_examples)
+        elif task.startswith("lm_eval:"):
+            lm_eval_tasks.append(task[len("lm_eval:"):])
+        else:
+            raise PalmError(f"unknown evaluation task {task!r}")
+    if lm_eval_tasks:
+        from palm.evaluation.lmeval import run_lm_eval
+
+        for name, metrics in run_lm_eval(lm, lm_eval_tasks, e.lm_eval_include_path, e.max_examples).items():
+            results[f"lm_eval:{name}"] = metrics
+    return results
+
+
+def locate_run(checkpoint: str | Path) -> dict[str, Any]:
+    """From a checkpoint path (a step dir, the checkpoints dir or the train stage dir; local or gs://) to
+    everything evaluation needs: the train stage dir, the model config, and the tokenizer, data and pack
+    stage outputs (where they are stored: `local_copy` them before reading their files)."""
+    from palm.base import storage
+    from palm.store.outputs import CONTEXT, read_manifest
+
+    path = str(checkpoint).rstrip("/") if storage.is_remote(checkpoint) else str(Path(checkpoint).resolve())
+    name = storage.name(path)
+    step = int(name) if name.isdigit() else None
+    candidates = [path]
+    for _ in range(3):
+        candidates.append(storage.parent(candidates[-1]))
+    for train_dir in candidates:
+        try:
+            context = json.loads(storage.read_text(storage.join(train_dir, CONTEXT)))
+            break
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):  # look further up
+            continue
+    else:
+        raise PalmError(f"{checkpoint} is not inside a train stage directory (no {CONTEXT} above it)")
+    pack_dir = context["inputs"]["pack"]["path"]
+    pack = read_manifest(pack_dir)
+    if pack is None:
+        raise PalmError(f"the pack stage output {pack_dir} that trained {train_dir} is missing or incomplete")
+    return {"train_dir": train_dir, "step": step, "model": context["config"]["model"], "pack_dir": pack_dir,
+            "pack_manifest": pack, "tokenizer_dir": pack["inputs"]["tokenizer"]["path"],
+            "data_dir": pack["inputs"]["data"]["path"]}
+
+
+def check_task_names(tasks: list[str], where: str = "eval.tasks") -> None:
+    from palm.spec.schema import BUILTIN_EVAL_TASKS, is_eval_task
+
+    for task in tasks:
+        if not is_eval_task(task):
+            raise PalmError(f"{where}: unknown task {task!r} (known: {', '.join(BUILTIN_EVAL_TASKS)}, "
+                            f"mc:<task.yaml>, lm_eval:<task>)")
+
+
+def eval_settings(checkpoint: str | Path, spec: str | Path | None = None, tasks: list[str] | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, str]:
+    """The eval section `palm eval` runs with, and where its defaults came from.
+
+    Defaults: the `eval` section of `spec` when given, else of the spec the checkpoint's run recorded
+    (`<run root>/spec.json`, written by `palm run`), else EvalSpec's own defaults. Then `tasks` (from
+    --tasks) and `overrides` (`eval.KEY=VALUE`, the `--set` form of every other command, read as YAML).
+    """
+    from palm.base import storage
+    from palm.dag.runner import SPEC_RECORD
+    from palm.spec.schema import EvalSpec, _format_validation_error, apply_override, load_spec
+    from pydantic import ValidationError
+
+    if spec is not None:
+        base, source = load_spec(spec).eval.model_dump(), str(spec)
+    else:
+        train_dir = locate_run(checkpoint)["train_dir"]
+        record = storage.join(storage.parent(storage.parent(train_dir)), SPEC_RECORD)
+        try:
+            recorded = json.loads(storage.read_text(record))
+        except FileNotFoundError:
+            base, source = {}, "defaults (the run recorded no spec.json)"
+        except ValueError as e:
+            raise PalmError(f"{record}: not a readable spec record ({e}); pass --spec SPEC") from None
+        else:
+            base = recorded.get("eval", {}) if isinstance(recorded, dict) else {}
+            source = record
+    tree: dict[str, Any] = {"eval": base}
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if not key.startswith("eval."):
+            raise PalmError(f"--set {assignment!r}: palm eval takes keys of the spec's eval section, written "
+                            f"as everywhere else: eval.KEY=VALUE (e.g. eval.max_examples=50)")
+        tree = apply_override(tree, assignment)
+    if tasks is not None:
+        tree["eval"] = {**tree["eval"], "tasks": tasks}
+    try:
+        settings = EvalSpec.model_validate(tree["eval"])
+    except ValidationError as e:
+        error = _format_validation_error(e, "--set" if overrides else source)
+        raise PalmError(f"{error.file}: eval.{error.key}: {error.detail}") from None
+    if not settings.tasks:
+        raise PalmError("no tasks to evaluate: pass --tasks or set eval.tasks")
+    check_task_names(settings.tasks, "--tasks" if tasks is not None else "eval.tasks")
+    return settings, source
+
+
+#: Compute dtypes a checkpoint may be loaded in for evaluation and generation.
+DTYPES = ("float32", "bfloat16")
+
+
+def load_checkpoint_model(checkpoint: str | Path, *, step: int | None = None, batch_size: int = 8,
+                          max_length: int | None = None, dtype: str | None = None, what: str = "") -> Any:
+    """A `palm.core.lm.LanguageModel` from a training run's checkpoint (a step, checkpoints or train
+    directory; the latest step unless the path or `step` names one), with the run's tokenizer. `dtype`
+    overrides the model's compute dtype ("auto"/None: the run's); `what` prefixes error messages."""
+    import dataclasses
+
+    from palm.spec.config import ModelConfig
+    from palm.core.lm import load_language_model
+    from palm.store.outputs import local_copy
+
+    run = locate_run(checkpoint)
+    if run["step"] is not None and step is not None and run["step"] != step:
+        raise PalmError(f"{what}checkpoint {checkpoint} is step {run['step']}, but step={step}")
+    step = run["step"] if step is None else step
+    config = ModelConfig(**run["model"])
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise PalmError(f"{what}dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
+        config = dataclasses.replace(config, dtype=dtype)
+    if max_length is not None and max_length > config.seq_len:
+        raise PalmError(f"{what}max_length {max_length} exceeds the model's seq_len {config.seq_len}")
+    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
+    return load_language_model(run["train_dir"], config, tokenizer, step=step, batch_size=batch_size,
+                               max_length=max_length)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
+                        pack: Any = None, tokenizer: Any = None,
+                        mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
+    """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it.
+
+    The tokenizer and the packed (and validation) data are the run's own, unless `pack` and `tokenizer`
+    (StageOutputs) name others: a workflow's eval node reads the ones it was given (a base model on the
+    fine-tuning mixture's validation split, say).
+
+    With `mesh_shape` the parameters are restored sharded over that mesh of every device of the job
+    (palm.core.lm.load_sharded_language_model), as the hosts of a launched evaluation job do (`palm worker
+    --eval-checkpoint`, palm.jobs.evaljob): every host runs this with the same arguments and gets the same
+    result."""
+    from palm.core.checkpoint import open_checkpoints
+    from palm.spec.config import ModelConfig
+    from palm.core.lm import load_language_model, load_sharded_language_model
+    from palm.store.outputs import local_copy
+
+    run = locate_run(checkpoint)
+    if pack is not None:
+        run.update(pack_dir=pack.path, pack_manifest=pack.manifest, data_dir=pack.manifest["inputs"]["data"]["path"])
+    if tokenizer is not None:
+        run.update(tokenizer_dir=tokenizer.path)
+    step = run["step"] if step is None else step
+    if step is None:
+        ckpts = open_checkpoints(run["train_dir"])
+        step = ckpts.steps()[-1]
+        ckpts.close()
+    # SentencePiece reads a local file (a copy of a gs:// tokenizer); the validation shards are streamed
+    # and the packed rows read in place.
+    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
+    if mesh_shape is None:
+        lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
+                                 batch_size=eval_spec.batch_size)
+    else:
+        lm = load_sharded_language_model(f"{run['train_dir']}/checkpoints/{step}", ModelConfig(**run["model"]),
+                                         tokenizer, mesh_shape, batch_size=eval_spec.batch_size)
+    data_dir = run["data_dir"] if "validation_loss" in eval_spec.tasks else None
+    pack_dir = run["pack_dir"] if "memorization" in eval_spec.tasks else None
+    results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
+    return {"checkpoint": f"{run['train_dir']}/checkpoints/{step}", "step": step, "results": results}
+
+
+def results_markdown(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | metric | value |", "| --- | --- | --- |"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            lines.append(f"| {task} | {metric} | {value:.4g} |" if isinstance(value, float)
+                         else f"| {task} | {metric} | {value} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""Configuration of the JAX core, as plain frozen dataclasses.
+
+These are the sections of the spec that `palm.core.model`, `palm.core.optimizer` and `palm.core.train` read. They
+import nothing but the standard library, so the core runs on machines without pydantic; `palm.spec.schema`
+embeds them in the validated `Spec` (pydantic validates stdlib dataclasses field by field, with
+`extra="forbid"` taken from `__pydantic_config__`). Field names are the PaLM paper's words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+#: pydantic's config for each section (read only when palm.spec.schema validates them): unknown keys and
+#: non-finite floats (NaN, infinity) are refused.
+_STRICT = {"extra": "forbid", "allow_inf_nan": False}
+
+Remat = Literal["none", "full", "save_dots", "offload"]
+Attention = Literal["auto", "xla", "cudnn", "pallas"]
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """PaLM's architecture (paper, section 2 and Table 1)."""
+
+    __pydantic_config__ = _STRICT
+
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    head_dim: int = 16
+    #: Key/value heads; 1 is PaLM's multi-query attention.
+    num_kv_heads: int = 1
+    #: d_ff = ffw_multiplier * d_model (PaLM: 4, with SwiGLU).
+    ffw_multiplier: int = 4
+    vocab_size: int = 256_000
+    seq_len: int = 2048
+    rope_max_wavelength: float = 10_000.0
+    layer_norm_epsilon: float = 1e-6
+    #: Compute dtype of matmuls; parameters stay in `param_dtype` (float32 master weights).
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"
+    #: Rematerialization: recompute everything, save matmul outputs, or offload them to host memory.
+    remat: Remat = "full"
+    #: Attention kernel; "auto" picks cuDNN flash on NVIDIA GPUs, Pallas splash attention on TPUs, XLA elsewhere.
+    attention: Attention = "auto"
+    #: Scan over layers, so compile time does not grow with depth.
+    scan_layers: bool = True
+
+    @property
+    def d_ff(self) -> int:
+        return self.ffw_multiplier * self.d_model
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Adafactor as PaLM used it (section 5): unfactored, with momentum and parameter scaling."""
+
+    __pydantic_config__ = _STRICT
+
+    name: Literal["adafactor"] = "adafactor"
+    #: First-moment decay β1.
+    beta1: float = 0.9
+    #: Second-moment decay β2 = 1 - k^(-decay_exponent), k the 1-based step.
+    decay_exponent: float = 0.8
+    #: Keep full second moments (PaLM: no factorization).
+    factored: bool = False
+    #: Scale each update by max(parameter RMS, min_parameter_scale).
+    parameter_scaling: bool = True
+    min_parameter_scale: float = 1e-3
+    #: Adafactor's epsilon added to squared gradients.
+    epsilon: float = 1e-30
+    #: Clip each update matrix to this RMS (Adafactor update clipping).
+    update_clip: float = 1.0
+    #: Clip the gradients' global L2 norm to this value before the optimizer.
+    gradient_clip: float = 1.0
+    #: Decoupled weight decay of lr**weight_decay_lr_power per step (PaLM: lr², so 2); null for none.
+    weight_decay_lr_power: float | None = 2.0
+    momentum_dtype: DType = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning rate: constant for `constant_steps`, then peak·sqrt(constant_steps/k) (PaLM: 1/√k)."""
+
+    __pydantic_config__ = _STRICT
+
+    peak_learning_rate: float = 1e-2
+    constant_steps: int = 10_000
+    #: Optional linear warm-up from 0 inside the constant phase (PaLM: 0).
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RampStage:
+    """From step `from_step` on, the global batch is `global_batch` sequences."""
+
+    __pydantic_config__ = _STRICT
+
+    from_step: int
+    global_batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    __pydantic_config__ = _STRICT
+
+    every_steps: int = 1000
+    #: Keep the latest `keep_last` checkpoints, plus every `keep_every`-th step permanently.
+    keep_last: int = 3
+    keep_every: int | None = None
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpikeConfig:
+    """Section 5.1: on a loss spike, restart from about 100 steps before the spike began and skip the
+    batches seen since then (the paper skipped about 200 to 500).
+
+    A spike is detected at step s when the loss is non-finite or above `threshold` times the median of
+    the last `window` losses. It began at the earliest of the steps just before s (at most `onset_steps`
+    back, in an unbroken run) whose losses were already above (1 + threshold) / 2 times that median,
+    or at s. Training rolls back to the latest restart point at or before max(0, start - rollback_steps)
+    and skips max(skip_batches, s - restart + 1) batches from there, so every batch from the restart
+    point through the spike is skipped. With the defaults that restart point lies in [s - 149, s - 100],
+    inside the paper's window: rollback_steps to rollback_steps + onset_steps + restart_every - 1 steps
+    before s.
+
+    Restart points are copies of the train state (parameters, optimizer state, step) with the data
+    iterator's position, kept in host memory (each host its own devices' shards) every `restart_every`
+    steps and at every (re)start. Only those a later spike could still roll back to are kept: at most
+    ceil((rollback_steps + onset_steps) / restart_every) + 2 copies (7 with the defaults). A copy is
+    the train state's size: 12 bytes per parameter with float32 momentum (4 parameter, 4 second
+    moment, 4 momentum), so about 100 GB for 8B and 6.5 TB for 540B over the whole job (about 4 GB per
+    copy per host on 1536 hosts of four TPU v4 chips). Where host memory is short, raise
+    `restart_every` (fewer copies, a coarser restart step) or set it to null (none kept). Restart
+    points live in memory only: after a resume the first is the resume step.
+
+    Where no restart point is old enough (none kept, the first steps of a run, just after a resume) the
+    rollback goes to the latest valid checkpoint at or before the target; failing that, to the oldest
+    restart point kept, or the latest checkpoint before the spike. The checkpoints after the restart
+    step (the abandoned trajectory) are deleted, and the restart step is checkpointed again with the data
+    position after the skip, so a preemption right after a rollback does not train on skipped batches.
+
+    Rollback needs checkpoints (run_training without them neither detects spikes nor keeps restart
+    points). Every event is recorded with the checkpoints' metadata and the train stage's manifest
+    (`loss_spikes`): the spike's step and start, the restart step and where it came from, and the
+    skipped batches and their sequence range in the data stream.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    enabled: bool = True
+    #: A loss above `threshold` times the median of the last `window` losses is a spike.
+    threshold: float = 2.0
+    window: int = 100
+    #: Batches skipped after rolling back (the paper skipped about 200 to 500), at least those from the
+    #: restart point through the spike.
+    skip_batches: int = 300
+    #: Roll back to the latest restart point at or before this many steps before the spike began (paper: ~100).
+    rollback_steps: int = 100
+    #: How many steps before its detection a spike's start is looked for.
+    onset_steps: int = 25
+    #: Steps between restart points kept in host memory; null: none (roll back to checkpoints only).
+    restart_every: int | None = 25
+
+    def max_restart_points(self) -> int:
+        """The most restart points kept at once (see the class docstring); 0 without them."""
+        if self.restart_every is None:
+            return 0
+        return -(-(self.rollback_steps + self.onset_steps) // self.restart_every) + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training loop: steps, batch-size ramp, loss, optimizer, schedule, checkpoints."""
+
+    __pydantic_config__ = _STRICT
+
+    steps: int = 100
+    batch_ramp: tuple[RampStage, ...] = (RampStage(from_step=0, global_batch=8),)
+    seed: int = 0
+    #: Auxiliary loss z_loss * log²Z that keeps the softmax normalizer near 1.
+    z_loss: float = 1e-4
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    loss_spike: LossSpikeConfig = LossSpikeConfig()
+    log_every: int = 10
+    #: Most float32 logits (MiB per device) the loss holds at once: above it the loss projects onto the
+    #: vocabulary a slice of the sequence at a time (palm.core.train.loss_chunks). Each slice re-reads the
+    #: embedding table and adds to its gradient, so fewer slices are faster where memory allows.
+    loss_chunk_mib: int = 256
+    #: Trace training steps [first, last) with jax.profiler into the train stage's `profile/` directory
+    #: (null: no trace). Like loss_chunk_mib, not part of the train stage's key: results do not change.
+    profile_steps: tuple[int, int] | None = None
+
+    def global_batch_at(self, step: int) -> int:
+        """Global batch size (sequences) at `step` under the batch-size ramp."""
+        size = self.batch_ramp[0].global_batch
+        for stage in self.batch_ramp:
+            if step >= stage.from_step:
+                size = stage.global_batch
+        return size

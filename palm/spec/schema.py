@@ -1,0 +1,910 @@
+"""The one spec type: a validated description of a whole pretraining pipeline.
+
+`load_spec(path, overrides)` reads a YAML file, follows `extends:` with a deep merge, applies
+`--set dotted.key=value` overrides, validates every field (`extra="forbid"` everywhere) and then checks
+that the values are consistent with each other. Any problem raises `SpecError` naming the file, the key
+path and what was expected, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from palm.base import safeyaml
+from palm.spec.config import (
+    CheckpointConfig,
+    LossSpikeConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RampStage,
+    ScheduleConfig,
+    TrainConfig,
+)
+from palm.base.errors import PalmError, SpecError
+from palm.base.hardware import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_topology
+
+
+
+class _Strict(BaseModel):
+    # allow_inf_nan=False: every float field of the spec is a finite number (`.nan`, `.inf`, "nan" are
+    # refused by name), as `x <= 0` style checks are all false for NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+#: An n-gram size for the n-gram repetition rules.
+NgramSize = Annotated[int, Field(ge=1)]
+
+
+class QualityFilters(_Strict):
+    """Gopher/C4-style document heuristics; a threshold of null disables that check.
+
+    The defaults are Gopher's (Rae et al. 2021, appendix A, Table A1); `palm.data.filters` defines each
+    measure. A source of kind "code" gets `CODE_FILTER_DEFAULTS` instead of the prose-only ones."""
+
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    #: "#" per word and "..."/"…" per word, each on its own (Gopher applies them separately).
+    max_hash_to_word_ratio: float | None = 0.1
+    max_ellipsis_to_word_ratio: float | None = 0.1
+    max_fraction_lines_ending_ellipsis: float | None = 0.3
+    min_fraction_words_with_alpha: float | None = 0.8
+    #: Distinct words of {the, be, to, of, and, that, have, with} a document needs.
+    min_stop_words: int | None = 2
+    #: Gopher's repetition removal. Lines (paragraphs) that repeat an earlier one: their share of the
+    #: non-empty lines (paragraphs), and their characters' share of the document's.
+    max_fraction_duplicate_lines: float | None = 0.3
+    max_fraction_duplicate_line_chars: float | None = 0.2
+    max_fraction_duplicate_paragraphs: float | None = 0.3
+    max_fraction_duplicate_paragraph_chars: float | None = 0.2
+    #: n -> the most the top word n-gram's characters (count times length) may be of the document's.
+    #: A mapping given here replaces the whole default (leave an n out to skip it); null: no check.
+    max_fraction_top_ngram_chars: dict[NgramSize, float] | None = {2: 0.20, 3: 0.18, 4: 0.16}
+    #: n -> the most the characters in word n-grams that repeat an earlier one may be of the document's.
+    max_fraction_duplicate_ngram_chars: dict[NgramSize, float] | None = {
+        5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    #: Sample documents with probability proportional to a quality score (PaLM did for webpages).
+    quality_sampling: bool = False
+
+
+#: The filters a source of kind "code" gets unless its `filters` set them: off, the rules that measure
+#: prose (word lengths, symbols per word, alphabetic words, stop words) and the repetition rules, which
+#: ordinary source files fail (closing brackets, `return None`, `self.x = x`: 14 of the standard library's
+#: 167 top-level modules, bisect.py and contextlib.py among them). Short and huge documents, and lines
+#: ending in ellipses, are still dropped.
+CODE_FILTER_DEFAULTS: dict[str, Any] = {
+    "min_mean_word_length": None,
+    "max_mean_word_length": None,
+    "max_hash_to_word_ratio": None,
+    "max_ellipsis_to_word_ratio": None,
+    "min_fraction_words_with_alpha": None,
+    "min_stop_words": None,
+    "max_fraction_duplicate_lines": None,
+    "max_fraction_duplicate_line_chars": None,
+    "max_fraction_duplicate_paragraphs": None,
+    "max_fraction_duplicate_paragraph_chars": None,
+    "max_fraction_top_ngram_chars": None,
+    "max_fraction_duplicate_ngram_chars": None,
+}
+
+
+class Source(_Strict):
+    """One corpus in the mixture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Globs, local or gs://; for format "builtin", the names of corpora generated on the machine.
+    paths: list[str] = Field(min_length=1)
+    format: Literal["jsonl", "jsonl.gz", "txt", "parquet", "builtin"]
+    text_field: str = "text"
+    #: Share of the mixture's tokens.
+    weight: float = Field(gt=0, le=1)
+    #: Code sources also get near-duplicate removal tuned for code files, and `CODE_FILTER_DEFAULTS`.
+    kind: Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"] = "other"
+    #: For kind "code", the fields not given here take `CODE_FILTER_DEFAULTS`; given ones win.
+    filters: QualityFilters = QualityFilters()
+    #: For format "txt": a regex (multiline) at each match of which a new document starts; null: one per file.
+    split_pattern: str | None = None
+    #: Read at most this many documents from the source (in file order); null: all.
+    max_docs: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_filter_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") != "code":
+            return data
+        given = data.get("filters", {})
+        if isinstance(given, QualityFilters):  # built in Python: the fields it was given
+            given = {name: getattr(given, name) for name in given.model_fields_set}
+        if not isinstance(given, dict):
+            return data  # validation says what is wrong with it
+        return {**data, "filters": {**CODE_FILTER_DEFAULTS, **given}}
+
+
+class NearDedup(_Strict):
+    """MinHash LSH near-duplicate removal."""
+
+    enabled: bool = True
+    ngram: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=8)
+    threshold: float = Field(0.8, gt=0, lt=1)
+    #: Candidate pairs come from LSH buckets tuned to `threshold - candidate_margin` and pass a
+    #: signature pre-check at that level; each is then verified by the exact Jaccard similarity of the
+    #: two documents' shingle sets against `threshold`. The margin (4 standard deviations of the
+    #: signature estimate at 128 permutations) keeps pairs just above the threshold from being lost to
+    #: the estimate's noise; verification keeps pairs below it from being dropped.
+    candidate_margin: float = Field(0.15, ge=0, lt=1)
+    #: Bands × rows must equal num_perm; null chooses them for threshold - candidate_margin.
+    bands: int | None = None
+    rows: int | None = None
+    #: Weight of false negatives against false positives when choosing bands × rows. Candidate pairs
+    #: are verified exactly, so a false positive costs only a comparison.
+    recall_weight: float = Field(0.9, gt=0, lt=1)
+
+
+class Dedup(_Strict):
+    exact: bool = True
+    near: NearDedup = NearDedup()
+
+
+class BeamRunner(_Strict):
+    """Where the Beam pipelines run: in process locally, Dataflow (or Flink/Spark) at scale."""
+
+    runner: Literal["in_process", "multi_process", "dataflow", "flink", "spark"] = "in_process"
+    #: Worker processes for multi_process; initial workers on Dataflow.
+    num_workers: int = Field(2, ge=1)
+    project: str | None = None
+    region: str | None = None
+    temp_location: str | None = None
+    machine_type: str | None = None
+    max_num_workers: int | None = Field(None, ge=1)
+    #: Flink or Spark master (host:port, spark://host:port) for the portable runners.
+    master_url: str | None = None
+    #: How remote workers (dataflow, flink, spark) get palm-pipeline and its locked dependencies.
+    #: "image": they run an SDK container image that has them installed (`sdk_container_image`, by default
+    #: `infra.launcher.image`, the image `palm image` builds from infra/Dockerfile); nothing is installed
+    #: when a worker starts. "wheel": palm's wheel and pinned requirements are staged with the job and
+    #: pip-installed on every worker at start-up (`extra_packages` and `requirements_file`; palm builds
+    #: both from this checkout and uv.lock when they are unset).
+    packaging: Literal["image", "wheel"] = "image"
+    #: The workers' SDK container image; default `infra.launcher.image` (packaging: image).
+    sdk_container_image: str | None = None
+    #: packaging: wheel only.
+    extra_packages: list[str] = []
+    requirements_file: str | None = None
+
+
+class QualityClassifierSpec(_Strict):
+    """How the sources with `filters.quality_sampling` are scored (palm.data.quality).
+
+    "classifier" (PaLM and GLaM): a linear classifier of hashed word n-grams, trained by the `quality`
+    stage to tell the curated sources from the sampled ones. "heuristic": palm.data.filters.quality_score,
+    a hand-written score of prose-likeness that needs no training (a stand-in, chosen explicitly)."""
+
+    scorer: Literal["classifier", "heuristic"] = "classifier"
+    #: The curated sources (positives); null: those of `positive_kinds`.
+    positive_sources: list[str] | None = None
+    positive_kinds: list[Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"]] = \
+        ["wikipedia", "books"]
+    #: Documents sampled per class (split evenly over that class's sources).
+    max_docs_per_class: int = Field(20_000, ge=2)
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)
+    #: Word 1..ngram-grams, hashed into num_features columns (a power of two).
+    ngram: int = Field(2, ge=1, le=5)
+    num_features: int = Field(2**20, ge=2**10, le=2**24)
+    #: Inverse L2 regularization strength (scikit-learn's C).
+    regularization: float = Field(1.0, gt=0)
+    #: Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9).
+    alpha: float = Field(9.0, gt=0)
+
+
+class DataSpec(_Strict):
+    sources: list[Source] = Field(min_length=1)
+    quality: QualityClassifierSpec = QualityClassifierSpec()
+    #: Bytes that are not valid UTF-8: repair them (U+FFFD) or drop the document; either is counted.
+    invalid_utf8: Literal["repair", "drop"] = "repair"
+    #: Text normalization; "none" is lossless (whitespace kept exactly).
+    normalize: Literal["none", "nfc"] = "none"
+    dedup: Dedup = Dedup()
+    #: Tokens the mixture should supply; null takes every document once.
+    token_budget: int | None = Field(None, gt=0)
+    validation_fraction: float = Field(0.001, ge=0, lt=1)
+    #: Tokens are estimated as UTF-8 bytes / bytes_per_token until the tokenizer exists.
+    bytes_per_token: float = Field(4.0, gt=0)
+    num_shards: int = Field(8, ge=1)
+    seed: int = 0
+    beam: BeamRunner = BeamRunner()
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+class TokenizerSpec(_Strict):
+    """SentencePiece with PaLM's lossless settings."""
+
+    vocab_size: int = Field(256_000, ge=16)
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    byte_fallback: bool = True
+    split_digits: bool = True
+    #: "identity" keeps every character and whitespace run as it is.
+    normalization: Literal["identity"] = "identity"
+    character_coverage: float = Field(0.99995, gt=0, le=1)
+    #: Characters of text drawn (by mixture weight) to train the vocabulary.
+    sample_chars: int = Field(10_000_000, gt=0)
+    seed: int = 0
+
+
+class PackSpec(_Strict):
+    """Token ids, one end-of-document token per document, cut into sequences of model.seq_len."""
+
+    #: Files of fixed-size rows (n × seq_len little-endian int32): each training host reads its own rows
+    #: in place, one positioned or ranged read per row, local or gs:// (palm.data.pack).
+    format: Literal["rows"] = "rows"
+    num_shards: int = Field(8, ge=1)
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+
+#: Evaluation tasks by name; besides these, mc:<task.yaml> and lm_eval:<task>.
+BUILTIN_EVAL_TASKS = ("validation_loss", "memorization", "gsm8k", "humaneval")
+
+
+def is_eval_task(task: str) -> bool:
+    """Whether `task` names an evaluation task (eval.tasks, `palm eval --tasks`)."""
+    kind, _, arg = task.partition(":")
+    return task in BUILTIN_EVAL_TASKS or (kind in ("mc", "lm_eval") and bool(arg))
+
+
+class EvalSpec(_Strict):
+    """What to evaluate on each checkpoint. Task names: validation_loss, memorization, gsm8k, humaneval,
+    mc:<path to a multiple-choice task YAML>, lm_eval:<lm-eval task name>."""
+
+    tasks: list[str] = ["validation_loss"]
+    #: Cap on examples per task (null: all).
+    max_examples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+    #: Where gsm8k/ and humaneval/ live (local path).
+    data_dir: str = "../shared/data"
+    #: HumanEval samples per problem: 1 is greedy pass@1; more adds pass@k with T=0.8, top-p 0.95.
+    humaneval_samples: int = Field(1, ge=1)
+    #: Memorization (section 7): prefix and continuation lengths in tokens.
+    memorization_prefix: int = Field(50, gt=0)
+    memorization_continuation: int = Field(50, gt=0)
+    #: Extra lm-eval task YAMLs (local data files only).
+    lm_eval_include_path: str | None = None
+    #: Where the eval-new-checkpoints flow evaluates a checkpoint (palm/jobs/evaljob.py): "local" in its own
+    #: process; "workers" as a sharded job on the launcher's workers (infra.launcher, on infra.mesh, as
+    #: training runs); "auto" on workers when twice the parameters' bytes exceed what the flow's process
+    #: holds (its accelerators' memory, or the host's RAM on CPU). Not part of the eval stage's key: where
+    #: it runs does not change the results.
+    launch: Literal["auto", "local", "workers"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------- infra
+
+#: Dense bf16 peak per chip, FLOP/s.
+PEAK_FLOPS = {
+    "cpu": None,
+    "h100": 989.4e12,
+    "h200": 989.4e12,
+    "a100": 312e12,
+    "tpu-v4": 275e12,
+    "tpu-v5p": 459e12,
+}
+
+
+class Hardware(_Strict):
+    accelerator: Literal["cpu", "h100", "h200", "a100", "tpu-v4", "tpu-v5p"] = "cpu"
+    #: Chips in the whole job, over all slices.
+    num_devices: int = Field(1, gt=0)
+    #: TPU slices (pods) joined over the data-center network; the `data` mesh axis spans them.
+    num_slices: int = Field(1, gt=0)
+    devices_per_host: int = Field(1, gt=0)
+    #: Physical TPU topology of one slice, e.g. "16x16x12".
+    topology: str | None = None
+    #: Device memory per chip, bytes (for the plan's fit check).
+    memory_bytes: int | None = Field(None, gt=0)
+
+    @property
+    def peak_flops(self) -> float | None:
+        return PEAK_FLOPS[self.accelerator]
+
+
+class Launcher(_Strict):
+    """How the train stage runs (palm/jobs/launch.py): in this process, as local worker processes, on TPU
+    VMs (gcloud) or as a JobSet on GKE. Cross-field checks happen when launching (`palm launch`)."""
+
+    kind: Literal["local", "tpu-vm", "gke"] = "local"
+    #: GCP project and zone of the TPU VMs (tpu-vm).
+    project: str | None = None
+    zone: str | None = None
+    #: TPU VM software version (tpu-vm), e.g. tpu-ubuntu2204-base.
+    runtime_version: str | None = None
+    #: Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke);
+    #: also the SDK container of remote Beam workers (data.beam.packaging: image) unless
+    #: data.beam.sdk_container_image names another.
+    image: str | None = None
+    #: Kubernetes namespace of the JobSet (gke; default "default").
+    namespace: str | None = None
+    #: local: worker processes on this machine (jax.distributed over loopback). With 1 the train task
+    #: trains in its own process; `palm launch` starts one worker.
+    processes: int = Field(1, ge=1)
+    #: local: the coordinator's port on 127.0.0.1; 0 picks a free one when launching.
+    coordinator_port: int = Field(0, ge=0, le=65535)
+    #: gke: whole-JobSet restarts (every slice at once) before the job counts as preempted.
+    max_restarts: int = Field(3, ge=0)
+    #: tpu-vm: Spot TPUs (cheaper, preemptible).
+    spot: bool = False
+    #: tpu-vm: the service account the TPU VMs run as (default: the project's Compute Engine default).
+    service_account: str | None = None
+    #: Seconds between status checks while following a launched job.
+    poll_seconds: float = Field(15.0, gt=0)
+
+
+class InfraSpec(_Strict):
+    hardware: Hardware = Hardware()
+    #: Axis name -> size over data, fsdp, model; -1 means "the rest of the devices".
+    mesh: dict[Literal["data", "fsdp", "model"], int] = {"data": 1, "fsdp": -1, "model": 1}
+    #: Where every stage writes its outputs: a local path or gs://bucket/prefix.
+    storage_root: str = "runs"
+    launcher: Launcher = Launcher()
+    #: Prefect work pool the deployments target.
+    work_pool: str = "local-process"
+
+
+class RetryPolicy(_Strict):
+    retries: int = Field(2, ge=0)
+    delay_seconds: float = Field(10.0, ge=0)
+    #: Each retry waits `backoff` times longer than the one before.
+    backoff: float = Field(2.0, ge=1)
+
+
+# ------------------------------------------------------------------------------------- workflow
+
+
+class WorkflowNode(_Strict):
+    """One node of a declared workflow graph (palm.dag.workflow)."""
+
+    #: The stage type it runs (compile, data, tokenizer, pack, train, finetune, eval, scaling); default:
+    #: the node's own name.
+    stage: str | None = None
+    #: The nodes whose outputs it reads.
+    needs: list[str] = []
+    #: Spec overrides for this node alone: dotted keys (as with --set) to values.
+    set: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------------------- spec
+
+
+class Spec(_Strict):
+    """A whole pretraining pipeline: data, tokenizer, pack, train, eval, and where it runs."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str = ""
+    model: ModelConfig
+    data: DataSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    pack: PackSpec = PackSpec()
+    train: TrainConfig = TrainConfig()
+    eval: EvalSpec = EvalSpec()
+    infra: InfraSpec = InfraSpec()
+    #: Retry policy per stage type.
+    retries: dict[str, RetryPolicy] = {}
+    #: The workflow graph, node name -> node; without it, the default chain of stages (palm.dag.workflow).
+    workflow: dict[str, WorkflowNode] | None = None
+
+    def resolved_mesh(self) -> dict[str, int]:
+        """The mesh with -1 filled in, every axis present, in (data, fsdp, model) order."""
+        return resolve_mesh(self.infra.mesh, self.infra.hardware.num_devices)
+
+    def retry_policy(self, stage: str) -> RetryPolicy:
+        return self.retries.get(stage, RetryPolicy())
+
+    def digest(self) -> str:
+        """Hash of the validated spec's content (not of its file's formatting)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_mesh(mesh: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Fill in the -1 axis (at most one) so that the product is `num_devices`."""
+    sizes = {axis: mesh.get(axis, 1) for axis in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise SpecError(f"only one axis may be -1, got {free}", key="infra.mesh")
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise SpecError(f"axis size must be positive or -1, got {size}", key=f"infra.mesh.{axis}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise SpecError(
+                f"the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices (infra.hardware.num_devices)",
+                key="infra.mesh",
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise SpecError(
+            f"mesh {sizes} has {fixed} devices but infra.hardware.num_devices is {num_devices}",
+            key="infra.mesh",
+        )
+    return sizes
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def check_consistency(spec: Spec) -> None:
+    """Cross-field checks that single fields cannot express. Raises SpecError with the key path."""
+    m, t = spec.model, spec.train
+
+    for key in ("num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "ffw_multiplier",
+                "vocab_size", "seq_len"):
+        if getattr(m, key) <= 0:
+            raise SpecError(f"must be a positive integer, got {getattr(m, key)}", key=f"model.{key}")
+    if m.head_dim % 2:
+        raise SpecError(f"RoPE rotates pairs of dimensions, so head_dim must be even, got {m.head_dim}",
+                        key="model.head_dim")
+    if m.num_heads % m.num_kv_heads:
+        raise SpecError(f"num_kv_heads ({m.num_kv_heads}) must divide num_heads ({m.num_heads})",
+                        key="model.num_kv_heads")
+    if m.rope_max_wavelength <= 1 or m.layer_norm_epsilon <= 0:
+        raise SpecError("rope_max_wavelength must exceed 1 and layer_norm_epsilon be positive", key="model")
+
+    mesh = spec.resolved_mesh()
+    dp = mesh["data"] * mesh["fsdp"]
+    hw = spec.infra.hardware
+    if hw.num_devices % hw.num_slices:
+        raise SpecError(f"{hw.num_devices} devices do not split evenly over {hw.num_slices} slices",
+                        key="infra.hardware.num_slices")
+    if hw.num_slices > 1 and mesh["data"] % hw.num_slices:
+        raise SpecError(f"the data axis ({mesh['data']}) must be a multiple of num_slices "
+                        f"({hw.num_slices}): only data parallelism crosses slices", key="infra.mesh.data")
+    if hw.topology is not None:
+        try:
+            dims = parse_topology(hw.topology)
+        except PalmError as e:
+            raise SpecError(str(e), key="infra.hardware.topology") from None
+        if math.prod(dims) * hw.num_slices != hw.num_devices:
+            raise SpecError(f"{hw.num_slices} slice(s) of {hw.topology} are {math.prod(dims) * hw.num_slices} chips, "
+                            f"but num_devices is {hw.num_devices}", key="infra.hardware.topology")
+        if hw.accelerator.startswith("tpu") and not mesh_fits_topology(mesh, dims, hw.num_slices):
+            near = nearest_mesh(mesh, dims, hw.num_slices, heads=m.num_heads,
+                                batches=[s.global_batch for s in spec.train.batch_ramp])
+            hint = f"; the nearest that does: {{{', '.join(f'{a}: {v}' for a, v in near.items())}}}" if near else ""
+            raise SpecError(f"mesh {', '.join(f'{a}={v}' for a, v in mesh.items())} does not lay out on "
+                            f"{hw.num_slices} slice(s) of {hw.topology}: within a slice each axis must span whole "
+                            f"physical axes of the slice (sizes that are products of {', '.join(map(str, dims))}), and data must be "
+                            f"a multiple of the slices{hint}", key="infra.mesh")
+    if hw.num_devices % hw.devices_per_host:
+        raise SpecError(f"{hw.num_devices} devices do not split evenly into hosts of {hw.devices_per_host}",
+                        key="infra.hardware.devices_per_host")
+    if m.num_heads % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide num_heads ({m.num_heads})",
+                        key="infra.mesh.model")
+    if m.d_ff % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide d_ff ({m.d_ff})",
+                        key="infra.mesh.model")
+    for axis_size, dim, what in ((mesh["fsdp"], m.d_model, "model.d_model"),
+                                 (mesh["fsdp"], m.vocab_size, "model.vocab_size")):
+        if dim % axis_size:
+            raise SpecError(f"{dim} is not divisible by the fsdp axis ({axis_size}), which shards it",
+                            key=what)
+    if m.d_model % mesh["model"]:
+        raise SpecError(f"model-parallel size {mesh['model']} must divide d_model ({m.d_model}), "
+                        "which shards the embedding table", key="model.d_model")
+
+    if t.steps <= 0:
+        raise SpecError(f"must be positive, got {t.steps}", key="train.steps")
+    if not t.batch_ramp:
+        raise SpecError("needs at least one stage", key="train.batch_ramp")
+    if t.batch_ramp[0].from_step != 0:
+        raise SpecError("the first stage must start at from_step 0", key="train.batch_ramp.0.from_step")
+    for i, stage in enumerate(t.batch_ramp):
+        if i and stage.from_step <= t.batch_ramp[i - 1].from_step:
+            raise SpecError("from_step must increase from stage to stage",
+                            key=f"train.batch_ramp.{i}.from_step")
+        if stage.global_batch <= 0 or stage.global_batch % dp:
+            raise SpecError(f"global_batch {stage.global_batch} must be a positive multiple of the "
+                            f"data-parallel size {dp} (mesh data × fsdp)",
+                            key=f"train.batch_ramp.{i}.global_batch")
+    o, s = t.optimizer, t.schedule
+    for key, value in (("beta1", o.beta1),):
+        if not 0 <= value < 1:
+            raise SpecError(f"must be in [0, 1), got {value}", key=f"train.optimizer.{key}")
+    for key in ("decay_exponent", "update_clip", "gradient_clip", "min_parameter_scale", "epsilon"):
+        if getattr(o, key) <= 0:
+            raise SpecError(f"must be positive, got {getattr(o, key)}", key=f"train.optimizer.{key}")
+    if s.peak_learning_rate <= 0:
+        raise SpecError(f"must be positive, got {s.peak_learning_rate}",
+                        key="train.schedule.peak_learning_rate")
+    if s.constant_steps < 1 or not 0 <= s.warmup_steps <= s.constant_steps:
+        raise SpecError("need constant_steps >= 1 and 0 <= warmup_steps <= constant_steps",
+                        key="train.schedule")
+    if t.z_loss < 0:
+        raise SpecError(f"must be non-negative, got {t.z_loss}", key="train.z_loss")
+    c = t.checkpoint
+    if c.every_steps <= 0 or c.keep_last <= 0 or (c.keep_every is not None and c.keep_every <= 0):
+        raise SpecError("every_steps, keep_last and keep_every must be positive", key="train.checkpoint")
+    _check_loss_spike(t.loss_spike)
+    if t.log_every <= 0:
+        raise SpecError(f"must be positive, got {t.log_every}", key="train.log_every")
+    if t.loss_chunk_mib <= 0:
+        raise SpecError(f"must be a positive number of MiB, got {t.loss_chunk_mib}", key="train.loss_chunk_mib")
+    if t.profile_steps is not None and not 0 <= t.profile_steps[0] < t.profile_steps[1] <= t.steps:
+        raise SpecError(f"need [first, last) with 0 <= first < last <= train.steps ({t.steps}), got "
+                        f"{list(t.profile_steps)}", key="train.profile_steps")
+
+    total = sum(src.weight for src in spec.data.sources)
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise SpecError(f"mixture weights sum to {total:g}, expected 1", key="data.sources")
+    for i, src in enumerate(spec.data.sources):
+        if src.split_pattern is not None:
+            if src.format != "txt":
+                raise SpecError("split_pattern applies to format txt only", key=f"data.sources.{i}.split_pattern")
+            try:
+                re.compile(src.split_pattern)
+            except re.error as e:
+                raise SpecError(f"not a valid regular expression: {e}", key=f"data.sources.{i}.split_pattern") from None
+    names = [src.name for src in spec.data.sources]
+    if len(set(names)) != len(names):
+        raise SpecError(f"source names must be unique, got {names}", key="data.sources")
+    _check_quality(spec.data)
+    near = spec.data.dedup.near
+    if (near.bands is None) != (near.rows is None):
+        raise SpecError("set both bands and rows, or neither", key="data.dedup.near")
+    if near.bands is not None and near.bands * near.rows != near.num_perm:
+        raise SpecError(f"bands × rows = {near.bands * near.rows} must equal num_perm ({near.num_perm})",
+                        key="data.dedup.near")
+    if spec.tokenizer.vocab_size > m.vocab_size:
+        raise SpecError(f"tokenizer.vocab_size ({spec.tokenizer.vocab_size}) exceeds the model's "
+                        f"embedding table (model.vocab_size {m.vocab_size})", key="tokenizer.vocab_size")
+    if spec.data.beam.runner == "dataflow":
+        for key in ("project", "region", "temp_location"):
+            if not getattr(spec.data.beam, key):
+                raise SpecError("the Dataflow runner needs it", key=f"data.beam.{key}")
+        if not spec.data.beam.temp_location.startswith("gs://"):
+            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path",
+                            key="data.beam.temp_location")
+    if spec.data.beam.runner in ("flink", "spark") and not spec.data.beam.master_url:
+        raise SpecError(f"the {spec.data.beam.runner} runner needs its master's address",
+                        key="data.beam.master_url")
+    beam = spec.data.beam
+    if beam.runner in ("dataflow", "flink", "spark") and beam.packaging == "image":
+        if beam.extra_packages or beam.requirements_file:
+            key = "extra_packages" if beam.extra_packages else "requirements_file"
+            raise SpecError("only data.beam.packaging: wheel stages packages with the job; the image already "
+                            "holds them: remove it, or set data.beam.packaging: wheel", key=f"data.beam.{key}")
+        if not beam.sdk_container_image and not spec.infra.launcher.image:
+            raise SpecError(f"the {beam.runner} workers run palm from a container image: set infra.launcher.image "
+                            "(the image `palm image` builds and pushes) or data.beam.sdk_container_image, or set "
+                            "data.beam.packaging: wheel to pip-install palm on every worker at start-up",
+                            key="data.beam.sdk_container_image")
+    for i, task in enumerate(spec.eval.tasks):
+        if not is_eval_task(task):
+            raise SpecError(f"unknown task {task!r}; use validation_loss, memorization, gsm8k, humaneval, "
+                            "mc:<task.yaml> or lm_eval:<task>", key=f"eval.tasks.{i}")
+    e = spec.eval
+    if "memorization" in e.tasks and e.memorization_prefix + e.memorization_continuation >= m.seq_len:
+        raise SpecError(f"memorization needs prefix + continuation < model.seq_len ({m.seq_len})",
+                        key="eval.memorization_prefix")
+    if spec.infra.launcher.kind != "local" and spec.infra.hardware.accelerator == "cpu":
+        raise SpecError(f"launcher {spec.infra.launcher.kind!r} needs an accelerator, not cpu",
+                        key="infra.hardware.accelerator")
+
+
+# -------------------------------------------------------------------------------------- loading
+
+
+def _check_loss_spike(ls: LossSpikeConfig) -> None:
+    """train.loss_spike's values, each error naming its key."""
+    if not ls.threshold > 1:
+        raise SpecError(f"must be above 1 (a multiple of the median loss), got {ls.threshold}",
+                        key="train.loss_spike.threshold")
+    for key in ("window", "restart_every"):
+        value = getattr(ls, key)
+        if value is not None and value <= 0:
+            raise SpecError(f"must be a positive number of steps{' or null' if key == 'restart_every' else ''}, "
+                            f"got {value}", key=f"train.loss_spike.{key}")
+    for key in ("skip_batches", "rollback_steps", "onset_steps"):
+        if getattr(ls, key) < 0:
+            raise SpecError(f"must be 0 or more, got {getattr(ls, key)}", key=f"train.loss_spike.{key}")
+
+
+def _check_quality(data: DataSpec) -> None:
+    """The quality classifier's classes: named sources that exist, at least one positive where a source
+    samples by classifier score, and no source on both sides."""
+    q = data.quality
+    names = [s.name for s in data.sources]
+    for name in q.positive_sources or []:
+        if name not in names:
+            raise SpecError(f"{name!r} is not a source; the sources are {', '.join(names)}",
+                            key="data.quality.positive_sources")
+    sampled = [s.name for s in data.sources if s.filters.quality_sampling]
+    if q.scorer != "classifier" or not sampled:
+        return
+    positives = (set(q.positive_sources) if q.positive_sources is not None
+                 else {s.name for s in data.sources if s.kind in q.positive_kinds})
+    if not positives:
+        raise SpecError(f"{', '.join(sampled)} sample(s) by the quality classifier's score, which learns curated "
+                        f"text from sources of kind {', '.join(q.positive_kinds)}; this spec has none: name "
+                        "curated sources in data.quality.positive_sources, or set data.quality.scorer: heuristic",
+                        key="data.quality.positive_sources")
+    both = sorted(positives & set(sampled))
+    if both:
+        raise SpecError(f"{', '.join(both)} would be both curated (positive) and quality-sampled (negative) for "
+                        "the quality classifier; drop it from one side", key="data.quality.positive_sources")
+
+
+def check_graph(spec: Spec) -> None:
+    """The retry policies name stage types, and the workflow graph resolves (palm.dag.workflow)."""
+    from palm.dag.runner import STAGES
+    from palm.dag.workflow import resolve_workflow
+
+    for stage in spec.retries:
+        if stage not in STAGES:
+            raise SpecError(f"not a stage type; the types are {', '.join(STAGES)}", key=f"retries.{stage}")
+    for name in spec.workflow or {}:
+        if not _NODE.match(name):
+            raise SpecError("node names are lowercase letters, digits and dashes, starting with a letter or digit",
+                            key=f"workflow.{name}")
+    resolve_workflow(spec)
+
+
+_NODE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def node_spec(spec: Spec, overrides: dict[str, Any]) -> Spec:
+    """The spec a workflow node runs with: `spec` (without its workflow) and the node's overrides, each a
+    dotted key as with --set, validated and checked. SpecError keyed by the override's own key."""
+    if not overrides:
+        return spec
+    tree = spec.model_dump(mode="json", exclude={"workflow"})
+    for key, value in overrides.items():
+        if not _KEY.match(str(key)):
+            raise SpecError(f"expected a dotted key, got {key!r}", key=str(key))
+        tree = set_dotted(tree, str(key), value)
+    try:
+        node = Spec.model_validate(tree)
+    except ValidationError as e:
+        err = _format_validation_error(e, "")
+        raise SpecError(err.detail, key=err.key) from None
+    check_consistency(node)
+    return node
+
+
+def _read_yaml(path: Path, *, parent: bool = False) -> dict[str, Any]:
+    """The mapping in the YAML file at `path` (palm.base.safeyaml's bounds and duplicate-key check). A spec
+    named on the command line may be a pipe (`<(...)`); a parent named by `extends` must be a regular file
+    (the caller says which file, and that key, when it is not)."""
+    try:
+        text = safeyaml.read_text(path, allow_fifo=not parent)
+    except FileNotFoundError:
+        raise SpecError("file not found", file=str(path)) from None
+    except safeyaml.NotReadable as e:
+        raise SpecError(e.reason, file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", file=str(path)) from None
+    try:
+        data = safeyaml.safe_load(text)
+    except yaml.YAMLError as e:
+        what = "refused YAML" if isinstance(e, safeyaml.YAMLRefused) else "invalid YAML"
+        raise SpecError(f"{what}: {safeyaml.error_text(e)}", file=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(path))
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Mappings merge key by key; any other value (lists included) in `over` replaces `base`'s."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _spec_sections() -> set[str]:
+    return {*Spec.model_fields, "extends"}
+
+
+def _read_parent(parent_path: Path, child: Path, parent: str) -> dict[str, Any]:
+    """The parent spec `extends: parent` names, from `child`. Only a regular file that parses as a mapping
+    of spec sections is a parent: anything else is one line keyed `extends` of the child that says what
+    the parent is, never quoting its content (`extends: /etc/passwd` must not print the file)."""
+    where = dict(file=str(child), key="extends")
+    name, show = safeyaml.shown(parent, 120), safeyaml.shown(str(parent_path), 200)
+    try:
+        data = _read_yaml(parent_path, parent=True)
+    except SpecError as e:
+        if e.detail == "file not found":
+            raise SpecError(f"{name} not found (looked in {child.parent})", **where) from None
+        if e.detail.startswith("refused YAML"):
+            raise  # palm's own words (a bound, a duplicate key), at the parent's line
+        if e.detail.startswith("invalid YAML"):
+            # PyYAML's problem text can quote the file (an alias's or a tag's name): the place only.
+            mark = re.match(r"invalid YAML: (line \d+, column \d+)", e.detail)
+            raise SpecError(f"{name} is not a spec file: invalid YAML{' at ' + mark.group(1) if mark else ''} "
+                            f"(`palm spec show {show}` says what is wrong)", **where) from None
+        if e.detail.startswith("expected a mapping"):
+            raise SpecError(f"{name} is not a spec file (not a YAML mapping)", **where) from None
+        raise SpecError(f"{name} {e.detail}" if e.detail.startswith("is ") else f"{name}: {e.detail}",
+                        **where) from None
+    if not set(map(str, data)) <= _spec_sections():
+        raise SpecError(f"{name} is not a spec file (its top-level keys are not spec sections: "
+                        f"{', '.join(sorted(_spec_sections()))}); check it with `palm spec show {show}`", **where)
+    return data
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = (), name: str = "") -> dict[str, Any]:
+    """The merged tree of the spec at `path` and its parents; `name` is how its child's `extends` wrote it."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise SpecError(f"extends forms a cycle: {chain}", file=str(path), key="extends")
+    data = _read_yaml(path) if not seen else _read_parent(path, seen[-1], name)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise SpecError("expected a file name (relative to this file)", file=str(path), key="extends")
+    parent_path = (path.parent / parent)
+    if not os.path.lexists(parent_path):
+        raise SpecError(f"{safeyaml.shown(parent, 120)} not found (looked in {path.parent})", file=str(path),
+                        key="extends")
+    return deep_merge(_load_tree(parent_path, (*seen, path), parent), data)
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply `dotted.key=value`; the value is read as YAML and typed by the schema at validation."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise SpecError(f"expected dotted.key=value, got {assignment!r}", file="--set")
+    try:
+        value = safeyaml.safe_load(raw) if raw.strip() else ""
+    except safeyaml.YAMLRefused as e:  # a duplicate key or a bound: never a plain string the user meant
+        raise SpecError(f"refused YAML value: {safeyaml.error_text(e)}", file="--set", key=key) from None
+    except yaml.YAMLError:
+        value = raw
+    return set_dotted(tree, key, value, file="--set")
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, file: str | None = None) -> dict[str, Any]:
+    """A copy of `tree` with `value` at the dotted `key` (list items by index); sections are created."""
+    parts = key.split(".")
+    out = dict(tree)
+    node = out
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise SpecError(f"index {part} out of range (list of {len(node)})", file=file, key=key)
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+        if isinstance(child, list) and parts[i + 1].isdigit():
+            child = list(child)
+        elif child is None:
+            child = {}
+        elif isinstance(child, dict):
+            child = dict(child)
+        else:
+            raise SpecError(f"{'.'.join(parts[: i + 1])} is a value, not a section", file=file, key=key)
+        if isinstance(node, list):
+            node[int(part)] = child
+        else:
+            node[part] = child
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else -1
+        if not 0 <= idx < len(node):
+            raise SpecError(f"index {last} out of range (list of {len(node)})", file=file, key=key)
+        node[idx] = value
+    else:
+        node[last] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, file: str) -> SpecError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(safeyaml.shown(p) for p in e["loc"] if p != "[key]") or "(top level)"
+        msg = e["msg"]
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key (not in the schema; see `palm spec schema`)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            got = repr(e["input"])
+            msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
+        lines.append((key, msg))
+    key, msg = lines[0]
+    extra = "".join(f"\n  also {k}: {m}" for k, m in lines[1:])
+    return SpecError(msg + extra, file=file, key=key)
+
+
+def _load_remote_tree(path: str) -> dict[str, Any]:
+    """A spec on gs:// (the resolved spec.json a run records, which launched workers read): one file,
+    no `extends` (a recorded spec is already merged)."""
+    from palm.base import storage
+
+    try:
+        if storage.size(path) > safeyaml.MAX_BYTES:
+            raise SpecError(f"is larger than {safeyaml.MAX_BYTES // 2**20} MiB, too large for a YAML file", file=path)
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise SpecError("file not found", file=path) from None
+    try:
+        data = safeyaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid YAML/JSON: {safeyaml.error_text(e)}", file=path) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=path)
+    if "extends" in data:
+        raise SpecError("a spec on gs:// cannot extend another; record the resolved spec (palm spec show)",
+                        file=path, key="extends")
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read, merge, override, validate and check a spec (a local file, or gs://). Raises SpecError."""
+    if str(path).startswith("gs://"):
+        path_text = str(path)
+        tree = _load_remote_tree(path_text)
+        path = path_text  # for messages; pathlib would fold gs:// into gs:/
+    else:
+        path = Path(path)
+        tree = _load_tree(path)
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    try:
+        spec = Spec.model_validate(tree)
+    except ValidationError as e:
+        raise _format_validation_error(e, str(path)) from None
+    try:
+        check_consistency(spec)
+        check_graph(spec)
+    except SpecError as e:
+        raise SpecError(e.detail, file=str(path), key=e.key) from None
+    return spec
+
+
+def spec_schema() -> dict[str, Any]:
+    """JSON Schema of the spec, for editor completion."""
+    schema = Spec.model_json_schema()
+    schema["properties"]["extends"] = {"type": "string", "description": "Parent spec, deep-merged under this one."}
+    return schema
+
+
+__all__ = [
+    "Spec", "load_spec", "spec_schema", "check_consistency", "resolve_mesh", "deep_merge",
+    "apply_override", "node_spec", "MESH_AXES", "ModelConfig", "TrainConfig", "OptimizerConfig",
+    "ScheduleConfig", "RampStage", "CheckpointConfig", "LossSpikeConfig",
+]
