@@ -19,7 +19,7 @@ PY=${PY:-python3}
 run() {  # name, then palm arguments; one JSON per run, failures logged and the next run still made
   local name=$1; shift
   echo "== $name: palm $*" >> "$OUT/log.txt"
-  timeout "${RUN_TIMEOUT:-240}" $PY -m palm.app.cli "$@" --json > "$OUT/$name.json" 2>> "$OUT/log.txt" \
+  timeout "${RUN_TIMEOUT:-240}" $PY -m palm.cli "$@" --json > "$OUT/$name.json" 2>> "$OUT/log.txt" \
     || echo "!! $name exited $?" >> "$OUT/log.txt"
 }
 REFARG=(); [ -f "$REF" ] && REFARG=(--reference "$REF")

@@ -30,11 +30,11 @@ from palm.store.tensorboard import write_eval_results
 from palm.base.errors import PalmError
 from palm.spec.config import ModelConfig
 from palm.jobs.evaljob import placement
-from palm.evaluation.run import locate_run
+from palm.evaluation.checkpoints import locate_run
 from palm.store.ledger import EvalLedger
-from palm.dag.runner import SPEC_RECORD
-from palm.spec.schema import Spec, load_spec
-from palm.store.outputs import CONTEXT
+from palm.store import layout
+from palm.spec.schema import Spec
+from palm.dag.workflow import load_spec
 from tasks.eval import eval_checkpoint_task, eval_on_workers_task, publish_evaluations
 
 
@@ -42,9 +42,9 @@ def spec_of_run(root: str) -> Spec:
     """The resolved spec a run root (local or gs://) was started with (written by `palm run` and the
     pretrain flow)."""
     try:
-        return Spec.model_validate(json.loads(storage.read_text(storage.join(root, SPEC_RECORD))))
+        return Spec.model_validate(json.loads(storage.read_text(layout.spec_record(root))))
     except FileNotFoundError:
-        raise PalmError(f"{root} has no {SPEC_RECORD}; pass spec_path") from None
+        raise PalmError(f"{root} has no {layout.SPEC_RECORD}; pass spec_path") from None
 
 
 @flow(name="eval-new-checkpoints", log_prints=True)
@@ -56,12 +56,12 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
     worker_spec, worker_overrides = spec_path, list(overrides or [])
     if checkpoint is not None:
         train_dirs = [locate_run(checkpoint)["train_dir"]]
-        root = storage.parent(storage.parent(train_dirs[0]))
+        root = layout.run_root(train_dirs[0])
         # The run's own recorded spec first: a deployment's spec_path is the scheduled fallback's, and
         # would evaluate another run's checkpoints with the wrong settings.
         try:
             spec = spec_of_run(root)
-            worker_spec, worker_overrides = storage.join(root, SPEC_RECORD), []
+            worker_spec, worker_overrides = layout.spec_record(root), []
         except PalmError:
             if spec_path is None:
                 raise
@@ -71,11 +71,11 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
             raise PalmError("give a checkpoint (event-triggered) or a spec_path (scheduled)")
         spec = load_spec(spec_path, overrides or [])
         root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-        train_dirs = [storage.parent(p) for p in storage.glob(storage.join(root, "*", "*", CONTEXT))]  # every training node
+        train_dirs = [storage.parent(p) for p in storage.glob(layout.output_contexts(root))]  # every training node
     owner = str(get_run_context().flow_run.id)
     evaluated, skipped, touched = [], [], []
     for train_dir in train_dirs:
-        ledger = EvalLedger(storage.join(train_dir, "evals"))
+        ledger = EvalLedger(layout.ledger_dir(train_dir))
         ckpts = open_checkpoints(train_dir)
         steps = ckpts.steps()
         ckpts.close()
@@ -87,9 +87,9 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                     "in this process" if where == "local" else "on launched workers", why)
         for step in pending:
             if not ledger.claim(step, owner):
-                skipped.append(storage.join(train_dir, "checkpoints", str(step)))
+                skipped.append(layout.checkpoint_dir(train_dir, step))
                 continue
-            path = storage.join(train_dir, "checkpoints", str(step))
+            path = layout.checkpoint_dir(train_dir, step)
             try:
                 if where == "local":
                     result = eval_checkpoint_task(path, spec.eval, spec.name, root)
@@ -100,13 +100,13 @@ def evaluate_new_checkpoints(checkpoint: str | None = None, spec_path: str | Non
                 ledger.release(step)
                 raise
             ledger.record(step, {**result, "evaluated_by": owner})
-            write_eval_results(storage.join(train_dir, "tensorboard", "evals"), result["step"], result["results"])
+            write_eval_results(layout.eval_events_dir(train_dir), result["step"], result["results"])
             publish_evaluations(spec.name, root, train_dir, ledger.results())  # the table so far, in the UI
             evaluated.append(result["checkpoint"])
             if train_dir not in touched:
                 touched.append(train_dir)
             logger.info("evaluated %s: %s", result["checkpoint"], result["results"])
     for train_dir in touched:  # what a concurrent evaluation run recorded after this one's last table
-        publish_evaluations(spec.name, root, train_dir, EvalLedger(storage.join(train_dir, "evals")).results(),
+        publish_evaluations(spec.name, root, train_dir, EvalLedger(layout.ledger_dir(train_dir)).results(),
                             if_stale=True)
     return {"evaluated": evaluated, "claimed_elsewhere": skipped}

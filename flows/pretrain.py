@@ -29,7 +29,7 @@ from palm.base.errors import Preempted
 from palm.dag.runner import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary
 from palm.app.report import write_report
 from palm.store.runlock import run_lock
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from palm.dag.workflow import resolve_workflow
 from tasks.report import publish_run_report
 from tasks.stage import node_task

@@ -92,8 +92,6 @@ class Tokenizer:
         if isinstance(model, (bytes, bytearray, memoryview)):
             self._proto = bytes(model)
         else:
-            from palm.base import storage
-
             self._proto = storage.read_bytes(model)  # a local path or gs://
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]

@@ -13,6 +13,7 @@ from prefect.client.schemas.objects import State, TaskRun
 
 from palm.base.errors import PalmError, Preempted, environment_fault
 from palm.store.outputs import StageOutput
+from palm.app.report import throughput
 
 
 def worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -97,8 +98,6 @@ def training_lines(manifest: dict[str, Any]) -> list[str]:
     """Markdown list items of a training node's result: steps, final loss, throughput and MFU (means over
     the steps in its metrics.jsonl after the first, which compiles; MFU where the chip's peak is known),
     the checkpoint; "unknown" for what the manifest lacks (launched workers write their own)."""
-    from palm.app.report import throughput
-
     m = manifest
     loss = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "unknown"
     try:

@@ -9,14 +9,15 @@ from typing import Any, Sequence
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from palm.base import storage
+from palm.store import layout
 from palm.evaluation.run import evaluate_checkpoint, results_markdown
 from tasks.common import run_artifact_key
+from palm.jobs.evaljob import evaluate_on_workers
 
 
 def _train_node(checkpoint: str) -> str:
     """The training node's name from a checkpoint path: <root>/<node>/<key>/checkpoints/<step>."""
-    return storage.name(storage.parent(storage.parent(storage.parent(checkpoint))))
+    return layout.node_of(layout.train_dir_of(checkpoint))
 
 
 def _publish(result: dict[str, Any], checkpoint: str, spec_name: str, root: str) -> None:
@@ -46,7 +47,7 @@ def publish_evaluations(spec_name: str, root: str, train_dir: str, results: dict
     version lacks some of `results`' steps (two evaluation runs at once: the one that published last
     may have read the ledger before the other recorded). Returns the key, or None when nothing was
     published."""
-    node = storage.name(storage.parent(train_dir))
+    node = layout.node_of(train_dir)
     key = run_artifact_key(spec_name, root, node, "evaluations")
     if if_stale and set(results) <= set(published_steps(key)):
         return None
@@ -83,8 +84,6 @@ def eval_on_workers_task(checkpoint: str, spec: Any, spec_path: str, overrides: 
     """Evaluate one checkpoint as a sharded job on the spec's launcher (palm.jobs.evaljob.evaluate_on_workers):
     launch it (or re-attach to the running job of this checkpoint), follow it, its log lines into this
     task's log, and publish the result its host 0 wrote."""
-    from palm.jobs.evaljob import evaluate_on_workers
-
     logger = get_run_logger()
     result = evaluate_on_workers(spec, spec_path, root, checkpoint, list(overrides),
                                  log=lambda line: logger.info("%s", line))

@@ -12,14 +12,14 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from palm.base import storage
-from palm.app.report import loss_rows, read_metrics, report_markdown
+from palm.app.report import loss_rows, report_markdown
+from palm.store.metrics import read_metrics
 from tasks.common import run_artifact_key
+from palm.dag.table import STAGES
 
 
 def publish_run_report(root: str, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
     """Publish the report and the loss tables; returns the report's key."""
-    from palm.dag.runner import STAGES
-
     key = run_artifact_key(spec_name, root, "report")
     create_markdown_artifact(key=key, markdown=report_markdown(root, spec_name, workflow, outputs),
                              description=f"Run report of {spec_name} ({root})")

@@ -10,9 +10,11 @@ from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from palm.dag.runner import STAGES, attached, run_node
+from palm.dag.table import STAGES
+from palm.dag.runner import attached, run_node
 from palm.store.outputs import StageOutput
 from tasks.common import artifact_key, as_environment_fault, publish_summary, with_retry_policy
+from palm.evaluation.run import results_markdown
 
 
 def accounting_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,8 +69,6 @@ def _publish_compile(node: Any, root: str, out: StageOutput) -> None:
 
 
 def _publish_eval(node: Any, root: str, out: StageOutput) -> None:
-    from palm.evaluation.run import results_markdown
-
     create_markdown_artifact(key=artifact_key(node, root, "results"), markdown=results_markdown(out.manifest["results"]),
                              description=f"Evaluation of {out.manifest['checkpoint']}")
 

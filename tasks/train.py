@@ -25,6 +25,11 @@ from palm.base.errors import Preempted
 from palm.dag.runner import Hooks, attached, run_node
 from palm.store.outputs import StageOutput
 from tasks.common import artifact_key
+from palm.base import storage
+from palm.core.checkpoint import Checkpoints
+from palm.jobs.launch import train_on_workers, train_output
+from palm.spec.config import CheckpointConfig
+from palm.store import layout
 
 CHECKPOINT_SAVED = "palm.core.checkpoint.saved"
 
@@ -120,10 +125,6 @@ class CheckpointWatcher:
 
     def new(self) -> list[tuple[int, dict[str, Any]]]:
         """(step, metadata) of each committed checkpoint not returned before, oldest first."""
-        from palm.base import storage
-        from palm.core.checkpoint import Checkpoints
-        from palm.spec.config import CheckpointConfig
-
         if not storage.exists(self.directory):
             return []
         ckpts = Checkpoints(self.directory, CheckpointConfig(), read_only=True)  # Orbax lists committed steps only
@@ -170,11 +171,8 @@ def train_launched(node: Any, root: str, inputs: dict[str, StageOutput], force: 
     """The node on the launcher's workers (palm.jobs.launch.train_on_workers). The stop event stops the job,
     whose workers checkpoint first. A preempted job raises `JobPreempted`, which the retry policy
     retries; the retry's workers resume from the checkpoints."""
-    from palm.base import storage
-    from palm.jobs.launch import train_on_workers, train_output
-
     stop = attached().stop or threading.Event()
-    checkpoints = storage.join(train_output(node, root, inputs)[1], "checkpoints")
+    checkpoints = layout.checkpoints_dir(train_output(node, root, inputs)[1])
     progress = TrainingProgress(artifact_key(node, root, "progress"), node.spec.train.steps, logger)
     with announcing_checkpoints(node.spec, checkpoints, node.spec.infra.launcher.poll_seconds, logger, progress):
         try:

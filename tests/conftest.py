@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="palm-test-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The tests install libtpu (to compile for TPU topologies ahead of time); on these chip-less hosts JAX
 # would otherwise try to start a TPU backend at first use and print libtpu's complaints. palm's CLI does
-# the same for its users (palm.app.cli._cpu_unless_accelerated).
+# the same for its users (palm.cli._cpu_unless_accelerated).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +49,10 @@ def prefect_server():
 def gcs_emulator():
     """A GCS emulator on loopback (tests/gcs.py) with bucket "bucket", named by STORAGE_EMULATOR_HOST.
 
-    Fails, never skips, when it cannot start. palm.core.checkpoint.gcs_settings derives the rest of the
+    Fails, never skips, when it cannot start. palm.base.storage.gcs_settings derives the rest of the
     storage settings from STORAGE_EMULATOR_HOST; everything it sets is put back afterwards.
     """
-    from palm.core.checkpoint import gcs_settings
+    from palm.base.storage import gcs_settings
     from tests.gcs import Emulator
 
     keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",

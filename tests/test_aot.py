@@ -9,9 +9,9 @@ import json
 import pytest
 
 from palm.analysis.aot import compile_spec, refused_bytes
-from palm.app.cli import main
-from palm.app.plan import estimate_memory
-from palm.spec.schema import load_spec
+from palm.cli import main
+from palm.analysis.memory import estimate_memory
+from palm.dag.workflow import load_spec
 from tests.conftest import SPECS
 from tests.test_cli import flow_run_and_tasks, prefect_flow_runs
 

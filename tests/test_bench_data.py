@@ -6,7 +6,7 @@ import json
 import sys
 
 from palm.app.bench import BOOKS_SPLIT, WIKI_SPLIT, render_data, split_text
-from palm.app.cli import main
+from palm.cli import main
 
 SYSTEMS = ("palm", "datatrove")
 

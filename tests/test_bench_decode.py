@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from palm.app.cli import main
+from palm.cli import main
 
 from .conftest import SPECS
 

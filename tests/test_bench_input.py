@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
 from tests.conftest import SPECS
 
@@ -31,7 +31,7 @@ def test_reference_ratio_is_reported(tmp_path, capsys):
 
 def test_a_reference_without_tokens_per_second_is_an_error(tmp_path):
     from palm.app.bench import run_reference
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     ref = tmp_path / "reference_step.py"
     ref.write_text(FAKE % '"error": "out of memory"')

@@ -285,7 +285,7 @@ def test_checkpoint_meta_and_retention(tmp_path):
 def test_palm_checkpoint_list_inspect_verify(tmp_path, capsys):
     import json
 
-    from palm.app.cli import main
+    from palm.cli import main
 
     cfg = config(steps=8)
     ckpts = Checkpoints(tmp_path / "train" / "checkpoints", cfg.checkpoint)
@@ -389,7 +389,7 @@ def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
 def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd):
     import json
 
-    from palm.app.cli import main
+    from palm.cli import main
 
     cfg, directory = _trained(tmp_path)
     capfd.readouterr()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palm.app.cli import main
-from palm.dag.runner import STAGES
-from palm.spec.schema import load_spec
+from palm.cli import main
+from palm.dag.table import STAGES
+from palm.dag.workflow import load_spec
 from palm.dag.workflow import resolve_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_spec_show_applies_overrides_and_inherits(capsys):
 
 
 def test_spec_show_output_is_a_loadable_spec(tmp_path, capsys):
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     assert main(["spec", "show", TINY]) == 0
     path = tmp_path / "shown.yaml"

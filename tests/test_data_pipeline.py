@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.data import builtin
 from palm.data.pipeline import run_data_stage
 from palm.base.errors import PalmError

@@ -254,7 +254,7 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
 
 def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):
     from flows.pretrain import run_root
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     spec = load_spec(ROOT / "specs" / "tiny.yaml")
     assert run_root(spec, None) == "runs/tiny"  # palm run, or the flow called directly

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import EnvironmentFault, PalmError, TransientFault, environment_fault
 from tests.test_cli import flow_run_and_tasks, prefect_flow_runs
 
@@ -249,7 +249,7 @@ def test_beam_workers_do_not_log_a_traceback_for_an_environment_fault(caplog):
     import apache_beam as beam
 
     from palm.data.pipeline import run_beam
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     def refused(x):
         raise PermissionError(errno.EACCES, "Permission denied", f"/data/{x}.jsonl")

@@ -21,8 +21,9 @@ from palm.base.errors import PalmError
 from palm.jobs.evaljob import placement, result_path, write_result
 from palm.jobs.launch import JobFailed, WorkerRejected
 from palm.store.ledger import EvalLedger
-from palm.dag.runner import SPEC_RECORD, record_spec, run_dag
-from palm.spec.schema import load_spec
+from palm.store.layout import SPEC_RECORD
+from palm.dag.runner import record_spec, run_dag
+from palm.dag.workflow import load_spec
 from tests.conftest import SPECS
 
 TINY = str(SPECS / "tiny.yaml")
@@ -172,7 +173,7 @@ def test_placement_by_size_and_setting():
 
 
 def test_where_evaluation_runs_does_not_change_the_eval_stage_key():
-    from palm.dag.runner import STAGES
+    from palm.dag.table import STAGES
 
     config = STAGES["eval"].config
     assert config(load_spec(TINY)) == config(load_spec(TINY, ["eval.launch=workers"]))
@@ -211,7 +212,7 @@ def test_two_local_processes_evaluate_a_real_checkpoint_sharded_and_match_one_pr
     ("checkpoints/6", "is not inside a train stage directory"),
 ])
 def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys, tmp_path, where, message):
-    from palm.app.cli import main
+    from palm.cli import main
 
     (tmp_path / where).mkdir(parents=True)
     rc = main(["worker", TINY, "--output", str(tmp_path), "--eval-checkpoint", str(tmp_path / where)])
@@ -222,7 +223,8 @@ def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys
 def test_the_pipelines_eval_stage_launches_a_job_for_a_model_too_large_for_it(trained, tmp_path, monkeypatch):
     """The pretrain flow's own eval node (the final checkpoint) takes the same path: a model too large for
     the process is evaluated by the launched job (its plan on the run's recorded spec), its result kept."""
-    from palm.dag.runner import Hooks, STAGES
+    from palm.dag.runner import Hooks
+    from palm.dag.table import STAGES
     from palm.store.outputs import StageOutput, read_manifest
 
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES)

@@ -25,7 +25,7 @@ from palm.base.errors import PalmError
 from palm.core.lm import LanguageModel, load_language_model, rolling_windows, sample_tokens
 from palm.core.model import KVCache, PaLM, init_cache
 from palm.tokenizer import Tokenizer, train_tokenizer
-from palm.core.train import START_TOKEN
+from palm.core.model import START_TOKEN
 
 SMALL = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, vocab_size=512, seq_len=64,
                     dtype="float32", remat="none")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
 from palm.evaluation import gsm8k, humaneval
 from palm.evaluation.metrics import mean_pass_at_k, pass_at_k, pass_at_ks

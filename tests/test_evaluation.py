@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
 from palm.evaluation.run import MC_KEYS, load_mc_task
 from tests.conftest import ROOT, SPECS
@@ -274,7 +274,7 @@ def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(t
 
 
 def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkpoint, capsys, tmp_path):
-    from palm.evaluation.run import load_checkpoint_model
+    from palm.evaluation.checkpoints import load_checkpoint_model
 
     prompts = ["The king", "To be, or not", "First Citizen:"]
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in prompts[1:]) + "\n")

@@ -405,7 +405,7 @@ def test_the_rules_stay_linear_on_long_documents():
 
 
 def _source(tmp_path, body: str):
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     path = tmp_path / "child.yaml"
     path.write_text(f"extends: {TINY_SPEC}\ndata:\n  sources:\n{body}")
@@ -454,7 +454,7 @@ def test_explicit_code_filters_win(tmp_path):
     assert code.max_hash_to_word_ratio is None and code.max_fraction_duplicate_ngram_chars is None
     assert prose.min_stop_words is None and prose.max_hash_to_word_ratio == 0.1
     # --set reaches them too, and a kind set to code by --set gets the code defaults.
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     spec = load_spec(TINY_SPEC, ["data.sources.2.kind=code", "data.sources.1.filters.min_stop_words=2",
                                  "data.sources.0.filters.max_fraction_top_ngram_chars.2=0.25"])
@@ -478,7 +478,7 @@ def test_code_defaults_hold_for_sources_built_in_python():
 
 
 def test_tiny_specs_code_sources_keep_their_filters():
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     for path in ("tiny.yaml", "tiny-coder.yaml"):
         spec = load_spec(TINY_SPEC.parent / path)

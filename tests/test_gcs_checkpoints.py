@@ -1,7 +1,7 @@
 """`gs://` checkpoints against a GCS emulator on loopback: preemption, exact resume, corruption.
 
 Orbax writes through TensorStore (the arrays, OCDBT) and gcsfs (everything else); both, and the gcsfs
-client these tests inspect the bucket with, reach the emulator through palm.core.checkpoint.gcs_settings.
+client these tests inspect the bucket with, reach the emulator through palm.base.storage.gcs_settings.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from palm.store.ledger import EvalLedger
 from palm.dag.runner import record_spec, run_dag, run_summary
 from palm.dag.workflow import resolve_workflow
 from palm.app.report import write_report
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from tests.conftest import SPECS
 
 QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4", "eval.tasks=[validation_loss]"]

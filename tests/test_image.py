@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from palm import version_info
-from palm.app.cli import main
+from palm.cli import main
 from tests.conftest import ROOT, SPECS
 
 S540 = str(SPECS / "palm-540b.yaml")

@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from tests.conftest import ROOT
 
 README = ROOT / "infra" / "README.md"

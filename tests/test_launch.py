@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
 from palm.jobs.launch import (
     JobFailed,
@@ -36,7 +36,7 @@ from palm.jobs.launch import (
     validate_jobset,
     worker_command,
 )
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -308,7 +308,7 @@ def test_gke_refuses_a_topology_it_lacks_naming_the_shape_it_offers(capsys):
 
 
 def test_palm_plan_flags_a_topology_the_launcher_cannot_get(capsys):
-    from palm.app.cli import main as palm
+    from palm.cli import main as palm
 
     assert palm(["plan", S540, "--set", "infra.launcher.kind=gke"]) == 0
     text = capsys.readouterr().out

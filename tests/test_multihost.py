@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from palm.dag.runner import run_dag
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from tests.conftest import ROOT, SPECS
 
 TINY = str(SPECS / "tiny.yaml")
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def worker(root: Path, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "palm.app.cli", "worker", TINY, "--output", str(root), "--json"]
+    cmd = [sys.executable, "-m", "palm.cli", "worker", TINY, "--output", str(root), "--json"]
     for item in overrides:
         cmd += ["--set", item]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}

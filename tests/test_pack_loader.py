@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from palm.base import storage
-from palm.app.cli import main
+from palm.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
 from palm.base.errors import PalmError
@@ -166,7 +166,7 @@ def test_pack_stage_writes_to_gs_and_hosts_read_only_their_rows(run, gcs_emulato
 
     from palm.data.loader import HostBatches
     from palm.data.pack import run_pack_stage
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     stage, local = run
     spec = load_spec(SPECS / "tiny.yaml")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.core.model import count_params
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from palm.dag.runner import node_inputs
 from palm.dag.workflow import resolve_workflow
 from tasks.common import run_artifact_key, run_key, with_retry_policy

@@ -17,7 +17,8 @@ from palm.data import filters
 from palm.data.quality import QualityClassifier, train_quality_stage
 from palm.data.synthetic_web import fluent_spam, keyword_list, web_page
 from palm.base.errors import PalmError, SpecError
-from palm.spec.schema import DataSpec, load_spec
+from palm.spec.schema import DataSpec
+from palm.dag.workflow import load_spec
 from tests.conftest import SPECS
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
-from palm.store.runlock import LOCK_FILE, run_lock
+from palm.store.layout import LOCK_FILE
+from palm.store.runlock import run_lock
 from palm.store.outputs import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]

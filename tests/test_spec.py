@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
-from palm.spec.schema import Spec, apply_override, deep_merge, load_spec
+from palm.cli import main
+from palm.spec.schema import Spec
+from palm.spec.loading import apply_override, deep_merge
+from palm.dag.workflow import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -179,7 +181,7 @@ def test_at_least_18_broken_specs():
 def test_broken_spec_in_subprocess_prints_one_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(_child("model: {num_layers: -1}\n"), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "palm.app.cli", "plan", str(path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "palm.cli", "plan", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.store.tensorboard import TRAIN_SCALARS, write_eval_results
 from tests.conftest import SPECS
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import palm.tokenizer as tokenizer_module
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
 from palm.tokenizer import (
     MAX_SENTENCE_BYTES, META, Tokenizer, check_fits_memory, available_memory, estimate_training_memory,
@@ -307,7 +307,7 @@ def tiny_run(prefect_server, tmp_path_factory):
 
 
 def test_stage_builds_a_lossless_tokenizer_from_the_data_stage(tiny_run):
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
 
     assert tiny_run["rc"] == 0, tiny_run["err"][-2000:]
     payload = json.loads(tiny_run["out"])

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from palm.base.hardware import mesh_fits_topology, nearest_mesh, parse_topology, torus_assignment, valid_meshes
 from tests.conftest import SPECS
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palm.spec.config import RampStage, TrainConfig
-from palm.spec.schema import load_spec
+from palm.dag.workflow import load_spec
 from palm.core.train import Trainer, batches, loss_fn, train
 from tests.conftest import ROOT, SPECS
 
@@ -231,7 +231,7 @@ def test_the_vocabulary_projection_differentiates_in_the_compute_dtype():
 
 def test_loss_chunk_budget_is_a_spec_setting_outside_the_train_stage_key():
     from palm.base.errors import SpecError
-    from palm.dag.runner import STAGES
+    from palm.dag.table import STAGES
 
     spec = load_spec(SPECS / "tiny.yaml")
     wide = load_spec(SPECS / "tiny.yaml", ["train.loss_chunk_mib=4096"])

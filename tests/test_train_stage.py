@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from palm.app.cli import main
+from palm.cli import main
 from tests.conftest import ROOT, SPECS
 
 STEPS = 30
@@ -39,7 +39,7 @@ def palm_run(root: Path, *extra: str) -> subprocess.Popen:
     """`palm run` in its own process, its flow run on the session's Prefect server (not an ephemeral one)."""
     from prefect.settings import PREFECT_API_URL
 
-    cmd = [sys.executable, "-m", "palm.app.cli", "run", str(SPECS / "tiny.yaml"), "--stages", "train",
+    cmd = [sys.executable, "-m", "palm.cli", "run", str(SPECS / "tiny.yaml"), "--stages", "train",
            "--output", str(root), "--json", *TRAIN, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", PREFECT_API_URL=PREFECT_API_URL.value()))

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from palm.app.cli import main
+from palm.cli import main
 from palm.base.errors import PalmError, SpecError
-from palm.dag.runner import STAGES, Stage, node_inputs, run_dag, stage_key_of
-from palm.spec.schema import load_spec
+from palm.dag.table import STAGES, Stage
+from palm.dag.runner import node_inputs, run_dag, stage_key_of
+from palm.dag.workflow import load_spec
 from palm.store.outputs import StageOutput
 from palm.dag.workflow import resolve_workflow
 from tests.conftest import SPECS

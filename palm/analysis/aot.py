@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from palm.base.errors import PalmError
+from palm.base.units import gib
 
 #: Accelerator name in the spec -> (topology prefix, chip config) for jax.experimental.topologies.
 TPU_GENERATIONS = {"tpu-v4": ("v4", "megacore"), "tpu-v5p": ("v5p", "megacore")}
@@ -33,7 +34,7 @@ class CompiledStep:
     global_batch: int
     #: Bytes per chip the compiled step needs (arguments + outputs - donated + temporaries + code).
     memory_per_device_bytes: int
-    #: The plan's own estimate for the same step (palm.app.plan.estimate_memory).
+    #: The plan's own estimate for the same step (palm.analysis.memory.estimate_memory).
     estimated_memory_per_device_bytes: int
     fits: bool
     compile_seconds: float
@@ -145,7 +146,7 @@ def compile_spec(spec: Any, *, num_layers: int | None = None, batches: Sequence[
     """Compile the train step at every batch size of the spec's ramp, and the evaluation step, for the
     spec's own TPU hardware and mesh. `num_layers` compiles a shallower model of the same width (tests);
     `batches` replaces the ramp's sizes."""
-    from palm.app.plan import estimate_memory
+    from palm.analysis.memory import estimate_memory
     from palm.core.train import Trainer
 
     hw = spec.infra.hardware
@@ -180,10 +181,6 @@ def largest_misfit(compiled: dict[str, Any]) -> dict[str, Any] | None:
     """The step that exceeds the chip's memory by the most, if any does."""
     over = [s for s in compiled["steps"] if not s["fits"]]
     return max(over, key=lambda s: s["memory_per_device_bytes"]) if over else None
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 def render_compiled(steps: Sequence[Any], header: bool = False) -> str:

@@ -17,11 +17,10 @@ from typing import Any
 
 from palm.base import storage
 from palm.base.errors import PalmError
+from palm.store.metrics import read_metrics
 
 
 def _final_train_loss(manifest: dict[str, Any]) -> float | None:
-    from palm.app.report import read_metrics
-
     metrics = read_metrics(manifest["metrics"]) if storage.exists(manifest["metrics"]) else []
     if not metrics:
         return manifest.get("final_loss")

@@ -775,7 +775,7 @@ def bench_input(data_dir: str | Path | None = None, vocab_size: int = INPUT_BENC
     import tempfile
 
     from palm.data.pack import run_pack_stage
-    from palm.spec.schema import load_spec
+    from palm.dag.workflow import load_spec
     from palm.tokenizer import TRAIN_THREADS, Tokenizer, train_tokenizer
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -1070,7 +1070,8 @@ def bench_generate(checkpoint: str | Path, requests: int = 32, max_gen_toks: int
     from lm_eval.api.instance import Instance
 
     from palm.core.lm import LanguageModel
-    from palm.evaluation.run import _validation_texts, locate_run
+    from palm.evaluation.run import _validation_texts
+    from palm.evaluation.checkpoints import locate_run
     from palm.evaluation.lmeval import PalmLM, load_checkpoint
 
     say = log or (lambda msg: print(msg, file=sys.stderr))

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from palm.base.errors import PalmError, SpecError
+from palm import version_info
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = "infra/Dockerfile"
 CLOUD_BUILD = "infra/cloudbuild.yaml"
 
@@ -28,7 +29,6 @@ def image_commands(spec: Any, cloud_build: bool = False) -> list[list[str]]:
         raise SpecError("the worker image to build: the container image the launcher runs (e.g. "
                         "us-docker.pkg.dev/PROJECT/palm/palm-pipeline:latest)", key="infra.launcher.image")
     registry = image.split("/", 1)[0]
-    from palm import version_info
 
     commit = version_info()["commit"]  # `palm --version` in the image reports it
     if cloud_build:

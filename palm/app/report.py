@@ -5,21 +5,13 @@ report for the Prefect UI, with the loss curve as a table of sampled steps inste
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from palm.base import storage
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Per-step metrics from the train stage's metrics.jsonl; after a resume the later line for a step wins."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in storage.read_text(path).splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+from palm.dag.table import STAGES
+from palm.store import layout
+from palm.store.metrics import read_metrics
 
 
 def throughput(metrics_path: str | Path) -> dict[str, float | None]:
@@ -96,7 +88,7 @@ def eval_rows(eval_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
 def write_report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
     """Write `report.md` (with a loss curve per training node, and each evaluation and scaling table)
     into the run directory; returns the report's path."""
-    path = storage.join(root, "report.md")
+    path = layout.report(root)
     storage.write_text_atomic(path, _report(root, spec_name, workflow, outputs, plots=True))
     return path
 
@@ -108,8 +100,6 @@ def report_markdown(root: str | Path, spec_name: str, workflow: Any, outputs: di
 
 
 def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any], plots: bool) -> str:
-    from palm.dag.runner import STAGES
-
     lines = [f"# Run report: {spec_name}", "", "## Stages", "",
              _table([{"stage": name, "type": o.stage, "cached": o.cached, "output": o.path} for name, o in outputs.items()])]
     for name, out in outputs.items():

@@ -33,15 +33,26 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from palm.base.errors import PalmError
+from palm.base import storage
+from palm.base.errors import Preempted
+from palm.dag.runner import Hooks, node_inputs, run_node, stage_key_of, upstream_outputs
+from palm.dag.table import STAGES
+from palm.dag.workflow import load_spec
+from palm.dag.workflow import resolve_workflow, training_node
+from palm.evaluation.checkpoints import locate_run
+from palm.evaluation.run import evaluate_checkpoint
+from palm.jobs.evaljob import write_result
+from palm.store import layout
+from palm.store.outputs import output_path, read_manifest
 
 ENV_ADDRESS, ENV_COUNT, ENV_INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
 def initialize_distributed() -> dict[str, Any]:
     """Join the job as the environment describes (see the module doc); returns how."""
-    import jax
-
     address = os.environ.get(ENV_ADDRESS)
     mode = os.environ.get("PALM_DISTRIBUTED", "")
     if address:
@@ -72,13 +83,6 @@ def tpu_host() -> bool:
 def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") -> dict[str, Any]:
     """Run (or resume, or find complete) a training node of `spec`'s workflow under `root` on this host;
     every node it reads from must be complete there."""
-    import jax
-
-    from palm.base import storage
-    from palm.dag.runner import STAGES, Hooks, node_inputs, run_node, stage_key_of, upstream_outputs
-    from palm.store.outputs import output_path, read_manifest
-    from palm.dag.workflow import resolve_workflow, training_node
-
     workflow = resolve_workflow(spec)
     node = training_node(spec, node_name)
     inputs = node_inputs(node, upstream_outputs(workflow, root, node.name))
@@ -116,11 +120,6 @@ def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") 
 def run_eval_worker(spec: Any, checkpoint: str, log: Any = None) -> dict[str, Any]:
     """Evaluate one checkpoint (a step directory) as one host of an evaluation job: sharded over the
     spec's mesh of every host's devices; host 0 writes the result (palm.jobs.evaljob.write_result)."""
-    import jax
-
-    from palm.base import storage
-    from palm.jobs.evaljob import write_result
-    from palm.evaluation.run import evaluate_checkpoint
     from palm.jobs.launch import eval_job_name
 
     mesh = spec.resolved_mesh()
@@ -130,7 +129,7 @@ def run_eval_worker(spec: Any, checkpoint: str, log: Any = None) -> dict[str, An
     result = evaluate_checkpoint(checkpoint, spec.eval, mesh_shape=mesh)
     out = None
     if leader:
-        train_dir = storage.parent(storage.parent(result["checkpoint"]))
+        train_dir = layout.train_dir_of(result["checkpoint"])
         out = write_result(train_dir, result, spec, {"name": eval_job_name(spec, result["step"]),
                                                      "processes": jax.process_count(), "devices": jax.device_count(),
                                                      "mesh": mesh})
@@ -146,7 +145,6 @@ def _watch_stop_file(path: str | None, stop: threading.Event) -> threading.Event
     done = threading.Event()
     if not path:
         return done
-    from palm.base import storage
 
     every = float(os.environ.get("PALM_STOP_POLL_SECONDS", "30"))
 
@@ -165,12 +163,9 @@ def _watch_stop_file(path: str | None, stop: threading.Event) -> threading.Event
 
 def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool, node: str = "train",
          eval_checkpoint: str | None = None) -> int:
-    from palm.spec.schema import load_spec
-
     spec = load_spec(spec_path, overrides)  # bad input fails before joining the job
     root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
     if eval_checkpoint is not None:
-        from palm.evaluation.run import locate_run
         from palm.jobs.launch import checkpoint_step
 
         checkpoint_step(eval_checkpoint)
@@ -199,11 +194,7 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
 
 
 def _run(spec: Any, root: str, node: str = "train", eval_checkpoint: str | None = None) -> tuple[int, dict[str, Any]]:
-    from palm.base.errors import Preempted
-
     joined = initialize_distributed()
-    import jax
-
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 

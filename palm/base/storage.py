@@ -16,16 +16,19 @@ through gcsfs:
   `~/.cache/palm`), downloaded once into a temporary directory and renamed into place (`download_dir`).
 
 Checkpoints do not go through here: Orbax writes them to `gs://` itself (TensorStore and gcsfs), see
-`palm.core.checkpoint`, whose `gcs_settings` points every client at STORAGE_EMULATOR_HOST when it is set.
+`palm.core.checkpoint`; `gcs_settings` here points every client, Orbax's included, at STORAGE_EMULATOR_HOST
+when it is set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import glob as _glob
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -34,9 +37,49 @@ from urllib.parse import urlparse
 
 from palm.base.errors import PalmError
 
+log = logging.getLogger("palm.base.storage")
+
 SCHEME = "gs://"
 
 _filesystems: dict[int, Any] = {}  # one gcsfs client per process (gcsfs clients are not fork-safe)
+
+
+def gcs_settings() -> dict[str, str]:
+    """Point every GCS client a `gs://` checkpoint goes through at STORAGE_EMULATOR_HOST, when it is set.
+
+    STORAGE_EMULATOR_HOST (`host:port` or a URL) is the emulator convention of Google's client
+    libraries and gcsfs. This is the only place in palm that reads storage settings from the environment,
+    and it has to *write* some, because Orbax passes no options to the clients it uses:
+
+    - TensorStore (the arrays, in OCDBT) opens `{"driver": "gcs", "bucket", "path"}` kvstores that Orbax
+      builds itself; that driver has no endpoint field, so its endpoint is TENSORSTORE_GCS_HTTP_URL,
+      read when a kvstore is opened. GOOGLE_AUTH_TOKEN_FOR_TESTING gives it a fixed bearer token, so it
+      does not look for application-default credentials or a GCE metadata server (read once per process,
+      on the first GCS access).
+    - gcsfs (etils.epath's `gs://` backend without TensorFlow: Orbax's listings, JSON items and commit
+      markers, and `quarantine`) and google-cloud-storage (Orbax's bucket lookup before listing steps)
+      honour STORAGE_EMULATOR_HOST themselves; the latter only as a URL, so a bare `host:port` is
+      rewritten to `http://host:port`. gcsfs also needs GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read
+      when gcsfs is imported: otherwise it asks the Storage Control API, which no emulator serves, for
+      each bucket's layout.
+
+    Without STORAGE_EMULATOR_HOST nothing changes and the clients talk to GCS with their own
+    credentials. Returns the variables set.
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host in ("", "default"):
+        return {}
+    url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+    settings = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url.rstrip("/"),
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator"),
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    os.environ.update(settings)
+    gcsfs = sys.modules.get("gcsfs")
+    if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
+        log.warning("gcsfs was imported before STORAGE_EMULATOR_HOST was seen, with its experimental %s: it "
+                    "will ask the Storage Control API for bucket layouts (and fall back when that fails)",
+                    gcsfs.GCSFileSystem.__name__)
+    return settings
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -91,8 +134,6 @@ def scratch_dir(prefix: str) -> Path:
 def _fs() -> Any:
     fs = _filesystems.get(os.getpid())
     if fs is None:
-        from palm.core.checkpoint import gcs_settings
-
         emulator = gcs_settings().get("STORAGE_EMULATOR_HOST")  # before gcsfs is imported
         import gcsfs
 
@@ -138,8 +179,6 @@ def check_root(root: str | os.PathLike) -> None:
     bucket, _ = split(root)
     if not bucket:
         raise PalmError(f"storage root {root!r} names no bucket; write gs://bucket/prefix")
-    from palm.core.checkpoint import gcs_settings
-
     emulator = gcs_settings().get("STORAGE_EMULATOR_HOST")
     if emulator:  # gcsfs retries a refused connection for half a minute; one plain connect says it at once
         url = urlparse(emulator)

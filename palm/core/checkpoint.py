@@ -22,7 +22,7 @@ Two layers of integrity, both computed where the data lives (nothing is gathered
   where it would not change the restored numbers. A step committed but not yet sealed (a crash in
   between) is checked by its digests alone, and sealed when it is next resumed from.
 
-`directory` may be local or `gs://`. `gcs_settings` is the one place that reads the environment to
+`directory` may be local or `gs://`. `palm.base.storage.gcs_settings` is the one place that reads the environment to
 point Google Cloud Storage clients at an emulator (STORAGE_EMULATOR_HOST); see there.
 """
 
@@ -33,10 +33,7 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,7 @@ from etils import epath
 
 from palm.spec.config import CheckpointConfig
 from palm.base.errors import PalmError
+from palm.base.storage import gcs_settings
 
 log = logging.getLogger("palm.core.checkpoint")
 
@@ -152,48 +150,14 @@ def check_digests(state: Any, meta: dict[str, Any], where: str, data_state: dict
         if digest != meta["state_digest"]:
             raise PalmError(f"{where}: train state digest {digest[:12]} does not match the recorded "
                             f"{str(meta['state_digest'])[:12]}")
+    check_params_digest(params, meta.get("digest"), where)
+
+
+def check_params_digest(params: Any, recorded: str | None, where: str) -> None:
+    """Raise PalmError unless `params` have the parameter digest recorded with their checkpoint."""
     digest = params_digest(params)
-    if digest != meta.get("digest"):
-        raise PalmError(f"{where}: parameter digest {digest[:12]} does not match the recorded "
-                        f"{str(meta.get('digest'))[:12]}")
-
-
-def gcs_settings() -> dict[str, str]:
-    """Point every GCS client a `gs://` checkpoint goes through at STORAGE_EMULATOR_HOST, when it is set.
-
-    STORAGE_EMULATOR_HOST (`host:port` or a URL) is the emulator convention of Google's client
-    libraries and gcsfs. This is the only place in palm that reads storage settings from the environment,
-    and it has to *write* some, because Orbax passes no options to the clients it uses:
-
-    - TensorStore (the arrays, in OCDBT) opens `{"driver": "gcs", "bucket", "path"}` kvstores that Orbax
-      builds itself; that driver has no endpoint field, so its endpoint is TENSORSTORE_GCS_HTTP_URL,
-      read when a kvstore is opened. GOOGLE_AUTH_TOKEN_FOR_TESTING gives it a fixed bearer token, so it
-      does not look for application-default credentials or a GCE metadata server (read once per process,
-      on the first GCS access).
-    - gcsfs (etils.epath's `gs://` backend without TensorFlow: Orbax's listings, JSON items and commit
-      markers, and `quarantine`) and google-cloud-storage (Orbax's bucket lookup before listing steps)
-      honour STORAGE_EMULATOR_HOST themselves; the latter only as a URL, so a bare `host:port` is
-      rewritten to `http://host:port`. gcsfs also needs GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read
-      when gcsfs is imported: otherwise it asks the Storage Control API, which no emulator serves, for
-      each bucket's layout.
-
-    Without STORAGE_EMULATOR_HOST nothing changes and the clients talk to GCS with their own
-    credentials. Returns the variables set.
-    """
-    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    if host in ("", "default"):
-        return {}
-    url = host if host.startswith(("http://", "https://")) else f"http://{host}"
-    settings = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url.rstrip("/"),
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator"),
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    os.environ.update(settings)
-    gcsfs = sys.modules.get("gcsfs")
-    if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
-        log.warning("gcsfs was imported before STORAGE_EMULATOR_HOST was seen, with its experimental %s: it "
-                    "will ask the Storage Control API for bucket layouts (and fall back when that fails)",
-                    gcsfs.GCSFileSystem.__name__)
-    return settings
+    if digest != recorded:
+        raise PalmError(f"{where}: parameter digest {digest[:12]} does not match the recorded {str(recorded)[:12]}")
 
 
 SEAL_PREFIX = "integrity.process_"
@@ -476,10 +440,7 @@ def restore_params_onto(step_dir: str | Path, abstract_params: Any) -> Any:
                             f"{str(e).splitlines()[0][:300]}") from None
     finally:
         ckpts.close()
-    digest = params_digest(params)
-    if digest != meta.get("digest"):
-        raise PalmError(f"{step_dir}: parameter digest {digest[:12]} does not match the recorded "
-                        f"{str(meta.get('digest'))[:12]}")
+    check_params_digest(params, meta.get("digest"), step_dir)
     return params
 
 

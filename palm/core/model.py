@@ -33,11 +33,15 @@ import jax.numpy as jnp
 
 from palm.spec.config import ModelConfig
 from palm.base.errors import PalmError
+from palm.core.sharding import MESH_AXES, Sharding
 
 Array = jax.Array
 #: Maps an activation and its logical axis names to the same activation with a sharding constraint.
 Constrain = Callable[[Array, tuple[str | None, ...]], Array]
 
+
+#: Token placed before the first token of each packed sequence (the end-of-document id).
+START_TOKEN = 1
 
 #: Logical name of the leading axis of parameters scanned over layers (nn.scan's partition name).
 LAYERS = "layers"
@@ -192,8 +196,6 @@ def _splash_attention(q: Array, k: Array, v: Array, interpret: bool) -> Array:
         return _splash_local(q, k, v, interpret)
     if math.prod(dict(mesh.shape).values()) == 1 or set(mesh.axis_names) <= manual:
         return _splash_local(q, k, v, interpret)  # one device, or already inside a shard_map
-    from palm.core.sharding import MESH_AXES, Sharding
-
     if set(mesh.axis_names) != set(MESH_AXES) or manual:
         raise PalmError(f"splash attention shards over a {'/'.join(MESH_AXES)} mesh; this one has axes "
                         f"{mesh.axis_names} (manual: {sorted(manual)})")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
@@ -24,13 +23,13 @@ import optax
 from palm.core import optimizer as palm_optimizer
 from palm.spec.config import ModelConfig, TrainConfig
 from palm.base.errors import PalmError, Preempted
-from palm.core.model import PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
+from palm.core.model import START_TOKEN, PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
 from palm.core.sharding import Sharding, make_mesh
+from palm.core.checkpoint import params_digest, state_digest
+from palm.core.checkpoint import restore_params_onto
 
 logger = logging.getLogger("palm.core.train")
 
-#: Token placed before the first token of each packed sequence (the end-of-document id).
-START_TOKEN = 1
 
 PEAK_FLOPS_BY_DEVICE = {"h100": 989.4e12, "h200": 989.4e12, "a100": 312e12, "tpu v4": 275e12,
                         "tpu v5p": 459e12}
@@ -210,8 +209,6 @@ class Trainer:
     def init_from(self, checkpoint: str) -> TrainState:
         """Step 0 from another run's parameters (a checkpoint step directory), with a fresh optimizer
         state: how a fine-tuning run starts (PaLM-Coder continued from PaLM 540B this way)."""
-        from palm.core.checkpoint import restore_params_onto
-
         params = restore_params_onto(checkpoint, self.abstract_state().params)
         with jax.set_mesh(self.sharding.mesh):
             return self._init_from(params)
@@ -496,8 +493,6 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
     object with `is_set()` (a threading.Event set by a SIGTERM handler): the loop then saves at the
     current step and raises `Preempted`.
     """
-    from palm.core.checkpoint import params_digest, state_digest
-
     cfg, spike_cfg = trainer.train_config, trainer.train_config.loss_spike
     stream = sequences if hasattr(sequences, "take") else _Stream(sequences)  # HostBatches, or any iterable
     meta = dict(meta or {})
@@ -650,132 +645,3 @@ def train(trainer: Trainer, sequences: Iterable[np.ndarray], state: TrainState |
         raise PalmError("train() starts fresh; resume through run_training with checkpoints")
     result = run_training(trainer, sequences, on_step=on_step)
     return result.state, result.logs
-
-
-def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, Any], out_dir: str | Path, *,
-                    checkpoint_dir: str | None = None,
-                    on_step: Callable[[StepLog, TrainState], None] | None = None,
-                    on_checkpoint: Callable[[str, int, dict[str, Any]], None] | None = None,
-                    stop: Any = None, init_from: str | None = None) -> dict[str, Any]:
-    """The train stage: resume from the checkpoints if any, train, return the manifest fields. With
-    `init_from` (a checkpoint step directory: a finetune node's base model) a fresh run starts from those
-    parameters with a new optimizer state.
-
-    Checkpoints go to `checkpoint_dir` (a local path or gs://…; default `out_dir/checkpoints`); the
-    local `out_dir` holds the per-step metrics.
-
-    `spec` is the validated Spec (read by attribute, so this module needs no pydantic). Per-step
-    metrics are appended to `out_dir/metrics.jsonl` (after a resume, later lines supersede earlier
-    ones for the same step).
-    """
-    import json
-
-    from palm.core.checkpoint import Checkpoints
-    from palm.data.loader import HostBatches, sequence_dataset
-
-    out_dir = Path(out_dir)
-    if pack_manifest["vocab_size"] > spec.model.vocab_size:
-        raise PalmError(f"the tokenizer has {pack_manifest['vocab_size']} ids but model.vocab_size is "
-                        f"{spec.model.vocab_size}; raise model.vocab_size")
-    if pack_manifest["seq_len"] != spec.model.seq_len:
-        raise PalmError(f"the packed sequences have {pack_manifest['seq_len']} tokens but model.seq_len is "
-                        f"{spec.model.seq_len}; re-run the pack stage")
-    if jax.device_count() != spec.infra.hardware.num_devices:
-        raise PalmError(f"infra.hardware.num_devices is {spec.infra.hardware.num_devices} but JAX sees "
-                        f"{jax.device_count()} devices here")
-    needed = sum(spec.train.global_batch_at(s) for s in range(spec.train.steps))
-    available = pack_manifest["sequences"]["train"]
-    if needed > available:
-        raise PalmError(f"train.steps={spec.train.steps} under the batch ramp needs {needed:,} sequences but the "
-                        f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
-
-    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
-    sequences = HostBatches(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed),
-                            rows=trainer.host_rows)
-    checkpoints = Checkpoints(checkpoint_dir or out_dir / "checkpoints", spec.train.checkpoint)
-    metrics_path = out_dir / "metrics.jsonl"
-    leader = jax.process_index() == 0  # one host writes the run's files; all hosts write checkpoints
-    events = None
-    if leader:
-        from palm.store.tensorboard import TRAIN_SCALARS, EventWriter
-
-        events = EventWriter(out_dir / "tensorboard")
-    profiler = _Profiler(spec.train.profile_steps, out_dir / "profile")
-
-    def step_hook(log: StepLog, state: TrainState) -> None:
-        if leader:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(dataclasses.asdict(log)) + "\n")
-            events.scalars(log.step, {k: getattr(log, k) for k in TRAIN_SCALARS}, "train")
-        profiler.after_step(log.step)
-        if on_step is not None:
-            on_step(log, state)
-
-    def checkpoint_hook(step: int, record: dict[str, Any]) -> None:
-        if events is not None:
-            events.flush()
-        if on_checkpoint is not None:
-            on_checkpoint(f"{checkpoints.directory}/{step}", step, record)
-
-    try:
-        profiler.before_training()
-        result = run_training(trainer, sequences, checkpoints=checkpoints, meta={"spec_digest": spec.digest()},
-                              on_step=step_hook, on_checkpoint=checkpoint_hook, stop=stop, init_from=init_from)
-    finally:
-        profiler.stop()
-        checkpoints.close()
-        sequences.close()
-        if events is not None:
-            events.close()
-    from palm.core.checkpoint import params_digest
-
-    last = result.logs[-1] if result.logs else None
-    return {
-        "final_step": int(result.state.step),
-        "final_loss": last.loss if last else None,
-        "checkpoint": f"{checkpoints.directory}/{int(result.state.step)}",
-        "checkpoints": checkpoints.steps(),
-        "digest": params_digest(result.state.params),
-        "resumed_from": result.resumed_from,
-        "loss_spikes": result.spikes,
-        "corrupt_checkpoints": result.corrupt_checkpoints,
-        "params": trainer.num_params,
-        "model_flops_per_token": trainer.flops_per_token,
-        "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
-        "init_from": init_from,
-        "metrics": str(metrics_path),
-        "tensorboard": str(out_dir / "tensorboard"),
-        "profile": str(out_dir / "profile") if profiler.traced else None,
-    }
-
-
-class _Profiler:
-    """A jax.profiler trace of training steps [first, last) (`train.profile_steps`), into `directory`
-    (TensorBoard's profile plugin, Perfetto and `palm.app.bench.summarize_trace` read it). Steps before the
-    run resumed are not traced again."""
-
-    def __init__(self, steps: Any, directory: Path):
-        self.first, self.last = steps if steps else (None, None)
-        self.directory, self.active, self.traced = directory, False, False
-
-    def before_training(self) -> None:
-        if self.first == 0:
-            self._start()
-
-    def after_step(self, step: int) -> None:  # `step` has just run; the next one is step + 1
-        if self.first is None:
-            return
-        if self.active and step + 1 >= self.last:
-            self.stop()
-        elif not self.active and not self.traced and step + 1 == self.first:
-            self._start()
-
-    def _start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        jax.profiler.start_trace(str(self.directory))
-        self.active = True
-
-    def stop(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active, self.traced = False, True

@@ -6,7 +6,7 @@
         needs: [<node>, ...]   # the nodes whose outputs it reads
         set: {<dotted.key>: <value>, ...}   # spec overrides for this node alone
 
-A node reads one output of each input type of its stage type (palm.dag.runner.STAGES): the node of that
+A node reads one output of each input type of its stage type (palm.dag.table.STAGES): the node of that
 type among its `needs`, or else the nearest one among its ancestors (an eval node reads the tokenizer its
 model was trained with without naming it); two as near as each other are ambiguous. A collecting stage (scaling) reads every node its `needs` name. Unknown nodes or
 types, cycles, an input found twice or not at all, a need the stage does not read, and overrides that
@@ -19,15 +19,20 @@ spec, each node named after its type: the same output paths and keys as a pipeli
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import Any, Iterable
 
-from palm.base.errors import SpecError
+from palm.base.errors import PalmError, SpecError
+from palm.dag.table import STAGES
+from palm.spec.loading import node_spec, read_spec
+from palm.spec.schema import Spec
 
 
 @dataclasses.dataclass(frozen=True)
 class Node:
     name: str
-    #: The stage type (a key of palm.dag.runner.STAGES).
+    #: The stage type (a key of palm.dag.table.STAGES).
     stage: str
     #: The spec this node runs with: the workflow's spec with the node's own overrides.
     spec: Any
@@ -73,8 +78,6 @@ class Workflow:
 
     def select(self, requested: str | Iterable[str] | None) -> list[str]:
         """Node names for `--stages a,b` (all when None), in order; PalmError naming unknown ones."""
-        from palm.base.errors import PalmError
-
         if requested is None or requested == "":
             return list(self.nodes)
         names = [s.strip() for s in requested.split(",")] if isinstance(requested, str) else list(requested)
@@ -95,9 +98,6 @@ class Workflow:
 
 def training_node(spec: Any, name: str) -> Node:
     """The spec's workflow node `name`, which must train (PalmError naming the ones that do otherwise)."""
-    from palm.base.errors import PalmError
-    from palm.dag.runner import STAGES
-
     workflow = resolve_workflow(spec)
     node = workflow.nodes.get(name)
     if node is None or not STAGES[node.stage].trains:
@@ -111,8 +111,6 @@ def _error(node: str, message: str, key: str = "") -> SpecError:
 
 
 def default_workflow(spec: Any) -> Workflow:
-    from palm.dag.runner import STAGES
-
     names = [s.name for s in STAGES.values() if s.default and s.applies(spec)]
     nodes = {}
     for name in names:
@@ -126,9 +124,6 @@ def resolve_workflow(spec: Any) -> Workflow:
     """The spec's workflow graph, checked (SpecError naming the node on anything wrong)."""
     if not getattr(spec, "workflow", None):
         return default_workflow(spec)
-    from palm.dag.runner import STAGES
-    from palm.spec.schema import node_spec
-
     declared = spec.workflow
     types: dict[str, str] = {}
     for name, decl in declared.items():
@@ -211,3 +206,30 @@ def _order(declared: dict[str, Any]) -> list[str]:
     for name in declared:
         visit(name, [])
     return order
+
+
+_NODE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def check_graph(spec: Spec) -> None:
+    """The retry policies name stage types, and the workflow graph resolves."""
+    for stage in spec.retries:
+        if stage not in STAGES:
+            raise SpecError(f"not a stage type; the types are {', '.join(STAGES)}", key=f"retries.{stage}")
+    for name in spec.workflow or {}:
+        if not _NODE.match(name):
+            raise SpecError("node names are lowercase letters, digits and dashes, starting with a letter or digit",
+                            key=f"workflow.{name}")
+    resolve_workflow(spec)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read, merge, override, validate and check a spec (a local file, or gs://) and its workflow graph:
+    what every command runs on. Raises SpecError naming the file and the key."""
+    spec = read_spec(path, overrides)
+    try:
+        check_graph(spec)
+    except SpecError as e:
+        file = str(path) if str(path).startswith("gs://") else str(Path(path))  # as read_spec names it
+        raise SpecError(e.detail, file=file, key=e.key) from None
+    return spec

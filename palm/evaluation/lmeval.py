@@ -16,7 +16,7 @@ ways in:
 
 model_args (key=value, comma-separated):
     checkpoint    a step dir, a checkpoints dir or a train stage dir (latest step); local or gs://. The run's
-                  model config and tokenizer are found from it (palm.evaluation.run.locate_run).
+                  model config and tokenizer are found from it (palm.evaluation.checkpoints.locate_run).
     step          the step, when `checkpoint` is not a step dir (default: the latest)
     batch_size    rows per forward pass / decode batch (default 8; lm-eval's --batch_size when model_args
                   has none; an integer, not "auto")
@@ -74,7 +74,7 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
 def load_checkpoint(checkpoint: str | Path, *, step: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                     max_length: int | None = None, dtype: str | None = None) -> Any:
     """A `palm.core.lm.LanguageModel` from a training run's checkpoint (see the module docstring for the args)."""
-    from palm.evaluation.run import load_checkpoint_model
+    from palm.evaluation.checkpoints import load_checkpoint_model
 
     return load_checkpoint_model(checkpoint, step=step, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                  what="palm model_args: ")

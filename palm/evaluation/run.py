@@ -16,15 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
+from palm.base import safeyaml, storage
 from palm.base.errors import PalmError
+from palm.core.checkpoint import open_checkpoints
+from palm.core.lm import load_language_model, load_sharded_language_model
+from palm.data.loader import sequence_dataset
+from palm.evaluation import gsm8k as gsm8k_task
+from palm.evaluation import humaneval as humaneval_task
+from palm.evaluation import read_jsonl
+from palm.evaluation.checkpoints import locate_run
+from palm.spec.config import ModelConfig
+from palm.spec.loading import apply_override, format_validation_error
+from palm.spec.schema import BUILTIN_EVAL_TASKS, EvalSpec, is_eval_task
+from palm.store import layout
+from palm.store.outputs import local_copy
 
 
 def _validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
     """The validation split's texts (the train split's when it has none), in shard order, streamed from
     the data stage's output (local or gs://) and read only as far as `limit`."""
-    from palm.base import storage
-
     texts: list[str] = []
     shards = storage.glob(storage.join(data_dir, "validation-*.jsonl.gz")) \
         or storage.glob(storage.join(data_dir, "train-*.jsonl.gz"))
@@ -47,8 +60,6 @@ def validation_loss(lm: Any, data_dir: Path, limit: int | None) -> dict[str, flo
 def memorization(lm: Any, pack_dir: Path, pack_manifest: dict[str, Any], prefix: int, continuation: int,
                  limit: int | None, seed: int) -> dict[str, float]:
     """Fraction of training sequences whose next `continuation` tokens the model reproduces greedily."""
-    from palm.data.loader import sequence_dataset
-
     ds = sequence_dataset(pack_dir, pack_manifest, "train", seed=seed)
     n = min(len(ds), limit or 128)
     rows = np.stack([ds[i] for i in range(n)])
@@ -76,8 +87,7 @@ def greedy_tokens(lm: Any, prompts: np.ndarray, steps: int) -> np.ndarray:
 
 
 def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> dict[str, float]:
-    from palm.evaluation import gsm8k as task
-
+    task = gsm8k_task
     problems = task.load_problems(Path(data_dir) / "gsm8k" / "test.jsonl")[: limit or None]
     prompts = [task.build_prompt(p["question"]) for p in problems]
     completions = lm.generate(prompts, min(max_new_tokens, lm.seq_len // 2), stop=list(task.STOP))
@@ -87,8 +97,7 @@ def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> di
 
 def humaneval(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int, samples: int,
               seed: int) -> dict[str, float]:
-    from palm.evaluation import humaneval as task
-
+    task = humaneval_task
     by_id = task.load_problems(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz")
     problems = list(by_id.values())[: limit or None]
     stop = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
@@ -121,10 +130,6 @@ MC_KEYS: dict[str, tuple[type, Any, str]] = {
 def load_mc_task(task_file: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A multiple-choice task YAML and its examples, validated: (settings, docs). Any problem is one
     PalmError naming the file, the key or the line."""
-    import yaml
-
-    from palm.base import safeyaml
-
     path = Path(task_file)
     try:
         task = safeyaml.safe_load(safeyaml.read_text(path))
@@ -152,7 +157,6 @@ def load_mc_task(task_file: str | Path) -> tuple[dict[str, Any], list[dict[str, 
         settings[key] = value
     if settings["num_shots"] < 0:
         raise PalmError(f"multiple-choice task {path}: num_shots must be >= 0, got {settings['num_shots']}")
-    from palm.evaluation import read_jsonl
 
     q, c, a = settings["question"], settings["choices"], settings["answer"]
 
@@ -217,45 +221,14 @@ def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir
         else:
             raise PalmError(f"unknown evaluation task {task!r}")
     if lm_eval_tasks:
-        from palm.evaluation.lmeval import run_lm_eval
+        from palm.evaluation.lmeval import run_lm_eval  # lm-evaluation-harness: loaded only for its tasks
 
         for name, metrics in run_lm_eval(lm, lm_eval_tasks, e.lm_eval_include_path, e.max_examples).items():
             results[f"lm_eval:{name}"] = metrics
     return results
 
 
-def locate_run(checkpoint: str | Path) -> dict[str, Any]:
-    """From a checkpoint path (a step dir, the checkpoints dir or the train stage dir; local or gs://) to
-    everything evaluation needs: the train stage dir, the model config, and the tokenizer, data and pack
-    stage outputs (where they are stored: `local_copy` them before reading their files)."""
-    from palm.base import storage
-    from palm.store.outputs import CONTEXT, read_manifest
-
-    path = str(checkpoint).rstrip("/") if storage.is_remote(checkpoint) else str(Path(checkpoint).resolve())
-    name = storage.name(path)
-    step = int(name) if name.isdigit() else None
-    candidates = [path]
-    for _ in range(3):
-        candidates.append(storage.parent(candidates[-1]))
-    for train_dir in candidates:
-        try:
-            context = json.loads(storage.read_text(storage.join(train_dir, CONTEXT)))
-            break
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):  # look further up
-            continue
-    else:
-        raise PalmError(f"{checkpoint} is not inside a train stage directory (no {CONTEXT} above it)")
-    pack_dir = context["inputs"]["pack"]["path"]
-    pack = read_manifest(pack_dir)
-    if pack is None:
-        raise PalmError(f"the pack stage output {pack_dir} that trained {train_dir} is missing or incomplete")
-    return {"train_dir": train_dir, "step": step, "model": context["config"]["model"], "pack_dir": pack_dir,
-            "pack_manifest": pack, "tokenizer_dir": pack["inputs"]["tokenizer"]["path"],
-            "data_dir": pack["inputs"]["data"]["path"]}
-
-
 def check_task_names(tasks: list[str], where: str = "eval.tasks") -> None:
-    from palm.spec.schema import BUILTIN_EVAL_TASKS, is_eval_task
 
     for task in tasks:
         if not is_eval_task(task):
@@ -263,24 +236,19 @@ def check_task_names(tasks: list[str], where: str = "eval.tasks") -> None:
                             f"mc:<task.yaml>, lm_eval:<task>)")
 
 
-def eval_settings(checkpoint: str | Path, spec: str | Path | None = None, tasks: list[str] | None = None,
-                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, str]:
+def eval_settings(checkpoint: str | Path, spec: Any = None, tasks: list[str] | None = None,
+                  overrides: list[str] | tuple[str, ...] = (), spec_path: str | Path | None = None) -> tuple[Any, str]:
     """The eval section `palm eval` runs with, and where its defaults came from.
 
-    Defaults: the `eval` section of `spec` when given, else of the spec the checkpoint's run recorded
+    Defaults: the `eval` section of `spec` (a loaded Spec, read from `spec_path`) when given, else of the spec the checkpoint's run recorded
     (`<run root>/spec.json`, written by `palm run`), else EvalSpec's own defaults. Then `tasks` (from
     --tasks) and `overrides` (`eval.KEY=VALUE`, the `--set` form of every other command, read as YAML).
     """
-    from palm.base import storage
-    from palm.dag.runner import SPEC_RECORD
-    from palm.spec.schema import EvalSpec, _format_validation_error, apply_override, load_spec
-    from pydantic import ValidationError
-
     if spec is not None:
-        base, source = load_spec(spec).eval.model_dump(), str(spec)
+        base, source = spec.eval.model_dump(), str(spec_path)
     else:
         train_dir = locate_run(checkpoint)["train_dir"]
-        record = storage.join(storage.parent(storage.parent(train_dir)), SPEC_RECORD)
+        record = layout.spec_record(layout.run_root(train_dir))
         try:
             recorded = json.loads(storage.read_text(record))
         except FileNotFoundError:
@@ -302,43 +270,12 @@ def eval_settings(checkpoint: str | Path, spec: str | Path | None = None, tasks:
     try:
         settings = EvalSpec.model_validate(tree["eval"])
     except ValidationError as e:
-        error = _format_validation_error(e, "--set" if overrides else source)
+        error = format_validation_error(e, "--set" if overrides else source)
         raise PalmError(f"{error.file}: eval.{error.key}: {error.detail}") from None
     if not settings.tasks:
         raise PalmError("no tasks to evaluate: pass --tasks or set eval.tasks")
     check_task_names(settings.tasks, "--tasks" if tasks is not None else "eval.tasks")
     return settings, source
-
-
-#: Compute dtypes a checkpoint may be loaded in for evaluation and generation.
-DTYPES = ("float32", "bfloat16")
-
-
-def load_checkpoint_model(checkpoint: str | Path, *, step: int | None = None, batch_size: int = 8,
-                          max_length: int | None = None, dtype: str | None = None, what: str = "") -> Any:
-    """A `palm.core.lm.LanguageModel` from a training run's checkpoint (a step, checkpoints or train
-    directory; the latest step unless the path or `step` names one), with the run's tokenizer. `dtype`
-    overrides the model's compute dtype ("auto"/None: the run's); `what` prefixes error messages."""
-    import dataclasses
-
-    from palm.spec.config import ModelConfig
-    from palm.core.lm import load_language_model
-    from palm.store.outputs import local_copy
-
-    run = locate_run(checkpoint)
-    if run["step"] is not None and step is not None and run["step"] != step:
-        raise PalmError(f"{what}checkpoint {checkpoint} is step {run['step']}, but step={step}")
-    step = run["step"] if step is None else step
-    config = ModelConfig(**run["model"])
-    if dtype not in (None, "auto"):
-        if dtype not in DTYPES:
-            raise PalmError(f"{what}dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
-        config = dataclasses.replace(config, dtype=dtype)
-    if max_length is not None and max_length > config.seq_len:
-        raise PalmError(f"{what}max_length {max_length} exceeds the model's seq_len {config.seq_len}")
-    tokenizer = local_copy(run["tokenizer_dir"]) / "tokenizer.model"
-    return load_language_model(run["train_dir"], config, tokenizer, step=step, batch_size=batch_size,
-                               max_length=max_length)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
@@ -354,11 +291,6 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
     (palm.core.lm.load_sharded_language_model), as the hosts of a launched evaluation job do (`palm worker
     --eval-checkpoint`, palm.jobs.evaljob): every host runs this with the same arguments and gets the same
     result."""
-    from palm.core.checkpoint import open_checkpoints
-    from palm.spec.config import ModelConfig
-    from palm.core.lm import load_language_model, load_sharded_language_model
-    from palm.store.outputs import local_copy
-
     run = locate_run(checkpoint)
     if pack is not None:
         run.update(pack_dir=pack.path, pack_manifest=pack.manifest, data_dir=pack.manifest["inputs"]["data"]["path"])
@@ -376,12 +308,12 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
         lm = load_language_model(run["train_dir"], ModelConfig(**run["model"]), tokenizer, step=step,
                                  batch_size=eval_spec.batch_size)
     else:
-        lm = load_sharded_language_model(f"{run['train_dir']}/checkpoints/{step}", ModelConfig(**run["model"]),
+        lm = load_sharded_language_model(layout.checkpoint_dir(run["train_dir"], step), ModelConfig(**run["model"]),
                                          tokenizer, mesh_shape, batch_size=eval_spec.batch_size)
     data_dir = run["data_dir"] if "validation_loss" in eval_spec.tasks else None
     pack_dir = run["pack_dir"] if "memorization" in eval_spec.tasks else None
     results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
-    return {"checkpoint": f"{run['train_dir']}/checkpoints/{step}", "step": step, "results": results}
+    return {"checkpoint": layout.checkpoint_dir(run["train_dir"], step), "step": step, "results": results}
 
 
 def results_markdown(results: dict[str, dict[str, float]]) -> str:

@@ -38,15 +38,13 @@ from typing import Any, Callable, Sequence
 
 from palm.base import storage
 from palm.base.errors import PalmError
+from palm.base.units import gib_or_mib
+from palm.store import layout
 
 #: Bytes of memory needed per byte of parameters to evaluate in process (see the module doc).
 HEADROOM = 2
 
 Log = Callable[[str], None]
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def parameter_bytes(model_config: Any) -> int:
@@ -102,13 +100,13 @@ def placement(spec: Any, model_config: Any, capacity: tuple[int, str] | None = N
     need = parameter_bytes(model_config)
     have, what = capacity if capacity is not None else process_capacity()
     if HEADROOM * need <= have:
-        return "local", f"{gib(need)} of parameters fit {what} ({gib(have)})"
+        return "local", f"{gib_or_mib(need)} of parameters fit {what} ({gib_or_mib(have)})"
     if not launches_workers(spec):
-        raise PalmError(f"a checkpoint of this run holds {gib(need)} of parameters (evaluating needs about "
-                        f"{HEADROOM}x that), more than {what} ({gib(have)}), and infra.launcher runs in this "
+        raise PalmError(f"a checkpoint of this run holds {gib_or_mib(need)} of parameters (evaluating needs about "
+                        f"{HEADROOM}x that), more than {what} ({gib_or_mib(have)}), and infra.launcher runs in this "
                         "process: set infra.launcher (tpu-vm, gke, or local with processes > 1) to evaluate on "
                         "workers, or eval.launch=local to try in process anyway")
-    return "workers", (f"{gib(need)} of parameters, x{HEADROOM} to evaluate, exceed {what} ({gib(have)}): "
+    return "workers", (f"{gib_or_mib(need)} of parameters, x{HEADROOM} to evaluate, exceed {what} ({gib_or_mib(have)}): "
                        f"a sharded job on the {spec.infra.launcher.kind} launcher")
 
 
@@ -118,12 +116,12 @@ def placement(spec: Any, model_config: Any, capacity: tuple[int, str] | None = N
 def result_path(train_dir: str, step: int) -> str:
     """Where host 0 of the job evaluating checkpoint `step` writes its result (beside the ledger, which
     only the flow writes)."""
-    return storage.join(train_dir, "evals", "launched", f"{int(step)}.json")
+    return layout.launched_eval_result(train_dir, step)
 
 
 def write_result(train_dir: str, result: dict[str, Any], spec: Any, job: dict[str, Any]) -> str:
     """Host 0's last act: the result, with the eval settings it was computed with, in one atomic write."""
-    from palm.dag.runner import eval_config
+    from palm.dag.table import eval_config
 
     path = result_path(train_dir, result["step"])
     storage.write_text_atomic(path, json.dumps({**result, "eval": eval_config(spec), "job": job}, indent=2,
@@ -133,7 +131,7 @@ def write_result(train_dir: str, result: dict[str, Any], spec: Any, job: dict[st
 
 def read_result(train_dir: str, step: int, spec: Any) -> dict[str, Any] | None:
     """A launched job's result for checkpoint `step` computed with `spec`'s eval settings, or None."""
-    from palm.dag.runner import eval_config
+    from palm.dag.table import eval_config
 
     try:
         result = json.loads(storage.read_text(result_path(train_dir, step)))
@@ -164,7 +162,7 @@ def evaluate_on_workers(spec: Any, spec_path: str, root: str, checkpoint: str, o
     does (JobFailed, JobPreempted, WorkerRejected, JobStopped), or JobFailed when the job ended without
     writing its result."""
     from palm.jobs import launch as launcher
-    from palm.evaluation.run import locate_run
+    from palm.evaluation.checkpoints import locate_run
 
     log = log or (lambda line: None)
     run = locate_run(checkpoint)

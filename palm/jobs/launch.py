@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 from palm.base.errors import PalmError, Preempted, SpecError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBSET_SCHEMA = REPO_ROOT / "infra" / "schemas" / "jobset-v1alpha2.schema.json"
 #: The Kubernetes API version whose batch/v1 Job schema the JobSet's Job template is checked against.
 KUBERNETES_VERSION = "1.30"
@@ -1029,7 +1029,8 @@ def train_on_workers(node: Any, root: str, inputs: dict[str, Any], force: bool =
     StageOutput from the manifest they wrote. A complete output is returned without launching anything
     (unless `force`, which deletes it first, as a forced stage in process does)."""
     from palm.base import storage
-    from palm.dag.runner import SPEC_RECORD, record_spec
+    from palm.store.layout import SPEC_RECORD
+    from palm.dag.runner import record_spec
     from palm.store.outputs import StageOutput, read_manifest
 
     key, path = train_output(node, root, inputs)

@@ -1,9 +1,8 @@
-"""The one spec type: a validated description of a whole pretraining pipeline.
+"""The one spec type: a validated description of a whole pretraining pipeline (pydantic, nothing else).
 
-`load_spec(path, overrides)` reads a YAML file, follows `extends:` with a deep merge, applies
-`--set dotted.key=value` overrides, validates every field (`extra="forbid"` everywhere) and then checks
-that the values are consistent with each other. Any problem raises `SpecError` naming the file, the key
-path and what was expected, before any work starts.
+Every field is validated (`extra="forbid"` everywhere) and `check_consistency` checks the values against
+each other. Reading a spec from YAML (`extends`, `--set`) is palm.spec.loading's; its workflow graph is
+checked against the stage declarations in palm.dag.workflow.
 """
 
 from __future__ import annotations
@@ -11,24 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from palm.base import safeyaml
-from palm.spec.config import (
-    CheckpointConfig,
-    LossSpikeConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RampStage,
-    ScheduleConfig,
-    TrainConfig,
-)
+from palm.spec.config import LossSpikeConfig, ModelConfig, TrainConfig
 from palm.base.errors import PalmError, SpecError
 from palm.base.hardware import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_topology
 
@@ -159,6 +146,10 @@ class Dedup(_Strict):
     near: NearDedup = NearDedup()
 
 
+#: Beam runners that run in this process's machine (the others run on remote workers and write gs:// outputs).
+LOCAL_RUNNERS = ("in_process", "multi_process")
+
+
 class BeamRunner(_Strict):
     """Where the Beam pipelines run: in process locally, Dataflow (or Flink/Spark) at scale."""
 
@@ -226,6 +217,33 @@ class DataSpec(_Strict):
     num_shards: int = Field(8, ge=1)
     seed: int = 0
     beam: BeamRunner = BeamRunner()
+
+    def uses_classifier(self) -> bool:
+        """Whether the data stage needs a trained quality classifier: a source samples by quality, and the
+        spec chose the classifier (the default) rather than the heuristic."""
+        return self.quality.scorer == "classifier" and any(s.filters.quality_sampling for s in self.sources)
+
+    def positive_sources(self) -> list[Source]:
+        """The curated sources the quality classifier learns as positives."""
+        q = self.quality
+        if q.positive_sources is not None:
+            names = set(q.positive_sources)
+            return [s for s in self.sources if s.name in names]
+        return [s for s in self.sources if s.kind in q.positive_kinds]
+
+    def negative_sources(self) -> list[Source]:
+        """The quality-sampled sources, the classifier's negatives."""
+        return [s for s in self.sources if s.filters.quality_sampling]
+
+    def classifier_config(self) -> dict[str, Any]:
+        """What the quality stage's output depends on (its key): how the two classes' documents are read
+        and filtered, and the classifier's settings; not the mixture weights, dedup or sharding."""
+        dumped = self.model_dump(mode="json")
+        read = ("name", "paths", "format", "text_field", "kind", "filters", "split_pattern", "max_docs")
+        used = {s.name for s in self.positive_sources() + self.negative_sources()}
+        return {"sources": [{k: s[k] for k in read} for s in dumped["sources"] if s["name"] in used],
+                "invalid_utf8": dumped["invalid_utf8"], "normalize": dumped["normalize"], "seed": dumped["seed"],
+                "quality": dumped["quality"]}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -323,6 +341,11 @@ class Hardware(_Strict):
     @property
     def peak_flops(self) -> float | None:
         return PEAK_FLOPS[self.accelerator]
+
+    @property
+    def is_tpu(self) -> bool:
+        """A TPU generation (compiled ahead of time for its pods, launched on TPU VMs or GKE)."""
+        return self.accelerator.startswith("tpu-")
 
 
 class Launcher(_Strict):
@@ -653,258 +676,8 @@ def _check_quality(data: DataSpec) -> None:
                         "the quality classifier; drop it from one side", key="data.quality.positive_sources")
 
 
-def check_graph(spec: Spec) -> None:
-    """The retry policies name stage types, and the workflow graph resolves (palm.dag.workflow)."""
-    from palm.dag.runner import STAGES
-    from palm.dag.workflow import resolve_workflow
-
-    for stage in spec.retries:
-        if stage not in STAGES:
-            raise SpecError(f"not a stage type; the types are {', '.join(STAGES)}", key=f"retries.{stage}")
-    for name in spec.workflow or {}:
-        if not _NODE.match(name):
-            raise SpecError("node names are lowercase letters, digits and dashes, starting with a letter or digit",
-                            key=f"workflow.{name}")
-    resolve_workflow(spec)
-
-
-_NODE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-
-
-def node_spec(spec: Spec, overrides: dict[str, Any]) -> Spec:
-    """The spec a workflow node runs with: `spec` (without its workflow) and the node's overrides, each a
-    dotted key as with --set, validated and checked. SpecError keyed by the override's own key."""
-    if not overrides:
-        return spec
-    tree = spec.model_dump(mode="json", exclude={"workflow"})
-    for key, value in overrides.items():
-        if not _KEY.match(str(key)):
-            raise SpecError(f"expected a dotted key, got {key!r}", key=str(key))
-        tree = set_dotted(tree, str(key), value)
-    try:
-        node = Spec.model_validate(tree)
-    except ValidationError as e:
-        err = _format_validation_error(e, "")
-        raise SpecError(err.detail, key=err.key) from None
-    check_consistency(node)
-    return node
-
-
-def _read_yaml(path: Path, *, parent: bool = False) -> dict[str, Any]:
-    """The mapping in the YAML file at `path` (palm.base.safeyaml's bounds and duplicate-key check). A spec
-    named on the command line may be a pipe (`<(...)`); a parent named by `extends` must be a regular file
-    (the caller says which file, and that key, when it is not)."""
-    try:
-        text = safeyaml.read_text(path, allow_fifo=not parent)
-    except FileNotFoundError:
-        raise SpecError("file not found", file=str(path)) from None
-    except safeyaml.NotReadable as e:
-        raise SpecError(e.reason, file=str(path)) from None
-    except UnicodeDecodeError as e:
-        raise SpecError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
-    except OSError as e:
-        raise SpecError(f"cannot read: {e.strerror or e}", file=str(path)) from None
-    try:
-        data = safeyaml.safe_load(text)
-    except yaml.YAMLError as e:
-        what = "refused YAML" if isinstance(e, safeyaml.YAMLRefused) else "invalid YAML"
-        raise SpecError(f"{what}: {safeyaml.error_text(e)}", file=str(path)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=str(path))
-    return data
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Mappings merge key by key; any other value (lists included) in `over` replaces `base`'s."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _spec_sections() -> set[str]:
-    return {*Spec.model_fields, "extends"}
-
-
-def _read_parent(parent_path: Path, child: Path, parent: str) -> dict[str, Any]:
-    """The parent spec `extends: parent` names, from `child`. Only a regular file that parses as a mapping
-    of spec sections is a parent: anything else is one line keyed `extends` of the child that says what
-    the parent is, never quoting its content (`extends: /etc/passwd` must not print the file)."""
-    where = dict(file=str(child), key="extends")
-    name, show = safeyaml.shown(parent, 120), safeyaml.shown(str(parent_path), 200)
-    try:
-        data = _read_yaml(parent_path, parent=True)
-    except SpecError as e:
-        if e.detail == "file not found":
-            raise SpecError(f"{name} not found (looked in {child.parent})", **where) from None
-        if e.detail.startswith("refused YAML"):
-            raise  # palm's own words (a bound, a duplicate key), at the parent's line
-        if e.detail.startswith("invalid YAML"):
-            # PyYAML's problem text can quote the file (an alias's or a tag's name): the place only.
-            mark = re.match(r"invalid YAML: (line \d+, column \d+)", e.detail)
-            raise SpecError(f"{name} is not a spec file: invalid YAML{' at ' + mark.group(1) if mark else ''} "
-                            f"(`palm spec show {show}` says what is wrong)", **where) from None
-        if e.detail.startswith("expected a mapping"):
-            raise SpecError(f"{name} is not a spec file (not a YAML mapping)", **where) from None
-        raise SpecError(f"{name} {e.detail}" if e.detail.startswith("is ") else f"{name}: {e.detail}",
-                        **where) from None
-    if not set(map(str, data)) <= _spec_sections():
-        raise SpecError(f"{name} is not a spec file (its top-level keys are not spec sections: "
-                        f"{', '.join(sorted(_spec_sections()))}); check it with `palm spec show {show}`", **where)
-    return data
-
-
-def _load_tree(path: Path, seen: tuple[Path, ...] = (), name: str = "") -> dict[str, Any]:
-    """The merged tree of the spec at `path` and its parents; `name` is how its child's `extends` wrote it."""
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise SpecError(f"extends forms a cycle: {chain}", file=str(path), key="extends")
-    data = _read_yaml(path) if not seen else _read_parent(path, seen[-1], name)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent:
-        raise SpecError("expected a file name (relative to this file)", file=str(path), key="extends")
-    parent_path = (path.parent / parent)
-    if not os.path.lexists(parent_path):
-        raise SpecError(f"{safeyaml.shown(parent, 120)} not found (looked in {path.parent})", file=str(path),
-                        key="extends")
-    return deep_merge(_load_tree(parent_path, (*seen, path), parent), data)
-
-
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> dict[str, Any]:
-    """Apply `dotted.key=value`; the value is read as YAML and typed by the schema at validation."""
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not _KEY.match(key):
-        raise SpecError(f"expected dotted.key=value, got {assignment!r}", file="--set")
-    try:
-        value = safeyaml.safe_load(raw) if raw.strip() else ""
-    except safeyaml.YAMLRefused as e:  # a duplicate key or a bound: never a plain string the user meant
-        raise SpecError(f"refused YAML value: {safeyaml.error_text(e)}", file="--set", key=key) from None
-    except yaml.YAMLError:
-        value = raw
-    return set_dotted(tree, key, value, file="--set")
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any, file: str | None = None) -> dict[str, Any]:
-    """A copy of `tree` with `value` at the dotted `key` (list items by index); sections are created."""
-    parts = key.split(".")
-    out = dict(tree)
-    node = out
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not (part.isdigit() and int(part) < len(node)):
-                raise SpecError(f"index {part} out of range (list of {len(node)})", file=file, key=key)
-            child = node[int(part)]
-        else:
-            child = node.get(part)
-        if isinstance(child, list) and parts[i + 1].isdigit():
-            child = list(child)
-        elif child is None:
-            child = {}
-        elif isinstance(child, dict):
-            child = dict(child)
-        else:
-            raise SpecError(f"{'.'.join(parts[: i + 1])} is a value, not a section", file=file, key=key)
-        if isinstance(node, list):
-            node[int(part)] = child
-        else:
-            node[part] = child
-        node = child
-    last = parts[-1]
-    if isinstance(node, list):
-        idx = int(last) if last.isdigit() else -1
-        if not 0 <= idx < len(node):
-            raise SpecError(f"index {last} out of range (list of {len(node)})", file=file, key=key)
-        node[idx] = value
-    else:
-        node[last] = value
-    return out
-
-
-def _format_validation_error(err: ValidationError, file: str) -> SpecError:
-    lines = []
-    for e in err.errors():
-        key = ".".join(safeyaml.shown(p) for p in e["loc"] if p != "[key]") or "(top level)"
-        msg = e["msg"]
-        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            msg = "unknown key (not in the schema; see `palm spec schema`)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in e and not isinstance(e["input"], (dict, list)):
-            got = repr(e["input"])
-            msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
-        lines.append((key, msg))
-    key, msg = lines[0]
-    extra = "".join(f"\n  also {k}: {m}" for k, m in lines[1:])
-    return SpecError(msg + extra, file=file, key=key)
-
-
-def _load_remote_tree(path: str) -> dict[str, Any]:
-    """A spec on gs:// (the resolved spec.json a run records, which launched workers read): one file,
-    no `extends` (a recorded spec is already merged)."""
-    from palm.base import storage
-
-    try:
-        if storage.size(path) > safeyaml.MAX_BYTES:
-            raise SpecError(f"is larger than {safeyaml.MAX_BYTES // 2**20} MiB, too large for a YAML file", file=path)
-        text = storage.read_text(path)
-    except FileNotFoundError:
-        raise SpecError("file not found", file=path) from None
-    try:
-        data = safeyaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"invalid YAML/JSON: {safeyaml.error_text(e)}", file=path) from None
-    if not isinstance(data, dict):
-        raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", file=path)
-    if "extends" in data:
-        raise SpecError("a spec on gs:// cannot extend another; record the resolved spec (palm spec show)",
-                        file=path, key="extends")
-    return data
-
-
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
-    """Read, merge, override, validate and check a spec (a local file, or gs://). Raises SpecError."""
-    if str(path).startswith("gs://"):
-        path_text = str(path)
-        tree = _load_remote_tree(path_text)
-        path = path_text  # for messages; pathlib would fold gs:// into gs:/
-    else:
-        path = Path(path)
-        tree = _load_tree(path)
-    for assignment in overrides:
-        tree = apply_override(tree, assignment)
-    try:
-        spec = Spec.model_validate(tree)
-    except ValidationError as e:
-        raise _format_validation_error(e, str(path)) from None
-    try:
-        check_consistency(spec)
-        check_graph(spec)
-    except SpecError as e:
-        raise SpecError(e.detail, file=str(path), key=e.key) from None
-    return spec
-
-
 def spec_schema() -> dict[str, Any]:
     """JSON Schema of the spec, for editor completion."""
     schema = Spec.model_json_schema()
     schema["properties"]["extends"] = {"type": "string", "description": "Parent spec, deep-merged under this one."}
     return schema
-
-
-__all__ = [
-    "Spec", "load_spec", "spec_schema", "check_consistency", "resolve_mesh", "deep_merge",
-    "apply_override", "node_spec", "MESH_AXES", "ModelConfig", "TrainConfig", "OptimizerConfig",
-    "ScheduleConfig", "RampStage", "CheckpointConfig", "LossSpikeConfig",
-]

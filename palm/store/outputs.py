@@ -26,9 +26,9 @@ from typing import Any, Callable
 import palm
 from palm.base import storage
 from palm.base.errors import PalmError
+from palm.store import layout
+from palm.store.layout import CONTEXT, MANIFEST
 
-MANIFEST = "manifest.json"
-CONTEXT = "context.json"
 
 @dataclasses.dataclass(frozen=True)
 class StageOutput:
@@ -51,7 +51,7 @@ class StageOutput:
 
 
 def code_version(stage: str, version: int = 1) -> str:
-    """`version` is the stage type's, bumped when its output's format or meaning changes (palm.dag.runner.STAGES)."""
+    """`version` is the stage type's, bumped when its output's format or meaning changes (palm.dag.table.STAGES)."""
     return f"palm-{palm.__version__}/{stage}-v{version}"
 
 
@@ -170,7 +170,7 @@ def _write_context(final: str, b: _Build) -> None:
 
 def output_path(root: str | os.PathLike, node: str, key: str) -> str:
     """Where a node's output with this key lives: <root>/<node>/<key>."""
-    return storage.join(root, node, key)
+    return layout.output_dir(root, node, key)
 
 
 def run_stage(stage: str, config: Any, inputs: dict[str, StageOutput], root: str | os.PathLike,

@@ -29,8 +29,8 @@ from typing import Iterator
 
 from palm.base import storage
 from palm.base.errors import PalmError, environment_fault
+from palm.store.layout import LOCK_FILE
 
-LOCK_FILE = ".palm-run.lock"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
+from palm.base import storage
 
 TRAIN_SCALARS = ("loss", "z_loss", "accuracy", "grad_norm", "update_norm", "learning_rate", "global_batch",
                  "tokens_per_second", "step_seconds", "mfu")
@@ -65,8 +66,6 @@ def write_eval_results(logdir: str | Path, step: int, results: Mapping[str, Mapp
     """`eval/<task>/<metric>` at `step` for every numeric result of an evaluation, in a new event file
     of `logdir` (local, or gs://: written locally, then uploaded)."""
     import shutil
-
-    from palm.base import storage
 
     local = Path(logdir) if not storage.is_remote(logdir) else storage.scratch_dir("tensorboard-")
     try:

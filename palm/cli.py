@@ -4,17 +4,44 @@ Conventions for every subcommand: `--set dotted.key=value` overrides the spec, `
 machine-readable object on stdout (logs go to stderr), exit codes are 0 success, 1 failure, 2 bad input
 or a fault of the machine that a retry would meet again (a full disk, permission denied, a directory where
 a file should be: one line naming the path), 75 a stop or a fault a later attempt may not meet.
+
+What loads JAX, Prefect, Beam or lm-eval is imported by the command that needs it (each such import is
+marked), so `palm --help`, `palm spec` and a bad argument answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
+import math
 import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from palm.base.errors import PalmError, environment_fault
+from palm import version_line
+from palm.base import storage
+from palm.base.errors import Preempted
+from palm.dag.runner import attach
+from palm.data.package import build_worker_package
+from palm.dag.table import STAGES
+from palm.dag.workflow import load_spec
+from palm.dag.workflow import resolve_workflow
+from palm.dag.workflow import training_node
+from palm.evaluation import default_data_file, read_jsonl
+from palm.evaluation import gsm8k
+from palm.evaluation import humaneval
+from palm.evaluation import iter_jsonl
+from palm.spec.schema import spec_schema
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -34,8 +61,6 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        from palm import version_line
-
         print(version_line())
         parser.exit()
 
@@ -233,8 +258,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from palm.app.plan import PALM_MFU, plan, render
-    from palm.spec.schema import load_spec
+    from palm.app.plan import PALM_MFU, plan, render  # loads JAX: only for this command
 
     spec = load_spec(args.spec, args.overrides)
     mfu = PALM_MFU if args.mfu is None else args.mfu
@@ -246,7 +270,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not args.compile:
         _emit(args, result, render(result))
         return 0
-    from palm.analysis.aot import compile_spec, largest_misfit, render_compiled
+    from palm.analysis.aot import (  # loads JAX and libtpu: only for this command
+        compile_spec, largest_misfit, render_compiled)
 
     if not args.json:
         print(render(result), flush=True)
@@ -275,9 +300,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _quiet_prefect_console() -> list[tuple[Any, int]]:
     """Prefect's own console lines off (warnings and errors stay in the flow run's logs on the API):
     `palm run` draws its own progress. Returns what to put back."""
-    import logging
-
-    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.logging.handlers import PrefectConsoleHandler  # loads Prefect: only for this command
 
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]
     saved = []
@@ -290,14 +313,6 @@ def _quiet_prefect_console() -> list[tuple[Any, int]]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import os
-    import threading
-
-    from palm.base.errors import Preempted
-    from palm.dag.runner import STAGES, attach
-    from palm.spec.schema import load_spec
-    from palm.dag.workflow import resolve_workflow
-
     # Bad input fails here, in a second, before Prefect starts.
     spec = load_spec(args.spec, args.overrides)
     workflow = resolve_workflow(spec)
@@ -306,7 +321,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if forced not in stages:
             raise PalmError(f"--force {forced}: not among the stages to run ({', '.join(stages)})")
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-    from palm.base import storage
 
     storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
 
@@ -314,11 +328,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Prefect waits 20 s for its ephemeral server by default; its first start on a busy 2-core machine
     # (creating the database) can take longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from prefect.exceptions import TerminationSignal
-    from prefect.settings import PREFECT_API_URL
+    from prefect.exceptions import TerminationSignal  # loads Prefect: only for this command
+    from prefect.settings import PREFECT_API_URL  # loads Prefect: only for this command
 
-    from flows.pretrain import pretrain
-    from palm.app.console import RunConsole
+    from flows.pretrain import pretrain  # loads Prefect and JAX: only for this command
+    from palm.app.console import RunConsole  # loads rich: only for this command
 
     api = PREFECT_API_URL.value()
     print(f"prefect: flow 'pretrain' on {api}" if api else
@@ -355,22 +369,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from palm.app.worker import main as worker_main
+    from palm.app.worker import main as worker_main  # loads JAX: only for this command
 
     return worker_main(args.spec, list(args.overrides), args.output, args.json, args.node, args.eval_checkpoint)
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from palm.base.errors import Preempted
     from palm.jobs.launch import JobFailed, JobPreempted, launch, plan_json, plan_launch, render
-    from palm.spec.schema import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
-    from palm.dag.workflow import training_node
 
     if args.eval_checkpoint is not None:
         plan = plan_launch(spec, args.spec, root, args.overrides, eval_checkpoint=args.eval_checkpoint)
@@ -390,7 +398,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     result = None
     try:
         if args.eval_checkpoint is not None:
-            from palm.jobs.evaljob import evaluate_on_workers
+            from palm.jobs.evaljob import evaluate_on_workers  # loads JAX: only for this command
 
             result = evaluate_on_workers(spec, args.spec, root, args.eval_checkpoint, args.overrides, stop=stop,
                                          log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -406,7 +414,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     if result is not None:
-        from palm.evaluation.run import results_markdown
+        from palm.evaluation.run import results_markdown  # loads JAX: only for this command
 
         _emit(args, result, f"{plan.name}: {result['checkpoint']} (step {result['step']})\n"
               + results_markdown(result["results"]))
@@ -417,20 +425,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _cmd_spec(args: argparse.Namespace) -> int:
-    from palm.spec.schema import load_spec, spec_schema
-
     if args.spec_command == "schema":
         print(json.dumps(spec_schema(), indent=2))
         return 0
-    import yaml
-
     spec = load_spec(args.spec, args.overrides)
     print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from palm.data.package import build_worker_package
 
     result = build_worker_package(args.out)
     _emit(args, result, f"wheel: {result['wheel']}\nrequirements: {result['requirements']}")
@@ -445,14 +448,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "decode":
         return _cmd_bench_decode(args)
     if args.bench_command == "generate":
-        from palm.app.bench import bench_generate, render_generate
+        from palm.app.bench import bench_generate, render_generate  # loads JAX: only for this command
 
         result = bench_generate(args.checkpoint, requests=args.requests, max_gen_toks=args.max_gen_toks,
                                 batch_size=args.batch_size, prompt_chars=args.prompt_chars)
         _emit(args, result, render_generate(result))
         return 0
-    from palm.app.bench import bench_train, render_train
-    from palm.spec.schema import load_spec
+    from palm.app.bench import bench_train, render_train  # loads JAX: only for this command
 
     spec = load_spec(args.spec, args.overrides)
     if args.steps <= 0 or args.warmup < 0:
@@ -464,7 +466,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_data, render_data
+    from palm.app.bench import bench_data, render_data  # loads JAX: only for this command
 
     result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs,
                         target_mb=args.target_mb, pairs_per_band=args.pairs_per_band, classifier=not args.no_classifier)
@@ -473,7 +475,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_input(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_input, render_input
+    from palm.app.bench import bench_input, render_input  # loads JAX: only for this command
 
     result = bench_input(args.data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len, batch=args.batch,
                          batches=args.batches)
@@ -482,8 +484,7 @@ def _cmd_bench_input(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_decode, render_decode
-    from palm.spec.schema import load_spec
+    from palm.app.bench import bench_decode, render_decode  # loads JAX: only for this command
 
     spec = load_spec(args.spec, args.overrides)
     try:
@@ -496,7 +497,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from palm.core.checkpoint import describe_checkpoints, inspect_checkpoint, open_checkpoints, verify_checkpoints
+    from palm.core.checkpoint import (  # loads JAX and Orbax: only for this command
+        describe_checkpoints, inspect_checkpoint, open_checkpoints, verify_checkpoints)
 
     ckpts = open_checkpoints(args.path)
     if args.checkpoint_command == "list":
@@ -525,10 +527,12 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from palm.evaluation.run import eval_settings, evaluate_checkpoint, results_markdown
+    from palm.evaluation.run import (  # loads JAX: only for this command
+        eval_settings, evaluate_checkpoint, results_markdown)
 
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    eval_spec, source = eval_settings(args.checkpoint, args.spec, tasks, args.overrides)
+    spec = load_spec(args.spec) if args.spec is not None else None
+    eval_spec, source = eval_settings(args.checkpoint, spec, tasks, args.overrides, spec_path=args.spec)
     print(f"eval: settings from {source}", file=sys.stderr, flush=True)
     result = evaluate_checkpoint(args.checkpoint, eval_spec)
     result["settings"] = {"source": source, **eval_spec.model_dump()}
@@ -537,10 +541,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import math
-
-    from palm.evaluation import iter_jsonl
-    from palm.evaluation.run import load_checkpoint_model
+    from palm.evaluation.checkpoints import load_checkpoint_model  # loads JAX: only for this command
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -580,11 +581,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_score(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from palm.evaluation import default_data_file, read_jsonl
-
     if args.workers is not None and args.workers < 1:
         raise PalmError(f"--workers must be at least 1, got {args.workers}")
     data = args.data or str(default_data_file(args.task))
@@ -600,8 +596,6 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
             raise PalmError(f"--out {out}: is the samples file")
     start = time.monotonic()
     if args.task == "humaneval":
-        from palm.evaluation import humaneval
-
         problems = humaneval.load_problems(data)
         samples = read_jsonl(args.samples, required={"task_id": str, "completion": str}, what="samples",
                              validate=lambda r: None if r["task_id"] in problems else
@@ -620,8 +614,6 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
                   f"{errors[0]['index']}: {errors[0]['reason']}", file=sys.stderr)
         what = f"{metrics['n']} samples over {metrics['tasks']} tasks"
     else:
-        from palm.evaluation import gsm8k
-
         problems = gsm8k.load_problems(data)
         questions = {p["question"].strip() for p in problems}
         samples = read_jsonl(args.samples, required={"question": str, "completion": str}, what="samples",
@@ -648,9 +640,6 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
 def _write_jsonl_atomically(path: Any, records: list[dict[str, Any]]) -> None:
     """Write records as JSONL to a temporary file next to `path`, then rename it into place: readers see
     the whole file or none (no half-written output is left behind on failure)."""
-    import tempfile
-    from pathlib import Path
-
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -670,7 +659,6 @@ def _write_jsonl_atomically(path: Any, records: list[dict[str, Any]]) -> None:
 
 def _cmd_image(args: argparse.Namespace) -> int:
     from palm.app.image import build_image, render
-    from palm.spec.schema import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     if args.dry_run:
@@ -689,9 +677,7 @@ def _cpu_unless_accelerated() -> None:
     """On a host without TPU chips that has libtpu installed (the `tpu` dependency group, for compiling
     ahead of time), JAX would start a TPU backend at first use and print libtpu's complaints about the
     missing chips; use the CPU unless JAX_PLATFORMS says otherwise or a GPU plugin is installed."""
-    import importlib.util
-
-    from palm.app.worker import tpu_host
+    from palm.app.worker import tpu_host  # loads JAX: only for this command
 
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_host():
         return
@@ -702,7 +688,7 @@ def _cpu_unless_accelerated() -> None:
 
 def _cmd_lm_eval(argv: list[str]) -> int:
     _cpu_unless_accelerated()
-    from palm.evaluation.lmeval import cli
+    from palm.evaluation.lmeval import cli  # loads lm-eval: only for this command
 
     return cli(argv)
 
