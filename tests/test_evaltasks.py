@@ -329,6 +329,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("not the standard library or numpy: " + name)
 sys.meta_path.insert(0, Block())
 import palm.evaluation.gsm8k, palm.evaluation.humaneval, palm.evaluation.metrics, palm.evaluation.sandbox
+import palm.evaluation.isolation, palm.evaluation.isolation_runner, palm.evaluation.cgroups
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

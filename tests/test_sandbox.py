@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from palm.evaluation import humaneval
-from palm.evaluation.sandbox import isolation, processes_of_uid, run_program
+from palm.evaluation.isolation import processes_of_uid
+from palm.evaluation.sandbox import isolation, run_program
 
 TASK = "HumanEval/0"
 
@@ -432,9 +433,9 @@ def test_the_run_reports_its_memory_cap_and_removes_its_cgroup(contained):
 
 
 def test_without_a_cgroup_processes_times_rlimit_as_fit_the_cap(monkeypatch, contained):
-    from palm.evaluation import sandbox
+    from palm.evaluation import cgroups
 
-    monkeypatch.setattr(sandbox._TreeCgroup, "create", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(cgroups.TreeCgroup, "create", classmethod(lambda cls, *a: None))
     r = run_program("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n",
                     memory_mb=400, tree_memory_mb=512)
     cap = r.isolation["memory_cap"]
