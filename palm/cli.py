@@ -441,6 +441,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # The bench modules are imported here, in the handlers, so that `palm --help` does not load JAX.
     if args.bench_command == "data":
         return _cmd_bench_data(args)
     if args.bench_command == "input":
@@ -448,13 +449,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "decode":
         return _cmd_bench_decode(args)
     if args.bench_command == "generate":
-        from palm.app.bench import bench_generate, render_generate  # loads JAX: only for this command
+        from palm.app.bench.generate import bench_generate, render_generate  # loads JAX: only for this command
 
         result = bench_generate(args.checkpoint, requests=args.requests, max_gen_toks=args.max_gen_toks,
                                 batch_size=args.batch_size, prompt_chars=args.prompt_chars)
         _emit(args, result, render_generate(result))
         return 0
-    from palm.app.bench import bench_train, render_train  # loads JAX: only for this command
+    from palm.app.bench.train import bench_train, render_train  # loads JAX: only for this command
 
     spec = load_spec(args.spec, args.overrides)
     if args.steps <= 0 or args.warmup < 0:
@@ -466,7 +467,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_data, render_data  # loads JAX: only for this command
+    from palm.app.bench.data import bench_data, render_data  # loads JAX: only for this command
 
     result = bench_data(args.data_dir, repeat=args.repeat, datatrove=not args.no_datatrove, max_docs=args.max_docs,
                         target_mb=args.target_mb, pairs_per_band=args.pairs_per_band, classifier=not args.no_classifier)
@@ -475,7 +476,7 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_input(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_input, render_input  # loads JAX: only for this command
+    from palm.app.bench.input import bench_input, render_input  # loads JAX: only for this command
 
     result = bench_input(args.data_dir, vocab_size=args.vocab_size, seq_len=args.seq_len, batch=args.batch,
                          batches=args.batches)
@@ -484,7 +485,7 @@ def _cmd_bench_input(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
-    from palm.app.bench import bench_decode, render_decode  # loads JAX: only for this command
+    from palm.app.bench.decode import bench_decode, render_decode  # loads JAX: only for this command
 
     spec = load_spec(args.spec, args.overrides)
     try:

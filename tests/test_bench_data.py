@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from palm.app.bench import BOOKS_SPLIT, WIKI_SPLIT, render_data, split_text
+from palm.app.bench.corpus import BOOKS_SPLIT, WIKI_SPLIT, split_text
+from palm.app.bench.data import render_data
 from palm.cli import main
 
 SYSTEMS = ("palm", "datatrove")

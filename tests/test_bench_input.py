@@ -76,7 +76,7 @@ def test_loader_batches_and_headroom_against_one_h100(result):
 
 
 def test_text_output_names_the_comparison(result):
-    from palm.app.bench import render_input
+    from palm.app.bench.input import render_input
 
     text = render_input(result[0])
     assert "tokens/s per core" in text and "batches/s" in text
@@ -90,6 +90,7 @@ def test_bad_settings_are_bad_input(shared_data, capsys):
 
 
 def test_a_vocabulary_the_corpus_cannot_hold_is_bad_input(shared_data, capsys, monkeypatch):
+    import palm.app.bench.input
     import palm.tokenizer
 
     real = palm.tokenizer.train_tokenizer
@@ -97,7 +98,7 @@ def test_a_vocabulary_the_corpus_cannot_hold_is_bad_input(shared_data, capsys, m
     def on_a_few_documents(texts, path, **kwargs):  # the real trainer, on a sample small enough to fail fast
         return real(list(texts)[:50], path, **kwargs)
 
-    monkeypatch.setattr(palm.tokenizer, "train_tokenizer", on_a_few_documents)
+    monkeypatch.setattr(palm.app.bench.input, "train_tokenizer", on_a_few_documents)
     rc = main(["bench", "input", "--data-dir", str(shared_data), "--vocab-size", "5000", "--batches", "1"])
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""

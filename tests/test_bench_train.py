@@ -30,7 +30,7 @@ def test_reference_ratio_is_reported(tmp_path, capsys):
 
 
 def test_a_reference_without_tokens_per_second_is_an_error(tmp_path):
-    from palm.app.bench import run_reference
+    from palm.app.bench.train import run_reference
     from palm.dag.workflow import load_spec
 
     ref = tmp_path / "reference_step.py"
@@ -58,7 +58,7 @@ def test_profile_traces_the_steps_and_names_the_busiest_operations(tmp_path, cap
 def test_summarize_trace_sums_device_lines_apart(tmp_path):
     import gzip
 
-    from palm.app.bench import summarize_trace
+    from palm.app.bench.train import summarize_trace
 
     events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
               {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},

@@ -209,18 +209,20 @@ def test_plan_shows_the_graph_with_each_models_size(capsys):
     assert "workflow" in text and "train-l       train      <- pack;" in text
 
 
+def build_wordcount(spec, inputs, hooks):
+    """A stage type's builder, named by the row below as "tests.test_workflow:build_wordcount"."""
+    def build(out):
+        words = sum(len(line.split()) for shard in inputs["data"].local().glob("train-*.jsonl.gz")
+                    for line in __import__("gzip").open(shard, "rt"))
+        (out / "count.txt").write_text(str(words))
+        return {"words": words}
+    return build
+
+
 def test_a_stage_type_is_one_builder_and_one_table_row(tmp_path, monkeypatch):
     """A new type needs nothing but its row: the spec's graph, the runner and the keys take it from there."""
-    def build_wordcount(spec, inputs, hooks):
-        def build(out):
-            words = sum(len(line.split()) for shard in inputs["data"].local().glob("train-*.jsonl.gz")
-                        for line in __import__("gzip").open(shard, "rt"))
-            (out / "count.txt").write_text(str(words))
-            return {"words": words}
-        return build
-
-    monkeypatch.setitem(STAGES, "wordcount", Stage("wordcount", build_wordcount, lambda spec: {"v": 1},
-                                                   inputs=("data",), default=False))
+    monkeypatch.setitem(STAGES, "wordcount", Stage("wordcount", "tests.test_workflow:build_wordcount",
+                                                   lambda spec: {"v": 1}, inputs=("data",), default=False))
     path = tmp_path / "wc.yaml"
     path.write_text(yaml.safe_dump({"extends": str(TINY), "name": "wc",
                                     "workflow": {"data": {}, "count": {"stage": "wordcount", "needs": ["data"]}}}))

@@ -35,7 +35,7 @@ from palm.store import layout
 from palm.store.outputs import local_copy
 
 
-def _validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
+def validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
     """The validation split's texts (the train split's when it has none), in shard order, streamed from
     the data stage's output (local or gs://) and read only as far as `limit`."""
     texts: list[str] = []
@@ -51,7 +51,7 @@ def _validation_texts(data_dir: str | Path, limit: int | None) -> list[str]:
 
 
 def validation_loss(lm: Any, data_dir: Path, limit: int | None) -> dict[str, float]:
-    texts = _validation_texts(data_dir, limit)
+    texts = validation_texts(data_dir, limit)
     if not texts:
         raise PalmError(f"no validation documents in {data_dir}")
     return {**lm.perplexity_and_bits_per_byte(texts), "documents": len(texts)}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from palm.base.errors import PalmError
+from palm.data.minhash import shingle_hashes, words
 
 #: A speech starts after a blank line, at a "Name:" line (as in the real-corpora data-stage test).
 BOOKS_SPLIT = r"\n\n(?=[A-Z][A-Za-z ]+:\n)"
@@ -72,8 +73,6 @@ def shakespeare_speeches(data_dir: Path) -> list[str]:
 
 
 def shingle_set(text: str, ngram: int = 5) -> set[int]:
-    from palm.data.minhash import shingle_hashes, words
-
     return set(np.asarray(shingle_hashes(words(text), ngram)).tolist())
 
 
