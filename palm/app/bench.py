@@ -455,7 +455,7 @@ def bench_data(data_dir: str | Path | None = None, repeat: int = 3, datatrove: b
 
     from palm.app import bench_corpus
     from palm.data.filters import quality_drop_reason
-    from palm.data.pipeline import lsh_bands
+    from palm.data.dedup import lsh_bands
     from palm.spec.schema import NearDedup
 
     if repeat < 1:

@@ -289,7 +289,7 @@ def _quality_config(spec: Any) -> dict[str, Any]:
 
 
 def _beam_remote(spec: Any) -> bool:
-    from palm.data.pipeline import LOCAL_RUNNERS
+    from palm.data.beam import LOCAL_RUNNERS
 
     return spec.data.beam.runner not in LOCAL_RUNNERS
 
