@@ -217,7 +217,7 @@ def test_multi_process_runner(tmp_path):
 
 
 def test_cluster_runner_options_come_from_the_spec(tmp_path):
-    from palm.data.pipeline import pipeline_options
+    from palm.data.beam import pipeline_options
 
     worker = "us-docker.pkg.dev/proj/palm/palm-pipeline:latest"
     cloud = {"runner": "dataflow", "project": "proj", "region": "us-central2", "temp_location": "gs://bucket/tmp",
@@ -270,7 +270,8 @@ def _read_with_pids(spec: DataSpec, out: Path) -> list[tuple[str, int]]:
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from palm.data.pipeline import ReadSources, pipeline_options
+    from palm.data.beam import pipeline_options
+    from palm.data.sources import ReadSources
 
     def tag(record):
         import os
@@ -314,7 +315,7 @@ def _pairs_of_known_similarity(rng, low: float, high: float, count: int, start: 
     """`count` (text, variant, exact 5-gram shingle Jaccard in [low, high)) pairs of 300-word documents,
     each pair from fresh words (no two pairs share a word)."""
     from palm.data import minhash
-    from palm.data.pipeline import exact_jaccard
+    from palm.data.dedup import exact_jaccard
 
     out, n = [], start
     while len(out) < count:

@@ -30,8 +30,9 @@ import pytest
 from apache_beam.options.pipeline_options import GoogleCloudOptions, SetupOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
+from palm.data.beam import pipeline_options
 from palm.data.package import build_wheel
-from palm.data.pipeline import build_pipeline, pipeline_options, run_data_stage
+from palm.data.pipeline import build_pipeline, run_data_stage
 from palm.base.errors import PalmError
 from palm.spec.schema import DataSpec
 

@@ -215,14 +215,14 @@ def test_run_on_a_full_disk_is_one_line_and_not_retried(prefect_server, tmp_path
 
 def test_run_that_may_not_read_a_data_file_is_one_line_and_not_retried(prefect_server, tmp_path, capsys,
                                                                        monkeypatch):
-    from palm.data import pipeline
+    from palm.data import sources
 
     docs = _docs(tmp_path)
 
     def refused(src, path):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(pipeline, "_file_records", refused)
+    monkeypatch.setattr(sources, "_file_records", refused)
     out = tmp_path / "run"
     rc = main(["run", str(_source_spec(tmp_path, [str(docs)])), "--stages", "data", "--output", str(out)])
     line = _one_line(capsys.readouterr().err)
@@ -248,7 +248,7 @@ def test_beam_workers_do_not_log_a_traceback_for_an_environment_fault(caplog):
 
     import apache_beam as beam
 
-    from palm.data.pipeline import run_beam
+    from palm.data.beam import run_beam
     from palm.dag.workflow import load_spec
 
     def refused(x):

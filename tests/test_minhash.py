@@ -469,7 +469,7 @@ def test_distributed_components_match_union_find():
     from apache_beam.testing.util import assert_that, equal_to
 
     from palm.data import minhash
-    from palm.data.pipeline import LABEL_ROUNDS, NearDuplicates
+    from palm.data.dedup import LABEL_ROUNDS, NearDuplicates
 
     rng = random.Random(0)
     chain = [(f"c{i:03d}", f"c{i + 1:03d}") for i in range(4 * LABEL_ROUNDS + 5)]

@@ -14,7 +14,7 @@ from palm.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
 from palm.base.errors import PalmError
-from palm.data.pipeline import stable_unit
+from palm.data.beam import stable_unit
 from palm.tokenizer import Tokenizer
 from tests.conftest import SPECS
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from palm.cli import main
+from palm.data.beam import pipeline_options
 from palm.data.package import build_worker_package
-from palm.data.pipeline import pipeline_options
 from palm.spec.schema import DataSpec
 from tests.conftest import ROOT
 

@@ -27,9 +27,11 @@ import apache_beam as beam
 import numpy as np
 
 from palm.base import storage
-from palm.data.pipeline import LOCAL_RUNNERS, run_beam, stable_unit
 from palm.base.errors import PalmError
+from palm.data.beam import run_beam, stable_unit
+from palm.spec.schema import LOCAL_RUNNERS
 from palm.spec.schema import DataSpec
+from palm.tokenizer import Tokenizer
 
 TOKEN_DTYPE = np.dtype("<i4")
 SUFFIX = ".tokens"
@@ -52,8 +54,6 @@ class Tokenize(beam.DoFn):
         self.model_bytes, self.num_shards = model_bytes, num_shards
 
     def setup(self):
-        from palm.tokenizer import Tokenizer
-
         self.tokenizer = Tokenizer(self.model_bytes)
 
     def process(self, doc):
@@ -113,8 +113,6 @@ def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir:
 
     Every directory may be local or gs://; on a cluster runner all three must be gs://, and its workers
     run `worker_image` (the spec's infra.launcher.image) as for the data stage."""
-    from palm.tokenizer import Tokenizer
-
     data_dir, out_dir = str(data_dir), str(out_dir)
     if data_spec.beam.runner not in LOCAL_RUNNERS:
         local = [str(d) for d in (data_dir, tokenizer_dir, out_dir) if not storage.is_remote(d)]

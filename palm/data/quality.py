@@ -35,6 +35,8 @@ import numpy as np
 
 from palm.base import storage
 from palm.base.errors import PalmError
+from palm.data.filters import keep_probability, quality_drop_reason
+from palm.data.sources import decode_record, normalize, source_files, source_records
 
 if TYPE_CHECKING:
     from palm.spec.schema import DataSpec, Source
@@ -45,36 +47,6 @@ WEIGHTS = "weights.npy"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 #: Bins of the score histograms (the data stage's accounting uses the same).
 SCORE_BINS = 10
-
-
-def uses_classifier(data: "DataSpec") -> bool:
-    """Whether the data stage needs a trained quality classifier: a source samples by quality, and the
-    spec chose the classifier (the default) rather than the heuristic."""
-    return data.quality.scorer == "classifier" and any(s.filters.quality_sampling for s in data.sources)
-
-
-def positive_sources(data: "DataSpec") -> list["Source"]:
-    """The curated sources the classifier learns as positives."""
-    q = data.quality
-    if q.positive_sources is not None:
-        names = set(q.positive_sources)
-        return [s for s in data.sources if s.name in names]
-    return [s for s in data.sources if s.kind in q.positive_kinds]
-
-
-def negative_sources(data: "DataSpec") -> list["Source"]:
-    return [s for s in data.sources if s.filters.quality_sampling]
-
-
-def classifier_config(data: "DataSpec") -> dict[str, Any]:
-    """What the quality stage's output depends on (its key): how the two classes' documents are read and
-    filtered, and the classifier's settings; not the mixture weights, dedup or sharding."""
-    dumped = data.model_dump(mode="json")
-    read = ("name", "paths", "format", "text_field", "kind", "filters", "split_pattern", "max_docs")
-    used = {s.name for s in positive_sources(data) + negative_sources(data)}
-    return {"sources": [{k: s[k] for k in read} for s in dumped["sources"] if s["name"] in used],
-            "invalid_utf8": dumped["invalid_utf8"], "normalize": dumped["normalize"], "seed": dumped["seed"],
-            "quality": dumped["quality"]}
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -89,35 +61,19 @@ def sample_source(data: "DataSpec", src: "Source", limit: int) -> Iterator[tuple
     """(doc id, text) of up to `limit` documents of `src` that pass its rule-based filters, read in
     process: the first documents of its files, the files in a random order fixed by data.seed.
 
-    Ids, decoding, normalization and the rules are the data stage's own (palm.data.pipeline), so the
-    classifier sees documents exactly as the data stage will score them."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from palm.data import builtin, filters
-    from palm.data.pipeline import _file_records, decode_record, file_key, normalize
-
-    files: list[tuple[str, str]] = []  # (file key, path)
-    for p, pattern in enumerate(src.paths):
-        if src.format == "builtin":
-            files.append((str(p), pattern))
-            continue
-        matched = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
-        files.extend((file_key(p, i), path) for i, path in enumerate(matched))
+    Files, records, ids, decoding and normalization are the data stage's own (palm.data.sources), and
+    the rules too (palm.data.filters), so the classifier sees documents exactly as the data stage will
+    score them."""
+    files = source_files(src)  # (file key, path)
     random.Random(f"palm-quality/{data.seed}/{src.name}").shuffle(files)
     taken = 0
     for key, path in files:
-        if src.format == "builtin":
-            records = ((f"{src.name}/{doc_id}", raw) for doc_id, raw in builtin.builtin_records(path))
-        else:
-            records = ((f"{src.name}/{key}/{i:08d}", raw) for i, raw in enumerate(_file_records(src, path)))
-        for count, (doc_id, raw) in enumerate(records):
-            if src.max_docs is not None and count >= src.max_docs:
-                break
+        for doc_id, raw in source_records(src, key, path):
             text, reason, _ = decode_record(raw, src.format, src.text_field, data.invalid_utf8)
             if reason is not None:
                 continue
             text = normalize((doc_id, src.name, text), data.normalize)[2]
-            if filters.quality_drop_reason(text, src.filters) is not None:
+            if quality_drop_reason(text, src.filters) is not None:
                 continue
             yield doc_id, text
             taken += 1
@@ -129,6 +85,7 @@ def sample_source(data: "DataSpec", src: "Source", limit: int) -> Iterator[tuple
 
 
 def vectorizer(settings: dict[str, Any]):
+    # scikit-learn (seconds to import) loads only where a classifier is trained or scores
     from sklearn.feature_extraction.text import HashingVectorizer
 
     return HashingVectorizer(n_features=settings["num_features"], ngram_range=(1, settings["ngram"]),
@@ -198,13 +155,12 @@ def score_bin(score: float) -> int:
 
 def train_quality_stage(data: "DataSpec", out: Path) -> dict[str, Any]:
     """Sample both classes, fit, evaluate on the held-out documents, save; the manifest's fields."""
+    # scikit-learn (seconds to import) loads only where a classifier is trained
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from palm.data.filters import keep_probability
-
     q = data.quality
-    positives, negatives = positive_sources(data), negative_sources(data)
+    positives, negatives = data.positive_sources(), data.negative_sources()
     per_class = q.max_docs_per_class
     docs: dict[str, list[tuple[str, str]]] = {}
     for side, sources in (("positive", positives), ("negative", negatives)):

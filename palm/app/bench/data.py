@@ -23,7 +23,8 @@ from palm.app.bench import corpus as bench_corpus
 from palm.app.bench.common import MB, cpu_seconds, default_data_dir, palm_data_spec
 from palm.base.errors import PalmError
 from palm.data.filters import quality_drop_reason, quality_score
-from palm.data.pipeline import lsh_bands, run_data_stage
+from palm.data.dedup import lsh_bands
+from palm.data.pipeline import run_data_stage
 from palm.data.quality import QualityClassifier, train_quality_stage
 from palm.data.synthetic_web import fluent_spam, keyword_list, web_page
 from palm.spec.schema import DataSpec, NearDedup
