@@ -5,7 +5,8 @@ import sys
 
 from tests.conftest import ROOT
 
-CORE = ["palm.spec.config", "palm.core.model", "palm.core.optimizer", "palm.core.sharding", "palm.core.train"]
+CORE = ["palm.spec.config", "palm.core.model", "palm.core.optimizer", "palm.core.sharding", "palm.core.train",
+        "palm.core.checkpoint", "palm.core.lm"]
 FORBIDDEN = ["prefect", "apache_beam", "pydantic", "sentencepiece", "gcsfs", "grain"]
 
 BLOCKER = f"""
