@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 from palm.base.errors import PalmError, Preempted, SpecError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # palm/jobs/launch.py: the repository is two levels up
 JOBSET_SCHEMA = REPO_ROOT / "infra" / "schemas" / "jobset-v1alpha2.schema.json"
 #: The Kubernetes API version whose batch/v1 Job schema the JobSet's Job template is checked against.
 KUBERNETES_VERSION = "1.30"
