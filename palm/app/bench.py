@@ -705,7 +705,7 @@ def write_data_stage_shard(sources: dict[str, dict[str, Any]], out_dir: Path) ->
 def h100_consumption(spec: Spec) -> dict[str, Any]:
     """Tokens/s one H100 trains on for `spec`: the measured reference step, and the MFU goal's rate."""
     from palm.core.model import count_params, model_flops_per_token
-    from palm.spec.schema import PEAK_FLOPS
+    from palm.base.hardware import PEAK_FLOPS
 
     m = spec.model
     peak = PEAK_FLOPS["h100"]

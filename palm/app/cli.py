@@ -691,7 +691,7 @@ def _cpu_unless_accelerated() -> None:
     missing chips; use the CPU unless JAX_PLATFORMS says otherwise or a GPU plugin is installed."""
     import importlib.util
 
-    from palm.app.worker import tpu_host
+    from palm.base.hardware import tpu_host
 
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_host():
         return

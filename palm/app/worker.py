@@ -24,7 +24,6 @@ How a host joins, in order:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from palm.base.errors import PalmError
+from palm.base.hardware import tpu_host
 
 ENV_ADDRESS, ENV_COUNT, ENV_INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -62,11 +62,6 @@ def initialize_distributed() -> dict[str, Any]:
         how = "single"
     return {"mode": how, "process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count()}
-
-
-def tpu_host() -> bool:
-    """Whether this host has TPU chips (their device files), without starting any JAX backend."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") -> dict[str, Any]:

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from palm.base.errors import PalmError, Preempted, SpecError
+from palm.base.hardware import TPU_GENERATIONS, TpuGeneration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # palm/jobs/launch.py: the repository is two levels up
 JOBSET_SCHEMA = REPO_ROOT / "infra" / "schemas" / "jobset-v1alpha2.schema.json"
@@ -71,20 +72,6 @@ WORKER_CONTAINER = "worker"
 REPLICATED_JOB = "slice"
 
 Log = Callable[[str], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-    prefix: str               # the accelerator type's prefix: v4-<TensorCores>
-    cores_per_chip: int       # v2-v4 (and v5p) accelerator types count TensorCores, not chips
-    chips_per_host: int
-    gke_accelerator: str      # the node label cloud.google.com/gke-tpu-accelerator
-
-
-TPU_GENERATIONS = {
-    "tpu-v4": TpuGeneration("v4", 2, 4, "tpu-v4-podslice"),
-    "tpu-v5p": TpuGeneration("v5p", 2, 4, "tpu-v5p-slice"),
-}
 
 
 # ------------------------------------------------------------------------------------------ outcomes
