@@ -365,7 +365,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     import threading
 
     from palm.base.errors import Preempted
-    from palm.jobs.launch import JobFailed, JobPreempted, launch, plan_json, plan_launch, render
+    from palm.jobs.launch import launch, plan_launch, render
+    from palm.jobs.launching import JobFailed, JobPreempted, plan_json
     from palm.spec.schema import load_spec
 
     spec = load_spec(args.spec, args.overrides)

@@ -109,8 +109,8 @@ MEMORY_COEFFICIENTS = {
 
 
 def _launch_check(spec: Spec) -> dict[str, Any]:
-    """Whether the launcher can get the spec's TPU slices (palm.jobs.launch.topology_check)."""
-    from palm.jobs.launch import topology_check
+    """Whether the launcher can get the spec's TPU slices (palm.jobs.launching.topology_check)."""
+    from palm.jobs.launching import topology_check
 
     return topology_check(spec)
 

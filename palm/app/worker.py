@@ -116,7 +116,7 @@ def run_eval_worker(spec: Any, checkpoint: str, log: Any = None) -> dict[str, An
     from palm.base import storage
     from palm.jobs.evaljob import write_result
     from palm.evaluation.run import evaluate_checkpoint
-    from palm.jobs.launch import eval_job_name
+    from palm.jobs.launching import eval_job_name
 
     mesh = spec.resolved_mesh()
     leader = jax.process_index() == 0
@@ -166,7 +166,7 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
     if eval_checkpoint is not None:
         from palm.evaluation.run import locate_run
-        from palm.jobs.launch import checkpoint_step
+        from palm.jobs.launching import checkpoint_step
 
         checkpoint_step(eval_checkpoint)
         locate_run(eval_checkpoint)
