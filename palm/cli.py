@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import yaml
 
 from palm.base.errors import PalmError, environment_fault
+from palm.base.hardware import tpu_host
 from palm import version_line
 from palm.base import storage
 from palm.base.errors import Preempted
@@ -375,7 +376,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from palm.jobs.launch import JobFailed, JobPreempted, launch, plan_json, plan_launch, render
+    from palm.jobs.launch import launch, plan_launch, render
+    from palm.jobs.launching import JobFailed, JobPreempted, plan_json
 
     spec = load_spec(args.spec, args.overrides)
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
@@ -678,7 +680,6 @@ def _cpu_unless_accelerated() -> None:
     """On a host without TPU chips that has libtpu installed (the `tpu` dependency group, for compiling
     ahead of time), JAX would start a TPU backend at first use and print libtpu's complaints about the
     missing chips; use the CPU unless JAX_PLATFORMS says otherwise or a GPU plugin is installed."""
-    from palm.app.worker import tpu_host  # loads JAX: only for this command
 
     if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_host():
         return

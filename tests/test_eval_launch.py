@@ -19,7 +19,7 @@ from flows.evaluate import evaluate_new_checkpoints
 from palm.jobs import evaljob
 from palm.base.errors import PalmError
 from palm.jobs.evaljob import placement, result_path, write_result
-from palm.jobs.launch import JobFailed, WorkerRejected
+from palm.jobs.launching import JobFailed, WorkerRejected
 from palm.store.ledger import EvalLedger
 from palm.store.layout import SPEC_RECORD
 from palm.dag.runner import record_spec, run_dag

@@ -1,7 +1,7 @@
-"""`palm launch` and palm/jobs/launch.py: what each launcher would run (golden files), that every JobSet is
-valid, that bad launcher settings are bad input (exit 2, naming the key), and launching for real through
-fake `gcloud`, `kubectl` and `palm` executables that record their calls and play a scenario: success,
-preemption, failure, bad input.
+"""`palm launch` and its launchers (palm/jobs/launch.py, launching.py, local.py, tpu_vm.py, gke.py): what
+each launcher would run (golden files), that every JobSet is valid, that bad launcher settings are bad
+input (exit 2, naming the key), and launching for real through fake `gcloud`, `kubectl` and `palm`
+executables that record their calls and play a scenario: success, preemption, failure, bad input.
 
 Golden files live in tests/golden/. After an intended change to what the launchers emit, regenerate them
 and review the diff:
@@ -26,16 +26,9 @@ import yaml
 
 from palm.cli import main
 from palm.base.errors import PalmError
-from palm.jobs.launch import (
-    JobFailed,
-    JobPreempted,
-    JobStopped,
-    WorkerRejected,
-    launch,
-    plan_launch,
-    validate_jobset,
-    worker_command,
-)
+from palm.jobs.gke import validate_jobset
+from palm.jobs.launch import launch, plan_launch
+from palm.jobs.launching import JobFailed, JobPreempted, JobStopped, WorkerRejected, worker_command
 from palm.dag.workflow import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +240,7 @@ def test_540b_checkpoints_on_tpu_vms_are_evaluated_by_their_own_queued_resource(
 
 
 def test_eval_job_names_keep_the_step():
-    from palm.jobs.launch import eval_job_name
+    from palm.jobs.launching import eval_job_name
 
     spec = load_spec(S540, ["name=a-very-long-spec-name-for-a-very-large-language-model"])
     name = eval_job_name(spec, 1_234_567)

@@ -16,14 +16,15 @@ import re
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from palm.analysis.memory import estimate_memory
 from palm.base.errors import PalmError
+from palm.base.hardware import CHIPS_PER_HOST_BOUNDS, TPU_GENERATIONS, parse_topology, tpu_host
 from palm.base.units import gib
-
-#: Accelerator name in the spec -> (topology prefix, chip config) for jax.experimental.topologies.
-TPU_GENERATIONS = {"tpu-v4": ("v4", "megacore"), "tpu-v5p": ("v5p", "megacore")}
-
-#: Chips per host along each torus axis for a host of N chips (v4 and v5p hosts carry 4 chips, 2x2x1).
-CHIPS_PER_HOST_BOUNDS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2)}
+from palm.core.train import Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,6 @@ def tpu_environment() -> None:
     """Settings libtpu reads when it starts on a host without chips: quiet its warnings about the missing
     TPU VM metadata (it still describes any topology), and let several processes compile at once (its
     lockfile guards chips, and there are none). Only fills in what is unset; changes nothing on a TPU host."""
-    from palm.app.worker import tpu_host
-
     if tpu_host():
         return
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
@@ -58,8 +57,6 @@ def tpu_environment() -> None:
 
 def tpu_devices(accelerator: str, topology: str, num_slices: int = 1, devices_per_host: int = 4) -> list[Any]:
     """The abstract devices of `num_slices` slices of a TPU topology, e.g. ("tpu-v4", "12x16x16", 2)."""
-    from palm.base.hardware import parse_topology
-
     if accelerator not in TPU_GENERATIONS:
         raise PalmError(f"ahead-of-time compilation targets TPUs ({', '.join(TPU_GENERATIONS)}); this spec's "
                         f"infra.hardware.accelerator is {accelerator}")
@@ -72,12 +69,11 @@ def tpu_devices(accelerator: str, topology: str, num_slices: int = 1, devices_pe
     except ImportError:
         raise PalmError("compiling for TPUs needs libtpu on this host: uv sync --group tpu") from None
     tpu_environment()
-    from jax.experimental import topologies
-
-    generation, chip_config = TPU_GENERATIONS[accelerator]
+    generation = TPU_GENERATIONS[accelerator]
     try:
         topo = topologies.get_topology_desc(
-            platform="tpu", topology_name=f"{generation}:{'x'.join(map(str, dims))}", chip_config_name=chip_config,
+            platform="tpu", topology_name=f"{generation.prefix}:{'x'.join(map(str, dims))}",
+            chip_config_name=generation.chip_config,
             chips_per_host_bounds=CHIPS_PER_HOST_BOUNDS[devices_per_host], num_slices=num_slices)
     except Exception as e:  # libtpu's own words on an impossible topology
         raise PalmError(f"libtpu cannot describe {num_slices} slice(s) of {accelerator} {topology}: "
@@ -103,9 +99,6 @@ def refused_bytes(message: str) -> tuple[str, int, int] | None:
 
 def argument_bytes(args: Any) -> int:
     """Bytes per device of a step's abstract arguments (each one's shard on a device)."""
-    import jax
-    import numpy as np
-
     return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
                for a in jax.tree.leaves(args))
 
@@ -146,9 +139,6 @@ def compile_spec(spec: Any, *, num_layers: int | None = None, batches: Sequence[
     """Compile the train step at every batch size of the spec's ramp, and the evaluation step, for the
     spec's own TPU hardware and mesh. `num_layers` compiles a shallower model of the same width (tests);
     `batches` replaces the ramp's sizes."""
-    from palm.analysis.memory import estimate_memory
-    from palm.core.train import Trainer
-
     hw = spec.infra.hardware
     if hw.accelerator not in TPU_GENERATIONS:
         raise PalmError(f"ahead-of-time compilation targets TPUs ({', '.join(TPU_GENERATIONS)}); this spec's "

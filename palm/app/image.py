@@ -17,7 +17,7 @@ from typing import Any
 from palm.base.errors import PalmError, SpecError
 from palm import version_info
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # palm/app/image.py: the repository is two levels up
 DOCKERFILE = "infra/Dockerfile"
 CLOUD_BUILD = "infra/cloudbuild.yaml"
 

@@ -10,7 +10,7 @@ from palm.core.model import abstract_params, count_params, hardware_flops_per_to
 from palm.core.sharding import Sharding
 from palm.dag.table import STAGES
 from palm.dag.workflow import resolve_workflow
-from palm.jobs.launch import topology_check
+from palm.jobs.launching import topology_check
 from palm.spec.schema import Spec
 
 #: The paper's measured MFU for PaLM 540B (Table 3), the default for wall-time estimates.
@@ -98,7 +98,7 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
 
 
 def _launch_check(spec: Spec) -> dict[str, Any]:
-    """Whether the launcher can get the spec's TPU slices (palm.jobs.launch.topology_check)."""
+    """Whether the launcher can get the spec's TPU slices (palm.jobs.launching.topology_check)."""
     return topology_check(spec)
 
 

@@ -24,7 +24,6 @@ How a host joins, in order:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -47,6 +46,8 @@ from palm.evaluation.run import evaluate_checkpoint
 from palm.jobs.evaljob import write_result
 from palm.store import layout
 from palm.store.outputs import output_path, read_manifest
+from palm.base.hardware import tpu_host
+from palm.jobs.launching import checkpoint_step, eval_job_name
 
 ENV_ADDRESS, ENV_COUNT, ENV_INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -73,11 +74,6 @@ def initialize_distributed() -> dict[str, Any]:
         how = "single"
     return {"mode": how, "process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count()}
-
-
-def tpu_host() -> bool:
-    """Whether this host has TPU chips (their device files), without starting any JAX backend."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") -> dict[str, Any]:
@@ -120,7 +116,6 @@ def run_worker(spec: Any, root: str, log: Any = None, node_name: str = "train") 
 def run_eval_worker(spec: Any, checkpoint: str, log: Any = None) -> dict[str, Any]:
     """Evaluate one checkpoint (a step directory) as one host of an evaluation job: sharded over the
     spec's mesh of every host's devices; host 0 writes the result (palm.jobs.evaljob.write_result)."""
-    from palm.jobs.launch import eval_job_name
 
     mesh = spec.resolved_mesh()
     leader = jax.process_index() == 0
@@ -166,7 +161,6 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     spec = load_spec(spec_path, overrides)  # bad input fails before joining the job
     root = output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
     if eval_checkpoint is not None:
-        from palm.jobs.launch import checkpoint_step
 
         checkpoint_step(eval_checkpoint)
         locate_run(eval_checkpoint)

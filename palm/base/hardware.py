@@ -1,4 +1,11 @@
-"""TPU slices as 3D meshes of chips, and which (data, fsdp, model) meshes lay out on them; no JAX needed.
+"""The hardware's facts, in one table for every layer, and which (data, fsdp, model) meshes lay out on
+TPU slices; standard library only, no JAX needed.
+
+The facts: each accelerator's peak FLOP/s (`PEAK_FLOPS`, and `device_peak_flops` for a JAX device kind),
+the TPU generations (`TPU_GENERATIONS`: accelerator-type prefix, TensorCores and chips per host, GKE node
+label, libtpu chip config), a TPU host's chips along the torus axes (`CHIPS_PER_HOST_BOUNDS`), whether this
+host is a TPU VM (`tpu_host`), and what Google Cloud offers (`V4_POD_CHIPS`, `GKE_V4_TOPOLOGIES`). Chips'
+memory is not here: each spec states it (`infra.hardware.memory_bytes`).
 
 A TPU v4 slice is a 3D mesh of chips (e.g. 12x16x16), each linked to its neighbours along every axis;
 some shapes (2A=B=C or 2A=2B=C, e.g. 4x4x8, 8x8x16) close each axis into a ring with wrap-around links,
@@ -12,6 +19,8 @@ axis spans them.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import itertools
 import math
 from typing import Sequence
@@ -19,6 +28,58 @@ from typing import Sequence
 from palm.base.errors import PalmError
 
 MESH_AXES = ("data", "fsdp", "model")
+
+
+# ------------------------------------------------------------------------------------- accelerators
+
+#: Dense bf16 peak per chip, FLOP/s, by the spec's accelerator name (infra.hardware.accelerator).
+PEAK_FLOPS = {
+    "cpu": None,
+    "h100": 989.4e12,
+    "h200": 989.4e12,
+    "a100": 312e12,
+    "tpu-v4": 275e12,
+    "tpu-v5p": 459e12,
+}
+
+#: A JAX device's `device_kind` (lower case) contains the key -> the spec's accelerator name; first match wins.
+DEVICE_KINDS = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4", "tpu v5p": "tpu-v5p"}
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a JAX device by its `device_kind`, or None where unknown (CPU)."""
+    kind = device_kind.lower()
+    for name, accelerator in DEVICE_KINDS.items():
+        if name in kind:
+            return PEAK_FLOPS[accelerator]
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    prefix: str               # the accelerator type's prefix (v4-<TensorCores>), and libtpu's topology name prefix
+    cores_per_chip: int       # v2-v4 (and v5p) accelerator types count TensorCores, not chips
+    chips_per_host: int
+    gke_accelerator: str      # the node label cloud.google.com/gke-tpu-accelerator
+    chip_config: str          # libtpu's chip config (jax.experimental.topologies' chip_config_name)
+
+
+#: TPU generations by the spec's accelerator name.
+TPU_GENERATIONS = {
+    "tpu-v4": TpuGeneration("v4", 2, 4, "tpu-v4-podslice", "megacore"),
+    "tpu-v5p": TpuGeneration("v5p", 2, 4, "tpu-v5p-slice", "megacore"),
+}
+
+#: Chips per host along each torus axis for a host of N chips (v4 and v5p hosts carry 4 chips, 2x2x1).
+CHIPS_PER_HOST_BOUNDS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2)}
+
+
+def tpu_host() -> bool:
+    """Whether this host has TPU chips (their device files), without starting any JAX backend."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+# ------------------------------------------------------------------------------ meshes on TPU slices
 
 
 def torus_assignment(physical: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, ...]] | None:

@@ -23,6 +23,7 @@ import optax
 from palm.core import optimizer as palm_optimizer
 from palm.spec.config import ModelConfig, TrainConfig
 from palm.base.errors import PalmError, Preempted
+from palm.base.hardware import device_peak_flops
 from palm.core.model import START_TOKEN, PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
 from palm.core.sharding import Sharding, make_mesh
 from palm.core.checkpoint import params_digest, state_digest
@@ -31,17 +32,10 @@ from palm.core.checkpoint import restore_params_onto
 logger = logging.getLogger("palm.core.train")
 
 
-PEAK_FLOPS_BY_DEVICE = {"h100": 989.4e12, "h200": 989.4e12, "a100": 312e12, "tpu v4": 275e12,
-                        "tpu v5p": 459e12}
-
 
 def peak_flops(device: jax.Device) -> float | None:
-    """Dense bf16 peak FLOP/s of a device, or None where unknown (CPU)."""
-    kind = device.device_kind.lower()
-    for name, peak in PEAK_FLOPS_BY_DEVICE.items():
-        if name in kind:
-            return peak
-    return None
+    """Dense bf16 peak FLOP/s of a device, or None where unknown (CPU): palm.base.hardware's table."""
+    return device_peak_flops(device.device_kind)
 
 
 @flax.struct.dataclass

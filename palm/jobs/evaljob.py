@@ -36,9 +36,15 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from palm.base import storage
 from palm.base.errors import PalmError
 from palm.base.units import gib_or_mib
+from palm.dag.table import eval_config
+from palm.evaluation.checkpoints import locate_run
+from palm.jobs import launch as launcher  # launcher.launch, looked up at call time: tests stand in for it
+from palm.jobs.launching import JobFailed, checkpoint_step
 from palm.store import layout
 
 #: Bytes of memory needed per byte of parameters to evaluate in process (see the module doc).
@@ -49,9 +55,7 @@ Log = Callable[[str], None]
 
 def parameter_bytes(model_config: Any) -> int:
     """Bytes of a model's parameters as checkpointed (param_dtype)."""
-    import numpy as np
-
-    from palm.core.model import count_params
+    from palm.core.model import count_params  # imports jax (heavy): not paid by `palm launch --eval-checkpoint`
 
     return count_params(model_config) * np.dtype(model_config.param_dtype).itemsize
 
@@ -71,7 +75,7 @@ def host_memory() -> int:
 
 def process_capacity() -> tuple[int, str]:
     """(bytes, what they are) this process can hold for evaluation (see the module doc)."""
-    import jax
+    import jax  # heavy: not paid by `palm launch --eval-checkpoint`, which only follows the job
 
     ram = host_memory()
     devices = jax.local_devices()
@@ -121,8 +125,6 @@ def result_path(train_dir: str, step: int) -> str:
 
 def write_result(train_dir: str, result: dict[str, Any], spec: Any, job: dict[str, Any]) -> str:
     """Host 0's last act: the result, with the eval settings it was computed with, in one atomic write."""
-    from palm.dag.table import eval_config
-
     path = result_path(train_dir, result["step"])
     storage.write_text_atomic(path, json.dumps({**result, "eval": eval_config(spec), "job": job}, indent=2,
                                                sort_keys=True, default=str))
@@ -131,8 +133,6 @@ def write_result(train_dir: str, result: dict[str, Any], spec: Any, job: dict[st
 
 def read_result(train_dir: str, step: int, spec: Any) -> dict[str, Any] | None:
     """A launched job's result for checkpoint `step` computed with `spec`'s eval settings, or None."""
-    from palm.dag.table import eval_config
-
     try:
         result = json.loads(storage.read_text(result_path(train_dir, step)))
     except (FileNotFoundError, ValueError):
@@ -147,8 +147,6 @@ def read_result(train_dir: str, step: int, spec: Any) -> dict[str, Any] | None:
 
 def plan_eval_job(spec: Any, spec_path: str, root: str, checkpoint: str, overrides: Sequence[str] = ()) -> Any:
     """The launch plan of the job evaluating `checkpoint` (a step directory) under `spec`'s launcher."""
-    from palm.jobs import launch as launcher
-
     return launcher.plan_launch(spec, spec_path, root, overrides, eval_checkpoint=checkpoint)
 
 
@@ -161,12 +159,9 @@ def evaluate_on_workers(spec: Any, spec_path: str, root: str, checkpoint: str, o
     checkpoint and these eval settings is returned without launching. Raises as `palm.jobs.launch.launch`
     does (JobFailed, JobPreempted, WorkerRejected, JobStopped), or JobFailed when the job ended without
     writing its result."""
-    from palm.jobs import launch as launcher
-    from palm.evaluation.checkpoints import locate_run
-
     log = log or (lambda line: None)
     run = locate_run(checkpoint)
-    step = launcher.checkpoint_step(checkpoint)
+    step = checkpoint_step(checkpoint)
     done = read_result(run["train_dir"], step, spec)
     if done is not None:
         log(f"eval: {checkpoint} was evaluated by job {done.get('job', {}).get('name')}; using its result "
@@ -176,6 +171,6 @@ def evaluate_on_workers(spec: Any, spec_path: str, root: str, checkpoint: str, o
     launcher.launch(plan, stop=stop, log=log)
     result = read_result(run["train_dir"], step, spec)
     if result is None:
-        raise launcher.JobFailed(f"{plan.name}: the workers finished but wrote no result for step {step} at "
-                                 f"{result_path(run['train_dir'], step)}")
+        raise JobFailed(f"{plan.name}: the workers finished but wrote no result for step {step} at "
+                        f"{result_path(run['train_dir'], step)}")
     return result

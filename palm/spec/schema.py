@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from palm.spec.config import LossSpikeConfig, ModelConfig, TrainConfig
 from palm.base.errors import PalmError, SpecError
-from palm.base.hardware import MESH_AXES, mesh_fits_topology, nearest_mesh, parse_topology
+from palm.base.hardware import MESH_AXES, PEAK_FLOPS, mesh_fits_topology, nearest_mesh, parse_topology
 
 
 
@@ -314,17 +314,6 @@ class EvalSpec(_Strict):
 
 
 # ---------------------------------------------------------------------------------------- infra
-
-#: Dense bf16 peak per chip, FLOP/s.
-PEAK_FLOPS = {
-    "cpu": None,
-    "h100": 989.4e12,
-    "h200": 989.4e12,
-    "a100": 312e12,
-    "tpu-v4": 275e12,
-    "tpu-v5p": 459e12,
-}
-
 
 class Hardware(_Strict):
     accelerator: Literal["cpu", "h100", "h200", "a100", "tpu-v4", "tpu-v5p"] = "cpu"

@@ -24,7 +24,8 @@ from palm.base.errors import PalmError
 from palm.core.model import count_params, model_flops_per_token
 from palm.data.loader import HostBatches, sequence_dataset
 from palm.data.pack import run_pack_stage
-from palm.spec.schema import PEAK_FLOPS, Spec
+from palm.base.hardware import PEAK_FLOPS
+from palm.spec.schema import Spec
 from palm.dag.workflow import load_spec
 from palm.tokenizer import TRAIN_THREADS, Tokenizer, train_tokenizer
 
