@@ -28,12 +28,17 @@ from typing import Any, Sequence
 import yaml
 
 from palm.base.errors import PalmError, environment_fault
+from palm.app.image import build_image
+from palm.app.image import render as render_image
 from palm.base.hardware import tpu_host
 from palm import version_line
 from palm.base import storage
 from palm.base.errors import Preempted
 from palm.dag.runner import attach
 from palm.data.package import build_worker_package
+from palm.jobs.launch import launch, plan_launch
+from palm.jobs.launch import render as render_launch
+from palm.jobs.launching import JobFailed, JobPreempted, plan_json
 from palm.dag.table import STAGES
 from palm.dag.workflow import load_spec
 from palm.dag.workflow import resolve_workflow
@@ -376,9 +381,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from palm.jobs.launch import launch, plan_launch, render
-    from palm.jobs.launching import JobFailed, JobPreempted, plan_json
-
     spec = load_spec(args.spec, args.overrides)
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
 
@@ -391,7 +393,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(plan_json(plan), indent=2))
         else:
-            print(render(plan), end="")
+            print(render_launch(plan), end="")
         return 0
     # SIGTERM stops the job the way a preemption would: the workers checkpoint, then exit 75.
     stop = threading.Event()
@@ -661,11 +663,9 @@ def _write_jsonl_atomically(path: Any, records: list[dict[str, Any]]) -> None:
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
-    from palm.app.image import build_image, render
-
     spec = load_spec(args.spec, args.overrides)
     if args.dry_run:
-        print(render(spec, args.cloud_build), end="")
+        print(render_image(spec, args.cloud_build), end="")
         return 0
     build_image(spec, args.cloud_build, log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0

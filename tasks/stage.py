@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from palm.dag.table import STAGES
 from palm.dag.runner import attached, run_node
 from palm.store.outputs import StageOutput
+from tasks.train import run_training_node
 from tasks.common import artifact_key, as_environment_fault, publish_summary, with_retry_policy
 from palm.evaluation.run import results_markdown
 
@@ -95,8 +96,6 @@ def stage_task(node: Any, root: str, inputs: dict[str, StageOutput], force: bool
         hooks.on_stage_start(node.name)
     try:
         if STAGES[node.stage].trains:
-            from tasks.train import run_training_node
-
             out = run_training_node(node, root, inputs, force, get_run_logger())
         else:
             out = run_node(node, root, inputs, force=force, hooks=hooks)

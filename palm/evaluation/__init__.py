@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import palm
 from palm.base.errors import PalmError
 
 TASKS = ("humaneval", "gsm8k")
@@ -19,8 +20,6 @@ TASKS = ("humaneval", "gsm8k")
 
 def shared_data_dir() -> Path:
     """../shared/data next to the repository (where the project keeps the public evaluation sets)."""
-    import palm
-
     return Path(palm.__file__).resolve().parents[2] / "shared" / "data"
 
 

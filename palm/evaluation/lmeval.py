@@ -48,6 +48,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from palm.base.errors import PalmError
+from palm.evaluation.checkpoints import load_checkpoint_model
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
 def load_checkpoint(checkpoint: str | Path, *, step: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                     max_length: int | None = None, dtype: str | None = None) -> Any:
     """A `palm.core.lm.LanguageModel` from a training run's checkpoint (see the module docstring for the args)."""
-    from palm.evaluation.checkpoints import load_checkpoint_model
-
     return load_checkpoint_model(checkpoint, step=step, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                  what="palm model_args: ")
 
