@@ -46,6 +46,7 @@ from etils import epath
 from palm.spec.config import CheckpointConfig
 from palm.base.errors import PalmError
 from palm.base.storage import gcs_settings
+from palm.store import layout
 
 log = logging.getLogger("palm.core.checkpoint")
 
@@ -466,7 +467,7 @@ def open_checkpoints(path: str | Path) -> Checkpoints:
     parent, _, name = path.rpartition("/")
     if name.isdigit() and parent and any(_exists(f"{path}/{item}") for item in ("state", "meta", "data")):
         path, step = parent, int(name)
-    candidates = [path, f"{path}/checkpoints"]
+    candidates = [path, layout.checkpoints_dir(path)]
     for candidate in candidates:
         ckpts = Checkpoints(candidate, CheckpointConfig(), read_only=True) if _exists(candidate) else None
         if ckpts is not None and ckpts.steps():
