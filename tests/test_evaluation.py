@@ -310,3 +310,28 @@ def test_palm_generate_bad_input_is_one_line(checkpoint, capsys, extra, message)
     assert main(["generate", str(checkpoint), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["empty-step-directory", "emptied-meta-metadata"])
+def test_generate_and_eval_on_a_damaged_step_are_one_line_naming_the_good_steps(checkpoint, capsys, tmp_path, damage):
+    """An empty step directory (Orbax's KeyError) or an emptied meta/metadata (JSONDecodeError) used to be a
+    traceback from `palm generate` and `palm eval`."""
+    import shutil
+
+    train = tmp_path / "train" / checkpoint.parent.name
+    shutil.copytree(checkpoint.parent, train)
+    steps = sorted(int(p.name) for p in (train / "checkpoints").iterdir() if p.name.isdigit())
+    if damage == "empty-step-directory":
+        bad = train / "checkpoints" / str(steps[-1] + 3)
+        bad.mkdir()
+        good = steps
+    else:
+        bad = train / "checkpoints" / str(steps[-1])
+        (bad / "meta" / "metadata").write_text("")
+        good = steps[:-1]
+    for args in (["generate", str(bad), "--prompt", "To be"], ["eval", str(bad), "--set", "eval.max_examples=2"]):
+        rc = main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("palm: error:")]
+        assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+        assert f"{bad} is incomplete or damaged" in lines[0] and f"other steps: {good}" in lines[0], err
