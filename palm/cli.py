@@ -33,8 +33,9 @@ from palm.app.image import render as render_image
 from palm.base.hardware import tpu_host
 from palm import version_line
 from palm.base import storage
+from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
-from palm.dag.runner import attach
+from palm.dag.runner import attach, check_run_root
 from palm.data.package import build_worker_package
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launch import render as render_launch
@@ -329,7 +330,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
 
     storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
+    check_run_root(spec, root)  # another spec's run root: exit 2 now (the flow checks again, under the lock)
 
+    # Nothing this run starts outlives it, SIGKILL included: Prefect's ephemeral API server, stage
+    # subprocesses (palm/base/orphans.py).
+    watch_descendants()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect waits 20 s for its ephemeral server by default; its first start on a busy 2-core machine
     # (creating the database) can take longer.

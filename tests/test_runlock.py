@@ -128,3 +128,31 @@ with run_lock(sys.argv[1]) as fd:
     assert stranger.returncode != 0 and "in use by another run" in stranger.stderr, stranger.stderr
     print("refused", flush=True)
 """
+
+
+def test_a_run_root_belongs_to_one_spec(prefect_server, tmp_path, capsys):
+    """A second spec run into the same directory used to overwrite spec.json and report.md, and `palm eval`
+    of the first run's checkpoints then took the second spec's eval settings: it is refused in one line,
+    before Prefect starts and again in the flow (under the lock), and nothing of the first run changes."""
+    from palm.dag.runner import record_spec
+    from palm.dag.workflow import load_spec
+
+    run = tmp_path / "run"
+    assert main(["run", TINY, "--output", str(run), "--stages", "data"]) == 0
+    before = {p.name: p.read_bytes() for p in (run / "spec.json", run / "report.md")}
+    other = tmp_path / "other.yaml"
+    other.write_text(f"extends: {TINY}\nname: other\neval: {{max_examples: 3}}\n")
+    capsys.readouterr()
+    rc = main(["run", str(other), "--output", str(run), "--stages", "data"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines() == [
+        f"palm: error: {run} is the run root of spec 'tiny' (its spec.json), not of 'other': a run root belongs to "
+        "one spec, and nothing of that run is overwritten; give this run another --output (or infra.storage_root)"], err
+    with pytest.raises(PalmError, match="is the run root of spec 'tiny'"):
+        record_spec(load_spec(other), run)  # what the flow itself does first
+    assert {p.name: p.read_bytes() for p in (run / "spec.json", run / "report.md")} == before
+    # The same spec again (other --set values) shares the root and its cache.
+    assert main(["run", TINY, "--output", str(run), "--stages", "data", "--set", "eval.max_examples=5"]) == 0
+    (run / "spec.json").write_text("not json")
+    assert main(["run", TINY, "--output", str(run), "--stages", "data"]) == 2
+    assert "not a spec record of palm" in capsys.readouterr().err
