@@ -33,8 +33,10 @@ from palm.app.image import render as render_image
 from palm.base.hardware import tpu_host
 from palm import version_line
 from palm.base import storage
+from palm.base.files import open_regular, read_text
+from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
-from palm.dag.runner import attach
+from palm.dag.runner import attach, check_run_root
 from palm.data.package import build_worker_package
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launch import render as render_launch
@@ -329,7 +331,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     root = args.output or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
 
     storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
+    check_run_root(spec, root)  # another spec's run root: exit 2 now (the flow checks again, under the lock)
 
+    # Nothing this run starts outlives it, SIGKILL included: Prefect's ephemeral API server, stage
+    # subprocesses (palm/base/orphans.py).
+    watch_descendants()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect waits 20 s for its ephemeral server by default; its first start on a busy 2-core machine
     # (creating the database) can take longer.
@@ -545,6 +551,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Most bytes of a plain-text --prompts-file (prompts are generated one batch after another, in memory).
+MAX_PROMPTS_BYTES = 64 * 2**20
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from palm.evaluation.checkpoints import load_checkpoint_model  # loads JAX: only for this command
 
@@ -557,12 +567,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     raise PalmError(f"{path}:{lineno}: needs a string field 'prompt'")
                 prompts.append(record["prompt"])
         else:
-            try:
-                text = open(path, encoding="utf-8").read()
-            except FileNotFoundError:
-                raise PalmError(f"--prompts-file: {path} not found") from None
-            except (IsADirectoryError, UnicodeDecodeError) as e:
-                raise PalmError(f"--prompts-file: {path}: {e}") from None
+            text = read_text(path, "--prompts-file", MAX_PROMPTS_BYTES)  # bounded, regular files only
             prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PalmError("no prompts: pass --prompt TEXT or --prompts-file FILE")
@@ -589,8 +594,7 @@ def _cmd_eval_score(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise PalmError(f"--workers must be at least 1, got {args.workers}")
     data = args.data or str(default_data_file(args.task))
-    if not Path(args.samples).is_file():
-        raise PalmError(f"samples file not found: {args.samples}")
+    open_regular(args.samples, "samples").close()  # a regular file (read within bounds below), else one line
     out = Path(args.out) if args.out else None
     if out is not None:
         if out.is_dir():

@@ -310,3 +310,74 @@ def test_palm_generate_bad_input_is_one_line(checkpoint, capsys, extra, message)
     assert main(["generate", str(checkpoint), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["empty-step-directory", "emptied-meta-metadata"])
+def test_generate_and_eval_on_a_damaged_step_are_one_line_naming_the_good_steps(checkpoint, capsys, tmp_path, damage):
+    """An empty step directory (Orbax's KeyError) or an emptied meta/metadata (JSONDecodeError) used to be a
+    traceback from `palm generate` and `palm eval`."""
+    import shutil
+
+    train = tmp_path / "train" / checkpoint.parent.name
+    shutil.copytree(checkpoint.parent, train)
+    steps = sorted(int(p.name) for p in (train / "checkpoints").iterdir() if p.name.isdigit())
+    if damage == "empty-step-directory":
+        bad = train / "checkpoints" / str(steps[-1] + 3)
+        bad.mkdir()
+        good = steps
+    else:
+        bad = train / "checkpoints" / str(steps[-1])
+        (bad / "meta" / "metadata").write_text("")
+        good = steps[:-1]
+    for args in (["generate", str(bad), "--prompt", "To be"], ["eval", str(bad), "--set", "eval.max_examples=2"]):
+        rc = main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("palm: error:")]
+        assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+        assert f"{bad} is incomplete or damaged" in lines[0] and f"other steps: {good}" in lines[0], err
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "long-line", "gzip-bomb", "too-large-text"])
+def test_files_a_user_names_are_read_bounded_and_regular_only(tmp_path, capsys, monkeypatch, kind):
+    """`palm generate --prompts-file /dev/zero` used to read 4 GB in 5 s: every file a user names is a
+    regular file read within palm.base.files' bounds, else one line naming it (exit 2, in milliseconds)."""
+    import gzip
+    import os
+    import time
+
+    from palm.base import files
+
+    if kind == "device":
+        cases = [(["generate", str(tmp_path), "--prompts-file", "/dev/zero"], "/dev/zero is a device"),
+                 (["eval-score", "humaneval", "--samples", "/dev/zero"], "/dev/zero is a device")]
+    elif kind == "fifo":
+        fifo = tmp_path / "prompts.jsonl"
+        os.mkfifo(fifo)  # nobody writes to it: opening it used to block
+        cases = [(["generate", str(tmp_path), "--prompts-file", str(fifo)], "is a FIFO, not a regular file"),
+                 (["eval-score", "gsm8k", "--samples", str(fifo)], "is a FIFO, not a regular file")]
+    elif kind == "directory":
+        cases = [(["generate", str(tmp_path), "--prompts-file", str(tmp_path)], "is a directory"),
+                 (["eval-score", "gsm8k", "--samples", str(tmp_path)], "is a directory")]
+    elif kind == "long-line":
+        monkeypatch.setattr(files, "MAX_LINE_BYTES", 1 << 20)
+        big = tmp_path / "samples.jsonl"
+        big.write_bytes(b"x" * (2 << 20))
+        cases = [(["eval-score", "gsm8k", "--samples", str(big)], "samples.jsonl:1: a line longer than 1 MiB")]
+    elif kind == "gzip-bomb":
+        monkeypatch.setattr(files, "MAX_BYTES", 2 << 20)
+        bomb = tmp_path / "samples.jsonl.gz"
+        with gzip.open(bomb, "wb") as f:
+            for _ in range(64):  # 64 MiB of blank lines (skipped as they are read) in about 64 kB
+                f.write((b" " * 1023 + b"\n") * 1024)
+        cases = [(["eval-score", "gsm8k", "--samples", str(bomb)], "larger than 2 MiB")]
+    else:
+        monkeypatch.setattr("palm.cli.MAX_PROMPTS_BYTES", 1 << 20)
+        big = tmp_path / "prompts.txt"
+        big.write_text("To be\n" * 400_000)
+        cases = [(["generate", str(tmp_path), "--prompts-file", str(big)], "is larger than 1 MiB")]
+    for args, words in cases:
+        start = time.perf_counter()
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
+        assert time.perf_counter() - start < 10

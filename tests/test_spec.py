@@ -542,3 +542,49 @@ def test_a_spec_on_gs_is_read_with_the_same_bounds(gcs_emulator):
         with pytest.raises(SpecError) as e:
             load_spec(f"{root}/{name}")
         assert e.value.file == f"{root}/{name}" and message in e.value.detail, str(e.value)
+
+
+def test_a_long_extends_chain_is_one_line_at_its_bound(tmp_path, capsys):
+    """1,499 files extending each other used to be a RecursionError: the walk is iterative and bounded
+    (palm.spec.loading.MAX_EXTENDS files); a chain within the bound still merges, nearest file last."""
+    from palm.spec.loading import MAX_EXTENDS
+
+    def chain(n: int) -> Path:
+        (tmp_path / "s0.yaml").write_text(f"extends: {TINY}\ntrain: {{steps: 7}}\n")
+        for i in range(1, n):
+            (tmp_path / f"s{i}.yaml").write_text(f"extends: s{i - 1}.yaml\nname: chain-{i}\n")
+        return tmp_path / f"s{n - 1}.yaml"
+
+    spec = load_spec(chain(MAX_EXTENDS - 1))  # the spec and its parents, tiny.yaml included: the bound
+    assert spec.name == f"chain-{MAX_EXTENDS - 2}" and spec.train.steps == 7
+    top = chain(1499)
+    rc = main(["plan", str(top)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines() == [
+        f"palm: error: {top}: extends: the extends chain is longer than {MAX_EXTENDS} files; flatten it"], err
+
+
+@pytest.mark.parametrize("where", ["set", "file", "node"])
+def test_an_integer_out_of_range_is_one_line(tmp_path, capsys, where):
+    """`--set train.steps=<4,000 digits>` used to be an OverflowError in `palm plan`: integers are bounded
+    to 64 bits when the spec is read, in a file, in --set and in a node's set."""
+    huge = "9" * 4000
+    args = ["plan", str(TINY)]
+    if where == "set":
+        args += ["--set", f"train.steps={huge}"]
+        key = "train.steps"
+    elif where == "file":
+        path = tmp_path / "huge.yaml"
+        path.write_text(f"extends: {TINY}\ntrain: {{steps: {huge}}}\n")
+        args = ["plan", str(path)]
+        key = "train.steps"
+    else:
+        path = tmp_path / "huge.yaml"
+        path.write_text(f"extends: {TINY}\nworkflow:\n  data: {{}}\n  tokenizer: {{needs: [data]}}\n"
+                        f"  pack: {{needs: [data, tokenizer]}}\n  train: {{needs: [pack], set: {{train.steps: {huge}}}}}\n")
+        args = ["plan", str(path)]
+        key = "workflow.train.set.train.steps"
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{key}: integer of 4,000 digits is out of range (at most 2**63 - 1)" in err, err

@@ -24,6 +24,7 @@ How a host joins, in order:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,7 @@ from palm.evaluation.run import evaluate_checkpoint
 from palm.jobs.evaljob import write_result
 from palm.store import layout
 from palm.store.outputs import output_path, read_manifest
+from palm.store.runlock import INHERITED_FD, run_lock
 from palm.base.hardware import tpu_host
 from palm.jobs.launching import checkpoint_step, eval_job_name
 
@@ -170,7 +172,12 @@ def main(spec_path: str, overrides: list[str], output: str | None, as_json: bool
     stdout = os.dup(1)
     os.dup2(2, 1)
     try:
-        code, result = _run(spec, root, node, eval_checkpoint)
+        # A training job holds the run root's lock: the lock its launcher passed down, or else process 0's
+        # own (the other processes of a job started by hand run under it), as `palm run` does.
+        locks = eval_checkpoint is None and (INHERITED_FD in os.environ
+                                             or os.environ.get("JAX_PROCESS_ID", "0") in ("", "0"))
+        with run_lock(root) if locks else contextlib.nullcontext():
+            code, result = _run(spec, root, node, eval_checkpoint)
     finally:
         sys.stdout.flush()
         os.dup2(stdout, 1)

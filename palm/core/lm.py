@@ -464,7 +464,14 @@ def restore_params(checkpoint_dir: str | Path, model_config: ModelConfig, step: 
             raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
         abstract = nn.unbox(abstract_params(model_config))
         want = _param_table(abstract)
-        got = _param_table(ckpts.manager.item_metadata(step)["state"].tree["params"])
+        try:  # an empty step directory (KeyError), an emptied meta/metadata (JSONDecodeError), ...
+            got = _param_table(ckpts.manager.item_metadata(step)["state"].tree["params"])
+            recorded = ckpts.meta(step).get("digest") if verify else None
+        except Exception as e:  # noqa: BLE001 - whatever Orbax meets in a damaged step: one line naming it
+            others = [s for s in steps if s != step]
+            raise PalmError(f"checkpoint {ckpts.directory}/{step} is incomplete or damaged ({type(e).__name__}: "
+                            f"{str(e)[:200]}); other steps: {others or 'none'} "
+                            "(`palm checkpoint verify` checks every step)") from None
         if want != got:
             diff = sorted(set(want.items()) ^ set(got.items()))[:6]
             raise PalmError(f"checkpoint {ckpts.directory}/{step}: its parameters do not fit the model config "
@@ -475,7 +482,6 @@ def restore_params(checkpoint_dir: str | Path, model_config: ModelConfig, step: 
             params = reader.restore(f"{ckpts.directory}/{step}/state", args=ocp.args.PyTreeRestore(
                 item={"params": abstract}, restore_args={"params": host}, partial_restore=True))["params"]
         if verify:
-            recorded = ckpts.meta(step).get("digest")
             if recorded is not None:  # checkpoints written before digests were recorded have none
                 check_params_digest(params, recorded, f"checkpoint {ckpts.directory}/{step}")
     finally:

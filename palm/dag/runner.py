@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -150,13 +151,42 @@ def run_dag(spec: Any, root: str | Path, stages: list[str] | None = None, force:
     return outputs
 
 
+def check_run_root(spec: Any, root: str | Path) -> None:
+    """A run root belongs to one spec: the one named in its spec.json. Another spec's run there (which
+    used to overwrite spec.json and report.md, so that `palm eval` of the first run's checkpoints took the
+    second spec's settings) is refused in one line before anything is written. Runs of the same spec (with
+    other --set values) share the root and its cache, and the record is their latest."""
+    record = layout.spec_record(root)
+    try:
+        if storage.size(record) > MAX_RECORD_BYTES:
+            raise PalmError(f"{record}: larger than {MAX_RECORD_BYTES // 2**20} MiB, not a spec record of palm; "
+                            "use another --output")
+        recorded = json.loads(storage.read_text(record))
+    except FileNotFoundError:
+        return
+    except (ValueError, UnicodeDecodeError):
+        raise PalmError(f"{record}: not a spec record of palm (not JSON); this directory is not a run root "
+                        "of this spec: use another --output") from None
+    name = recorded.get("name") if isinstance(recorded, dict) else None
+    if name != spec.name:
+        raise PalmError(f"{root} is the run root of spec {name!r} (its {layout.SPEC_RECORD}), not of {spec.name!r}: "
+                        "a run root belongs to one spec, and nothing of that run is overwritten; give this run "
+                        "another --output (or infra.storage_root)")
+
+
+#: The largest spec record read back (specs themselves are at most 4 MiB of YAML).
+MAX_RECORD_BYTES = 16 * 2**20
+
+
 def record_spec(spec: Any, root: str | Path) -> None:
     """Keep the resolved spec beside a run's outputs, for evaluations triggered by its events.
 
     First in every run, so a storage root that cannot be used (no bucket, no credentials, no emulator)
-    fails here with what to change, before any stage starts.
+    fails here with what to change, before any stage starts; a root of another spec is refused
+    (check_run_root).
     """
     storage.check_root(root)
+    check_run_root(spec, root)
     storage.write_text_atomic(layout.spec_record(root), spec.model_dump_json(indent=2))
 
 

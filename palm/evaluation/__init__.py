@@ -6,14 +6,13 @@ standard library and numpy only.
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import palm
 from palm.base.errors import PalmError
+from palm.base.files import iter_lines
 
 TASKS = ("humaneval", "gsm8k")
 
@@ -34,29 +33,20 @@ def default_data_file(task: str) -> Path:
 def iter_jsonl(path: str | Path, *, what: str = "records") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a JSONL file, gzip-compressed if it ends in .gz.
 
-    A missing or unreadable file, a line that is not JSON, or a line that is not a JSON object is a
-    PalmError naming the file and line.
+    A missing or unreadable file, anything but a regular file, one beyond palm.base.files' bounds, a line
+    that is not JSON, or a line that is not a JSON object is a PalmError naming the file and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PalmError(f"{what} file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    lineno = 0
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise PalmError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(record, dict):
-                    raise PalmError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield lineno, record
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-        where = f"{path}:{lineno + 1}" if lineno else str(path)
-        raise PalmError(f"{where}: cannot read {what} ({type(e).__name__}: {e})") from None
+    for lineno, line in iter_lines(path, what):  # bounded, regular files only (palm.base.files)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise PalmError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise PalmError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def read_jsonl(path: str | Path, *, required: dict[str, type] | None = None, what: str = "records",

@@ -119,6 +119,8 @@ class LaunchPlan:
     #: tpu-vm: the command whose output is the queued resource's state.
     status: Command | None = None
     poll_seconds: float = 15.0
+    #: local: the launcher holds the run root's lock while its workers run, and passes it to them (training).
+    locks_root: bool = False
     #: tpu-vm: the startup script every TPU VM runs at boot (the worker), written to `script_name` in the
     #: directory `setup` runs in; where the hosts leave their exit codes and logs; how many hosts there are.
     startup_script: str | None = None
@@ -344,10 +346,11 @@ def run(argv: Sequence[str], stdin: str | None = None, check: bool = True,
 class Child:
     """A process whose output goes to `log` line by line (with a prefix), read by a thread."""
 
-    def __init__(self, argv: Sequence[str], log: Log, prefix: str = "", env: dict[str, str] | None = None):
+    def __init__(self, argv: Sequence[str], log: Log, prefix: str = "", env: dict[str, str] | None = None,
+                 pass_fds: Sequence[int] = ()):
         self.argv = list(argv)
         self.proc = popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1, env=env)
+                          text=True, errors="replace", bufsize=1, env=env, pass_fds=tuple(pass_fds))
         self.terminated = False
         self._thread = threading.Thread(target=self._pump, args=(log, prefix), daemon=True)
         self._thread.start()

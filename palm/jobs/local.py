@@ -8,6 +8,7 @@ SIGTERM and `LOCAL_GRACE_SECONDS` to checkpoint and exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ from palm.jobs.launching import (
     job_name,
     mesh_text,
 )
+from palm.store.runlock import INHERITED_FD, run_lock
 
 #: Seconds the other local workers get to exit after one failed or a stop was asked.
 LOCAL_GRACE_SECONDS = 120
@@ -56,7 +58,8 @@ def plan_local(spec: Any, root: str, command: list[str], component: str = "train
         workers.append(Command(tuple(command), tuple(env)))
     summary = (f"local: {n} worker process(es) on this machine, {per_process} {hw.accelerator} device(s) each, "
                f"coordinator 127.0.0.1:{port}; mesh {mesh_text(spec)}")
-    return LaunchPlan("local", job_name(spec), root, summary, workers=tuple(workers), poll_seconds=la.poll_seconds)
+    return LaunchPlan("local", job_name(spec), root, summary, workers=tuple(workers), poll_seconds=la.poll_seconds,
+                      locks_root=component == "train")
 
 
 def render_local(plan: LaunchPlan) -> str:
@@ -96,17 +99,24 @@ def _outcome(what: str, codes: dict[int, int], first: int | None, label: str) ->
 
 
 def run_local(plan: LaunchPlan, stop: threading.Event, log: Log) -> None:
+    """Start the workers, follow them to their end. A training job holds the run root's lock (the flow's,
+    when it runs under `palm run`) and passes it to its workers, so no other run trains into the same
+    checkpoints while they live (palm.store.runlock)."""
     children = []
-    try:
-        for i, worker in enumerate(plan.workers):
-            env = dict(os.environ)
-            for key, value in worker.env:
-                env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
-            children.append(Child(worker.argv, log, f"[worker {i}] ", env))
-        codes, first = _wait_all(children, stop, 0.1)
-    finally:
-        for c in children:  # an interrupted launcher leaves no workers behind
-            c.terminate()
+    lock = run_lock(plan.root) if plan.locks_root else contextlib.nullcontext(None)
+    with lock as fd:
+        try:
+            for i, worker in enumerate(plan.workers):
+                env = dict(os.environ)
+                for key, value in worker.env:
+                    env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
+                if fd is not None:
+                    env[INHERITED_FD] = str(fd)
+                children.append(Child(worker.argv, log, f"[worker {i}] ", env, pass_fds=() if fd is None else (fd,)))
+            codes, first = _wait_all(children, stop, 0.1)
+        finally:
+            for c in children:  # an interrupted launcher leaves no workers behind
+                c.terminate()
     if stop.is_set():
         raise JobStopped(f"{len(children)} local worker(s)")
     _outcome(f"{plan.name} (local)", codes, first, "worker")

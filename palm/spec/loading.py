@@ -30,6 +30,7 @@ def node_spec(spec: Spec, overrides: dict[str, Any]) -> Spec:
         if not _KEY.match(str(key)):
             raise SpecError(f"expected a dotted key, got {key!r}", key=str(key))
         tree = set_dotted(tree, str(key), value)
+    check_integers(tree)
     try:
         node = Spec.model_validate(tree)
     except ValidationError as e:
@@ -108,23 +109,59 @@ def _read_parent(parent_path: Path, child: Path, parent: str) -> dict[str, Any]:
     return data
 
 
-def _load_tree(path: Path, seen: tuple[Path, ...] = (), name: str = "") -> dict[str, Any]:
-    """The merged tree of the spec at `path` and its parents; `name` is how its child's `extends` wrote it."""
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise SpecError(f"extends forms a cycle: {chain}", file=str(path), key="extends")
-    data = _read_yaml(path) if not seen else _read_parent(path, seen[-1], name)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent:
-        raise SpecError("expected a file name (relative to this file)", file=str(path), key="extends")
-    parent_path = (path.parent / parent)
-    if not os.path.lexists(parent_path):
-        raise SpecError(f"{safeyaml.shown(parent, 120)} not found (looked in {path.parent})", file=str(path),
-                        key="extends")
-    return deep_merge(_load_tree(parent_path, (*seen, path), parent), data)
+#: At most this many files in an `extends` chain (the spec itself included).
+MAX_EXTENDS = 64
+
+
+def _load_tree(path: Path) -> dict[str, Any]:
+    """The merged tree of the spec at `path` and its parents. Iterative: the chain is walked up to its root
+    (at most MAX_EXTENDS files, a cycle refused), then merged from the root down."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    seen: set[Path] = set()
+    here, name = path.resolve(), ""
+    while True:
+        if here in seen:
+            cycle = " -> ".join(str(p) for p, _ in chain[[p for p, _ in chain].index(here):])
+            raise SpecError(f"extends forms a cycle: {cycle} -> {here}", file=str(here), key="extends")
+        if len(chain) >= MAX_EXTENDS:
+            raise SpecError(f"the extends chain is longer than {MAX_EXTENDS} files; flatten it",
+                            file=str(chain[0][0]), key="extends")
+        data = _read_yaml(here) if not chain else _read_parent(here, chain[-1][0], name)
+        parent = data.pop("extends", None)
+        chain.append((here, data))
+        seen.add(here)
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent:
+            raise SpecError("expected a file name (relative to this file)", file=str(here), key="extends")
+        parent_path = here.parent / parent
+        if not os.path.lexists(parent_path):
+            raise SpecError(f"{safeyaml.shown(parent, 120)} not found (looked in {here.parent})", file=str(here),
+                            key="extends")
+        here, name = parent_path.resolve(), parent
+    tree: dict[str, Any] = {}
+    for _, data in reversed(chain):
+        tree = deep_merge(tree, data)
+    return tree
+
+
+#: The largest integer a spec may hold (a signed 64-bit integer): `train.steps` with 4,000 digits used to
+#: overflow in `palm plan`.
+MAX_INT = 2**63 - 1
+
+
+def check_integers(tree: Any, file: str | None = None) -> None:
+    """SpecError naming the key of the first integer out of [-MAX_INT, MAX_INT] (walked iteratively)."""
+    todo: list[tuple[str, Any]] = [("", tree)]
+    while todo:
+        key, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{key}.{i}", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise SpecError(f"integer of {len(str(abs(value))):,} digits is out of range (at most 2**63 - 1)",
+                            file=file, key=safeyaml.shown(key, 120))
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
@@ -233,6 +270,7 @@ def read_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         tree = _load_tree(path)
     for assignment in overrides:
         tree = apply_override(tree, assignment)
+    check_integers(tree, str(path))
     try:
         spec = Spec.model_validate(tree)
     except ValidationError as e:

@@ -1,6 +1,7 @@
 """The run layout: every path under a run root, named once.
 
-    <root>/spec.json                          the resolved spec the run was started with
+    <root>/spec.json                          the resolved spec the run was started with (a root belongs to
+                                              one spec name: palm.dag.runner.check_run_root)
     <root>/report.md                          the run report (and its PNGs beside it)
     <root>/.palm-run.lock                     one run at a time (palm.store.runlock)
     <root>/<node>/<key>/                      a workflow node's content-addressed output (palm.store.outputs)
