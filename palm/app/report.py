@@ -5,9 +5,9 @@ table of sampled steps instead of the image.
 
 Steps: a training step is one optimizer update. Checkpoint N holds the state after N updates (checkpoint
 0 is the initialization), so the last checkpoint of a run of `train.steps` steps is `train.steps`.
-metrics.jsonl and the events count the update being made from 0 (row `step` k is the update from the
-state of checkpoint k to that of checkpoint k + 1); the report, its loss curve and the progress lines
-count updates done (k + 1), the checkpoints' numbering. "Train loss" is TRAIN_LOSS_DEFINITION
+metrics.jsonl and the metrics stored with a checkpoint count the update being made from 0 (row `step` k
+is the update from the state of checkpoint k to that of checkpoint k + 1); the report, its loss curve, the
+progress lines and the TensorBoard events count updates done (k + 1), the checkpoints' numbering. "Train loss" is TRAIN_LOSS_DEFINITION
 (palm.analysis.scaling); the last step's loss is named as such."""
 
 from __future__ import annotations
