@@ -30,7 +30,7 @@ def test_the_report_names_its_train_loss_durations_and_data_statistics(tmp_path)
     assert "| data | data | cached | 4.2 | /run/data/k1 |" in text
     assert "| train | train | built | 37.5 | /run/train/k2 |" in text
     assert "## Data" in text and "120 read, 100 kept" in text and "5 verified" in text
-    assert "| stdlib | 120 | 100 | 98/2 | too_few_words 15, near_duplicate 5 | 31337 |" in text
+    assert "| stdlib | 120 | 100 | 98/2 | too_few_words 15, near_duplicate 5 | 31,337 |" in text
     assert f"- train loss: {train_loss_of(rows):.4f} ({TRAIN_LOSS_DEFINITION})" in text
     assert train_loss_of(rows) == (rows[-2]["loss"] + rows[-1]["loss"]) / 2  # the last tenth of 20 steps
     assert "- last step's loss: 3.1000" in text and "checkpoint N holds the state after N updates" in text

@@ -111,7 +111,7 @@ def scaling_figure(rows: list[dict[str, Any]], loss_key: str, fits: dict[str, An
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter, FixedLocator, FormatStrFormatter, NullFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, FuncFormatter, NullFormatter, NullLocator
 
     loss_label = "validation loss" if loss_key == "validation_loss" else f"train loss ({TRAIN_LOSS_DEFINITION})"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
@@ -130,7 +130,7 @@ def scaling_figure(rows: list[dict[str, Any]], loss_key: str, fits: dict[str, An
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_major_formatter(FuncFormatter(short_number))
         ax.yaxis.set_major_locator(FixedLocator(_loss_ticks(ys)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
         for axis in (ax.xaxis, ax.yaxis):
@@ -144,6 +144,14 @@ def scaling_figure(rows: list[dict[str, Any]], loss_key: str, fits: dict[str, An
     fig.suptitle(f"Scaling: {len(rows)} models, loss = a·x^b fitted in log-log space", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def short_number(value: float, _position: Any = None) -> str:
+    """3 significant digits with an SI suffix: 127k, 1.78M, 175G."""
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _loss_ticks(ys: list[float], n: int = 5) -> list[float]:

@@ -110,12 +110,13 @@ def data_summary(manifest: dict[str, Any]) -> list[str]:
         rows.append({"source": source, "docs in": e["docs_in"], "kept": e["docs_kept"],
                      "train/validation": f"{e['kept_by_split']['train']}/{e['kept_by_split']['validation']}",
                      "dropped (top reasons)": ", ".join(f"{r} {n}" for r, n in dropped[:3]) or "-",
-                     "est. tokens": e.get("estimated_tokens", "-"),
+                     "est. tokens": f"{round(e['estimated_tokens']):,}" if "estimated_tokens" in e else "-",
                      "share": round(e["share"], 3) if isinstance(e.get("share"), float) else "-",
                      "weight": e.get("weight", "-")})
     near = manifest.get("near_duplicates", {})
     return [f"- documents: {manifest.get('docs_in', 0):,} read, {manifest.get('docs_kept', 0):,} kept; "
-            f"{len(manifest.get('shards', []))} shard files; token budget {manifest.get('token_budget') or 'all'}",
+            f"{len(manifest.get('shards', []))} shard files; token budget "
+            f"{f'{round(budget):,}' if isinstance(budget := manifest.get('token_budget'), (int, float)) else 'all'}",
             f"- near-duplicates: {near.get('candidate_pairs', 0):,} candidate pairs, {near.get('verified_pairs', 0):,} "
             f"verified, {near.get('documents_dropped', 0):,} documents dropped", "", _table(rows)]
 
