@@ -539,13 +539,13 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from palm.evaluation.run import (  # loads JAX: only for this command
-        eval_settings, evaluate_checkpoint, results_markdown)
+        EvalProgress, eval_settings, evaluate_checkpoint, results_markdown)
 
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     spec = load_spec(args.spec) if args.spec is not None else None
     eval_spec, source = eval_settings(args.checkpoint, spec, tasks, args.overrides, spec_path=args.spec)
     print(f"eval: settings from {source}", file=sys.stderr, flush=True)
-    result = evaluate_checkpoint(args.checkpoint, eval_spec)
+    result = evaluate_checkpoint(args.checkpoint, eval_spec, progress=EvalProgress(sys.stderr))
     result["settings"] = {"source": source, **eval_spec.model_dump()}
     _emit(args, result, f"{result['checkpoint']} (step {result['step']})\n" + results_markdown(result["results"]))
     return 0

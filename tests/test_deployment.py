@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -77,7 +78,7 @@ def prefect_stack(tmp_path):
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PALM_PIPELINE_DIR"}
     env.update(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_CLI_PROMPT="false")
+               PREFECT_UI_ENABLED="false", PREFECT_CLI_PROMPT="false")
     assert shutil.which("uv", path=env.get("PATH")), "README section 5 runs `uv run`: uv must be on PATH"
     lines = [line.replace(README_PORT, port) for line in readme_section_5()]
     procs: list[subprocess.Popen] = []
@@ -251,6 +252,12 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
     rows = json.loads(tables[0]["data"]) if isinstance(tables[0]["data"], str) else tables[0]["data"]
     assert sorted(int(r["step"]) for r in rows) == [0, 3, 6], rows
 
+    # Quiet: the server (its telemetry off by the repository's prefect.toml, as for a user, not by this
+    # test's environment) and the worker that ran both flows logged no traceback and no Python warning.
+    for log in sorted(tmp.glob("bg*.log")):
+        text = log.read_text()
+        assert "Traceback" not in text and not re.search(r"\w+Warning: ", text), f"{log.name}:\n{tail(log)}"
+
 
 def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):
     from flows.pretrain import run_root
@@ -261,3 +268,13 @@ def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "pretrain-tiny")
     assert run_root(spec, None) == "runs/deployments/pretrain-tiny"
     assert run_root(spec, "/elsewhere") == "/elsewhere"  # the run's output parameter wins
+
+
+def test_prefect_servers_started_here_send_no_telemetry():
+    """The repository's prefect.toml turns off the server's anonymous usage heartbeat for every prefect
+    command run from the repository root (README section 5's server and worker): its service writes to the
+    SQLite database as the server starts and printed a `database is locked` traceback on a busy machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    code = "from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,18 +32,32 @@ def mc_task(tmp_path: Path) -> Path:
     return tmp_path / "colours.yaml"
 
 
-def run_eval(capsys, *args) -> dict:
-    rc = main(["eval", *args, "--json"])
+#: Warnings Python shows a user by default (DeprecationWarning and its kin only in __main__'s own code).
+SHOWN = lambda w: not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, ImportWarning,  # noqa: E731
+                                               ResourceWarning))
+
+
+def run_eval(capsys, *args, quiet: bool = False) -> dict:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["eval", *args, "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
-    return json.loads(captured.out)
+    if quiet:  # what a user sees: each task's progress, no traceback, no warning, no progress bars of libraries
+        assert [str(w.message) for w in caught if SHOWN(w)] == []
+        for noise in ("Traceback", "Warning", "%|", "it/s]", "Generating "):
+            assert noise not in captured.err, captured.err
+    return {**json.loads(captured.out), "stderr": captured.err}
 
 
 def test_palm_eval_on_a_checkpoint_step(checkpoint, capsys, tmp_path):
     task = mc_task(tmp_path)
     out = run_eval(capsys, str(checkpoint / "6"), "--tasks", f"validation_loss,memorization,mc:{task}",
-                   "--set", "eval.max_examples=8")
+                   "--set", "eval.max_examples=8", quiet=True)
     assert out["step"] == 6
+    for task_name, examples in (("validation_loss", 8), ("memorization", 8), (f"mc:{task}", 4)):  # progress per task
+        assert re.search(rf"^eval {re.escape(task_name)}: {examples} examples in [\d.]+ s \([\d.]+ examples/s\)$",
+                         out["stderr"], re.M), out["stderr"]
     r = out["results"]
     assert r["validation_loss"]["bits_per_byte"] > 0 and r["validation_loss"]["perplexity"] > 1
     assert 0 <= r["memorization"]["exact_match"] <= 1 and r["memorization"]["examples"] == 8
@@ -64,7 +80,9 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """)
-    out = run_eval(capsys, str(checkpoint), "--tasks", "lm_eval:palm_even", "--set", f"eval.lm_eval_include_path={tmp_path}")
+    out = run_eval(capsys, str(checkpoint), "--tasks", "lm_eval:palm_even", "--set", f"eval.lm_eval_include_path={tmp_path}",
+                   quiet=True)
+    assert "eval lm_eval:palm_even: started" in out["stderr"] and "eval lm_eval:palm_even: done in" in out["stderr"]
     metrics = out["results"]["lm_eval:palm_even"]
     assert 0 <= metrics["acc"] <= 1
 

@@ -280,6 +280,46 @@ def test_deep_merge_unit():
 # --------------------------------------------------------------------------------------- schema
 
 
+def _schema_properties(schema):
+    """(where, property schema) for every property of every section."""
+    for name, section in [("Spec", schema), *schema["$defs"].items()]:
+        for key, prop in section.get("properties", {}).items():
+            yield f"{name}.{key}", prop
+
+
+def test_every_spec_property_has_a_description():
+    from palm.spec.schema import spec_schema
+
+    schema = spec_schema()
+    props = list(_schema_properties(schema))
+    assert len(props) > 150
+    assert [where for where, prop in props if not prop.get("description", "").strip()] == []
+    assert [name for name, section in schema["$defs"].items() if not section.get("description")] == []
+    # the dataclasses of palm.spec.config (no pydantic there) carry theirs as attribute docstrings too
+    assert "multi-query" in schema["$defs"]["ModelConfig"]["properties"]["num_kv_heads"]["description"]
+
+
+def test_shipped_schema_is_current_and_specs_point_at_it():
+    """specs/spec.schema.json is `palm spec schema`'s output (regenerate: uv run palm spec schema >
+    specs/spec.schema.json), every spec names it for YAML editors, and it accepts every spec as written."""
+    import jsonschema
+    import yaml
+
+    from palm.spec.schema import spec_schema
+
+    schema = spec_schema()
+    assert (SPECS / "spec.schema.json").read_text() == json.dumps(schema, indent=2) + "\n", (
+        "specs/spec.schema.json is stale: uv run palm spec schema > specs/spec.schema.json")
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted(SPECS.glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("# yaml-language-server: $schema=spec.schema.json\n"), path.name
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(yaml.safe_load(text))]
+        assert errors == [], path.name
+    bad = yaml.safe_load(TINY.read_text()) | {"modle": {}}
+    assert list(validator.iter_errors(bad))
+
+
 def test_spec_schema_is_json(capsys):
     assert main(["spec", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)

@@ -30,7 +30,9 @@ def test_a_run_writes_training_and_evaluation_event_files(prefect_server, tmp_pa
     metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     # Every training scalar but MFU (the CPU has no known peak), one point per step, equal to metrics.jsonl.
     assert set(train) == {f"train/{k}" for k in TRAIN_SCALARS if k != "mfu"}
-    assert [s for s, _ in train["train/loss"]] == [0, 1, 2, 3, 4]
+    # At the updates done, as the checkpoints count them (metrics.jsonl's step + 1), so step 5's point
+    # and the evaluation of checkpoint 5 line up.
+    assert [s for s, _ in train["train/loss"]] == [m["step"] + 1 for m in metrics] == [1, 2, 3, 4, 5]
     assert [v for _, v in train["train/loss"]] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
     assert [v for _, v in train["train/learning_rate"]] == pytest.approx([m["learning_rate"] for m in metrics], rel=1e-6)
 

@@ -1,6 +1,14 @@
-"""The run report: `report.md` with the loss curve (PNG) and the evaluation table, in the run directory
-(local or gs://; each file is written whole, never seen half-written). `report_markdown` is the same
-report for the Prefect UI, with the loss curve as a table of sampled steps instead of the image."""
+"""The run report: `report.md` with the stages (built or cached, seconds), the data stage's statistics, the
+loss curve (PNG) and the evaluation table, in the run directory (local or gs://; each file is written whole,
+never seen half-written). `report_markdown` is the same report for the Prefect UI, with the loss curve as a
+table of sampled steps instead of the image.
+
+Steps: a training step is one optimizer update. Checkpoint N holds the state after N updates (checkpoint
+0 is the initialization), so the last checkpoint of a run of `train.steps` steps is `train.steps`.
+metrics.jsonl and the metrics stored with a checkpoint count the update being made from 0 (row `step` k
+is the update from the state of checkpoint k to that of checkpoint k + 1); the report, its loss curve, the
+progress lines and the TensorBoard events count updates done (k + 1), the checkpoints' numbering. "Train loss" is TRAIN_LOSS_DEFINITION
+(palm.analysis.scaling); the last step's loss is named as such."""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from palm.analysis.scaling import TRAIN_LOSS_DEFINITION, train_loss_of
 from palm.base import storage
 from palm.dag.table import STAGES
 from palm.store import layout
@@ -85,6 +94,33 @@ def eval_rows(eval_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
             for metric, value in metrics.items() if isinstance(value, (int, float))]
 
 
+def stage_row(name: str, out: Any) -> dict[str, Any]:
+    """One row of the report's stage table."""
+    seconds = out.manifest.get("seconds")
+    return {"stage": name, "type": out.stage, "built/cached": "cached" if out.cached else "built",
+            "seconds": round(seconds, 1) if isinstance(seconds, (int, float)) else "-", "output": out.path}
+
+
+def data_summary(manifest: dict[str, Any]) -> list[str]:
+    """The data stage's statistics (its manifest, from accounting.json): documents read, kept and dropped
+    per source and why, estimated tokens and mixture share, near-duplicate pairs."""
+    rows = []
+    for source, e in manifest["sources"].items():
+        dropped = sorted(e.get("dropped", {}).items(), key=lambda kv: -kv[1])
+        rows.append({"source": source, "docs in": e["docs_in"], "kept": e["docs_kept"],
+                     "train/validation": f"{e['kept_by_split']['train']}/{e['kept_by_split']['validation']}",
+                     "dropped (top reasons)": ", ".join(f"{r} {n}" for r, n in dropped[:3]) or "-",
+                     "est. tokens": f"{round(e['estimated_tokens']):,}" if "estimated_tokens" in e else "-",
+                     "share": round(e["share"], 3) if isinstance(e.get("share"), float) else "-",
+                     "weight": e.get("weight", "-")})
+    near = manifest.get("near_duplicates", {})
+    return [f"- documents: {manifest.get('docs_in', 0):,} read, {manifest.get('docs_kept', 0):,} kept; "
+            f"{len(manifest.get('shards', []))} shard files; token budget "
+            f"{f'{round(budget):,}' if isinstance(budget := manifest.get('token_budget'), (int, float)) else 'all'}",
+            f"- near-duplicates: {near.get('candidate_pairs', 0):,} candidate pairs, {near.get('verified_pairs', 0):,} "
+            f"verified, {near.get('documents_dropped', 0):,} documents dropped", "", _table(rows)]
+
+
 def write_report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any]) -> str:
     """Write `report.md` (with a loss curve per training node, and each evaluation and scaling table)
     into the run directory; returns the report's path."""
@@ -101,14 +137,18 @@ def report_markdown(root: str | Path, spec_name: str, workflow: Any, outputs: di
 
 def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, Any], plots: bool) -> str:
     lines = [f"# Run report: {spec_name}", "", "## Stages", "",
-             _table([{"stage": name, "type": o.stage, "cached": o.cached, "output": o.path} for name, o in outputs.items()])]
+             "Built: run now; cached: an earlier run's output of the same key, reused. Seconds: the build's own "
+             "(for a cached stage, that of the run that built it).", "",
+             _table([stage_row(name, o) for name, o in outputs.items()])]
     for name, out in outputs.items():
         if STAGES[out.stage].trains:
             m = out.manifest
             metrics = read_metrics(m["metrics"]) if storage.exists(m["metrics"]) else []
+            train_loss = train_loss_of(metrics)
             lines += [f"## Training: {name}" if workflow.declared else "## Training", "",
-                      f"- steps: {m['final_step']}, final loss {m['final_loss']:.4f}" if m.get("final_loss") is not None
-                      else f"- steps: {m['final_step']}",
+                      f"- steps (optimizer updates): {m['final_step']}; checkpoint N holds the state after N updates",
+                      f"- train loss: {train_loss:.4f} ({TRAIN_LOSS_DEFINITION})" if train_loss is not None else None,
+                      f"- last step's loss: {m['final_loss']:.4f}" if m.get("final_loss") is not None else None,
                       f"- checkpoint: `{m['checkpoint']}` (digest `{m['digest'][:16]}`)",
                       f"- started from: `{m['init_from']}`" if m.get("init_from") else None,
                       f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
@@ -119,6 +159,8 @@ def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, 
                 lines += [f"![loss curve]({png})", ""]
             elif metrics:
                 lines += ["Loss curve (sampled steps):", "", _table(loss_rows(metrics))]
+        elif out.stage == "data" and "sources" in out.manifest:
+            lines += [f"## Data: {name}" if workflow.declared else "## Data", "", *data_summary(out.manifest)]
         elif out.stage == "eval":
             lines += [f"## Evaluation: {name}" if workflow.declared else "## Evaluation", "", _table(eval_rows(out.manifest))]
         elif out.stage == "scaling":

@@ -160,6 +160,9 @@ class LanguageModel:
     which is the default.
     """
 
+    #: Called after each batch scored or generated with its number of rows (progress reports); None: nothing.
+    on_rows: Any = None
+
     def __init__(self, params: Any, config: ModelConfig, tokenizer: "Tokenizer", *, batch_size: int = 8,
                  platform: str | None = None, sharding: "Sharding | None" = None, max_length: int | None = None):
         if batch_size < 1:
@@ -270,6 +273,8 @@ class LanguageModel:
                 total, greedy = jax.device_get(self._score(self.params, inputs, targets, mask))
             for j, i in enumerate(chunk):
                 results[i] = (float(total[j]), bool(greedy[j]))
+            if self.on_rows is not None:
+                self.on_rows(len(chunk))
         return results
 
     def _continuation_row(self, context: Sequence[int], continuation: Sequence[int]) -> _Row:
@@ -393,6 +398,8 @@ class LanguageModel:
                                          top_p, stop, seed)
             for i, text in zip(chunk, texts):
                 out[i] = text
+            if self.on_rows is not None:
+                self.on_rows(len(chunk))
         return out
 
     def _generate_batch(self, prompts: list[list[int]], indices: list[int], max_new_tokens: int,

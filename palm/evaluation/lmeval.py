@@ -37,6 +37,7 @@ examples/lm_eval has examples).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from typing import Any
 import lm_eval.models  # noqa: F401 - lm-eval's own models; its registry skips them once any model is registered
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from tqdm import tqdm as _tqdm
 
 from palm.base.errors import PalmError
 from palm.evaluation.checkpoints import load_checkpoint_model
@@ -194,12 +196,19 @@ class PalmLM(LM):
 def run_lm_eval(language_model: Any, tasks: list[str], include_path: str | Path | None = None,
                 limit: int | None = None, num_fewshot: int | None = None) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks (by name; `include_path` adds task YAMLs) and return {task: {metric: value}}."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     # lm-eval loads task data through Hugging Face `datasets`; keep it from reaching for the hub.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    import lm_eval
+    import lm_eval.api.task
+    from lm_eval.tasks import TaskManager
+
+    # Quiet: `palm eval` reports each task's progress itself (palm.evaluation.run.EvalProgress), so neither
+    # the `datasets` bars ("Generating test split") nor lm-eval's per-task bars of building requests are
+    # shown (`palm lm-eval`, lm-eval's own CLI, keeps them).
+    datasets.disable_progress_bars()
+    lm_eval.api.task.tqdm = functools.partial(_tqdm, disable=True)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

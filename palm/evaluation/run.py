@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,13 +194,63 @@ def multiple_choice(lm: Any, task_file: str | Path, limit: int | None) -> dict[s
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "examples": len(acc)}
 
 
+#: Keys of a task's results that count its examples, first found wins.
+EXAMPLE_KEYS = ("examples", "documents", "n")
+
+
+class EvalProgress:
+    """Progress of `palm eval` on a stream, per task: a line as it starts, one at most every `every` seconds
+    while it runs (the sequences scored or generated so far, from the model's `on_rows`), and one as it
+    ends with its examples and examples/s."""
+
+    def __init__(self, stream: Any, every: float = 10.0):
+        self.stream, self.every = stream, every
+        self.task, self.started, self.rows, self.last = "", 0.0, 0, 0.0
+
+    def _say(self, text: str) -> None:
+        print(f"eval {self.task}: {text}", file=self.stream, flush=True)
+
+    def start(self, task: str) -> None:
+        self.task, self.started, self.rows = task, time.monotonic(), 0
+        self.last = self.started
+        self._say("started")
+
+    def on_rows(self, n: int) -> None:
+        self.rows += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._say(f"{self.rows:,} sequences so far, {self.rows / (now - self.started):.1f}/s")
+
+    def done(self, result: dict[str, Any] | None) -> None:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        examples = next((result[k] for k in EXAMPLE_KEYS if isinstance((result or {}).get(k), int)), None)
+        self._say(f"{examples:,} examples in {seconds:.1f} s ({examples / seconds:.2f} examples/s)"
+                  if examples is not None else f"done in {seconds:.1f} s")
+
+
 def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir: Path | None = None,
-              pack_manifest: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """Every task of `eval_spec.tasks` on one loaded model: {task: {metric: value}}."""
+              pack_manifest: dict[str, Any] | None = None,
+              progress: EvalProgress | None = None) -> dict[str, dict[str, float]]:
+    """Every task of `eval_spec.tasks` on one loaded model: {task: {metric: value}}; `progress` reports
+    each task as it runs."""
+    if progress is None:
+        return _run_tasks(lm, eval_spec, data_dir, pack_dir, pack_manifest, None)
+    lm.on_rows = progress.on_rows
+    try:
+        return _run_tasks(lm, eval_spec, data_dir, pack_dir, pack_manifest, progress)
+    finally:
+        lm.on_rows = None
+
+
+def _run_tasks(lm: Any, eval_spec: Any, data_dir: Path | None, pack_dir: Path | None,
+               pack_manifest: dict[str, Any] | None, progress: EvalProgress | None) -> dict[str, dict[str, float]]:
     e = eval_spec
     results: dict[str, dict[str, float]] = {}
     lm_eval_tasks = []
     for task in e.tasks:
+        if progress is not None and not task.startswith("lm_eval:"):
+            progress.start(task)
         if task == "validation_loss":
             if data_dir is None:
                 raise PalmError("validation_loss needs the data stage's output")
@@ -220,11 +271,17 @@ def run_tasks(lm: Any, eval_spec: Any, *, data_dir: Path | None = None, pack_dir
             lm_eval_tasks.append(task[len("lm_eval:"):])
         else:
             raise PalmError(f"unknown evaluation task {task!r}")
+        if progress is not None and not task.startswith("lm_eval:"):
+            progress.done(results[task])
     if lm_eval_tasks:
         from palm.evaluation.lmeval import run_lm_eval  # lm-evaluation-harness: loaded only for its tasks
 
+        if progress is not None:
+            progress.start("lm_eval:" + ",".join(lm_eval_tasks))
         for name, metrics in run_lm_eval(lm, lm_eval_tasks, e.lm_eval_include_path, e.max_examples).items():
             results[f"lm_eval:{name}"] = metrics
+        if progress is not None:
+            progress.done(None)
     return results
 
 
@@ -280,7 +337,8 @@ def eval_settings(checkpoint: str | Path, spec: Any = None, tasks: list[str] | N
 
 def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None = None,
                         pack: Any = None, tokenizer: Any = None,
-                        mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
+                        mesh_shape: dict[str, int] | None = None,
+                        progress: EvalProgress | None = None) -> dict[str, Any]:
     """Load one checkpoint of a training run (local or gs://) and run `eval_spec`'s tasks on it.
 
     The tokenizer and the packed (and validation) data are the run's own, unless `pack` and `tokenizer`
@@ -312,7 +370,8 @@ def evaluate_checkpoint(checkpoint: str | Path, eval_spec: Any, step: int | None
                                          tokenizer, mesh_shape, batch_size=eval_spec.batch_size)
     data_dir = run["data_dir"] if "validation_loss" in eval_spec.tasks else None
     pack_dir = run["pack_dir"] if "memorization" in eval_spec.tasks else None
-    results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"])
+    results = run_tasks(lm, eval_spec, data_dir=data_dir, pack_dir=pack_dir, pack_manifest=run["pack_manifest"],
+                        progress=progress)
     return {"checkpoint": layout.checkpoint_dir(run["train_dir"], step), "step": step, "results": results}
 
 

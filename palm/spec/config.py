@@ -13,7 +13,7 @@ from typing import Literal
 
 #: pydantic's config for each section (read only when palm.spec.schema validates them): unknown keys and
 #: non-finite floats (NaN, infinity) are refused.
-_STRICT = {"extra": "forbid", "allow_inf_nan": False}
+_STRICT = {"extra": "forbid", "allow_inf_nan": False, "use_attribute_docstrings": True}
 
 Remat = Literal["none", "full", "save_dots", "offload"]
 Attention = Literal["auto", "xla", "cudnn", "pallas"]
@@ -27,26 +27,35 @@ class ModelConfig:
     __pydantic_config__ = _STRICT
 
     num_layers: int = 2
+    """Transformer blocks (PaLM 540B: 118)."""
     d_model: int = 64
+    """Width of the residual stream (PaLM 540B: 18432)."""
     num_heads: int = 4
+    """Query heads per attention layer (PaLM 540B: 48)."""
     head_dim: int = 16
-    #: Key/value heads; 1 is PaLM's multi-query attention.
+    """Size of each attention head (PaLM: 256); even, as RoPE rotates pairs."""
     num_kv_heads: int = 1
-    #: d_ff = ffw_multiplier * d_model (PaLM: 4, with SwiGLU).
+    """Key/value heads; 1 is PaLM's multi-query attention."""
     ffw_multiplier: int = 4
+    """d_ff = ffw_multiplier * d_model (PaLM: 4, with SwiGLU)."""
     vocab_size: int = 256_000
+    """Rows of the (tied) embedding table; at least the tokenizer's vocabulary (PaLM: 256k)."""
     seq_len: int = 2048
+    """Tokens per training sequence (PaLM: 2048)."""
     rope_max_wavelength: float = 10_000.0
+    """RoPE's base wavelength (10,000 as in RoFormer)."""
     layer_norm_epsilon: float = 1e-6
-    #: Compute dtype of matmuls; parameters stay in `param_dtype` (float32 master weights).
+    """Epsilon of the bias-free layer norms."""
     dtype: DType = "bfloat16"
+    """Compute dtype of matmuls; parameters stay in `param_dtype` (float32 master weights)."""
     param_dtype: DType = "float32"
-    #: Rematerialization: recompute everything, save matmul outputs, or offload them to host memory.
+    """Storage dtype of the parameters (float32 master weights)."""
     remat: Remat = "full"
-    #: Attention kernel; "auto" picks cuDNN flash on NVIDIA GPUs, Pallas splash attention on TPUs, XLA elsewhere.
+    """Rematerialization: recompute everything, save matmul outputs, or offload them to host memory."""
     attention: Attention = "auto"
-    #: Scan over layers, so compile time does not grow with depth.
+    """Attention kernel; "auto" picks cuDNN flash on NVIDIA GPUs, Pallas splash attention on TPUs, XLA elsewhere."""
     scan_layers: bool = True
+    """Scan over layers, so compile time does not grow with depth."""
 
     @property
     def d_ff(self) -> int:
@@ -60,24 +69,27 @@ class OptimizerConfig:
     __pydantic_config__ = _STRICT
 
     name: Literal["adafactor"] = "adafactor"
-    #: First-moment decay β1.
+    """The optimizer; only Adafactor, as PaLM used it."""
     beta1: float = 0.9
-    #: Second-moment decay β2 = 1 - k^(-decay_exponent), k the 1-based step.
+    """First-moment decay β1."""
     decay_exponent: float = 0.8
-    #: Keep full second moments (PaLM: no factorization).
+    """Second-moment decay β2 = 1 - k^(-decay_exponent), k the 1-based step."""
     factored: bool = False
-    #: Scale each update by max(parameter RMS, min_parameter_scale).
+    """Keep full second moments (PaLM: no factorization)."""
     parameter_scaling: bool = True
+    """Scale each update by max(parameter RMS, min_parameter_scale)."""
     min_parameter_scale: float = 1e-3
-    #: Adafactor's epsilon added to squared gradients.
+    """Floor of the parameter RMS that scales the updates (parameter_scaling)."""
     epsilon: float = 1e-30
-    #: Clip each update matrix to this RMS (Adafactor update clipping).
+    """Adafactor's epsilon added to squared gradients."""
     update_clip: float = 1.0
-    #: Clip the gradients' global L2 norm to this value before the optimizer.
+    """Clip each update matrix to this RMS (Adafactor update clipping)."""
     gradient_clip: float = 1.0
-    #: Decoupled weight decay of lr**weight_decay_lr_power per step (PaLM: lr², so 2); null for none.
+    """Clip the gradients' global L2 norm to this value before the optimizer."""
     weight_decay_lr_power: float | None = 2.0
+    """Decoupled weight decay of lr**weight_decay_lr_power per step (PaLM: lr², so 2); null for none."""
     momentum_dtype: DType = "float32"
+    """Storage dtype of the first moment (bfloat16 halves its memory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +99,11 @@ class ScheduleConfig:
     __pydantic_config__ = _STRICT
 
     peak_learning_rate: float = 1e-2
+    """Learning rate of the constant phase (PaLM: 1e-2)."""
     constant_steps: int = 10_000
-    #: Optional linear warm-up from 0 inside the constant phase (PaLM: 0).
+    """Steps at the peak learning rate before the 1/sqrt(k) decay (PaLM: 10,000)."""
     warmup_steps: int = 0
+    """Optional linear warm-up from 0 inside the constant phase (PaLM: 0)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +113,25 @@ class RampStage:
     __pydantic_config__ = _STRICT
 
     from_step: int
+    """First step (0-based) of this stage of the ramp."""
     global_batch: int
+    """Sequences per step from `from_step` on; a multiple of the data-parallel size."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
+    """When checkpoints are saved and how many are kept (Orbax)."""
+
     __pydantic_config__ = _STRICT
 
     every_steps: int = 1000
-    #: Keep the latest `keep_last` checkpoints, plus every `keep_every`-th step permanently.
+    """Save a checkpoint every this many training steps (and at the last step)."""
     keep_last: int = 3
+    """Keep the latest `keep_last` checkpoints, plus every `keep_every`-th step permanently."""
     keep_every: int | None = None
+    """Keep every checkpoint whose step is a multiple of this permanently; null: none beyond `keep_last`."""
     async_save: bool = True
+    """Write checkpoints in the background while training goes on (Orbax async checkpointing)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,18 +173,20 @@ class LossSpikeConfig:
     __pydantic_config__ = _STRICT
 
     enabled: bool = True
-    #: A loss above `threshold` times the median of the last `window` losses is a spike.
+    """Detect loss spikes and roll back (needs checkpoints)."""
     threshold: float = 2.0
+    """A loss above `threshold` times the median of the last `window` losses is a spike."""
     window: int = 100
-    #: Batches skipped after rolling back (the paper skipped about 200 to 500), at least those from the
-    #: restart point through the spike.
+    """Losses in the running median that `threshold` multiplies."""
     skip_batches: int = 300
-    #: Roll back to the latest restart point at or before this many steps before the spike began (paper: ~100).
+    """Batches skipped after rolling back (the paper skipped about 200 to 500), at least those from the
+    restart point through the spike."""
     rollback_steps: int = 100
-    #: How many steps before its detection a spike's start is looked for.
+    """Roll back to the latest restart point at or before this many steps before the spike began (paper: ~100)."""
     onset_steps: int = 25
-    #: Steps between restart points kept in host memory; null: none (roll back to checkpoints only).
+    """How many steps before its detection a spike's start is looked for."""
     restart_every: int | None = 25
+    """Steps between restart points kept in host memory; null: none (roll back to checkpoints only)."""
 
     def max_restart_points(self) -> int:
         """The most restart points kept at once (see the class docstring); 0 without them."""
@@ -179,22 +202,30 @@ class TrainConfig:
     __pydantic_config__ = _STRICT
 
     steps: int = 100
+    """Optimizer updates in the whole run."""
     batch_ramp: tuple[RampStage, ...] = (RampStage(from_step=0, global_batch=8),)
+    """Global batch by step: stages of (from_step, global_batch), the first from step 0 (PaLM: 512, 1024, 2048)."""
     seed: int = 0
-    #: Auxiliary loss z_loss * log²Z that keeps the softmax normalizer near 1.
+    """Seed of parameter initialization and the data order."""
     z_loss: float = 1e-4
+    """Auxiliary loss z_loss * log²Z that keeps the softmax normalizer near 1."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """Adafactor's settings."""
     schedule: ScheduleConfig = ScheduleConfig()
+    """Learning-rate schedule."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """When checkpoints are saved and how many are kept."""
     loss_spike: LossSpikeConfig = LossSpikeConfig()
+    """Loss-spike rollback (paper, section 5.1)."""
     log_every: int = 10
-    #: Most float32 logits (MiB per device) the loss holds at once: above it the loss projects onto the
-    #: vocabulary a slice of the sequence at a time (palm.core.train.loss_chunks). Each slice re-reads the
-    #: embedding table and adds to its gradient, so fewer slices are faster where memory allows.
+    """Steps between logged metrics lines (a terminal shows a live bar besides)."""
     loss_chunk_mib: int = 256
-    #: Trace training steps [first, last) with jax.profiler into the train stage's `profile/` directory
-    #: (null: no trace). Like loss_chunk_mib, not part of the train stage's key: results do not change.
+    """Most float32 logits (MiB per device) the loss holds at once: above it the loss projects onto the
+    vocabulary a slice of the sequence at a time (palm.core.train.loss_chunks). Each slice re-reads the
+    embedding table and adds to its gradient, so fewer slices are faster where memory allows."""
     profile_steps: tuple[int, int] | None = None
+    """Trace training steps [first, last) with jax.profiler into the train stage's `profile/` directory
+    (null: no trace). Like loss_chunk_mib, not part of the train stage's key: results do not change."""
 
     def global_batch_at(self, step: int) -> int:
         """Global batch size (sequences) at `step` under the batch-size ramp."""

@@ -24,7 +24,7 @@ from palm.base.hardware import MESH_AXES, PEAK_FLOPS, mesh_fits_topology, neares
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float field of the spec is a finite number (`.nan`, `.inf`, "nan" are
     # refused by name), as `x <= 0` style checks are all false for NaN.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -41,30 +41,40 @@ class QualityFilters(_Strict):
     measure. A source of kind "code" gets `CODE_FILTER_DEFAULTS` instead of the prose-only ones."""
 
     min_words: int | None = 50
+    """Fewest words a document may have."""
     max_words: int | None = 100_000
+    """Most words a document may have."""
     min_mean_word_length: float | None = 3.0
+    """Smallest mean word length (characters)."""
     max_mean_word_length: float | None = 10.0
-    #: "#" per word and "..."/"…" per word, each on its own (Gopher applies them separately).
+    """Largest mean word length (characters)."""
     max_hash_to_word_ratio: float | None = 0.1
+    """"#" per word and "..."/"…" per word, each on its own (Gopher applies them separately)."""
     max_ellipsis_to_word_ratio: float | None = 0.1
+    """"..." and "…" per word, at most."""
     max_fraction_lines_ending_ellipsis: float | None = 0.3
+    """Share of lines ending in an ellipsis, at most."""
     min_fraction_words_with_alpha: float | None = 0.8
-    #: Distinct words of {the, be, to, of, and, that, have, with} a document needs.
+    """Share of words with an alphabetic character, at least."""
     min_stop_words: int | None = 2
-    #: Gopher's repetition removal. Lines (paragraphs) that repeat an earlier one: their share of the
-    #: non-empty lines (paragraphs), and their characters' share of the document's.
+    """Distinct words of {the, be, to, of, and, that, have, with} a document needs."""
     max_fraction_duplicate_lines: float | None = 0.3
+    """Gopher's repetition removal. Lines (paragraphs) that repeat an earlier one: their share of the
+    non-empty lines (paragraphs), and their characters' share of the document's."""
     max_fraction_duplicate_line_chars: float | None = 0.2
+    """Characters of repeated lines, as a share of the document's, at most."""
     max_fraction_duplicate_paragraphs: float | None = 0.3
+    """Paragraphs that repeat an earlier one, as a share of the non-empty paragraphs, at most."""
     max_fraction_duplicate_paragraph_chars: float | None = 0.2
-    #: n -> the most the top word n-gram's characters (count times length) may be of the document's.
-    #: A mapping given here replaces the whole default (leave an n out to skip it); null: no check.
+    """Characters of repeated paragraphs, as a share of the document's, at most."""
     max_fraction_top_ngram_chars: dict[NgramSize, float] | None = {2: 0.20, 3: 0.18, 4: 0.16}
-    #: n -> the most the characters in word n-grams that repeat an earlier one may be of the document's.
+    """n -> the most the top word n-gram's characters (count times length) may be of the document's.
+    A mapping given here replaces the whole default (leave an n out to skip it); null: no check."""
     max_fraction_duplicate_ngram_chars: dict[NgramSize, float] | None = {
         5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-    #: Sample documents with probability proportional to a quality score (PaLM did for webpages).
+    """n -> the most the characters in word n-grams that repeat an earlier one may be of the document's."""
     quality_sampling: bool = False
+    """Sample documents with probability proportional to a quality score (PaLM did for webpages)."""
 
 
 #: The filters a source of kind "code" gets unless its `filters` set them: off, the rules that measure
@@ -92,20 +102,23 @@ class Source(_Strict):
     """One corpus in the mixture."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    #: Globs, local or gs://; for format "builtin", the names of corpora generated on the machine.
+    """The source's name in reports and the mixture (letters, digits, _ . -)."""
     paths: list[str] = Field(min_length=1)
+    """Globs, local or gs://; for format "builtin", the names of corpora generated on the machine."""
     format: Literal["jsonl", "jsonl.gz", "txt", "parquet", "builtin"]
+    """File format; "builtin": corpora generated on the machine (see `paths`)."""
     text_field: str = "text"
-    #: Share of the mixture's tokens.
+    """Field holding the text in jsonl and parquet records."""
     weight: float = Field(gt=0, le=1)
-    #: Code sources also get near-duplicate removal tuned for code files, and `CODE_FILTER_DEFAULTS`.
+    """Share of the mixture's tokens."""
     kind: Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"] = "other"
-    #: For kind "code", the fields not given here take `CODE_FILTER_DEFAULTS`; given ones win.
+    """Code sources also get near-duplicate removal tuned for code files, and `CODE_FILTER_DEFAULTS`."""
     filters: QualityFilters = QualityFilters()
-    #: For format "txt": a regex (multiline) at each match of which a new document starts; null: one per file.
+    """For kind "code", the fields not given here take `CODE_FILTER_DEFAULTS`; given ones win."""
     split_pattern: str | None = None
-    #: Read at most this many documents from the source (in file order); null: all.
+    """For format "txt": a regex (multiline) at each match of which a new document starts; null: one per file."""
     max_docs: int | None = Field(None, gt=0)
+    """Read at most this many documents from the source (in file order); null: all."""
 
     @model_validator(mode="before")
     @classmethod
@@ -124,26 +137,35 @@ class NearDedup(_Strict):
     """MinHash LSH near-duplicate removal."""
 
     enabled: bool = True
+    """Remove near-duplicates at all."""
     ngram: int = Field(5, ge=1)
+    """Word n-gram size of the shingles compared."""
     num_perm: int = Field(128, ge=8)
+    """MinHash permutations per signature."""
     threshold: float = Field(0.8, gt=0, lt=1)
-    #: Candidate pairs come from LSH buckets tuned to `threshold - candidate_margin` and pass a
-    #: signature pre-check at that level; each is then verified by the exact Jaccard similarity of the
-    #: two documents' shingle sets against `threshold`. The margin (4 standard deviations of the
-    #: signature estimate at 128 permutations) keeps pairs just above the threshold from being lost to
-    #: the estimate's noise; verification keeps pairs below it from being dropped.
+    """Jaccard similarity of shingle sets at or above which two documents are near-duplicates."""
     candidate_margin: float = Field(0.15, ge=0, lt=1)
-    #: Bands × rows must equal num_perm; null chooses them for threshold - candidate_margin.
+    """Candidate pairs come from LSH buckets tuned to `threshold - candidate_margin` and pass a
+    signature pre-check at that level; each is then verified by the exact Jaccard similarity of the
+    two documents' shingle sets against `threshold`. The margin (4 standard deviations of the
+    signature estimate at 128 permutations) keeps pairs just above the threshold from being lost to
+    the estimate's noise; verification keeps pairs below it from being dropped."""
     bands: int | None = None
+    """Bands × rows must equal num_perm; null chooses them for threshold - candidate_margin."""
     rows: int | None = None
-    #: Weight of false negatives against false positives when choosing bands × rows. Candidate pairs
-    #: are verified exactly, so a false positive costs only a comparison.
+    """Rows per LSH band; null chooses them with `bands`."""
     recall_weight: float = Field(0.9, gt=0, lt=1)
+    """Weight of false negatives against false positives when choosing bands × rows. Candidate pairs
+    are verified exactly, so a false positive costs only a comparison."""
 
 
 class Dedup(_Strict):
+    """Duplicate removal: exact, then near-duplicates."""
+
     exact: bool = True
+    """Drop documents whose text is an exact duplicate of an earlier one."""
     near: NearDedup = NearDedup()
+    """Near-duplicate removal (MinHash LSH, each candidate pair verified exactly)."""
 
 
 #: Beam runners that run in this process's machine (the others run on remote workers and write gs:// outputs).
@@ -154,27 +176,34 @@ class BeamRunner(_Strict):
     """Where the Beam pipelines run: in process locally, Dataflow (or Flink/Spark) at scale."""
 
     runner: Literal["in_process", "multi_process", "dataflow", "flink", "spark"] = "in_process"
-    #: Worker processes for multi_process; initial workers on Dataflow.
+    """Beam runner: "in_process" or "multi_process" on this machine; "dataflow", "flink" or "spark" on remote workers (gs:// outputs)."""
     num_workers: int = Field(2, ge=1)
+    """Worker processes for multi_process; initial workers on Dataflow."""
     project: str | None = None
+    """GCP project of the Dataflow job (dataflow)."""
     region: str | None = None
+    """GCP region of the Dataflow job (dataflow)."""
     temp_location: str | None = None
+    """gs:// path for the Dataflow job's temporary and staged files (dataflow)."""
     machine_type: str | None = None
+    """Compute Engine machine type of the Dataflow workers (dataflow); null: Dataflow's default."""
     max_num_workers: int | None = Field(None, ge=1)
-    #: Flink or Spark master (host:port, spark://host:port) for the portable runners.
+    """Most workers Dataflow's autoscaling may use (dataflow); null: Dataflow's default."""
     master_url: str | None = None
-    #: How remote workers (dataflow, flink, spark) get palm-pipeline and its locked dependencies.
-    #: "image": they run an SDK container image that has them installed (`sdk_container_image`, by default
-    #: `infra.launcher.image`, the image `palm image` builds from infra/Dockerfile); nothing is installed
-    #: when a worker starts. "wheel": palm's wheel and pinned requirements are staged with the job and
-    #: pip-installed on every worker at start-up (`extra_packages` and `requirements_file`; palm builds
-    #: both from this checkout and uv.lock when they are unset).
+    """Flink or Spark master (host:port, spark://host:port) for the portable runners."""
     packaging: Literal["image", "wheel"] = "image"
-    #: The workers' SDK container image; default `infra.launcher.image` (packaging: image).
+    """How remote workers (dataflow, flink, spark) get palm-pipeline and its locked dependencies.
+    "image": they run an SDK container image that has them installed (`sdk_container_image`, by default
+    `infra.launcher.image`, the image `palm image` builds from infra/Dockerfile); nothing is installed
+    when a worker starts. "wheel": palm's wheel and pinned requirements are staged with the job and
+    pip-installed on every worker at start-up (`extra_packages` and `requirements_file`; palm builds
+    both from this checkout and uv.lock when they are unset)."""
     sdk_container_image: str | None = None
-    #: packaging: wheel only.
+    """The workers' SDK container image; default `infra.launcher.image` (packaging: image)."""
     extra_packages: list[str] = []
+    """packaging: wheel only."""
     requirements_file: str | None = None
+    """packaging: wheel only; pinned requirements installed on every worker (null: built from uv.lock)."""
 
 
 class QualityClassifierSpec(_Strict):
@@ -185,38 +214,51 @@ class QualityClassifierSpec(_Strict):
     a hand-written score of prose-likeness that needs no training (a stand-in, chosen explicitly)."""
 
     scorer: Literal["classifier", "heuristic"] = "classifier"
-    #: The curated sources (positives); null: those of `positive_kinds`.
+    """How documents are scored: "classifier" (trained by the quality stage) or "heuristic" (no training)."""
     positive_sources: list[str] | None = None
+    """The curated sources (positives); null: those of `positive_kinds`."""
     positive_kinds: list[Literal["web", "conversations", "books", "code", "wikipedia", "news", "other"]] = \
         ["wikipedia", "books"]
-    #: Documents sampled per class (split evenly over that class's sources).
+    """Source kinds whose sources are the positives when `positive_sources` is null."""
     max_docs_per_class: int = Field(20_000, ge=2)
+    """Documents sampled per class (split evenly over that class's sources)."""
     held_out_fraction: float = Field(0.2, gt=0, lt=1)
-    #: Word 1..ngram-grams, hashed into num_features columns (a power of two).
+    """Share of the sampled documents held out to measure the classifier."""
     ngram: int = Field(2, ge=1, le=5)
+    """Word 1..ngram-grams, hashed into num_features columns (a power of two)."""
     num_features: int = Field(2**20, ge=2**10, le=2**24)
-    #: Inverse L2 regularization strength (scikit-learn's C).
+    """Hashed feature columns (a power of two)."""
     regularization: float = Field(1.0, gt=0)
-    #: Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9).
+    """Inverse L2 regularization strength (scikit-learn's C)."""
     alpha: float = Field(9.0, gt=0)
+    """Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9)."""
 
 
 class DataSpec(_Strict):
+    """The data stage: sources, quality filtering, deduplication, mixture and split (Beam)."""
+
     sources: list[Source] = Field(min_length=1)
+    """The corpora of the mixture, each with its share of the tokens."""
     quality: QualityClassifierSpec = QualityClassifierSpec()
-    #: Bytes that are not valid UTF-8: repair them (U+FFFD) or drop the document; either is counted.
+    """How sources with `filters.quality_sampling` are scored (classifier or heuristic)."""
     invalid_utf8: Literal["repair", "drop"] = "repair"
-    #: Text normalization; "none" is lossless (whitespace kept exactly).
+    """Bytes that are not valid UTF-8: repair them (U+FFFD) or drop the document; either is counted."""
     normalize: Literal["none", "nfc"] = "none"
+    """Text normalization; "none" is lossless (whitespace kept exactly)."""
     dedup: Dedup = Dedup()
-    #: Tokens the mixture should supply; null takes every document once.
+    """Exact and near-duplicate (MinHash) removal."""
     token_budget: int | None = Field(None, gt=0)
+    """Tokens the mixture should supply; null takes every document once."""
     validation_fraction: float = Field(0.001, ge=0, lt=1)
-    #: Tokens are estimated as UTF-8 bytes / bytes_per_token until the tokenizer exists.
+    """Share of documents held out as the validation split."""
     bytes_per_token: float = Field(4.0, gt=0)
+    """Tokens are estimated as UTF-8 bytes / bytes_per_token until the tokenizer exists."""
     num_shards: int = Field(8, ge=1)
+    """Output files the data stage writes per split."""
     seed: int = 0
+    """Seed of the data stage's sampling and the split."""
     beam: BeamRunner = BeamRunner()
+    """Where the Beam pipelines run."""
 
     def uses_classifier(self) -> bool:
         """Whether the data stage needs a trained quality classifier: a source samples by quality, and the
@@ -253,24 +295,31 @@ class TokenizerSpec(_Strict):
     """SentencePiece with PaLM's lossless settings."""
 
     vocab_size: int = Field(256_000, ge=16)
+    """Pieces in the SentencePiece vocabulary (PaLM: 256k)."""
     model_type: Literal["unigram", "bpe"] = "unigram"
+    """SentencePiece algorithm (PaLM: unigram)."""
     byte_fallback: bool = True
+    """Spell characters outside the vocabulary as UTF-8 bytes (lossless)."""
     split_digits: bool = True
-    #: "identity" keeps every character and whitespace run as it is.
+    """One piece per digit, as PaLM does for numbers."""
     normalization: Literal["identity"] = "identity"
+    """"identity" keeps every character and whitespace run as it is."""
     character_coverage: float = Field(0.99995, gt=0, le=1)
-    #: Characters of text drawn (by mixture weight) to train the vocabulary.
+    """Share of the training characters the vocabulary covers directly."""
     sample_chars: int = Field(10_000_000, gt=0)
+    """Characters of text drawn (by mixture weight) to train the vocabulary."""
     seed: int = 0
+    """Seed of the text sample the vocabulary is trained on."""
 
 
 class PackSpec(_Strict):
     """Token ids, one end-of-document token per document, cut into sequences of model.seq_len."""
 
-    #: Files of fixed-size rows (n × seq_len little-endian int32): each training host reads its own rows
-    #: in place, one positioned or ranged read per row, local or gs:// (palm.data.pack).
     format: Literal["rows"] = "rows"
+    """Files of fixed-size rows (n × seq_len little-endian int32): each training host reads its own rows
+    in place, one positioned or ranged read per row, local or gs:// (palm.data.pack)."""
     num_shards: int = Field(8, ge=1)
+    """Files of packed rows the pack stage writes per split."""
 
 
 # ----------------------------------------------------------------------------------------- eval
@@ -291,41 +340,50 @@ class EvalSpec(_Strict):
     mc:<path to a multiple-choice task YAML>, lm_eval:<lm-eval task name>."""
 
     tasks: list[str] = ["validation_loss"]
-    #: Cap on examples per task (null: all).
+    """Evaluation tasks: validation_loss, memorization, gsm8k, humaneval, mc:<task.yaml>, lm_eval:<task>."""
     max_examples: int | None = Field(None, gt=0)
+    """Cap on examples per task (null: all)."""
     max_new_tokens: int = Field(256, gt=0)
+    """Most tokens generated per example by the generative tasks (gsm8k, humaneval)."""
     batch_size: int = Field(8, gt=0)
+    """Examples evaluated at once."""
     seed: int = 0
-    #: Where gsm8k/ and humaneval/ live (local path).
+    """Seed of sampling and example selection."""
     data_dir: str = "../shared/data"
-    #: HumanEval samples per problem: 1 is greedy pass@1; more adds pass@k with T=0.8, top-p 0.95.
+    """Where gsm8k/ and humaneval/ live (local path)."""
     humaneval_samples: int = Field(1, ge=1)
-    #: Memorization (section 7): prefix and continuation lengths in tokens.
+    """HumanEval samples per problem: 1 is greedy pass@1; more adds pass@k with T=0.8, top-p 0.95."""
     memorization_prefix: int = Field(50, gt=0)
+    """Memorization (section 7): prefix and continuation lengths in tokens."""
     memorization_continuation: int = Field(50, gt=0)
-    #: Extra lm-eval task YAMLs (local data files only).
+    """Tokens of the continuation compared with the training text (memorization)."""
     lm_eval_include_path: str | None = None
-    #: Where the eval-new-checkpoints flow evaluates a checkpoint (palm/jobs/evaljob.py): "local" in its own
-    #: process; "workers" as a sharded job on the launcher's workers (infra.launcher, on infra.mesh, as
-    #: training runs); "auto" on workers when twice the parameters' bytes exceed what the flow's process
-    #: holds (its accelerators' memory, or the host's RAM on CPU). Not part of the eval stage's key: where
-    #: it runs does not change the results.
+    """Extra lm-eval task YAMLs (local data files only)."""
     launch: Literal["auto", "local", "workers"] = "auto"
+    """Where the eval-new-checkpoints flow evaluates a checkpoint (palm/jobs/evaljob.py): "local" in its own
+    process; "workers" as a sharded job on the launcher's workers (infra.launcher, on infra.mesh, as
+    training runs); "auto" on workers when twice the parameters' bytes exceed what the flow's process
+    holds (its accelerators' memory, or the host's RAM on CPU). Not part of the eval stage's key: where
+    it runs does not change the results."""
 
 
 # ---------------------------------------------------------------------------------------- infra
 
 class Hardware(_Strict):
+    """The chips the job runs on."""
+
     accelerator: Literal["cpu", "h100", "h200", "a100", "tpu-v4", "tpu-v5p"] = "cpu"
-    #: Chips in the whole job, over all slices.
+    """The chip type (sets the peak FLOPs for MFU and, for TPUs, the compile and launch path)."""
     num_devices: int = Field(1, gt=0)
-    #: TPU slices (pods) joined over the data-center network; the `data` mesh axis spans them.
+    """Chips in the whole job, over all slices."""
     num_slices: int = Field(1, gt=0)
+    """TPU slices (pods) joined over the data-center network; the `data` mesh axis spans them."""
     devices_per_host: int = Field(1, gt=0)
-    #: Physical TPU topology of one slice, e.g. "16x16x12".
+    """Chips per host (TPU v4: 4); num_devices must be a multiple of it."""
     topology: str | None = None
-    #: Device memory per chip, bytes (for the plan's fit check).
+    """Physical TPU topology of one slice, e.g. "16x16x12"."""
     memory_bytes: int | None = Field(None, gt=0)
+    """Device memory per chip, bytes (for the plan's fit check)."""
 
     @property
     def peak_flops(self) -> float | None:
@@ -342,48 +400,58 @@ class Launcher(_Strict):
     VMs (gcloud) or as a JobSet on GKE. Cross-field checks happen when launching (`palm launch`)."""
 
     kind: Literal["local", "tpu-vm", "gke"] = "local"
-    #: GCP project and zone of the TPU VMs (tpu-vm).
+    """Launcher: "local" (this machine), "tpu-vm" (gcloud TPU VMs) or "gke" (a JobSet on GKE)."""
     project: str | None = None
+    """GCP project and zone of the TPU VMs (tpu-vm)."""
     zone: str | None = None
-    #: TPU VM software version (tpu-vm), e.g. tpu-ubuntu2204-base.
+    """GCP zone of the TPU VMs (tpu-vm)."""
     runtime_version: str | None = None
-    #: Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke);
-    #: also the SDK container of remote Beam workers (data.beam.packaging: image) unless
-    #: data.beam.sdk_container_image names another.
+    """TPU VM software version (tpu-vm), e.g. tpu-ubuntu2204-base."""
     image: str | None = None
-    #: Kubernetes namespace of the JobSet (gke; default "default").
+    """Container image with this repository at its working directory and `palm` on PATH (tpu-vm, gke);
+    also the SDK container of remote Beam workers (data.beam.packaging: image) unless
+    data.beam.sdk_container_image names another."""
     namespace: str | None = None
-    #: local: worker processes on this machine (jax.distributed over loopback). With 1 the train task
-    #: trains in its own process; `palm launch` starts one worker.
+    """Kubernetes namespace of the JobSet (gke; default "default")."""
     processes: int = Field(1, ge=1)
-    #: local: the coordinator's port on 127.0.0.1; 0 picks a free one when launching.
+    """local: worker processes on this machine (jax.distributed over loopback). With 1 the train task
+    trains in its own process; `palm launch` starts one worker."""
     coordinator_port: int = Field(0, ge=0, le=65535)
-    #: gke: whole-JobSet restarts (every slice at once) before the job counts as preempted.
+    """local: the coordinator's port on 127.0.0.1; 0 picks a free one when launching."""
     max_restarts: int = Field(3, ge=0)
-    #: tpu-vm: Spot TPUs (cheaper, preemptible).
+    """gke: whole-JobSet restarts (every slice at once) before the job counts as preempted."""
     spot: bool = False
-    #: tpu-vm: the service account the TPU VMs run as (default: the project's Compute Engine default).
+    """tpu-vm: Spot TPUs (cheaper, preemptible)."""
     service_account: str | None = None
-    #: Seconds between status checks while following a launched job.
+    """tpu-vm: the service account the TPU VMs run as (default: the project's Compute Engine default)."""
     poll_seconds: float = Field(15.0, gt=0)
+    """Seconds between status checks while following a launched job."""
 
 
 class InfraSpec(_Strict):
+    """Where the pipeline runs: hardware, mesh, storage, launcher."""
+
     hardware: Hardware = Hardware()
-    #: Axis name -> size over data, fsdp, model; -1 means "the rest of the devices".
+    """The chips: accelerator, how many, slices, hosts, topology."""
     mesh: dict[Literal["data", "fsdp", "model"], int] = {"data": 1, "fsdp": -1, "model": 1}
-    #: Where every stage writes its outputs: a local path or gs://bucket/prefix.
+    """Axis name -> size over data, fsdp, model; -1 means "the rest of the devices"."""
     storage_root: str = "runs"
+    """Where every stage writes its outputs: a local path or gs://bucket/prefix."""
     launcher: Launcher = Launcher()
-    #: Prefect work pool the deployments target.
+    """How the train stage runs: in process, local workers, TPU VMs or GKE."""
     work_pool: str = "local-process"
+    """Prefect work pool the deployments target."""
 
 
 class RetryPolicy(_Strict):
+    """How a stage's task is retried after a failure."""
+
     retries: int = Field(2, ge=0)
+    """Retries after a failure (bad input is never retried)."""
     delay_seconds: float = Field(10.0, ge=0)
-    #: Each retry waits `backoff` times longer than the one before.
+    """Seconds before the first retry."""
     backoff: float = Field(2.0, ge=1)
+    """Each retry waits `backoff` times longer than the one before."""
 
 
 # ------------------------------------------------------------------------------------- workflow
@@ -392,13 +460,13 @@ class RetryPolicy(_Strict):
 class WorkflowNode(_Strict):
     """One node of a declared workflow graph (palm.dag.workflow)."""
 
-    #: The stage type it runs (compile, data, tokenizer, pack, train, finetune, eval, scaling); default:
-    #: the node's own name.
     stage: str | None = None
-    #: The nodes whose outputs it reads.
+    """The stage type it runs (compile, data, tokenizer, pack, train, finetune, eval, scaling); default:
+    the node's own name."""
     needs: list[str] = []
-    #: Spec overrides for this node alone: dotted keys (as with --set) to values.
+    """The nodes whose outputs it reads."""
     set: dict[str, Any] = {}
+    """Spec overrides for this node alone: dotted keys (as with --set) to values."""
 
 
 # ----------------------------------------------------------------------------------------- spec
@@ -408,18 +476,27 @@ class Spec(_Strict):
     """A whole pretraining pipeline: data, tokenizer, pack, train, eval, and where it runs."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    """The run's name (lowercase letters, digits, -): names its directory and artifacts."""
     description: str = ""
+    """Free text shown by `palm plan`."""
     model: ModelConfig
+    """The model's architecture."""
     data: DataSpec
+    """The data mixture and how it is cleaned."""
     tokenizer: TokenizerSpec = TokenizerSpec()
+    """The SentencePiece tokenizer."""
     pack: PackSpec = PackSpec()
+    """How tokens are packed into training rows."""
     train: TrainConfig = TrainConfig()
+    """The training loop."""
     eval: EvalSpec = EvalSpec()
+    """What is evaluated on the trained model."""
     infra: InfraSpec = InfraSpec()
-    #: Retry policy per stage type.
+    """Hardware, mesh, storage and launcher."""
     retries: dict[str, RetryPolicy] = {}
-    #: The workflow graph, node name -> node; without it, the default chain of stages (palm.dag.workflow).
+    """Retry policy per stage type."""
     workflow: dict[str, WorkflowNode] | None = None
+    """The workflow graph, node name -> node; without it, the default chain of stages (palm.dag.workflow)."""
 
     def resolved_mesh(self) -> dict[str, int]:
         """The mesh with -1 filled in, every axis present, in (data, fsdp, model) order."""
@@ -669,4 +746,8 @@ def spec_schema() -> dict[str, Any]:
     """JSON Schema of the spec, for editor completion."""
     schema = Spec.model_json_schema()
     schema["properties"]["extends"] = {"type": "string", "description": "Parent spec, deep-merged under this one."}
+    # A spec that extends another may leave out what its parent gives (palm.spec.loading merges them, then
+    # validates the whole): the top level's required keys only without `extends`, and `data` may be partial.
+    schema["anyOf"] = [{"required": ["extends"]}, {"required": schema.pop("required")}]
+    schema["$defs"]["DataSpec"].pop("required", None)
     return schema

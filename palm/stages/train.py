@@ -121,7 +121,9 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         if leader:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(dataclasses.asdict(log)) + "\n")
-            events.scalars(log.step, {k: getattr(log, k) for k in TRAIN_SCALARS}, "train")
+            # At the updates done (log.step + 1), the checkpoints' numbering, so that the training curves
+            # and the evaluations of checkpoint N (written at N) line up; metrics.jsonl keeps the update's index.
+            events.scalars(log.step + 1, {k: getattr(log, k) for k in TRAIN_SCALARS}, "train")
         profiler.after_step(log.step)
         if on_step is not None:
             on_step(log, state)

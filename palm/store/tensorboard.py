@@ -2,7 +2,8 @@
 
 Where they go (point `tensorboard --logdir` at the run root to see them all):
 
-- `<train stage dir>/tensorboard/`: `train/<metric>` per step (loss, z_loss, accuracy, grad_norm,
+- `<train stage dir>/tensorboard/`: `train/<metric>` per step, at the updates done (metrics.jsonl's
+  step + 1, the checkpoints' numbering) (loss, z_loss, accuracy, grad_norm,
   update_norm, learning_rate, global_batch, tokens_per_second, step_seconds, and mfu where the
   accelerator's peak is known), written by the leading host;
 - `<eval stage dir>/tensorboard/` (the pipeline's eval stage) and `<train stage dir>/tensorboard/evals/`
