@@ -94,7 +94,7 @@ class Source(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     #: Globs, local or gs://; for format "builtin", the names of corpora generated on the machine.
     paths: list[str] = Field(min_length=1)
-    format: Literal["jsonl", "jsonl.gz", "txt", "parquet", "builtin"]
+    format: Literal["jsonl", "jsonl.gz", "jsonl.zst", "txt", "parquet", "builtin"]
     text_field: str = "text"
     #: Share of the mixture's tokens.
     weight: float = Field(gt=0, le=1)
