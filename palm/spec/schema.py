@@ -199,6 +199,12 @@ class QualityClassifierSpec(_Strict):
     regularization: float = Field(1.0, gt=0)
     #: Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9).
     alpha: float = Field(9.0, gt=0)
+    #: The least held-out ROC AUC a classifier needs to be used: one that tells the classes apart no
+    #: better than this is refused (exit 2), never used to drop documents. It only accepts or refuses an
+    #: output, never changes one, so it is left out of the quality and data stages' keys
+    #: (`classifier_config`, palm.dag.table.ACCEPT_ONLY); the data stage checks it again on a reused
+    #: classifier, so raising it refuses one built under a lower floor.
+    min_auc: float = Field(0.7, ge=0, le=1)
 
 
 class DataSpec(_Strict):
@@ -241,9 +247,10 @@ class DataSpec(_Strict):
         dumped = self.model_dump(mode="json")
         read = ("name", "paths", "format", "text_field", "kind", "filters", "split_pattern", "max_docs")
         used = {s.name for s in self.positive_sources() + self.negative_sources()}
+        quality = {k: v for k, v in dumped["quality"].items() if k != "min_auc"}  # accepts, never changes
         return {"sources": [{k: s[k] for k in read} for s in dumped["sources"] if s["name"] in used],
                 "invalid_utf8": dumped["invalid_utf8"], "normalize": dumped["normalize"], "seed": dumped["seed"],
-                "quality": dumped["quality"]}
+                "quality": quality}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
