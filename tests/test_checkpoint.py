@@ -538,3 +538,25 @@ def test_a_step_missing_an_array_file_is_not_listed_complete(tmp_path, capfd):
     assert f"{victim.relative_to(directory / '4')} is missing" in rows[4]["error"]
     assert main(["checkpoint", "inspect", str(directory / "4")]) == 2
     assert "good steps: 0, 8" in capfd.readouterr().err
+
+
+def test_checkpoints_without_a_recorded_identity_still_load_and_their_step_is_checked(tmp_path):
+    """Checkpoints written before `model_digest` was recorded load as before; the restored state's own
+    step counter must still be the directory's."""
+    from palm.base.errors import PalmError
+    from palm.core.lm import restore_params
+
+    cfg = config(steps=4)
+    trainer = Trainer(MODEL, cfg)
+    state = trainer.init()
+    ckpts = Checkpoints(tmp_path / "legacy", cfg.checkpoint)
+    for step in (0, 4):  # the state after step 0 saved as 0 and (wrongly) as 4; no identity in meta
+        ckpts.save(step, state, {"position": 0}, {"digest": params_digest(state.params)})
+    ckpts.close()
+    ckpts = Checkpoints(tmp_path / "legacy", cfg.checkpoint)
+    restored, _, _ = ckpts.restore(0, trainer.abstract_state())
+    assert params_digest(restored.params) == params_digest(state.params)
+    assert restore_params(tmp_path / "legacy", MODEL, step=0)[1] == 0
+    with pytest.raises(PalmError, match=r"legacy/4: its train state is the one after step 0, not 4"):
+        ckpts.restore(4, trainer.abstract_state())
+    ckpts.close()
