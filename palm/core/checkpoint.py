@@ -510,7 +510,7 @@ def restore_params_onto(step_dir: str | Path, abstract_params: Any) -> Any:
     try:
         if int(step) not in ckpts.steps():
             raise PalmError(f"no checkpoint at step {step} in {directory}")
-        usable_step(ckpts, int(step), model_digest(abstract_params))
+        usable_step(ckpts, int(step))  # another model's parameters: "do not fit this model" below
         meta = ckpts.meta(int(step))
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                    dtype=a.dtype), abstract_params)
