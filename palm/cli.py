@@ -43,6 +43,7 @@ from palm.jobs.launch import render as render_launch
 from palm.jobs.launching import JobFailed, JobPreempted, plan_json
 from palm.dag.table import STAGES
 from palm.dag.workflow import load_spec
+from palm.spec.config import ModelConfig
 from palm.dag.workflow import resolve_workflow
 from palm.dag.workflow import training_node
 from palm.evaluation import default_data_file, read_jsonl
@@ -512,22 +513,23 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         describe_checkpoints, inspect_checkpoint, open_checkpoints, verify_checkpoints)
 
     ckpts = open_checkpoints(args.path)
+    expected = _run_model_digest(args.path)
     if args.checkpoint_command == "list":
-        rows = describe_checkpoints(ckpts)
+        rows = describe_checkpoints(ckpts, expected)
         text = "\n".join(f"step {r['step']:>8}  {r['bytes'] / 2**20:9.2f} MiB  "
                          + (f"loss {r['loss']}  digest {r['digest']}" if r["complete"] else r["error"])
                          for r in rows) or "no checkpoints"
         _emit(args, {"path": ckpts.directory, "checkpoints": rows}, text)
         return 0
     if args.checkpoint_command == "inspect":
-        info = inspect_checkpoint(ckpts, args.step if args.step is not None else ckpts.selected_step)
+        info = inspect_checkpoint(ckpts, args.step if args.step is not None else ckpts.selected_step, expected)
         text = "\n".join([f"step {info['step']} of {ckpts.directory}", f"digest {info['digest']}",
                           f"parameters {info['num_params']:,}", f"metrics {json.dumps(info['metrics'])}",
                           f"loss spikes {len(info['spikes'])}"]
                          + [f"  {p['path']}: {p['shape']} {p['dtype']}" for p in info["params"]])
         _emit(args, info, text)
         return 0
-    results = verify_checkpoints(ckpts, args.step if args.step is not None else ckpts.selected_step)
+    results = verify_checkpoints(ckpts, args.step if args.step is not None else ckpts.selected_step, expected)
     ok = all(r["ok"] for r in results)
     text = "\n".join(f"step {r['step']}: " + ("FAILED: " + r["error"] if not r["ok"] else
                                                "ok (sealed files and digests)" if r["sealed"] else
@@ -535,6 +537,22 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
                      for r in results)
     _emit(args, {"path": ckpts.directory, "ok": ok, "checkpoints": results}, text)
     return 0 if ok else 1
+
+
+def _run_model_digest(path: str) -> str | None:
+    """The parameter shapes digest of the model of the run a checkpoint path is in (its train stage's
+    context), which every step must match; None outside a train stage directory (steps checked alone)."""
+    import flax.linen as nn  # these load JAX: only for the checkpoint commands
+
+    from palm.core.checkpoint import model_digest
+    from palm.core.model import abstract_params
+    from palm.evaluation.checkpoints import locate_run
+
+    try:
+        model = locate_run(path)["model"]
+    except (PalmError, KeyError, OSError, ValueError):
+        return None
+    return model_digest(nn.unbox(abstract_params(ModelConfig(**model))))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

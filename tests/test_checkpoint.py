@@ -407,7 +407,8 @@ def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd)
     assert rows[8]["complete"] and not rows[4]["complete"] and "incomplete" in rows[4]["error"]
     assert main(["checkpoint", "inspect", str(directory / "4")]) == 2
     err = capfd.readouterr().err
-    assert "is incomplete or damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "4 is unusable: its meta is unreadable" in err and "good steps: 0, 8" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["checkpoint", "verify", str(tmp_path / "train"), "--json"]) == 1
     verdict = {r["step"]: r["ok"] for r in json.loads(capfd.readouterr().out)["checkpoints"]}
     assert verdict == {0: True, 4: False, 8: True}
@@ -444,3 +445,118 @@ def test_restart_points_copy_each_shard_once_and_restore_the_layout():
     out = subprocess.run([sys.executable, "-c", RESTART_POINT_ON_A_MESH], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ------------------------------------------------ a step bound to its identity (issue 27.2)
+
+
+def _borrow(directory: Path, src: int, dst: int) -> None:
+    """Put step `src`'s files (seals included: they still check) in step `dst`'s directory."""
+    import shutil
+
+    shutil.rmtree(directory / str(dst))
+    shutil.copytree(directory / str(src), directory / str(dst))
+
+
+def test_a_step_holding_another_steps_files_is_refused_and_training_resumes_from_a_good_one(tmp_path, capfd):
+    import json
+
+    from palm.cli import main
+    from palm.core.lm import restore_params
+    from palm.core.checkpoint import restore_params_onto
+    from palm.base.errors import PalmError
+
+    cfg, directory = _trained(tmp_path, steps=12)
+    _borrow(directory, 8, 12)
+    capfd.readouterr()
+    # verify: it used to say "step 12: ok"
+    assert main(["checkpoint", "verify", str(tmp_path / "train"), "--json"]) == 1
+    rows = {r["step"]: r for r in json.loads(capfd.readouterr().out)["checkpoints"]}
+    assert {s: r["ok"] for s, r in rows.items()} == {0: True, 4: True, 8: True, 12: False}
+    assert "its meta records step 8" in rows[12]["error"]
+    # list: not complete; inspect: one line naming the good steps (it used to show step 8's digest under 12)
+    assert main(["checkpoint", "list", str(tmp_path / "train"), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capfd.readouterr().out)["checkpoints"]}
+    assert rows[8]["complete"] and not rows[12]["complete"] and "records step 8" in rows[12]["error"]
+    assert main(["checkpoint", "inspect", str(directory / "12")]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{directory}/12 is unusable: its meta records step 8" in err and "good steps: 0, 4, 8" in err
+    # generate and eval load parameters through these two: never the borrowed step
+    for load in (lambda: restore_params(directory, MODEL, step=12),
+                 lambda: restore_params_onto(directory / "12", Trainer(MODEL, cfg).abstract_state().params)):
+        with pytest.raises(PalmError, match=r"12 is unusable: its meta records step 8.*good steps: 0, 4, 8"):
+            load()
+    # training: moved to corrupt/ with the reason, resumed from step 8, and finishes (it used to fail with
+    # Orbax's StepAlreadyExistsError on every retry)
+    longer = config(steps=16)
+    ckpts = Checkpoints(directory, longer.checkpoint)
+    result = run_training(Trainer(MODEL, longer), Stream(), checkpoints=ckpts)
+    ckpts.close()
+    assert result.resumed_from == 8 and [c["step"] for c in result.corrupt_checkpoints] == [12]
+    assert "its meta records step 8" in (directory.parent / "corrupt" / "12.reason.txt").read_text()
+    assert Checkpoints(directory, longer.checkpoint, read_only=True).steps()[-2:] == [12, 16]
+    assert main(["checkpoint", "verify", str(tmp_path / "train"), "--json"]) == 0
+    capfd.readouterr()
+
+
+def test_a_step_of_another_model_is_refused(tmp_path):
+    import dataclasses
+    import shutil
+
+    from palm.core.checkpoint import model_digest, verify_checkpoints
+
+    cfg, directory = _trained(tmp_path)
+    wider = dataclasses.replace(MODEL, d_model=48)
+    other = Checkpoints(tmp_path / "other", cfg.checkpoint)
+    run_training(Trainer(wider, cfg), Stream(), checkpoints=other)
+    other.close()
+    shutil.rmtree(directory / "8")
+    shutil.copytree(tmp_path / "other" / "8", directory / "8")  # same step, another run's model
+    trainer = Trainer(MODEL, cfg)
+    mine = model_digest(trainer.abstract_state().params)
+    verdict = {r["step"]: r for r in verify_checkpoints(Checkpoints(directory, cfg.checkpoint, read_only=True),
+                                                         expected_model=mine)}
+    assert verdict[4]["ok"] and not verdict[8]["ok"] and "another model's" in verdict[8]["error"]
+    restored = Checkpoints(directory, cfg.checkpoint).restore_latest_valid(trainer.abstract_state())
+    assert restored.step == 4
+    assert "another model's" in (directory.parent / "corrupt" / "8.reason.txt").read_text()
+
+
+def test_a_step_missing_an_array_file_is_not_listed_complete(tmp_path, capfd):
+    import json
+
+    from palm.cli import main
+
+    _, directory = _trained(tmp_path)
+    victim = max((p for p in (directory / "4" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.unlink()
+    capfd.readouterr()
+    assert main(["checkpoint", "list", str(tmp_path / "train"), "--json"]) == 0
+    rows = {r["step"]: r for r in json.loads(capfd.readouterr().out)["checkpoints"]}
+    assert rows[0]["complete"] and rows[8]["complete"] and not rows[4]["complete"]
+    assert f"{victim.relative_to(directory / '4')} is missing" in rows[4]["error"]
+    assert main(["checkpoint", "inspect", str(directory / "4")]) == 2
+    assert "good steps: 0, 8" in capfd.readouterr().err
+
+
+def test_checkpoints_without_a_recorded_identity_still_load_and_their_step_is_checked(tmp_path):
+    """Checkpoints written before `model_digest` was recorded load as before; the restored state's own
+    step counter must still be the directory's."""
+    from palm.base.errors import PalmError
+    from palm.core.lm import restore_params
+
+    cfg = config(steps=4)
+    trainer = Trainer(MODEL, cfg)
+    state = trainer.init()
+    ckpts = Checkpoints(tmp_path / "legacy", cfg.checkpoint)
+    for step in (0, 4):  # the state after step 0 saved as 0 and (wrongly) as 4; no identity in meta
+        ckpts.save(step, state, {"position": 0}, {"digest": params_digest(state.params)})
+    ckpts.close()
+    ckpts = Checkpoints(tmp_path / "legacy", cfg.checkpoint)
+    restored, _, _ = ckpts.restore(0, trainer.abstract_state())
+    assert params_digest(restored.params) == params_digest(state.params)
+    assert restore_params(tmp_path / "legacy", MODEL, step=0)[1] == 0
+    with pytest.raises(PalmError, match=r"legacy/4: its train state is the one after step 0, not 4"):
+        ckpts.restore(4, trainer.abstract_state())
+    ckpts.close()

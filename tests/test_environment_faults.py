@@ -260,3 +260,21 @@ def test_beam_workers_do_not_log_a_traceback_for_an_environment_fault(caplog):
     assert str(e.value).startswith("/data/") and "permission denied (EACCES)" in str(e.value)
     beam_errors = [r for r in caplog.records if r.name.startswith("apache_beam") and r.levelno >= logging.ERROR]
     assert beam_errors == [], [r.getMessage()[:200] for r in beam_errors]
+
+
+def test_run_with_a_truncated_compressed_source_is_one_line_and_not_retried(prefect_server, tmp_path, capsys):
+    """Issue 27.1: a jsonl.gz cut short used to give the lines before the damage, exit 0."""
+    import gzip
+
+    docs = tmp_path / "docs.jsonl.gz"
+    packed = gzip.compress(_docs(tmp_path).read_bytes())
+    docs.write_bytes(packed[: len(packed) - 40])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(_source_spec(tmp_path, [str(docs)]).read_text().replace("format: jsonl,", "format: jsonl.gz,"))
+    out = tmp_path / "run"
+    rc = main(["run", str(spec), "--stages", "data", "--output", str(out)])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2
+    assert f"{docs}: truncated: its gzip stream ends before the end-of-stream marker" in line
+    assert _data_task_runs(out) == 1
+    assert not list(out.glob("data/*/manifest.json"))  # nothing a later run could take for complete

@@ -399,3 +399,26 @@ def test_files_a_user_names_are_read_bounded_and_regular_only(tmp_path, capsys, 
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
         assert time.perf_counter() - start < 10
+
+
+def test_generate_and_eval_refuse_a_borrowed_step_naming_the_good_ones(checkpoint, capsys, tmp_path):
+    """Issue 27.2: a step directory holding another step's files is named in one line, with the good steps."""
+    import shutil
+
+    train = checkpoint.parent
+    root = tmp_path / "run"
+    copy = root / "train" / train.name
+    shutil.copytree(train, copy)
+    for record in train.parent.parent.glob("*.json"):  # the run's spec record, for eval's settings
+        shutil.copy(record, root)
+    ckpts = copy / "checkpoints"
+    shutil.rmtree(ckpts / "6")
+    shutil.copytree(ckpts / "3", ckpts / "6")
+    for argv in (["generate", str(ckpts / "6"), "--prompt", "The"],
+                 ["eval", str(ckpts / "6"), "--tasks", "validation_loss"]):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err[-2000:]
+        lines = [line for line in err.splitlines() if line.startswith("palm: error: ")]
+        assert rc == 2 and len(lines) == 1, err[-2000:]
+        assert f"{ckpts}/6 is unusable: its meta records step 3" in lines[0] and "good steps: 0, 3" in lines[0]

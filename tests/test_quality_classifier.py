@@ -173,3 +173,104 @@ def test_the_data_stage_samples_by_the_classifier_and_accounts_for_it(trained, t
     assert shards and all((tmp_path / "data" / n).read_bytes() == (tmp_path / "again" / n).read_bytes() for n in shards)
     with pytest.raises(PalmError, match="no classifier"):
         run_data_stage(spec, tmp_path / "none")
+
+
+# ------------------------------------------------------------------ the AUC floor (issue 27.3)
+
+
+def _learned_nothing(tmp_path, paragraphs, min_auc=None) -> DataSpec:
+    """Positives and negatives the same documents: a classifier of them cannot tell the classes apart."""
+    return data_spec(tmp_path, paragraphs[:300], paragraphs[:300],
+                     **({} if min_auc is None else {"min_auc": min_auc}))
+
+
+def test_a_classifier_that_learned_nothing_is_refused_and_not_cached(shared_data, tmp_path):
+    from palm.dag.table import STAGES
+    from palm.store.outputs import run_stage
+
+    spec = _learned_nothing(tmp_path, wikitext_paragraphs(shared_data))
+    root = tmp_path / "runs"
+    with pytest.raises(PalmError) as info:
+        run_stage("quality", spec.classifier_config(), {}, root, lambda out: train_quality_stage(spec, out))
+    message = str(info.value)
+    auc = float(re.search(r"held-out AUC is ([\d.]+), below data.quality.min_auc 0.7", message).group(1))
+    assert auc < 0.7 and "\n" not in message
+    assert "curated sources (wiki)" in message and "quality-sampled ones (web)" in message
+    assert "data.quality.positive_sources" in message and "lower data.quality.min_auc" in message
+    assert list((root / "quality").iterdir()) == []  # nothing a later run could reuse
+    # The floor is a spec setting: lowered, the same classifier is accepted (and its AUC reported).
+    lowered = _learned_nothing(tmp_path, wikitext_paragraphs(shared_data), min_auc=0.0)
+    (tmp_path / "low").mkdir()
+    assert train_quality_stage(lowered, tmp_path / "low")["held_out_auc"] == pytest.approx(auc, abs=5e-4)
+    assert STAGES["quality"].config(_spec_with(lowered)) == STAGES["quality"].config(_spec_with(spec))
+
+
+def _spec_with(data: DataSpec):
+    spec = load_spec(SPECS / "tiny.yaml")
+    return spec.model_copy(update={"data": data})
+
+
+def test_the_auc_floor_is_in_no_stage_key_and_a_reused_classifier_below_it_is_refused(shared_data, tmp_path):
+    """min_auc only accepts or refuses: every spec's keys stay as they were; a classifier accepted under a
+    lower floor (reused: same key) is refused by the data stage under a higher one, before Beam runs."""
+    from palm.dag.table import STAGES
+    from palm.stages.data import build
+    from palm.store.outputs import StageOutput
+
+    paragraphs = wikitext_paragraphs(shared_data)
+    low, high = _learned_nothing(tmp_path, paragraphs, min_auc=0.0), _learned_nothing(tmp_path, paragraphs)
+    for stage in ("quality", "data"):
+        assert STAGES[stage].config(_spec_with(low)) == STAGES[stage].config(_spec_with(high))
+    assert "min_auc" not in json.dumps(STAGES["data"].config(_spec_with(high)))
+    out = tmp_path / "classifier"
+    out.mkdir()
+    train_quality_stage(low, out)
+    inputs = {"quality": StageOutput("quality", "k", str(out), {}, True)}
+    with pytest.raises(PalmError, match=r"held-out AUC is [\d.]+, below data.quality.min_auc 0.7"):
+        build(_spec_with(high), inputs, None)(tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_palm_run_refuses_a_useless_classifier_in_one_line(prefect_server, shared_data, tmp_path, capsys):
+    from palm.cli import main
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", wikitext_paragraphs(shared_data)[:300])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"extends: {SPECS / 'tiny.yaml'}\ndata:\n  sources:\n"
+                    f"    - {{name: wiki, kind: wikipedia, weight: 0.5, format: jsonl, paths: [{docs}]}}\n"
+                    f"    - {{name: web, kind: web, weight: 0.5, format: jsonl, paths: [{docs}], "
+                    "filters: {quality_sampling: true}}\n"
+                    "  quality: {max_docs_per_class: 300}\n")
+    out = tmp_path / "run"
+    rc = main(["run", str(spec), "--stages", "quality,data", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("palm: error: ")]
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert re.search(r"the quality classifier's held-out AUC is [\d.]+, below data.quality.min_auc 0.7", lines[0])
+    assert not list(out.glob("*/*/manifest.json"))
+
+
+def test_plan_and_report_show_each_sampled_sources_expected_keep_rate(tmp_path):
+    from palm.app.plan import quality_plan, render, plan
+    from palm.app.report import report_markdown
+    from palm.dag.runner import run_node
+    from palm.dag.workflow import resolve_workflow
+
+    spec = load_spec(SPECS / "tiny.yaml", ["data.sources.2.filters.quality_sampling=true",
+                                           "data.quality.min_auc=0", "data.quality.max_docs_per_class=200"])
+    sampled = spec.data.sources[2].name
+    before = quality_plan(spec, str(tmp_path))
+    assert [r["source"] for r in before] == [sampled] and before[0]["expected_keep_rate"] is None
+    assert before[0]["keep_rate_at_chance"] == pytest.approx(filters.keep_probability(0.5, 9.0))
+    text = render({**plan(spec), "quality_sampling": before})
+    assert f"  {sampled}: expected keep rate known after the quality stage" in text
+    workflow = resolve_workflow(spec)
+    out = run_node(workflow.nodes["quality"], tmp_path, {})
+    after = quality_plan(spec, str(tmp_path))
+    expected = out.manifest["sources"][sampled]["expected_keep_rate"]
+    assert after[0]["expected_keep_rate"] == expected and after[0]["classifier"] == out.path
+    assert f"  {sampled}: expected keep rate {expected:.1%} (held out; classifier AUC" in render(
+        {**plan(spec), "quality_sampling": after})
+    report = report_markdown(tmp_path, spec.name, workflow, {"quality": out})
+    assert "## Quality classifier" in report and f"| {sampled} | negative |" in report

@@ -5,13 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from palm.analysis.memory import estimate_memory
+from palm.base import storage
+from palm.base.errors import PalmError
 from palm.base.units import gib
 from palm.core.model import abstract_params, count_params, hardware_flops_per_token, model_flops_per_token
 from palm.core.sharding import Sharding
+from palm.dag.runner import stage_key_of
 from palm.dag.table import STAGES
 from palm.dag.workflow import resolve_workflow
+from palm.data.quality import chance_keep_rate, read_report
 from palm.jobs.launching import topology_check
 from palm.spec.schema import Spec
+from palm.store import layout
+from palm.store.outputs import read_manifest
 
 #: The paper's measured MFU for PaLM 540B (Table 3), the default for wall-time estimates.
 PALM_MFU = 0.462
@@ -89,6 +95,7 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
         "layout": [{"param": p, "shape": list(s), "partition": part} for p, s, part in layout.describe(boxed)],
         "stages": workflow_plan(spec),
+        "quality_sampling": quality_plan(spec),
         "launch": _launch_check(spec),
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
@@ -116,6 +123,54 @@ def workflow_plan(spec: Spec) -> list[dict[str, Any]]:
                        training_tokens=tokens, training_flops=model_flops_per_token(node.spec.model, n) * tokens)
         rows.append(row)
     return rows
+
+
+def quality_plan(spec: Spec, root: str | None = None) -> list[dict[str, Any]]:
+    """Each quality-sampled source's expected keep rate (the share of its documents the Pareto rule keeps):
+    the held-out estimate of the quality classifier already built for this spec under `root` (default
+    <infra.storage_root>/<spec name>, local roots only), else None, with the rate a classifier that
+    cannot tell the classes apart (score 0.5) would give, and the AUC floor it must pass."""
+    q = spec.data.quality
+    sampled = spec.data.negative_sources()
+    if not sampled:
+        return []
+    report, where = None, None
+    root = root or f"{spec.infra.storage_root.rstrip('/')}/{spec.name}"
+    if q.scorer == "classifier" and not storage.is_remote(root):  # plan makes no network calls
+        for node in resolve_workflow(spec).nodes.values():
+            if node.stage == "quality":
+                path = layout.output_dir(root, node.name, stage_key_of(node, {}))
+                if read_manifest(path) is not None:
+                    try:
+                        report, where = read_report(path), path
+                    except PalmError:  # an unreadable classifier: the quality stage says so when it runs
+                        report = None
+                break
+    rows = []
+    for src in sampled:
+        built = (report or {}).get("sources", {}).get(src.name, {})
+        rows.append({"source": src.name, "scorer": q.scorer, "alpha": q.alpha, "min_auc": q.min_auc,
+                     "expected_keep_rate": built.get("expected_keep_rate"),
+                     "held_out_auc": (report or {}).get("held_out_auc"), "classifier": where,
+                     "keep_rate_at_chance": chance_keep_rate(q.alpha)})
+    return rows
+
+
+def _render_quality(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        head = f"  {r['source']}: "
+        if r["expected_keep_rate"] is not None:
+            lines.append(head + f"expected keep rate {r['expected_keep_rate']:.1%} (held out; classifier AUC "
+                         f"{r['held_out_auc']:.3f}, floor {r['min_auc']:g}, at {r['classifier']})")
+        elif r["scorer"] == "classifier":
+            lines.append(head + f"expected keep rate known after the quality stage (a classifier that cannot "
+                         f"tell keeps {r['keep_rate_at_chance']:.1%}; one with AUC < {r['min_auc']:g} is refused)")
+        else:
+            lines.append(head + "keep rate by the heuristic score (data.quality.scorer: heuristic); "
+                         f"a score of 0.5 keeps {r['keep_rate_at_chance']:.1%}")
+    return ["quality sampling (the share of each sampled source's documents the Pareto rule keeps)", *lines] \
+        if lines else []
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -166,6 +221,7 @@ def render(p: dict[str, Any]) -> str:
                                       for s in p["memory_by_step"])
         + (" (estimated; --compile checks)" if str(hw["accelerator"]).startswith("tpu") else " (estimated)"),
         *_render_stages(p["stages"]),
+        *_render_quality(p.get("quality_sampling", [])),
     ]
     launch = p.get("launch") or {}
     if launch.get("problem"):

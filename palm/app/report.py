@@ -159,8 +159,21 @@ def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, 
                 lines += [f"![loss curve]({png})", ""]
             elif metrics:
                 lines += ["Loss curve (sampled steps):", "", _table(loss_rows(metrics))]
+        elif out.stage == "quality":
+            m = out.manifest
+            lines += [f"## Quality classifier: {name}" if workflow.declared else "## Quality classifier", "",
+                      f"- held-out AUC: {m['held_out_auc']:.4f}", "",
+                      _table([{"source": s, "class": r["class"], "sampled": r["sampled"],
+                               "expected keep rate": r["expected_keep_rate"] if r["expected_keep_rate"] is not None
+                               else "-"} for s, r in m["sources"].items()])]
         elif out.stage == "data" and "sources" in out.manifest:
             lines += [f"## Data: {name}" if workflow.declared else "## Data", "", *data_summary(out.manifest)]
+            if any("quality_sampling" in s for s in out.manifest["sources"].values()):
+                lines += ["", "### Quality sampling", "",
+                          _table([{"source": s, "scored": r["quality_sampling"]["scored"],
+                                   "kept": r["quality_sampling"]["kept"],
+                                   "keep rate": r["quality_sampling"]["keep_rate"]}
+                                  for s, r in out.manifest["sources"].items() if "quality_sampling" in r])]
         elif out.stage == "eval":
             lines += [f"## Evaluation: {name}" if workflow.declared else "## Evaluation", "", _table(eval_rows(out.manifest))]
         elif out.stage == "scaling":

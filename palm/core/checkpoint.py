@@ -22,6 +22,15 @@ Two layers of integrity, both computed where the data lives (nothing is gathered
   where it would not change the restored numbers. A step committed but not yet sealed (a crash in
   between) is checked by its digests alone, and sealed when it is next resumed from.
 
+Each step is bound to its identity: `meta` records the step (`step`) and the shapes of the parameters
+(`model_digest`, `model_digest` below), and every reader checks them against the step directory's name
+and the run (`step_problem`, `check_identity`): a step directory holding another step's files, or a step
+of another model, is refused (training moves it to `corrupt/` and resumes from the newest good step;
+`list`, `inspect` and `verify` report it; loading it for generation or evaluation names it and the good
+steps). A step missing a file its seals list is never reported complete. Checkpoints written before
+`model_digest` was recorded still load: their step is checked (the meta's and the restored state's), and
+their parameter shapes are checked against the model where one is loaded.
+
 `directory` may be local or `gs://`. `palm.base.storage.gcs_settings` is the one place that reads the environment to
 point Google Cloud Storage clients at an emulator (STORAGE_EMULATOR_HOST); see there.
 """
@@ -126,6 +135,28 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def model_digest(params: Any) -> str:
+    """A digest of the parameters' paths, shapes and dtypes (not their values): which model a checkpoint
+    is of. The same for real arrays, ShapeDtypeStructs and Orbax's array metadata of one model."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    rows = sorted((_path_name(path), tuple(int(n) for n in leaf.shape), np.dtype(leaf.dtype).name)
+                  for path, leaf in flat)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def check_identity(step: int, meta: dict[str, Any], expected_model: str | None = None) -> str:
+    """The problem with a step's identity ("" when none): its meta records another step (the directory
+    holds another step's files), or another model's parameter shapes than `expected_model`."""
+    recorded = meta.get("step")
+    if recorded is not None and recorded != step:
+        return (f"its meta records step {recorded}: the directory holds step {recorded}'s files, not step "
+                f"{step}'s")
+    if expected_model is not None and meta.get("model_digest") not in (None, expected_model):
+        return (f"its parameters are another model's (shapes digest {str(meta['model_digest'])[:12]}, this "
+                f"run's {expected_model[:12]}): a step of another run")
+    return ""
+
+
 def params_digest(params: Any) -> str:
     """The parameters' digest (`tree_digest`), recorded with every checkpoint as `digest`."""
     return tree_digest(params)
@@ -217,11 +248,12 @@ def seal_step(step_dir: str | Path, process: int | None = None) -> dict[str, Any
     return record
 
 
-def check_seals(step_dir: str | Path, mine: Any = None) -> tuple[bool, str]:
+def check_seals(step_dir: str | Path, mine: Any = None, hashes: bool = True) -> tuple[bool, str]:
     """(sealed, problem) for a step: `problem` names the first file that is missing, changed or
     unlisted, or a damaged seal; "" when every seal checks (or when there is none: `sealed` False).
     `mine(process)`: hash only the files of the seals it accepts (each host of a restore checks its
-    share); every seal's own checksum and the set of files are checked regardless."""
+    share); every seal's own checksum and the set of files are checked regardless. `hashes=False`:
+    only that every listed file is there, of its size (what listing a step needs, without reading it)."""
     step_dir = epath.Path(str(step_dir))
     seals = sorted(p for p in step_dir.iterdir() if p.name.startswith(SEAL_PREFIX) and p.name.endswith(".json"))
     if not seals:
@@ -245,6 +277,11 @@ def check_seals(step_dir: str | Path, mine: Any = None) -> tuple[bool, str]:
             path = files.get(rel)
             if path is None:
                 return True, f"{rel} is missing (listed in {seal.name})"
+            if not hashes:
+                length = path.stat().length
+                if length != size:
+                    return True, f"{rel} is {length:,} bytes, sealed as {size:,}"
+                continue
             if (size, digest) != _sha256(path):
                 return True, f"{rel} differs from its sealed sha256 (listed in {seal.name})"
     unlisted = sorted(rel for rel in files if rel not in listed and _owner(rel) in owners)
@@ -354,11 +391,16 @@ class Checkpoints:
         sealed, problem = check_seals(self.step_dir(step), mine=lambda p: p % count == index)
         if problem:
             raise PalmError(f"{where}: {problem}")
+        params = abstract_state.params if hasattr(abstract_state, "params") else abstract_state["params"]
+        problem = check_identity(step, self.meta(step), model_digest(params))
+        if problem:
+            raise PalmError(f"{where}: {problem}")
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         meta = out["meta"]
         check_digests(out["state"], meta, where, out["data"])
+        _check_state_step(out["state"], step, where)
         if not sealed and not self.read_only:
             self._seal(step)
         return out["state"], out["data"], meta
@@ -416,6 +458,47 @@ class Checkpoints:
         return None
 
 
+def _check_state_step(state: Any, step: int, where: str) -> None:
+    """The restored state's own step counter must be the directory's (checkpoints without a recorded
+    identity too)."""
+    counter = state.step if hasattr(state, "step") else state.get("step") if isinstance(state, dict) else None
+    if counter is not None and int(np.asarray(jax.device_get(counter))) != step:
+        raise PalmError(f"{where}: its train state is the one after step {int(np.asarray(jax.device_get(counter)))}"
+                        f", not {step}: the directory holds another step's files")
+
+
+def step_problem(ckpts: "Checkpoints", step: int, expected_model: str | None = None) -> str:
+    """What makes one step unusable without restoring it ("" when nothing): unreadable meta, another
+    step's or another model's identity (`check_identity`), a file its seals list missing or resized."""
+    try:
+        meta = ckpts.meta(step)
+    except Exception as e:  # an emptied or missing meta: the step is incomplete
+        return f"its meta is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    if not isinstance(meta, dict):
+        return "its meta is not a JSON object"
+    problem = check_identity(step, meta, expected_model)
+    if problem:
+        return problem
+    try:
+        _, problem = check_seals(ckpts.step_dir(step), hashes=False)
+    except (OSError, KeyError, TypeError) as e:
+        problem = f"its files cannot be listed ({type(e).__name__}: {e})"
+    return problem
+
+
+def usable_step(ckpts: "Checkpoints", step: int, expected_model: str | None = None, what: str = "") -> None:
+    """PalmError, one line, unless `step` passes `step_problem`: it names the damaged step, what is wrong,
+    and the steps that pass (for generation and evaluation, which never use a damaged step)."""
+    problem = step_problem(ckpts, step, expected_model)
+    if not problem:
+        return
+    good = [s for s in ckpts.steps() if s != step and not step_problem(ckpts, s, expected_model)]
+    raise PalmError(f"{what}checkpoint {ckpts.directory}/{step} is unusable: {problem}; "
+                    + (f"good steps: {', '.join(map(str, good))} (pass one, e.g. {ckpts.directory}/{good[-1]})"
+                       if good else "no other step of this run is usable")
+                    + "; `palm checkpoint verify` checks every step")
+
+
 def restore_params_onto(step_dir: str | Path, abstract_params: Any) -> Any:
     """The parameters of one checkpoint (a step directory, e.g. a train stage's final `checkpoint`),
     restored straight onto the shardings of `abstract_params` (ShapeDtypeStructs with shardings): each
@@ -428,6 +511,7 @@ def restore_params_onto(step_dir: str | Path, abstract_params: Any) -> Any:
     try:
         if int(step) not in ckpts.steps():
             raise PalmError(f"no checkpoint at step {step} in {directory}")
+        usable_step(ckpts, int(step))  # another model's parameters: "do not fit this model" below
         meta = ckpts.meta(int(step))
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                    dtype=a.dtype), abstract_params)
@@ -491,13 +575,19 @@ def _exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
-def describe_checkpoints(ckpts: Checkpoints) -> list[dict[str, Any]]:
+def describe_checkpoints(ckpts: Checkpoints, expected_model: str | None = None) -> list[dict[str, Any]]:
     """One row per checkpoint: step, bytes on disk, loss and parameter digest from its metadata, and
-    whether it is sealed; a step whose metadata cannot be read is a row with its `error`."""
+    whether it is sealed; a step that fails `step_problem` (unreadable metadata, another step's or model's
+    identity, a sealed file missing) is a row with its `error`, never complete."""
     rows = []
     for step in ckpts.steps():
         row: dict[str, Any] = {"step": step, "bytes": checkpoint_size(ckpts.directory, step), "loss": None,
                                "digest": None, "spec_digest": None, "complete": True, "error": ""}
+        problem = step_problem(ckpts, step, expected_model)
+        if problem:
+            row.update(complete=False, error=f"incomplete or unusable: {problem}")
+            rows.append(row)
+            continue
         try:
             meta = ckpts.meta(step)
             row.update(loss=(meta.get("metrics") or {}).get("loss"), digest=meta.get("digest"),
@@ -509,12 +599,14 @@ def describe_checkpoints(ckpts: Checkpoints) -> list[dict[str, Any]]:
     return rows
 
 
-def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str, Any]:
-    """Metadata, metrics and parameter shapes of one checkpoint (the latest by default), without loading it."""
+def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None, expected_model: str | None = None) -> dict[str, Any]:
+    """Metadata, metrics and parameter shapes of one checkpoint (the latest by default), without loading it;
+    PalmError naming the good steps if it fails `step_problem`."""
     steps = ckpts.steps()
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
+    usable_step(ckpts, step, expected_model, what="inspect: ")
     try:
         meta = ckpts.meta(step)
         params = ckpts.manager.item_metadata(step)["state"].tree["params"]
@@ -530,14 +622,17 @@ def inspect_checkpoint(ckpts: Checkpoints, step: int | None = None) -> dict[str,
             "num_params": int(sum(np.prod(p["shape"]) for p in shapes)), "params": shapes}
 
 
-def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict[str, Any]]:
-    """Check each checkpoint: every file against its step's seals, then the train state restored on the
-    host against the recorded digests (whole state with the data iterator's position, and parameters)."""
+def verify_checkpoints(ckpts: Checkpoints, step: int | None = None, expected_model: str | None = None) -> list[dict[str, Any]]:
+    """Check each checkpoint: its identity (the step its meta records, and the model where
+    `expected_model` is the run's), every file against its step's seals, then the train state restored on
+    the host against the recorded digests (whole state with the data iterator's position, and parameters)
+    and its step counter against the directory's step."""
     results = []
     for s in ckpts.steps() if step is None else [step]:
         row: dict[str, Any] = {"step": s, "ok": False, "sealed": False, "digest": None, "error": ""}
         try:
             row["sealed"], problem = check_seals(ckpts.step_dir(s))
+            problem = problem or check_identity(s, ckpts.meta(s), expected_model)
             if problem:
                 row["error"] = problem
                 results.append(row)
@@ -545,9 +640,16 @@ def verify_checkpoints(ckpts: Checkpoints, step: int | None = None) -> list[dict
             out = ckpts.manager.restore(s, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
             state = out["state"]
-            row["digest"] = params_digest(state["params"] if isinstance(state, dict) else state.params)
+            params = state["params"] if isinstance(state, dict) else state.params
+            row["digest"] = params_digest(params)
             try:
+                problem = check_identity(s, out["meta"], expected_model) or (
+                    f"its parameters are another model's (shapes digest {model_digest(params)[:12]}, this run's "
+                    f"{expected_model[:12]})" if expected_model not in (None, model_digest(params)) else "")
+                if problem:
+                    raise PalmError(problem)
                 check_digests(state, out["meta"], f"step {s}", out["data"])
+                _check_state_step(state, s, f"step {s}")
                 row["ok"] = True
             except PalmError as e:
                 row["error"] = str(e)

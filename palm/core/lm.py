@@ -56,7 +56,7 @@ import orbax.checkpoint as ocp
 
 from palm.spec.config import ModelConfig
 from palm.base.errors import PalmError
-from palm.core.checkpoint import check_params_digest, open_checkpoints, restore_params_onto
+from palm.core.checkpoint import check_params_digest, open_checkpoints, restore_params_onto, usable_step
 from palm.core.model import START_TOKEN, PaLM, abstract_params, init_cache
 from palm.core.sharding import Sharding, make_mesh
 
@@ -470,6 +470,7 @@ def restore_params(checkpoint_dir: str | Path, model_config: ModelConfig, step: 
         if step not in steps:
             raise PalmError(f"no checkpoint at step {step} in {ckpts.directory}; steps: {steps}")
         abstract = nn.unbox(abstract_params(model_config))
+        usable_step(ckpts, step)  # never a damaged step or another step's; another model's: the shapes below
         want = _param_table(abstract)
         try:  # an empty step directory (KeyError), an emptied meta/metadata (JSONDecodeError), ...
             got = _param_table(ckpts.manager.item_metadata(step)["state"].tree["params"])

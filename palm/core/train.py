@@ -27,7 +27,7 @@ from palm.base.hardware import device_peak_flops
 from palm.core.model import START_TOKEN, PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
 from palm.core.sharding import Sharding, make_mesh
 from palm.core.checkpoint import params_digest, state_digest
-from palm.core.checkpoint import restore_params_onto
+from palm.core.checkpoint import model_digest, restore_params_onto
 
 logger = logging.getLogger("palm.core.train")
 
@@ -507,6 +507,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         saved[:] = [step]
         data_state = stream.state()
         record = {**meta, "step": step, "seed": cfg.seed, "digest": params_digest(state.params),
+                  "model_digest": model_digest(state.params),
                   "state_digest": state_digest(state, data_state), "state_digest_data": True,
                   "metrics": metrics, "spikes": spikes, "data_position": position}
         checkpoints.save(step, state, data_state, record)

@@ -41,12 +41,22 @@ from palm.spec.schema import LOCAL_RUNNERS
 #: them: they change the memory a step needs.)
 SPEED_ONLY = {"train": ("loss_chunk_mib", "profile_steps")}
 
+#: Floors that only accept or refuse a stage's output, never change what it holds: left out of every key
+#: (a spec that sets them builds the same outputs), and checked again where a reused output is read.
+#: data.quality.min_auc: palm.data.quality.check_auc (the quality stage, and the data stage on its input).
+ACCEPT_ONLY = (("data", "quality", "min_auc"),)
+
 
 def _dump(spec: Any, speed: bool = False) -> dict[str, Any]:
     dumped = spec.model_dump(mode="json")
     for section, keys in ({} if speed else SPEED_ONLY).items():
         for key in keys:
             dumped[section].pop(key, None)
+    for *parents, key in ACCEPT_ONLY:
+        node = dumped
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(key, None)
     return dumped
 
 

@@ -153,6 +153,37 @@ def score_bin(score: float) -> int:
     return min(int(score * SCORE_BINS), SCORE_BINS - 1)
 
 
+def check_auc(data: "DataSpec", report: dict[str, Any]) -> None:
+    """Refuse a classifier whose held-out AUC is below data.quality.min_auc (PalmError, one line naming the
+    AUC, both classes' sources and what to change): it would drop documents by a score that means nothing."""
+    auc, floor = report["held_out_auc"], data.quality.min_auc
+    if math.isfinite(auc) and auc >= floor:
+        return
+    pos, neg = ", ".join(report["positive_sources"]), ", ".join(report["negative_sources"])
+    raise PalmError(f"the quality classifier's held-out AUC is {auc:.3f}, below data.quality.min_auc {floor:g}: it "
+                    f"cannot tell the curated sources ({pos}) from the quality-sampled ones ({neg}), and would "
+                    "drop documents by a meaningless score; choose curated sources that differ from the sampled "
+                    "ones (data.quality.positive_sources), sample more documents (data.quality.max_docs_per_class), "
+                    "turn off filters.quality_sampling for those sources, or lower data.quality.min_auc")
+
+
+def chance_keep_rate(alpha: float) -> float:
+    """The Pareto rule's keep rate for a score of 0.5: what a classifier that cannot tell would keep."""
+    return keep_probability(0.5, alpha)
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """The training report in a quality stage's output (local or gs://), PalmError if unreadable."""
+    try:
+        return json.loads(storage.read_text(storage.join(path, CLASSIFIER)))["report"]
+    except FileNotFoundError:
+        raise PalmError(f"quality classifier at {path}: {CLASSIFIER} is missing; rerun the quality stage "
+                        "(palm run SPEC --stages quality --force)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise PalmError(f"quality classifier at {path} is unreadable ({e}); rerun the quality stage "
+                        "(palm run SPEC --stages quality --force)") from None
+
+
 def train_quality_stage(data: "DataSpec", out: Path) -> dict[str, Any]:
     """Sample both classes, fit, evaluate on the held-out documents, save; the manifest's fields."""
     # scikit-learn (seconds to import) loads only where a classifier is trained
@@ -210,7 +241,6 @@ def train_quality_stage(data: "DataSpec", out: Path) -> dict[str, Any]:
         "alpha": q.alpha,
         "sources": per_source,
     }
+    check_auc(data, report)  # before anything is saved: a refused classifier is never cached
     classifier.save(out, report)
-    if not math.isfinite(auc):
-        raise PalmError("the quality classifier's held-out AUC is not finite; check the sampled documents")
     return report

@@ -6,20 +6,29 @@ the source's `max_docs` per file (`source_records`). That one reader serves the 
 transform `ReadSources`, which also caps each source at `max_docs` overall) and the quality classifier's
 sample (palm.data.quality), as do `decode_record` and `normalize`, so both see the same documents.
 Raw records are (doc_id, source, bytes, format) elements; decoded documents (doc_id, source, text).
+
+A compressed file (by its suffix, as Beam's CompressionTypes.AUTO detects it: .gz, .zst/.zstd, .bz2,
+.xz/.lzma, .deflate) is read to the end-of-stream marker of its last member or frame, its checksums
+verified (`decompress`); a truncated or corrupt one is a `DamagedSource` naming the file, never the
+records before the damage.
 """
 
 from __future__ import annotations
 
+import bz2
 import heapq
 import io
 import json
+import lzma
 import re
 import unicodedata
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import apache_beam as beam
 import pyarrow.parquet as pq
+import zstandard
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -29,6 +38,55 @@ from palm.base.errors import EnvironmentFault, PalmError
 from palm.data import builtin
 from palm.data.beam import DROPPED, FAIL
 from palm.spec.schema import DataSpec, Source
+
+
+#: Formats whose records are JSON lines.
+JSON_LINES = ("jsonl", "jsonl.gz", "jsonl.zst")
+
+
+class DamagedSource(PalmError):
+    """A source file that cannot be read to its end (truncated, corrupt): bad input, exit 2, no retry."""
+
+
+def _decompressor(ctype: str):
+    if ctype == CompressionTypes.GZIP:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # verifies each member's CRC-32 and length
+    if ctype == CompressionTypes.DEFLATE:
+        return zlib.decompressobj(zlib.MAX_WBITS)
+    if ctype == CompressionTypes.BZIP2:
+        return bz2.BZ2Decompressor()
+    if ctype == CompressionTypes.LZMA:
+        return lzma.LZMADecompressor()
+    if ctype == CompressionTypes.ZSTD:
+        return zstandard.ZstdDecompressor().decompressobj()  # verifies a frame's checksum where it has one
+    raise ValueError(f"unknown compression {ctype}")
+
+
+def decompress(path: str, data: bytes) -> bytes:
+    """The content of a file's bytes `data`, by its suffix (uncompressed: `data` itself): every member
+    (gzip) or frame (zstd) read to its end-of-stream marker; trailing NUL padding is allowed. Anything
+    else (a truncated tail, a bad checksum, bytes that are not the format) is a DamagedSource naming the
+    file: the records before the damage are never returned as if they were the whole file."""
+    ctype = CompressionTypes.detect_compression_type(path)
+    if ctype == CompressionTypes.UNCOMPRESSED:
+        return data
+    kind = ctype  # "gzip", "zstd", ...
+    parts, done = [], 0
+    while True:
+        d = _decompressor(ctype)
+        try:
+            parts.append(d.decompress(data))
+        except (zlib.error, OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise DamagedSource(f"{path}: not a valid {kind} file at byte {done:,} ({e}); replace it with an "
+                                "intact copy or remove it from the source's paths") from None
+        if not d.eof:
+            raise DamagedSource(f"{path}: truncated: its {kind} stream ends before the end-of-stream marker "
+                                f"(read {done + len(data):,} bytes); replace it with an intact copy or remove it "
+                                "from the source's paths")
+        done += len(data) - len(d.unused_data)
+        data = d.unused_data
+        if not data.strip(b"\0"):
+            return b"".join(parts)
 
 
 def source_patterns(spec: DataSpec) -> list[tuple[str, int, str]]:
@@ -106,8 +164,11 @@ def read_file(element: tuple[str, str, str], sources: dict[str, Source]) -> Iter
     `max_docs` (the source-wide limit is applied after, `SmallestIds`)."""
     name, key, path = element
     src = sources[name]
-    for doc_id, raw in source_records(src, key, path):
-        yield doc_id, name, raw, src.format
+    try:
+        for doc_id, raw in source_records(src, key, path):
+            yield doc_id, name, raw, src.format
+    except DamagedSource as e:  # one line, no retry: run_beam raises it as the user's error
+        raise ValueError(f"{FAIL}{e}") from None
 
 
 class SmallestIds(beam.CombineFn):
@@ -166,9 +227,9 @@ def _file_records(src: Source, path: str) -> Iterator[bytes]:
         for value in table.column(src.text_field).to_pylist():
             yield json.dumps({src.text_field: value}).encode()
         return
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
-        data = f.read()
-    if src.format in ("jsonl", "jsonl.gz"):
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        data = decompress(path, f.read())
+    if src.format in JSON_LINES:
         for line in data.splitlines():
             if line.strip():
                 yield line
@@ -193,7 +254,7 @@ def decode_record(raw: bytes, fmt: str, text_field: str, policy: str) -> tuple[s
         if policy == "drop":
             return None, "invalid_utf8", False
         text, repaired = raw.decode("utf-8", errors="replace"), True
-    if fmt in ("jsonl", "jsonl.gz", "parquet"):
+    if fmt in (*JSON_LINES, "parquet"):
         try:
             value = json.loads(text)[text_field]
         except (ValueError, KeyError, TypeError):

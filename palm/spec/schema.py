@@ -105,7 +105,7 @@ class Source(_Strict):
     """The source's name in reports and the mixture (letters, digits, _ . -)."""
     paths: list[str] = Field(min_length=1)
     """Globs, local or gs://; for format "builtin", the names of corpora generated on the machine."""
-    format: Literal["jsonl", "jsonl.gz", "txt", "parquet", "builtin"]
+    format: Literal["jsonl", "jsonl.gz", "jsonl.zst", "txt", "parquet", "builtin"]
     """File format; "builtin": corpora generated on the machine (see `paths`)."""
     text_field: str = "text"
     """Field holding the text in jsonl and parquet records."""
@@ -232,6 +232,12 @@ class QualityClassifierSpec(_Strict):
     """Inverse L2 regularization strength (scikit-learn's C)."""
     alpha: float = Field(9.0, gt=0)
     """Shape of the Pareto rule that keeps a document when Pareto(alpha) > 1 - score (GLaM: 9)."""
+    min_auc: float = Field(0.7, ge=0, le=1)
+    """The least held-out ROC AUC a classifier needs to be used: one that tells the classes apart no better
+    than this is refused (exit 2), never used to drop documents. It only accepts or refuses an output, never
+    changes one, so it is left out of the quality and data stages' keys (`classifier_config`,
+    palm.dag.table.ACCEPT_ONLY); the data stage checks it again on a reused classifier, so raising it
+    refuses one built under a lower floor."""
 
 
 class DataSpec(_Strict):
@@ -283,9 +289,10 @@ class DataSpec(_Strict):
         dumped = self.model_dump(mode="json")
         read = ("name", "paths", "format", "text_field", "kind", "filters", "split_pattern", "max_docs")
         used = {s.name for s in self.positive_sources() + self.negative_sources()}
+        quality = {k: v for k, v in dumped["quality"].items() if k != "min_auc"}  # accepts, never changes
         return {"sources": [{k: s[k] for k in read} for s in dumped["sources"] if s["name"] in used],
                 "invalid_utf8": dumped["invalid_utf8"], "normalize": dumped["normalize"], "seed": dumped["seed"],
-                "quality": dumped["quality"]}
+                "quality": quality}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
