@@ -300,8 +300,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"palm: the {misfit['kind']} step at global batch {misfit['global_batch']} needs "
               f"{misfit['memory_per_device_bytes'] / 2**30:.2f} GiB per chip, "
               f"{(misfit['memory_per_device_bytes'] - hbm) / 2**30:.2f} GiB more than the "
-              f"{hbm / 2**30:.2f} GiB of a {spec.infra.hardware.accelerator} chip; shard wider (infra.mesh), lower "
-              "the batch, or use more chips", file=sys.stderr)
+              f"{hbm / 2**30:.2f} GiB of a {spec.infra.hardware.accelerator} chip; shard wider (infra.mesh), split the "
+              "batch into more microbatches (train.microbatches, or auto), or use more chips", file=sys.stderr)
         return 1
     return 0
 

@@ -127,3 +127,19 @@ def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(pre
     compile_run = task_runs["compile"]
     assert compile_run.state.is_failed() and compile_run.run_count == 1
     assert not task_runs["train"].state.is_completed() and task_runs["train"].run_count == 0
+
+
+def test_plan_compile_picks_the_fewest_microbatches_the_compiler_fits(capsys):
+    """train.microbatches: auto under --compile: per ramp batch, the TPU compiler's measure decides, starting
+    from the estimate's choice (which overestimates tiny: 4 at batch 16, 2 at batch 8) and going down while
+    the step fits. With 11 MiB per chip the tiny model's batch 8 fits whole (10.4 MiB compiled on
+    2026-12-06) and batch 16 in 2 parts (10.4 MiB; 11.4 MiB whole, 6.3 MiB in 4)."""
+    rc = main(["plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU), "--set", "train.microbatches=auto",
+               "--set", f"infra.hardware.memory_bytes={11 * 2**20}"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    compiled = json.loads(out)["compiled"]
+    assert compiled["microbatches_auto"] is True and compiled["microbatches"] == {"8": 1, "16": 2}
+    assert [(s["kind"], s["global_batch"], s["microbatches"]) for s in compiled["steps"]] == \
+        [("train", 8, 1), ("train", 16, 2), ("eval", 16, 1)]
+    assert all(s["fits"] for s in compiled["steps"])

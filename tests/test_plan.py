@@ -188,3 +188,29 @@ def test_price_must_be_positive(capsys):
     assert main(["plan", str(SPECS / "palm-8b.yaml"), "--price-per-chip-hour", "0"]) == 2
     err = capsys.readouterr().err
     assert "--price-per-chip-hour" in err and "Traceback" not in err
+
+
+def test_the_memory_estimate_counts_microbatches_and_auto_picks_the_fewest_that_fit(capsys):
+    """62B on one 4x4x8 slice (fsdp 32 x model 4): batch 1024 does not fit a v4 chip's 32 GiB whole;
+    in 2 microbatches it does (one microbatch's activations and logits, plus a float32 gradient sum)."""
+    from palm.analysis.memory import auto_microbatches, estimate_memory, microbatch_candidates
+
+    small = ["infra.hardware.topology=4x4x8", "infra.hardware.num_devices=128",
+             "infra.mesh={data: 1, fsdp: 32, model: 4}"]
+    spec = load_spec(SPECS / "palm-62b.yaml", [*small, "train.microbatches=auto"])
+    mesh, hbm = spec.resolved_mesh(), spec.infra.hardware.memory_bytes
+    whole = estimate_memory(spec.model, spec.train, mesh, 1024)
+    halves = estimate_memory(spec.model, spec.train, mesh, 1024, "train", 2)
+    assert whole["total"] > hbm >= halves["total"]
+    assert halves["saved_activations"] * 2 == whole["saved_activations"]
+    assert halves["gradient_accumulator"] > 0 and "gradient_accumulator" not in whole
+    assert auto_microbatches(spec.model, spec.train, mesh, hbm) == (1, 2)
+    assert auto_microbatches(spec.model, spec.train, mesh, None) == (1, 1)  # memory unknown: whole batches
+    assert microbatch_candidates(1024, 32)[:6] == [1, 2, 4, 8, 16, 32]
+    assert main(["plan", str(SPECS / "palm-62b.yaml"), "--json", *[a for s in small for a in ("--set", s)],
+                 "--set", "train.microbatches=auto"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["microbatches"] == {"setting": "auto", "by_stage": [1, 2], "chosen_by": "estimate"}
+    assert [(s["global_batch"], s["microbatches"]) for s in plan["memory_by_step"] if s["kind"] == "train"] == \
+        [(512, 1), (1024, 2)]
+    assert plan["fits_device_memory"] is True

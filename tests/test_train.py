@@ -242,3 +242,67 @@ def test_loss_chunk_budget_is_a_spec_setting_outside_the_train_stage_key():
     assert trainer.loss_chunks(8) == 1
     with pytest.raises(SpecError, match="train.loss_chunk_mib"):
         load_spec(SPECS / "tiny.yaml", ["train.loss_chunk_mib=0"])
+
+
+def _eight_devices() -> dict:
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+                PYTHONPATH=str(ROOT))
+
+
+def test_microbatches_give_the_same_losses_and_gradients():
+    """train.microbatches: 1, 2 and 4 microbatches of specs/tiny.yaml on data 2 x fsdp 2 x model 2 give the
+    same losses over 6 steps and the same gradient (float32: the order of sums only)."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "microbatch_losses.py"),
+                          json.dumps({"data": 2, "fsdp": 2, "model": 2}), "[1, 2, 4]", "6"],
+                         capture_output=True, text=True, env=_eight_devices(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, *more = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["microbatches"] for r in more] == [2, 4] and len(one["losses"]) == 6
+    assert one["losses"][-1] < one["losses"][0]  # it moves, so a wrong normalization would show
+    for got in more:
+        assert got["logged"] == [got["microbatches"]] * 6
+        np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-4, atol=0, err_msg=str(got["microbatches"]))
+        assert got["grad_max_rel_diff"] <= 1e-4, got
+        assert got["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+def test_microbatches_are_a_spec_setting_outside_the_train_stage_key():
+    from palm.base.errors import SpecError
+    from palm.dag.table import STAGES
+
+    spec = load_spec(SPECS / "tiny.yaml")
+    split = load_spec(SPECS / "tiny.yaml", ["train.microbatches=[2, 4]"])
+    auto = load_spec(SPECS / "tiny.yaml", ["train.microbatches=auto"])
+    assert split.train.microbatch_counts() == (2, 4) and auto.train.microbatch_counts() is None
+    assert spec.train.microbatch_counts() == (1, 1)
+    assert STAGES["train"].config(spec) == STAGES["train"].config(split) == STAGES["train"].config(auto)
+    assert STAGES["compile"].config(spec) != STAGES["compile"].config(split)
+    for bad in ("3", "0", "[2]"):
+        with pytest.raises(SpecError, match="train.microbatches"):
+            load_spec(SPECS / "tiny.yaml", [f"train.microbatches={bad}"])
+
+
+def test_a_run_resumes_on_fewer_devices_with_microbatches(tmp_path):
+    """10 steps on 8 devices (data 2 x fsdp 2 x model 2), resumed to step 20 on 4 devices (fsdp 2 x model 2,
+    2 microbatches: the same global batch): the checkpoint is resharded onto the smaller mesh, the data
+    continues at the same sequence, and steps 11-20 match the uninterrupted 8-device run."""
+    def run(directory, mesh, steps, microbatches, devices):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, str(ROOT / "tests" / "resume_other_mesh.py"), str(directory),
+                              json.dumps(mesh), str(steps), str(microbatches)],
+                             capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+    eight, four = {"data": 2, "fsdp": 2, "model": 2}, {"data": 1, "fsdp": 2, "model": 2}
+    straight = run(tmp_path / "straight", eight, 20, 1, 8)
+    first = run(tmp_path / "moved", eight, 10, 1, 8)
+    resumed = run(tmp_path / "moved", four, 20, 2, 4)
+    assert first["losses"] == {k: v for k, v in straight["losses"].items() if int(k) < 10}  # same mesh: bitwise
+    assert resumed["resumed_from"] == 10 and sorted(map(int, resumed["losses"])) == list(range(10, 20))
+    assert resumed["microbatches"] == [2] * 10
+    for step in range(10, 20):
+        assert resumed["read"][str(step)] == straight["read"][str(step)], step  # the same sequences
+        assert resumed["losses"][str(step)] == pytest.approx(straight["losses"][str(step)], rel=1e-4), step
+    assert straight["losses"]["19"] < straight["losses"]["0"]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
-from palm.analysis.memory import estimate_memory
+from palm.analysis.memory import estimate_memory, microbatch_candidates, microbatch_counts
 from palm.base.errors import PalmError
 from palm.base.hardware import CHIPS_PER_HOST_BOUNDS, TPU_GENERATIONS, parse_topology, tpu_host
 from palm.base.units import gib
@@ -41,6 +41,8 @@ class CompiledStep:
     compile_seconds: float
     #: The compiler's breakdown, where it produced one (None when it refused the step).
     breakdown: dict[str, int] | None = None
+    #: Microbatches the step splits its global batch into (train.microbatches).
+    microbatches: int = 1
 
 
 def tpu_environment() -> None:
@@ -114,10 +116,10 @@ def compiled_bytes(compiled: Any) -> tuple[int, dict[str, int]]:
 
 
 def compile_step(trainer: Any, kind: str, global_batch: int, hbm_bytes: int | None,
-                 estimate: int) -> CompiledStep:
+                 estimate: int, microbatches: int = 1) -> CompiledStep:
     """Lower and compile one step of `trainer` (built over abstract TPU devices) and measure it."""
     t0 = time.perf_counter()
-    lowered = trainer.lower(kind, global_batch)
+    lowered = trainer.lower(kind, global_batch, microbatches)
     try:
         compiled = lowered.compile()
     except Exception as e:  # the compiler refuses a step that cannot fit the chip
@@ -127,11 +129,42 @@ def compile_step(trainer: Any, kind: str, global_batch: int, hbm_bytes: int | No
         what, needed, _ = refused
         if what == "temporaries":  # the state and batch come on top (donated outputs reuse the state)
             needed += argument_bytes(trainer.step_arguments(kind, global_batch))
-        return CompiledStep(kind, global_batch, needed, estimate, False, time.perf_counter() - t0)
+        return CompiledStep(kind, global_batch, needed, estimate, False, time.perf_counter() - t0,
+                            microbatches=microbatches)
     seconds = time.perf_counter() - t0
     total, parts = compiled_bytes(compiled)
     fits = hbm_bytes is None or total <= hbm_bytes
-    return CompiledStep(kind, global_batch, total, estimate, fits, seconds, parts)
+    return CompiledStep(kind, global_batch, total, estimate, fits, seconds, parts, microbatches)
+
+
+def compile_fitting(trainer: Any, model: Any, train: Any, mesh: dict[str, int], global_batch: int,
+                    hbm_bytes: int | None, first: int, on_step: Callable[[CompiledStep], None] | None = None
+                    ) -> CompiledStep:
+    """train.microbatches: auto by the compiler: the train step with the fewest microbatches that fits.
+    Starts at the estimate's choice `first`; fewer while they fit, more while they do not."""
+    candidates = microbatch_candidates(global_batch, trainer.sharding.data_parallel_size)
+    i = candidates.index(first) if first in candidates else 0
+
+    def attempt(m: int) -> CompiledStep:
+        step = compile_step(trainer, "train", global_batch, hbm_bytes,
+                            estimate_memory(model, train, mesh, global_batch, "train", m)["total"], m)
+        if on_step is not None:
+            on_step(step)
+        return step
+
+    best = step = attempt(candidates[i])
+    if step.fits:
+        while i > 0:
+            i -= 1
+            step = attempt(candidates[i])
+            if not step.fits:
+                break
+            best = step
+        return best
+    while not step.fits and i + 1 < len(candidates):
+        i += 1
+        step = attempt(candidates[i])
+    return step
 
 
 def compile_spec(spec: Any, *, num_layers: int | None = None, batches: Sequence[int] | None = None,
@@ -152,18 +185,32 @@ def compile_spec(spec: Any, *, num_layers: int | None = None, batches: Sequence[
                         f"infra.hardware.num_devices is {hw.num_devices}")
     model = spec.model if num_layers is None else dataclasses.replace(spec.model, num_layers=num_layers)
     mesh = spec.resolved_mesh()
-    trainer = Trainer(model, spec.train, mesh, devices)
-    sizes = sorted({s.global_batch for s in spec.train.batch_ramp}) if batches is None else list(batches)
+    auto = spec.train.microbatch_counts() is None
+    counts = microbatch_counts(model, spec.train, mesh, hw.memory_bytes)
+    trainer = Trainer(model, spec.train, mesh, devices, microbatches=counts)
+    by_size = {}
+    for stage, count in zip(spec.train.batch_ramp, counts):
+        by_size.setdefault(stage.global_batch, count)
+    sizes = sorted(by_size) if batches is None else list(batches)
     steps = []
     for kind, batch in [("train", b) for b in sizes] + [("eval", max(sizes))]:
-        estimate = estimate_memory(model, spec.train, mesh, batch, kind)["total"]
-        step = compile_step(trainer, kind, batch, hw.memory_bytes, estimate)
+        m = by_size.get(batch, 1) if kind == "train" else 1
+        if kind == "train" and auto:  # the compiler decides; every attempt is reported
+            tried: list[CompiledStep] = []
+            step = compile_fitting(trainer, model, spec.train, mesh, batch, hw.memory_bytes, m, tried.append)
+            for attempt in tried:
+                if attempt is not step and on_step is not None:
+                    on_step(attempt)
+        else:
+            estimate = estimate_memory(model, spec.train, mesh, batch, kind, m)["total"]
+            step = compile_step(trainer, kind, batch, hw.memory_bytes, estimate, m)
         steps.append(step)
         if on_step is not None:
             on_step(step)
     return {"devices": len(devices), "slices": hw.num_slices, "topology": hw.topology,
             "accelerator": hw.accelerator, "mesh": mesh, "num_layers": model.num_layers,
-            "hbm_bytes_per_device": hw.memory_bytes,
+            "hbm_bytes_per_device": hw.memory_bytes, "microbatches_auto": auto,
+            "microbatches": {str(s.global_batch): s.microbatches for s in steps if s.kind == "train"},
             "steps": [dataclasses.asdict(s) for s in steps]}
 
 
@@ -175,11 +222,12 @@ def largest_misfit(compiled: dict[str, Any]) -> dict[str, Any] | None:
 
 def render_compiled(steps: Sequence[Any], header: bool = False) -> str:
     """Rows of the compile table (CompiledStep or its dict), with the column heads if `header`."""
-    lines = [f"{'compiled':15s} {'step':5s} {'batch':>6s} {'per chip':>10s} {'estimated':>10s} {'compile':>8s}  fits"] \
-        if header else []
+    lines = [f"{'compiled':15s} {'step':5s} {'batch':>6s} {'micro':>5s} {'per chip':>10s} {'estimated':>10s} "
+             f"{'compile':>8s}  fits"] if header else []
     for s in steps:
         s = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s
-        lines.append(f"{'':15s} {s['kind']:5s} {s['global_batch']:6d} {gib(s['memory_per_device_bytes']):>10s} "
+        lines.append(f"{'':15s} {s['kind']:5s} {s['global_batch']:6d} {s.get('microbatches', 1):5d} "
+                     f"{gib(s['memory_per_device_bytes']):>10s} "
                      f"{gib(s['estimated_memory_per_device_bytes']):>10s} {s['compile_seconds']:7.1f}s  "
                      f"{'yes' if s['fits'] else 'NO'}")
     return "\n".join(lines)

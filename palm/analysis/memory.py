@@ -27,7 +27,7 @@ MEMORY_COEFFICIENTS = {
 
 
 def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int], global_batch: int,
-                    kind: str = "train") -> dict[str, int]:
+                    kind: str = "train", microbatches: int = 1) -> dict[str, int]:
     """Bytes per device of one train (or evaluation) step at its peak, by part, from shapes and the
     sharding rules alone (no compiler): within 25% of the TPU compiler for every training step measured,
     and within 20% for the evaluation step but one: pure FSDP without model parallelism, where the compiler
@@ -40,6 +40,9 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int]
     `model`); the tied embedding table gathered over FSDP with its float32 gradient; one layer's weights
     gathered over FSDP; the final hidden states and their gradient in float32; and one chunk of the loss's
     float32 logits (palm.core.train.loss_chunks) with its gradient. MEMORY_COEFFICIENTS weighs each.
+
+    With `microbatches` > 1 (train.microbatches) the activations, final hidden states and logits are one
+    microbatch's, and the float32 sum of the gradients (one copy of the parameters, as laid out) is added.
     """
     if kind not in MEMORY_COEFFICIENTS:
         raise ValueError(f"unknown step kind {kind!r}")
@@ -48,7 +51,7 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int]
     boxed = abstract_params(model)
     mp, dp = layout.axis_sizes["model"], layout.data_parallel_size
     m, t = model, model.seq_len
-    b = -(-global_batch // dp)  # sequences per device
+    b = -(-global_batch // (dp * (microbatches if kind == "train" else 1)))  # sequences per device at a time
     tokens = b * t
     f32, act = 4, jnp.dtype(m.dtype).itemsize
     opt = train.optimizer
@@ -76,9 +79,42 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, mesh: dict[str, int]
         parts.update(optimizer_state=momentum + second_moment,
                      gradients_and_optimizer=int(c["gradients_and_optimizer"] * params_f32),
                      saved_activations=int(c["saved_activations"] * m.num_layers * kept_per_layer))
+        if microbatches > 1:
+            parts["gradient_accumulator"] = params_f32
     parts.update(gathered_embedding=int(c["embedding"] * table),
                  gathered_layer_weights=int(c["layer_weights"] * layer_weights),
                  final_hidden=int(c["final_hidden"] * hidden),
                  logits=int(c["logits"] * logits))
     parts["total"] = sum(parts.values())
     return parts
+
+
+def microbatch_candidates(global_batch: int, data_parallel: int) -> list[int]:
+    """Microbatch counts for a global batch, fewest first: the divisors of each data-parallel device's rows
+    (no data moved between devices), then the other divisors of the global batch."""
+    per_device = global_batch // data_parallel if global_batch % data_parallel == 0 else 0
+    even = [m for m in range(1, per_device + 1) if per_device % m == 0]
+    rest = [m for m in range(1, global_batch + 1) if global_batch % m == 0 and m not in even]
+    return even + rest
+
+
+def auto_microbatches(model: ModelConfig, train: TrainConfig, mesh: dict[str, int],
+                      hbm_bytes: int | None) -> tuple[int, ...]:
+    """train.microbatches: auto by the estimate: per batch_ramp stage, the fewest microbatches whose train
+    step's estimate fits `hbm_bytes` per device (1 where the memory is unknown; the most there are where
+    none fits). `palm plan --compile` asks the TPU compiler instead (palm.analysis.aot)."""
+    counts = []
+    dp = Sharding.planned(mesh).data_parallel_size
+    for stage in train.batch_ramp:
+        candidates = microbatch_candidates(stage.global_batch, dp)
+        fits = [m for m in candidates if hbm_bytes is None
+                or estimate_memory(model, train, mesh, stage.global_batch, "train", m)["total"] <= hbm_bytes]
+        counts.append(fits[0] if fits else max(candidates))
+    return tuple(counts)
+
+
+def microbatch_counts(model: ModelConfig, train: TrainConfig, mesh: dict[str, int],
+                      hbm_bytes: int | None) -> tuple[int, ...]:
+    """The counts per batch_ramp stage: the spec's, or for "auto" the estimate's choice."""
+    counts = train.microbatch_counts()
+    return counts if counts is not None else auto_microbatches(model, train, mesh, hbm_bytes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from palm.analysis.memory import estimate_memory
+from palm.analysis.memory import estimate_memory, microbatch_counts
 from palm.base import storage
 from palm.base.errors import PalmError
 from palm.base.units import gib
@@ -68,8 +68,12 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
 
     layout = Sharding.planned(mesh)
     batches = sorted({stage.global_batch for stage in spec.train.batch_ramp})
-    by_step = [{"kind": "train", "global_batch": b, "bytes": estimate_memory(m, spec.train, mesh, b, "train")}
-               for b in batches]
+    counts = microbatch_counts(m, spec.train, mesh, hw.memory_bytes)
+    micro = {}
+    for stage, count in zip(spec.train.batch_ramp, counts):
+        micro.setdefault(stage.global_batch, count)
+    by_step = [{"kind": "train", "global_batch": b, "microbatches": micro[b],
+                "bytes": estimate_memory(m, spec.train, mesh, b, "train", micro[b])} for b in batches]
     by_step.append({"kind": "eval", "global_batch": batches[-1],
                     "bytes": estimate_memory(m, spec.train, mesh, batches[-1], "eval")})
     memory = max(by_step, key=lambda s: s["bytes"]["total"])["bytes"]
@@ -90,6 +94,8 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "mesh": mesh,
         "hardware": {"accelerator": hw.accelerator, "num_devices": hw.num_devices, "num_slices": hw.num_slices,
                      "topology": hw.topology, "memory_bytes": hw.memory_bytes, "peak_flops_per_device": peak},
+        "microbatches": {"setting": spec.train.microbatches, "by_stage": list(counts),
+                         "chosen_by": "estimate" if spec.train.microbatch_counts() is None else "spec"},
         "memory_per_device_bytes": memory,
         "memory_by_step": by_step,
         "fits_device_memory": (memory["total"] <= hw.memory_bytes) if hw.memory_bytes else None,
@@ -213,13 +219,17 @@ def render(p: dict[str, Any]) -> str:
         + (f" of {gib(hw['memory_bytes'])} ({'fits' if p['fits_device_memory'] else 'DOES NOT FIT'})"
            if hw.get("memory_bytes") else "")
         + f": state {mem['params'] / 2**30 + mem['optimizer_state'] / 2**30:.2f} + gradients and optimizer "
-        f"{mem['gradients_and_optimizer'] / 2**30:.2f} + saved activations "
+        f"{(mem['gradients_and_optimizer'] + mem.get('gradient_accumulator', 0)) / 2**30:.2f} + saved activations "
         f"{mem['saved_activations'] / 2**30:.2f} + gathered weights "
         f"{(mem['gathered_embedding'] + mem['gathered_layer_weights']) / 2**30:.2f} + loss "
         f"{(mem['final_hidden'] + mem['logits']) / 2**30:.2f} GiB",
-        "  by step       " + ", ".join(f"{s['kind']} {s['global_batch']}: {gib(s['bytes']['total'])}"
-                                      for s in p["memory_by_step"])
+        "  by step       " + ", ".join(f"{s['kind']} {s['global_batch']}"
+                                      + (f" in {s['microbatches']} microbatches" if s.get("microbatches", 1) > 1 else "")
+                                      + f": {gib(s['bytes']['total'])}" for s in p["memory_by_step"])
         + (" (estimated; --compile checks)" if str(hw["accelerator"]).startswith("tpu") else " (estimated)"),
+        f"microbatches    {', '.join(map(str, p['microbatches']['by_stage']))} per batch_ramp stage"
+        + (" (auto, by the estimate; --compile asks the compiler)" if p["microbatches"]["chosen_by"] == "estimate"
+           else ""),
         *_render_stages(p["stages"]),
         *_render_quality(p.get("quality_sampling", [])),
     ]

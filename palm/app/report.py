@@ -152,6 +152,8 @@ def _report(root: str | Path, spec_name: str, workflow: Any, outputs: dict[str, 
                       f"- checkpoint: `{m['checkpoint']}` (digest `{m['digest'][:16]}`)",
                       f"- started from: `{m['init_from']}`" if m.get("init_from") else None,
                       f"- resumed from step: {m['resumed_from']}" if m.get("resumed_from") else "- not resumed",
+                      f"- microbatches per batch-ramp stage: {', '.join(map(str, m['microbatches']))}"
+                      if m.get("microbatches") else None,
                       f"- loss spikes handled: {len(m.get('loss_spikes', []))}", ""]
             if metrics and plots:
                 png = "loss.png" if name == "train" else f"loss-{name}.png"

@@ -9,6 +9,7 @@ distinct batch size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -117,10 +118,20 @@ class Trainer:
     """A jitted, sharded PaLM training step for one model, train config and mesh."""
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
-                 mesh_shape: dict[str, int] | None = None, devices: list[jax.Device] | None = None):
+                 mesh_shape: dict[str, int] | None = None, devices: list[jax.Device] | None = None,
+                 microbatches: tuple[int, ...] | None = None):
+        """`microbatches`: the count per batch_ramp stage, replacing train_config.microbatches (how the train
+        stage and the plan pass the counts they chose for "auto")."""
         devices = list(jax.devices() if devices is None else devices)
         mesh_shape = mesh_shape or {"data": 1, "fsdp": len(devices), "model": 1}
         self.model_config, self.train_config = model_config, train_config
+        counts = tuple(microbatches) if microbatches is not None else train_config.microbatch_counts()
+        if counts is None:
+            raise PalmError("train.microbatches is auto: choose the counts first (palm.analysis.memory."
+                            "auto_microbatches, as the train stage and `palm plan` do) and pass them to Trainer")
+        if len(counts) != len(train_config.batch_ramp):
+            raise PalmError(f"{len(counts)} microbatch counts for {len(train_config.batch_ramp)} batch_ramp stages")
+        self.microbatch_counts = counts
         self.sharding = Sharding.on(make_mesh(mesh_shape, devices))
         platform = devices[0].platform
         constrain = self.sharding.constrain if len(devices) > 1 else (lambda x, names: x)
@@ -151,11 +162,22 @@ class Trainer:
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
         self._init_from = jax.jit(self._init_from_fn, in_shardings=(param_shardings,),
                                   out_shardings=self.state_shardings)
-        self._step = jax.jit(self._step_fn, donate_argnums=0,
-                             in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
-                             out_shardings=(self.state_shardings, self.sharding.replicated))
+        self._steps: dict[int, Any] = {}  # the jitted step per microbatch count
+        self._step = self._jitted_step(1)
         self._eval = jax.jit(self._eval_fn, in_shardings=(param_shardings, self.batch_sharding, self.batch_sharding),
                              out_shardings=self.sharding.replicated)
+
+    def _jitted_step(self, microbatches: int) -> Any:
+        if microbatches not in self._steps:
+            self._steps[microbatches] = jax.jit(
+                functools.partial(self._step_fn, microbatches=microbatches), donate_argnums=0,
+                in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+                out_shardings=(self.state_shardings, self.sharding.replicated))
+        return self._steps[microbatches]
+
+    def microbatches_at(self, step: int) -> int:
+        """Microbatches of the step `step` (its batch_ramp stage's count)."""
+        return self.microbatch_counts[self.train_config.stage_index_at(step)]
 
     # -- jitted bodies ----------------------------------------------------------------------------
 
@@ -176,16 +198,58 @@ class Trainer:
     def _init_from_fn(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-    def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss,
-                                      self.loss_chunks(tokens.shape[0]))
+    def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array, microbatches: int = 1):
+        if microbatches == 1:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss,
+                                          self.loss_chunks(tokens.shape[0]))
+        else:
+            metrics, grads = self._accumulated_grads(state.params, tokens, weights, microbatches)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
                        learning_rate=self.learning_rate(state.step),
                        finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads)))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _accumulated_grads(self, params: Any, tokens: jax.Array, weights: jax.Array, microbatches: int):
+        """loss_fn's metrics and gradient over the global batch, `microbatches` parts at a time.
+
+        A scan over the parts sums float32 gradients and metrics. Each part's loss_fn value is normalized by
+        its own tokens; rescaled by (its tokens / the global batch's tokens) the sum is the global batch's
+        mean, the same as without microbatching up to the order of float32 sums. Row i of part j is global
+        row i * microbatches + j: where the count divides each data-parallel device's rows, every part keeps
+        the global batch's layout (each device holds the same number of rows of every part, from its own
+        rows, with no data moved); otherwise XLA moves rows, with the same result."""
+        b, t = tokens.shape
+        if b % microbatches:
+            raise PalmError(f"{microbatches} microbatches do not divide the global batch of {b} sequences")
+        rows = b // microbatches
+        split = lambda a: jnp.swapaxes(a.reshape(rows, microbatches, t), 0, 1)  # [microbatches, rows, t]
+        parts = tuple(self.model.constrain(split(a), (None, "batch", "length")) for a in (tokens, weights))
+        denom = jnp.maximum(weights.sum(), 1.0)
+        chunks = self.loss_chunks(rows)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def body(carry, part):
+            acc_grads, acc_metrics = carry
+            tok, w = part
+            tok, w = self.model.constrain(tok, ("batch", "length")), self.model.constrain(w, ("batch", "length"))
+            scale = jnp.maximum(w.sum(), 1.0) / denom
+            # loss_fn normalizes by this part's tokens: its value and gradient times `scale` are this part's
+            # share of the global batch's mean (the gradient is linear in that constant).
+            (_, m), g = grad_fn(params, self.model, tok, w, self.train_config.z_loss, chunks)
+            acc_grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * scale, acc_grads, g)
+            acc_metrics = {k: acc_metrics[k] + m[k].astype(jnp.float32) * scale for k in acc_metrics}
+            return (acc_grads, acc_metrics), None
+
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if self.num_devices > 1:  # the sum laid out like the parameters (each device its shard)
+            zero_grads = jax.lax.with_sharding_constraint(zero_grads, self.state_shardings.params)
+        zero_metrics = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "accuracy")}
+        (grads, metrics), _ = jax.lax.scan(body, (zero_grads, zero_metrics), parts)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return metrics, grads
 
     def _eval_fn(self, params: Any, tokens: jax.Array, weights: jax.Array):
         _, metrics = loss_fn(params, self.model, tokens, weights, self.train_config.z_loss,
@@ -208,15 +272,15 @@ class Trainer:
             return self._init_from(params)
 
     def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None,
-             global_batch: int | None = None):
-        """One optimizer step on a global batch [batch, seq_len] of token ids.
+             global_batch: int | None = None, microbatches: int = 1):
+        """One optimizer step on a global batch [batch, seq_len] of token ids, in `microbatches` parts.
 
         With several processes (hosts), `tokens` are this host's rows of the global batch
         (`host_rows(global_batch)`), and the global array is assembled from every host's rows.
         """
         tokens, weights = self._global_batch(tokens, weights, global_batch)
         with jax.set_mesh(self.sharding.mesh):
-            return self._step(state, tokens, weights)
+            return self._jitted_step(microbatches)(state, tokens, weights)
 
     def _global_batch(self, tokens: np.ndarray, weights: np.ndarray | None, global_batch: int | None):
         """(tokens, weights) as global arrays: this host's rows assembled with every other host's."""
@@ -248,13 +312,13 @@ class Trainer:
             return state.params, batch, weights
         raise ValueError(f"unknown step kind {kind!r}")
 
-    def lower(self, kind: str, global_batch: int) -> Any:
+    def lower(self, kind: str, global_batch: int, microbatches: int = 1) -> Any:
         """The train or evaluation step lowered for a global batch, from abstract shapes and shardings
         alone: nothing is allocated, so the devices may be a topology this host does not have (see
         palm.analysis.aot). `.compile()` it for the executable and its memory analysis."""
         args = self.step_arguments(kind, global_batch)
         with jax.set_mesh(self.sharding.mesh):
-            return (self._step if kind == "train" else self._eval).lower(*args)
+            return (self._jitted_step(microbatches) if kind == "train" else self._eval).lower(*args)
 
     def host_rows(self, global_batch: int) -> tuple[int, int]:
         """The rows [start, stop) of a global batch that this process's devices hold."""
@@ -277,7 +341,7 @@ class Trainer:
 
     def compiled_batch_sizes(self) -> int:
         """How many distinct batch shapes the step has been compiled for."""
-        return self._step._cache_size()
+        return sum(step._cache_size() for step in self._steps.values())
 
 
 @dataclasses.dataclass
@@ -293,6 +357,7 @@ class StepLog:
     step_seconds: float
     tokens_per_second: float
     mfu: float | None
+    microbatches: int = 1
 
 
 @dataclasses.dataclass
@@ -602,7 +667,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         size = cfg.global_batch_at(step)
         tokens = draw(size, step)
         t0 = time.perf_counter()
-        new_state, metrics = trainer.step(state, tokens, global_batch=size)
+        new_state, metrics = trainer.step(state, tokens, global_batch=size, microbatches=trainer.microbatches_at(step))
         metrics = jax.device_get(metrics)
         dt = time.perf_counter() - t0
         loss = float(metrics["loss"])
@@ -620,7 +685,7 @@ def run_training(trainer: Trainer, sequences: Iterable[np.ndarray], *, checkpoin
         log = StepLog(step=step, loss=loss, z_loss=float(metrics["z_loss"]), accuracy=float(metrics["accuracy"]),
                       grad_norm=float(metrics["grad_norm"]), update_norm=float(metrics["update_norm"]),
                       learning_rate=float(metrics["learning_rate"]), global_batch=size, step_seconds=dt,
-                      tokens_per_second=tps, mfu=mfu)
+                      tokens_per_second=tps, mfu=mfu, microbatches=trainer.microbatches_at(step))
         logs.append(log)
         step += 1
         if on_step is not None:

@@ -200,7 +200,8 @@ def run_summary(root: str | Path, report: str | Path, outputs: dict[str, StageOu
     trained = [o for o in outputs.values() if STAGES[o.stage].trains]
     if trained:
         m = trained[-1].manifest
-        summary.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"])
+        summary.update(final_step=m["final_step"], final_loss=m["final_loss"], checkpoint=m["checkpoint"],
+                       microbatches=m.get("microbatches"))
     evaluated = [o for o in outputs.values() if o.stage == "eval"]
     if evaluated:
         summary["eval"] = evaluated[-1].manifest.get("results")

@@ -39,7 +39,12 @@ from palm.spec.schema import LOCAL_RUNNERS
 #: Settings that change how fast a stage runs, never what it computes (beyond the order of float sums):
 #: left out of its key, so that tuning them reuses the outputs already made. (The compile gate keeps
 #: them: they change the memory a step needs.)
-SPEED_ONLY = {"train": ("loss_chunk_mib", "profile_steps")}
+SPEED_ONLY = {"train": ("loss_chunk_mib", "profile_steps", "microbatches")}
+
+
+#: Settings added after keys were first made: left out of every key while at their default, so that the
+#: specs that do not set them keep their keys (and their outputs).
+NEWER_DEFAULTS = {"train": {"microbatches": 1}}
 
 #: Floors that only accept or refuse a stage's output, never change what it holds: left out of every key
 #: (a spec that sets them builds the same outputs), and checked again where a reused output is read.
@@ -49,6 +54,10 @@ ACCEPT_ONLY = (("data", "quality", "min_auc"),)
 
 def _dump(spec: Any, speed: bool = False) -> dict[str, Any]:
     dumped = spec.model_dump(mode="json")
+    for section, defaults in NEWER_DEFAULTS.items():
+        for key, default in defaults.items():
+            if dumped[section].get(key) == default:
+                dumped[section].pop(key)
     for section, keys in ({} if speed else SPEED_ONLY).items():
         for key in keys:
             dumped[section].pop(key, None)

@@ -226,6 +226,31 @@ class TrainConfig:
     profile_steps: tuple[int, int] | None = None
     """Trace training steps [first, last) with jax.profiler into the train stage's `profile/` directory
     (null: no trace). Like loss_chunk_mib, not part of the train stage's key: results do not change."""
+    microbatches: int | Literal["auto"] | tuple[int, ...] = 1
+    """Microbatches per step (gradient accumulation): the step splits its global batch into this many parts,
+    runs them one after another inside the one jitted step (a scan), sums their float32 gradients and makes one
+    optimizer update; loss and z-loss are normalized over the whole global batch's tokens, as without
+    microbatching. An integer >= 1 for every stage of `batch_ramp`, a list with one count per stage, or "auto":
+    per stage, the fewest that fit the chip's memory (the TPU compiler's measure where `palm plan --compile`
+    runs, else the plan's estimate). Each count must divide the stage's sequences per data-parallel device. Like
+    the mesh, not part of the train stage's key: the same run on fewer chips, differing only by float rounding."""
+
+    def stage_index_at(self, step: int) -> int:
+        """The index of the `batch_ramp` stage that `step` is in."""
+        index = 0
+        for i, stage in enumerate(self.batch_ramp):
+            if step >= stage.from_step:
+                index = i
+        return index
+
+    def microbatch_counts(self) -> tuple[int, ...] | None:
+        """Microbatches per `batch_ramp` stage; None for "auto" (resolved by the train stage or the plan)."""
+        m = self.microbatches
+        if m == "auto":
+            return None
+        if isinstance(m, int):
+            return (m,) * len(self.batch_ramp)
+        return tuple(m)
 
     def global_batch_at(self, step: int) -> int:
         """Global batch size (sequences) at `step` under the batch-size ramp."""

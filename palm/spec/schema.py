@@ -647,6 +647,17 @@ def check_consistency(spec: Spec) -> None:
     if t.profile_steps is not None and not 0 <= t.profile_steps[0] < t.profile_steps[1] <= t.steps:
         raise SpecError(f"need [first, last) with 0 <= first < last <= train.steps ({t.steps}), got "
                         f"{list(t.profile_steps)}", key="train.profile_steps")
+    counts = t.microbatch_counts()
+    if counts is not None:
+        if len(counts) != len(t.batch_ramp):
+            raise SpecError(f"needs one count per batch_ramp stage ({len(t.batch_ramp)}), got {len(counts)}",
+                            key="train.microbatches")
+        for i, (count, stage) in enumerate(zip(counts, t.batch_ramp)):
+            if isinstance(count, bool) or count < 1:
+                raise SpecError(f"must be an integer >= 1 or auto, got {count}", key="train.microbatches")
+            if stage.global_batch % count:
+                raise SpecError(f"{count} microbatches do not divide batch_ramp stage {i}'s {stage.global_batch} "
+                                "sequences", key="train.microbatches")
 
     total = sum(src.weight for src in spec.data.sources)
     if not math.isclose(total, 1.0, abs_tol=1e-6):

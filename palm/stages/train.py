@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 
+from palm.analysis.memory import microbatch_counts
 from palm.base import storage
 from palm.base.errors import PalmError
 from palm.core.checkpoint import Checkpoints, params_digest
@@ -106,7 +107,8 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         raise PalmError(f"train.steps={spec.train.steps} under the batch ramp needs {needed:,} sequences but the "
                         f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
 
-    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh())
+    microbatches = microbatch_counts(spec.model, spec.train, spec.resolved_mesh(), spec.infra.hardware.memory_bytes)
+    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh(), microbatches=microbatches)
     sequences = HostBatches(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed),
                             rows=trainer.host_rows)
     checkpoints = Checkpoints(checkpoint_dir or layout.checkpoints_dir(out_dir), spec.train.checkpoint)
@@ -154,6 +156,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         "resumed_from": result.resumed_from,
         "loss_spikes": result.spikes,
         "corrupt_checkpoints": result.corrupt_checkpoints,
+        "microbatches": list(microbatches),  # per batch_ramp stage (this run's; a resume may differ)
         "params": trainer.num_params,
         "model_flops_per_token": trainer.flops_per_token,
         "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
