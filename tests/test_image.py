@@ -47,7 +47,7 @@ def test_image_dry_run_prints_docker_or_cloud_build(capsys):
     assert main(["image", S540, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines == ["gcloud auth configure-docker us-docker.pkg.dev --quiet",
-                     f"docker build --file=infra/Dockerfile --tag={IMAGE} --build-arg=PALM_COMMIT={COMMIT} .",
+                     f"docker build --platform=linux/amd64 --file=infra/Dockerfile --tag={IMAGE} --build-arg=PALM_COMMIT={COMMIT} .",
                      f"docker push {IMAGE}"]
     assert main(["image", S540, "--dry-run", "--cloud-build"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == [
