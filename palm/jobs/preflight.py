@@ -2,8 +2,8 @@
 run holds what palm.base.iam says it needs, and whether the TPU quota holds the job.
 
 - The submitter is the caller (the credentials palm runs with): `testIamPermissions` on the project
-  (Resource Manager), the buckets (Cloud Storage), the image's Artifact Registry repository and the
-  worker service accounts it must act as (IAM).
+  (Resource Manager), the buckets (Cloud Storage), the worker service accounts it must act as (IAM), and
+  the image's Artifact Registry repository where the table gives it a role there (it gives none today).
 - The TPU VMs' / node pools' and the Dataflow workers' accounts are not the caller, and testIamPermissions
   answers only for the caller: for them each permission is asked of the Policy Troubleshooter
   (`iam:troubleshoot`, v3), which answers for any principal.
