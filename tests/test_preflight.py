@@ -192,3 +192,31 @@ def test_preflight_reports_each_gap_in_one_line_and_exits_1(capsys, cloud):
         assert sum(member in line and f"lacks {permission} on {resource} " in line for line in lines) == 1, lines
     assert any(line.startswith("quota: ") and "4096" in line and "6144" in line for line in lines)
     assert "roles/storage.objectAdmin" in lines[0] or any("roles/storage.objectAdmin" in x for x in lines)
+
+
+# ------------------------------------------------------------------------------------- start-up at scale
+
+
+def test_the_start_up_timeout_is_sized_for_the_hosts_and_the_image_is_pulled_first(capsys, monkeypatch):
+    from palm.app.worker import _timeout
+    from palm.dag.workflow import load_spec
+    from palm.jobs.launching import startup_timeout
+
+    monkeypatch.chdir(ROOT)
+    assert startup_timeout(load_spec(S540)) == 300 + 1536
+    assert startup_timeout(load_spec(S540, ["infra.launcher.startup_timeout_s=900"])) == 900
+    assert main(["launch", S540, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--env=PALM_DISTRIBUTED_TIMEOUT=1836" in out
+    assert out.index("docker pull ") < out.index("docker run ")  # the pull is not on jax.distributed's clock
+    monkeypatch.setenv("PALM_DISTRIBUTED_TIMEOUT", "1836")
+    assert _timeout() == {"initialization_timeout": 1836}
+    monkeypatch.delenv("PALM_DISTRIBUTED_TIMEOUT")
+    assert _timeout() == {}
+
+
+def test_the_worker_command_sets_each_key_once():
+    from palm.jobs.launching import worker_command
+
+    argv = worker_command("s.yaml", "gs://r", ["infra.mesh.data=8", "a=1", "infra.mesh.data=8", "infra.mesh.model=12"])
+    assert argv[argv.index("--output") + 2:] == ["--set", "a=1", "--set", "infra.mesh.data=8", "--set", "infra.mesh.model=12"]
