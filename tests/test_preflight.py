@@ -37,6 +37,9 @@ def readme_iam_commands() -> list[str]:
 
 def test_the_readme_iam_commands_are_the_principal_table():
     assert readme_iam_commands() == iam_commands()
+    text = README.read_text()
+    for g in GRANTS:  # and each says why, as the table does
+        assert f"# {g.role} on {g.resource}: {g.why}." in text, g
     assert {g.principal for g in GRANTS} == {"submitter", "workers", "dataflow_workers"}
     assert all(g.why and g.permissions for g in GRANTS)
 

@@ -53,8 +53,9 @@ GRANTS: tuple[Grant, ...] = (
           "Dataflow refuses a job whose worker account the submitter may not act as",
           ("iam.serviceAccounts.actAs",)),
     Grant("submitter", "roles/iam.serviceAccountUser", "sa:workers",
-          "the TPU VMs (or GKE's node pools) are created to run as the workers' account",
-          ("iam.serviceAccounts.actAs",)),
+          "the queued resource's TPU VMs are created to run as the workers' account (GKE's node pools are "
+          "created once by an administrator, step 6')",
+          ("iam.serviceAccounts.actAs",), launcher="tpu-vm"),
     Grant("submitter", "roles/logging.logWriter", "project", "the launcher's and flows' own logs",
           ("logging.logEntries.create",)),
     Grant("submitter", "roles/tpu.admin", "project", "creates, follows and deletes the queued resource",

@@ -519,6 +519,10 @@ def _check_dataflow(spec: Spec) -> None:
         value, key = infra.dataflow_setting(beam, name)
         if not value:
             raise SpecError("the Dataflow runner needs it", key=f"infra.dataflow.{name}")
+    for name in ("temp_location", "staging_location"):
+        value, key = infra.dataflow_setting(beam, name)
+        if value is not None and _bucket(value) is None:
+            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path", key=key)
     region, region_key = infra.dataflow_setting(beam, "region")
     problem = dataflow_machine_problem(region, beam.machine_type)
     if problem:
@@ -534,8 +538,6 @@ def _check_dataflow(spec: Spec) -> None:
         if value is None:
             continue
         bucket = _bucket(value)
-        if bucket is None:
-            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path", key=key)
         if bucket != writable:
             why = ("a bucket the submitter only reads (a source's)" if bucket in read_only
                    else "a bucket the submitter has no grant on")
