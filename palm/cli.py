@@ -41,6 +41,7 @@ from palm.data.package import build_worker_package
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launch import render as render_launch
 from palm.jobs.launching import JobFailed, JobPreempted, plan_json
+from palm.jobs.preflight import access_token, preflight
 from palm.dag.table import STAGES
 from palm.dag.workflow import load_spec
 from palm.spec.config import ModelConfig
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: <infra.storage_root>/<spec name>); the pack stage "
                    "must be complete there")
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the JobSet manifest) and exit")
+    p.add_argument("--preflight", action="store_true", help="ask Google Cloud whether each principal of the run "
+                   "(infra.identities) holds the permissions palm.base.iam lists, and the TPU quota; one line per gap, "
+                   "exit 1 when there is one, 0 when all are granted; launches nothing")
     p.add_argument("--node", default="train", help="the workflow's training node to launch (default: train)")
     p.add_argument("--eval-checkpoint", metavar="STEP_DIR", help="launch the job that evaluates this checkpoint "
                    "(<train dir>/checkpoints/<step>) on the same hosts and mesh instead, and print its result")
@@ -144,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(see infra/dataflow.md)")
     q.add_argument("--out", required=True, metavar="DIR", help="directory to write the wheel and requirements.txt to")
     _add_json(q)
+    q = data_sub.add_parser("options", help="print the options the data and pack stages' Beam jobs are submitted "
+                            "with (Dataflow: region, temp and staging locations, the workers' service account, image): "
+                            "the submission's dry run")
+    _add_spec_args(q)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
@@ -396,6 +404,13 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     else:
         node = training_node(spec, args.node)
         plan = plan_launch(node.spec, args.spec, root, args.overrides, node=node.name)
+    if args.preflight:
+        gaps = preflight(node.spec if args.eval_checkpoint is None else spec, access_token())
+        for gap in gaps:
+            print(gap)
+        print(f"preflight: {len(gaps)} gap(s)" if gaps else "preflight: every principal holds what it needs",
+              file=sys.stderr)
+        return 1 if gaps else 0
     if args.dry_run:
         if args.json:
             print(json.dumps(plan_json(plan), indent=2))
@@ -445,7 +460,17 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "options":
+        from palm.data.beam import pipeline_options  # loads Beam: only for this command
 
+        spec = load_spec(args.spec, args.overrides)
+        placement = spec.infra.dataflow_options(spec.data.beam)
+        for job in ("palm-data", "palm-pack"):
+            options = pipeline_options(spec.data, job_name=job, worker_image=spec.infra.launcher.image,
+                                       placement=placement).get_all_options(drop_default=True)
+            flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items()]
+            print(f"# {job}: the {spec.data.beam.runner} job's options\n" + " ".join(flags))
+        return 0
     result = build_worker_package(args.out)
     _emit(args, result, f"wheel: {result['wheel']}\nrequirements: {result['requirements']}")
     return 0

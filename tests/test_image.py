@@ -36,7 +36,7 @@ def test_the_dockerfile_installs_the_locked_environment_with_the_tpu_runtime_and
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignored)
     config = yaml.safe_load((ROOT / "infra" / "cloudbuild.yaml").read_text())
-    assert config["steps"][0]["args"][:3] == ["build", "--file", "infra/Dockerfile"] and config["images"] == ["${_IMAGE}"]
+    assert config["steps"][0]["args"][:5] == ["build", "--platform", "linux/amd64", "--file", "infra/Dockerfile"] and config["images"] == ["${_IMAGE}"]
 
 
 COMMIT = version_info()["commit"]
@@ -47,7 +47,7 @@ def test_image_dry_run_prints_docker_or_cloud_build(capsys):
     assert main(["image", S540, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines == ["gcloud auth configure-docker us-docker.pkg.dev --quiet",
-                     f"docker build --file=infra/Dockerfile --tag={IMAGE} --build-arg=PALM_COMMIT={COMMIT} .",
+                     f"docker build --platform=linux/amd64 --file=infra/Dockerfile --tag={IMAGE} --build-arg=PALM_COMMIT={COMMIT} .",
                      f"docker push {IMAGE}"]
     assert main(["image", S540, "--dry-run", "--cloud-build"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == [
@@ -71,7 +71,7 @@ def test_image_runs_the_commands_from_the_repository_root(capsys, tmp_path, monk
     assert main(["image", S540]) == 0
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[0] for c in calls] == ["gcloud", "docker", "docker"]
-    assert calls[1][1] == ["build", "--file=infra/Dockerfile", f"--tag={IMAGE}", f"--build-arg=PALM_COMMIT={COMMIT}", "."]
+    assert calls[1][1] == ["build", "--platform=linux/amd64", "--file=infra/Dockerfile", f"--tag={IMAGE}", f"--build-arg=PALM_COMMIT={COMMIT}", "."]
     assert calls[2][1] == ["push", IMAGE]
     assert {Path(c[2]) for c in calls} == {ROOT}
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))

@@ -16,13 +16,19 @@ README = ROOT / "infra" / "README.md"
 PLACEHOLDERS = {"<key>": "0123456789abcdef", "<step>": "255000"}
 
 
+def readme_variables() -> dict[str, str]:
+    """The shell variables infra/README.md sets on a line of their own, e.g. GKE="--set …" (used as $GKE)."""
+    return dict(re.findall(r'^(\w+)="([^"]*)"$', README.read_text(), re.M))
+
+
 def doc_commands() -> list[str]:
     text = README.read_text()
-    variables = dict(re.findall(r'^(\w+)="([^"]*)"$', text, re.M))  # e.g. GKE="--set …", used as $GKE
+    variables = readme_variables()
     commands = []
     for line in text.splitlines():
         line = line.strip().split(" # ", 1)[0].strip()
-        if not line.startswith("uv run palm ") or not ("--dry-run" in line or line.startswith("uv run palm plan ")):
+        if not line.startswith("uv run palm ") or not ("--dry-run" in line or line.startswith(("uv run palm plan ",
+                                                                                             "uv run palm data options "))):
             continue
         for name, value in variables.items():
             line = line.replace(f"${name}", value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import textwrap
 import threading
@@ -30,6 +31,7 @@ from palm.jobs.gke import validate_jobset
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launching import JobFailed, JobPreempted, JobStopped, WorkerRejected, worker_command
 from palm.dag.workflow import load_spec
+from tests.test_infra_docs import doc_commands, readme_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -49,24 +51,33 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 #: A checkpoint of the 540B run, as the eval-new-checkpoints flow hands it to an evaluation job.
 CKPT_540 = "gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints/255000"
 
-#: The 540B run on GKE: its 6144 chips as 8 node pools of 8x8x12 (GKE has no 12x16x16; the settings
-#: `palm plan` names for it).
-GKE_540 = ["--set", "infra.launcher.kind=gke", "--set", "infra.hardware.num_slices=8",
-           "--set", "infra.hardware.topology=8x8x12", "--set", "infra.mesh.data=8", "--set", "infra.mesh.fsdp=64"]
+#: The 540B run on GKE: its 6144 chips as 8 node pools of 8x8x12 (the settings `palm plan` names for it),
+#: exactly infra/README.md's $GKE.
+GKE_540 = shlex.split(readme_variables()["GKE"])
 
 GKE_SETS = GKE_540[1::2]
 
+
+def _readme_launch(*words: str) -> list[str]:
+    """The `palm launch` dry run of infra/README.md that has all these words, as argv after `launch`."""
+    found = [c for c in doc_commands() if c.startswith("uv run palm launch ") and all(w in shlex.split(c) for w in words)]
+    assert found, words
+    return shlex.split(min(found, key=len))[4:]
+
+
+#: The goldens of the commands infra/README.md gives are made from exactly those commands.
 GOLDEN_CASES = {
-    "palm-540b-gke": [S540, *GKE_540, "--dry-run"],
-    "palm-540b-tpu-vm": [S540, "--dry-run"],
+    "palm-540b-gke": _readme_launch("infra.launcher.kind=gke", "--dry-run"),
+    "palm-540b-tpu-vm": _readme_launch("specs/palm-540b.yaml", "--dry-run"),
     "palm-8b-tpu-vm": [str(SPECS / "palm-8b.yaml"), "--dry-run"],
     "palm-540b-eval-gke": [S540, *GKE_540, "--eval-checkpoint", CKPT_540, "--dry-run"],
-    "palm-540b-eval-tpu-vm": [S540, "--eval-checkpoint", CKPT_540, "--dry-run"],
+    "palm-540b-eval-tpu-vm": _readme_launch("--eval-checkpoint", "--dry-run"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
-def test_dry_run_matches_golden(capsys, case):
+def test_dry_run_matches_golden(capsys, case, monkeypatch):
+    monkeypatch.chdir(ROOT)  # infra/README.md's commands name the specs from the repository's root
     rc, out, err = run_cli(capsys, *GOLDEN_CASES[case])
     assert rc == 0, err
     golden = GOLDEN / f"launch-{case}.txt"
@@ -582,6 +593,7 @@ def test_gke_outcomes(capsys, tmp_path, monkeypatch, reason, rc, exception):
 
 TPU_VM = [S540, "--set", "infra.launcher.kind=tpu-vm", *FAST]
 HOSTS = ["t1v-n-a-w-0", "t1v-n-b-w-0"]
+WORKERS_SA = "palm-tpu@p.iam.gserviceaccount.com"
 
 
 def small_tpu_vm(root: str) -> list[str]:
@@ -590,7 +602,7 @@ def small_tpu_vm(root: str) -> list[str]:
         "infra.launcher.runtime_version=tpu-ubuntu2204-base", "infra.launcher.image=example/palm:1",
         "infra.hardware.accelerator=tpu-v4", "infra.hardware.num_devices=8", "infra.hardware.num_slices=2",
         "infra.hardware.devices_per_host=4", "infra.hardware.topology=1x2x2", "infra.mesh.data=2",
-        "infra.mesh.fsdp=4"] for a in ("--set", item)]]
+        "infra.mesh.fsdp=4", f"infra.identities.workers={WORKERS_SA}"] for a in ("--set", item)]]
 
 
 @pytest.fixture
@@ -614,6 +626,7 @@ def test_tpu_vm_launch_creates_follows_the_hosts_statuses_and_deletes(capsys, tm
     creates = [c for c in calls if "create" in c]
     assert "describe" in calls[0]  # is there one already? (no: NOT_FOUND)
     assert len(creates) == 1 and ["gcloud", *creates[0]] == dry["setup"][0]["argv"]
+    assert f"--service-account={WORKERS_SA}" in creates[0]  # never the Compute Engine default account
     assert not any("ssh" in c for c in calls)
     assert ["gcloud", *calls[-1]] == dry["teardown"][0]["argv"]
     assert f"[{HOSTS[0]}] {HOSTS[0]}: step 10/180 loss 9.1" in err  # the first host's log, from the run root
@@ -792,7 +805,7 @@ def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_
                             "infra.hardware.devices_per_host=4", "infra.hardware.topology=2x2x2",
                             "infra.launcher.kind=gke", "infra.launcher.image=example/palm:1",
                             "infra.launcher.namespace=palm", "infra.launcher.poll_seconds=0.01",
-                            "retries.train.retries=1", "retries.train.delay_seconds=0"])
+                            "infra.identities.workers=palm-tpu@p.iam.gserviceaccount.com", "retries.train.retries=1", "retries.train.delay_seconds=0"])
     pack = StageOutput("pack", "0123456789abcdef", f"{root}/pack/0123456789abcdef", {"complete": True}, cached=True)
     node = resolve_workflow(spec).nodes["train"]
     key, path = train_output(node, root, {"pack": pack})

@@ -22,6 +22,10 @@ DOCKERFILE = "infra/Dockerfile"
 CLOUD_BUILD = "infra/cloudbuild.yaml"
 
 
+#: The image's platform: the TPU VMs' and Dataflow workers' (libtpu ships x86-64 wheels only).
+PLATFORM = "linux/amd64"
+
+
 def image_commands(spec: Any, cloud_build: bool = False) -> list[list[str]]:
     """The commands that build and push the spec's worker image, run from the repository's root."""
     image = spec.infra.launcher.image
@@ -36,7 +40,9 @@ def image_commands(spec: Any, cloud_build: bool = False) -> list[list[str]]:
         return [["gcloud", "builds", "submit", *project, f"--config={CLOUD_BUILD}",
                  f"--substitutions=_IMAGE={image},_PALM_COMMIT={commit}", "."]]
     login = [["gcloud", "auth", "configure-docker", registry, "--quiet"]] if "." in registry and "/" in image else []
-    return [*login, ["docker", "build", f"--file={DOCKERFILE}", f"--tag={image}", f"--build-arg=PALM_COMMIT={commit}",
+    # libtpu has x86-64 wheels only and the TPU VMs and Dataflow workers are x86-64: build for that
+    # platform whatever machine builds it (an arm64 laptop included).
+    return [*login, ["docker", "build", f"--platform={PLATFORM}", f"--file={DOCKERFILE}", f"--tag={image}", f"--build-arg=PALM_COMMIT={commit}",
                      "."], ["docker", "push", image]]
 
 

@@ -54,6 +54,17 @@ from palm.jobs.launching import checkpoint_step, eval_job_name
 ENV_ADDRESS, ENV_COUNT, ENV_INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
+def _timeout() -> dict[str, int]:
+    """jax.distributed's start-up timeout from PALM_DISTRIBUTED_TIMEOUT (seconds; the launchers set it,
+    palm.jobs.launching.startup_timeout), else jax's default."""
+    value = os.environ.get("PALM_DISTRIBUTED_TIMEOUT", "")
+    if not value:
+        return {}
+    if not value.isdigit():
+        raise PalmError(f"PALM_DISTRIBUTED_TIMEOUT must be whole seconds, got {value!r}")
+    return {"initialization_timeout": int(value)}
+
+
 def initialize_distributed() -> dict[str, Any]:
     """Join the job as the environment describes (see the module doc); returns how."""
     address = os.environ.get(ENV_ADDRESS)
@@ -67,10 +78,10 @@ def initialize_distributed() -> dict[str, Any]:
             raise PalmError(f"{ENV_INDEX}={index} is not in [0, {ENV_COUNT}={count})")
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not tpu_host():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(address, num_processes=count, process_id=index)
+        jax.distributed.initialize(address, num_processes=count, process_id=index, **_timeout())
         how = "explicit"
     elif mode == "auto" or (mode != "off" and tpu_host()):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_timeout())
         how = "auto"
     else:
         how = "single"

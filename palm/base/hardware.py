@@ -225,3 +225,42 @@ def gke_v4_alternatives(num_devices: int, mesh: dict[str, int], heads: int | Non
 def describe_alternative(alt: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in alt["mesh"].items())
     return f"{alt['num_slices']} slice(s) of {alt['topology']} with mesh {mesh}"
+
+
+# ------------------------------------------------------------------------------------------ Dataflow
+
+#: The regions Dataflow runs jobs in, and the Compute Engine machine families its workers may use there.
+#: Source: Google Cloud's "Dataflow locations" page (cloud.google.com/dataflow/docs/resources/locations) and
+#: Compute Engine's "Regions and zones" page (cloud.google.com/compute/docs/regions-zones) for the families,
+#: as written here on 2026-12-06 from those pages' contents known to the author; neither page could be fetched
+#: from this machine (the documentation search returned only the "Dataflow regions" page, which points to the
+#: locations page), so check them when adding a region. us-central2 (the TPU v4 region) is not a Dataflow
+#: region. A region listed with no families is checked for the region only.
+DATAFLOW_REGIONS: dict[str, tuple[str, ...]] = {
+    "us-central1": ("n1", "n2", "n2d", "e2", "c2", "c2d", "c3", "t2d", "m1"),
+    "us-east1": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
+    "us-east4": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
+    "us-east5": (), "us-south1": (),
+    "us-west1": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
+    "us-west2": (), "us-west3": (), "us-west4": (),
+    "northamerica-northeast1": (), "northamerica-northeast2": (), "southamerica-east1": (),
+    "southamerica-west1": (),
+    "europe-west1": (), "europe-west2": (), "europe-west3": (), "europe-west4": (), "europe-west6": (),
+    "europe-west8": (), "europe-west9": (), "europe-north1": (), "europe-central2": (), "europe-southwest1": (),
+    "asia-east1": (), "asia-east2": (), "asia-northeast1": (), "asia-northeast2": (), "asia-northeast3": (),
+    "asia-south1": (), "asia-south2": (), "asia-southeast1": (), "asia-southeast2": (),
+    "australia-southeast1": (), "australia-southeast2": (), "me-west1": (),
+}
+
+
+def dataflow_machine_problem(region: str, machine_type: str | None) -> str | None:
+    """Why Dataflow cannot run workers of `machine_type` in `region` (None when it can, or when the table
+    does not know the region's families)."""
+    if region not in DATAFLOW_REGIONS:
+        near = ", ".join(r for r in DATAFLOW_REGIONS if r.startswith(region.rsplit("-", 1)[0][:4]))
+        return f"Dataflow does not run in {region} (regions: {near or ', '.join(DATAFLOW_REGIONS)}; palm.base.hardware.DATAFLOW_REGIONS)"
+    families = DATAFLOW_REGIONS[region]
+    if machine_type and families and machine_type.split("-", 1)[0] not in families:
+        return (f"{machine_type} is not offered to Dataflow in {region} (families there: {', '.join(families)}; "
+                "palm.base.hardware.DATAFLOW_REGIONS)")
+    return None

@@ -40,7 +40,7 @@ def stable_unit(*parts: str) -> float:
 
 
 def pipeline_options(spec: DataSpec, job_name: str = "palm-data", package_dir: str | Path | None = None,
-                     worker_image: str | None = None) -> PipelineOptions:
+                     worker_image: str | None = None, placement: dict[str, str] | None = None) -> PipelineOptions:
     """Beam options for the spec's runner.
 
     Locally the in-process FnApiRunner is pinned (plain DirectRunner may try Prism, which downloads a
@@ -56,6 +56,9 @@ def pipeline_options(spec: DataSpec, job_name: str = "palm-data", package_dir: s
       (palm/data/package.py): the project's wheel and requirements.txt exported from uv.lock, written to
       `package_dir` (default: a fresh temporary directory, which Beam stages when the job is submitted);
       a `data.beam.requirements_file` in the spec is used instead of the exported one.
+
+    `placement` (Dataflow: the spec's `infra.dataflow_options(data.beam)`) sets the region, temp and
+    staging locations and the workers' service account (`service_account_email`) over data.beam's.
 
     See infra/dataflow.md.
     """
@@ -95,6 +98,7 @@ def pipeline_options(spec: DataSpec, job_name: str = "palm-data", package_dir: s
         if b.max_num_workers:
             cloud["max_num_workers"] = b.max_num_workers
             cloud["autoscaling_algorithm"] = "THROUGHPUT_BASED"
+        cloud.update(placement or {})
         return PipelineOptions(flags=[], **cloud, **packaging)
     environment = "DOCKER" if "sdk_container_image" in packaging else "LOOPBACK"
     if b.runner == "flink":
@@ -128,7 +132,8 @@ def check_submission_environment(spec: DataSpec) -> None:
                         "run `uv sync --frozen --group dataflow` (with the other groups you use)")
 
 
-def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_image: str | None = None) -> None:
+def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_image: str | None = None,
+             placement: dict[str, str] | None = None) -> None:
     """Run `build(pipeline)` on the spec's runner (a local one is pinned to the in-process FnApiRunner);
     a `palm-data-error:` raised in a worker comes back as the user's PalmError.
 
@@ -137,7 +142,7 @@ def run_beam(spec: DataSpec, build: Any, job_name: str = "palm-data", worker_ima
     worker that names its file (a forbidden path, a directory read as a file) is one EnvironmentFault; one
     that names none (a full disk) is raised as it is, for the stage task to name the run's root."""
     check_submission_environment(spec)
-    options = pipeline_options(spec, job_name=job_name, worker_image=worker_image)
+    options = pipeline_options(spec, job_name=job_name, worker_image=worker_image, placement=placement)
     runner = None
     if spec.beam.runner in LOCAL_RUNNERS:
         runner = FnApiRunner()

@@ -108,7 +108,7 @@ def _merge(counts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   worker_image: str | None = None) -> dict[str, Any]:
+                   worker_image: str | None = None, placement: dict[str, str] | None = None) -> dict[str, Any]:
     """Tokenize and pack the data stage's shards with the tokenizer stage's model; manifest fields.
 
     Every directory may be local or gs://; on a cluster runner all three must be gs://, and its workers
@@ -140,7 +140,7 @@ def run_pack_stage(data_spec: DataSpec, num_shards: int, seq_len: int, data_dir:
            | "Collect" >> beam.combiners.ToList()
            | "WriteCounts" >> beam.Map(_write_counts, out_dir))
 
-    run_beam(data_spec, build, job_name="palm-pack", worker_image=worker_image)
+    run_beam(data_spec, build, job_name="palm-pack", worker_image=worker_image, placement=placement)
     counts = json.loads(storage.read_text(storage.join(out_dir, COUNTS)))
     splits: dict[str, dict[str, Any]] = {"train": {}, "validation": {}}
     for (split, source), c in counts:

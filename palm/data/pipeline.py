@@ -261,7 +261,8 @@ def summarize(out_dir: str, spec: DataSpec, classifier: str | None = None,
 
 
 def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None = None,
-                   classifier: str | None = None, classifier_key: str | None = None) -> dict[str, Any]:
+                   classifier: str | None = None, classifier_key: str | None = None,
+                   placement: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the Beam pipeline into out_dir; return the manifest fields (accounting per source).
 
     `classifier`: the quality stage's output directory (local or gs://), which the quality-sampled
@@ -273,5 +274,6 @@ def run_data_stage(spec: DataSpec, out_dir: str | Path, worker_image: str | None
     if spec.beam.runner not in LOCAL_RUNNERS and not out_dir.startswith("gs://"):
         raise PalmError(f"data.beam.runner={spec.beam.runner!r} runs on remote workers, which cannot write "
                         f"to the local path {out_dir}; set infra.storage_root to a gs:// bucket")
-    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir, classifier), worker_image=worker_image)
+    run_beam(spec, lambda p: build_pipeline(p, spec, out_dir, classifier), worker_image=worker_image,
+             placement=placement)
     return summarize(out_dir, spec, classifier, classifier_key)

@@ -35,7 +35,11 @@ from palm.jobs.launching import (
     mesh_text,
     run,
     slice_shape,
+    startup_timeout,
 )
+
+#: The JobSet annotation naming the service account its pods act as (the TPU node pools').
+NODE_SERVICE_ACCOUNT = "palm.dev/node-service-account"
 
 JOBSET_SCHEMA = REPO_ROOT / "infra" / "schemas" / "jobset-v1alpha2.schema.json"
 #: The Kubernetes API version whose batch/v1 Job schema the JobSet's Job template is checked against.
@@ -70,7 +74,8 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
     `component` (train, or eval for an evaluation job) labels its objects."""
     la, hw = spec.infra.launcher, spec.infra.hardware
     shape = slice_shape(spec)
-    env: list[dict[str, Any]] = [{"name": "PALM_DISTRIBUTED", "value": "auto"}]
+    env: list[dict[str, Any]] = [{"name": "PALM_DISTRIBUTED", "value": "auto"},
+                                 {"name": "PALM_DISTRIBUTED_TIMEOUT", "value": str(startup_timeout(spec))}]
     if hw.num_slices > 1:  # the slices join over the data-center network; the first slice's first host leads
         env += [
             {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": f"{name}-{REPLICATED_JOB}-0-0.{name}"},
@@ -123,8 +128,11 @@ def jobset_manifest(spec: Any, name: str, namespace: str, command: Sequence[str]
             "name": name,
             "namespace": namespace,
             "labels": dict(labels),
-            # One slice per node pool, one node pool per slice.
-            "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"},
+            # One slice per node pool, one node pool per slice. The pods use the host's network, where GKE's
+            # Workload Identity does not apply: they act as the node pools' service account, named here
+            # (the node pools are created with --service-account=it, infra/README.md step 6').
+            "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool",
+                            NODE_SERVICE_ACCOUNT: spec.infra.identities.workers},
         },
         "spec": {
             "failurePolicy": {
@@ -162,7 +170,10 @@ def render_gke(plan: LaunchPlan) -> str:
              f"({shlex.join(k['delete'])})",
              f"# {shlex.join(k['create'])}   (stdin: the manifest below)",
              f"# then every {plan.poll_seconds:g} s: {shlex.join(k['status'])}",
-             f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD"]
+             f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD",
+             f"# the pods (hostNetwork) act as the TPU node pools' service account "
+             f"{plan.manifest['metadata']['annotations'][NODE_SERVICE_ACCOUNT]}: create the node pools with "
+             "--service-account=it (Workload Identity does not apply to hostNetwork pods)"]
     return "\n".join(lines) + "\n" + manifest_yaml(plan.manifest)
 
 

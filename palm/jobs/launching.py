@@ -160,8 +160,11 @@ def worker_command(spec_path: str, root: str, overrides: Sequence[str] = (), nod
     argv = ["palm", "worker", str(spec_path), "--output", str(root)] + (["--node", node] if node != "train" else [])
     if eval_checkpoint is not None:
         argv += ["--eval-checkpoint", str(eval_checkpoint)]
-    for assignment in overrides:
-        argv += ["--set", assignment]
+    # Each key once, at its last assignment's value (the resolved mesh comes after the user's --sets of it).
+    last = {assignment.split("=", 1)[0]: i for i, assignment in enumerate(overrides)}
+    for i, assignment in enumerate(overrides):
+        if last[assignment.split("=", 1)[0]] == i:
+            argv += ["--set", assignment]
     return argv
 
 
@@ -309,6 +312,26 @@ def check_launcher(spec: Any, root: str) -> None:
     if not str(root).startswith("gs://"):
         raise SpecError(f"the {la.kind} workers run on other machines and cannot write to the local path {root}: "
                         "use a gs:// bucket (or --output gs://…)", key="infra.storage_root")
+    if not spec.infra.identities.workers:
+        what = "the TPU VMs' --service-account" if la.kind == "tpu-vm" else "the TPU node pools' --service-account"
+        raise SpecError(f"the service account the {la.kind} workers run as ({what}; without it they run as the "
+                        "project's Compute Engine default account): see palm.base.iam", key="infra.identities.workers")
+
+
+#: jax.distributed's own default start-up timeout (seconds), and what each host adds to it.
+BASE_STARTUP_SECONDS, STARTUP_SECONDS_PER_HOST = 300, 1
+
+
+def startup_timeout(spec: Any) -> int:
+    """Seconds every host waits in jax.distributed's start-up for all the others: `infra.launcher.startup_timeout_s`,
+    or sized for the job: jax's 300 s plus 1 s per host (1,536 hosts of palm-540b: 1,836 s), for the spread of
+    the VMs' boot times; the image is pulled before the worker starts, so its pull is not counted."""
+    la, hw = spec.infra.launcher, spec.infra.hardware
+    if la.startup_timeout_s is not None:
+        return la.startup_timeout_s
+    gen = TPU_GENERATIONS.get(hw.accelerator)
+    hosts = hw.num_devices // (gen.chips_per_host if gen else max(la.processes, 1))
+    return BASE_STARTUP_SECONDS + STARTUP_SECONDS_PER_HOST * hosts
 
 
 # ---------------------------------------------------------------------------------------- running

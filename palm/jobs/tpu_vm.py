@@ -37,6 +37,7 @@ from palm.jobs.launching import (
     mesh_text,
     run,
     slice_shape,
+    startup_timeout,
 )
 
 #: States of a queued resource that is (or will be) running a job, and of one that ended.
@@ -52,12 +53,13 @@ def gcloud_location(spec: Any) -> list[str]:
     return [f"--project={la.project}", f"--zone={la.zone}"]
 
 
-def startup_script(name: str, image: str, command: Sequence[str], status_dir: str) -> str:
+def startup_script(name: str, image: str, command: Sequence[str], status_dir: str, timeout: int = 300) -> str:
     """The TPU VMs' startup script: run the worker in the image and leave its exit code and log in the run
     root (`status_dir/<host>.json` and `.log`), where the launcher follows them. No ssh session has to
     stay open for the weeks a run takes; a VM that reboots runs it again and the worker resumes."""
     docker = shlex.join(["docker", "run", "--rm", "--net=host", "--privileged", "--env=PALM_DISTRIBUTED=auto",
-                         f"--env=PALM_STOP_FILE={status_dir}/stop", image, *command])
+                         f"--env=PALM_DISTRIBUTED_TIMEOUT={timeout}", f"--env=PALM_STOP_FILE={status_dir}/stop",
+                         image, *command])
     registry = image.split("/", 1)[0]
     login = (f"gcloud auth configure-docker {shlex.quote(registry)} --quiet\n"
              if "." in registry and "/" in image else "")  # Artifact Registry: docker needs gcloud's token
@@ -68,7 +70,11 @@ set -uo pipefail
 STATUS={shlex.quote(status_dir)}
 HOST=$(hostname)
 LOG=/var/log/palm-worker.log
-{login}(while sleep 30; do gcloud storage cp --quiet "$LOG" "$STATUS/$HOST.log"; done) &
+{login}# Pull the image before the worker starts: jax.distributed's start-up clock (PALM_DISTRIBUTED_TIMEOUT)
+# starts when the worker does, so the pull of every host is not counted against it; retried while the
+# registry throttles 1,000 hosts at once.
+for TRY in 1 2 3 4 5; do docker pull {shlex.quote(image)} && break; sleep $((TRY * 30)); done
+(while sleep 30; do gcloud storage cp --quiet "$LOG" "$STATUS/$HOST.log"; done) &
 UPLOADER=$!
 {docker} > "$LOG" 2>&1
 CODE=$?
@@ -83,7 +89,7 @@ def plan_tpu_vm(spec: Any, root: str, command: list[str], component: str = "trai
     shape, name = slice_shape(spec), job_name(spec)
     where = gcloud_location(spec)
     status_dir = f"{root.rstrip('/')}/launch/{name}"
-    script = startup_script(name, la.image, command, status_dir)
+    script = startup_script(name, la.image, command, status_dir, startup_timeout(spec))
     script_name = f"{name}-startup.sh"
     qr = ["gcloud", "compute", "tpus", "queued-resources"]
     # Slices of any shape are asked for by type and topology: accelerator types (v4-6144) are listed for
@@ -96,8 +102,9 @@ def plan_tpu_vm(spec: Any, root: str, command: list[str], component: str = "trai
         create += [f"--node-id={name}"]
     if la.spot:
         create += ["--spot"]
-    if la.service_account:
-        create += [f"--service-account={la.service_account}"]
+    # The identity every TPU VM runs as (infra.identities.workers; check_launcher requires it), never the
+    # project's Compute Engine default account.
+    create += [f"--service-account={spec.infra.identities.workers}"]
     # TPU VMs of a multi-slice queued resource carry the MEGASCALE_* settings in their metadata, which the
     # TPU runtime reads, so nothing is passed for them.
     create += [f"--metadata-from-file=startup-script={script_name}"]

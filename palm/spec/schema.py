@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from palm.spec.config import LossSpikeConfig, ModelConfig, TrainConfig
 from palm.base.errors import PalmError, SpecError
-from palm.base.hardware import MESH_AXES, PEAK_FLOPS, mesh_fits_topology, nearest_mesh, parse_topology
+from palm.base.hardware import MESH_AXES, PEAK_FLOPS, dataflow_machine_problem, mesh_fits_topology, nearest_mesh, parse_topology
 
 
 
@@ -429,10 +429,33 @@ class Launcher(_Strict):
     """gke: whole-JobSet restarts (every slice at once) before the job counts as preempted."""
     spot: bool = False
     """tpu-vm: Spot TPUs (cheaper, preemptible)."""
-    service_account: str | None = None
-    """tpu-vm: the service account the TPU VMs run as (default: the project's Compute Engine default)."""
+    startup_timeout_s: int | None = Field(None, ge=60)
+    """Seconds every host waits for all the others in jax.distributed's start-up (its
+    `initialization_timeout`); null sizes it for the job's host count (palm.jobs.launching.startup_timeout)."""
     poll_seconds: float = Field(15.0, gt=0)
     """Seconds between status checks while following a launched job."""
+
+
+class Identities(_Strict):
+    """Who runs as whom (palm.base.iam lists the roles each needs and why): service account emails. Every
+    launch and submission passes them explicitly; none of them is part of any stage's key."""
+
+    submitter: str | None = None
+    """The account that launches the jobs and submits Dataflow's (the Prefect worker's VM account)."""
+    workers: str | None = None
+    """The TPU VMs (queued resource --service-account) and GKE's TPU node pools (--service-account)."""
+    dataflow_workers: str | None = None
+    """The Dataflow workers (--service_account_email)."""
+
+
+class DataflowPlacement(_Strict):
+    """Where the Dataflow jobs run and stage. Each field set here is used instead of data.beam's (which
+    stays in the data stage's key; where a job runs and stages does not change what it computes)."""
+
+    region: str | None = None
+    temp_location: str | None = None
+    staging_location: str | None = None
+    """Where Beam stages the pipeline (default: temp_location)."""
 
 
 class InfraSpec(_Strict):
@@ -448,6 +471,23 @@ class InfraSpec(_Strict):
     """How the train stage runs: in process, local workers, TPU VMs or GKE."""
     work_pool: str = "local-process"
     """Prefect work pool the deployments target."""
+    identities: Identities = Identities()
+    dataflow: DataflowPlacement = DataflowPlacement()
+
+    def dataflow_setting(self, beam: "BeamRunner", key: str) -> tuple[str | None, str]:
+        """(value, spec key) of a Dataflow placement setting: infra.dataflow's, else data.beam's."""
+        mine = getattr(self.dataflow, key)
+        if mine is not None or key == "staging_location":
+            return mine, f"infra.dataflow.{key}"
+        return getattr(beam, key), f"data.beam.{key}"
+
+    def dataflow_options(self, beam: "BeamRunner") -> dict[str, str]:
+        """Dataflow's options for where the job runs, stages and as whom (palm.data.beam.pipeline_options)."""
+        out = {key: value for key in ("region", "temp_location", "staging_location")
+               if (value := self.dataflow_setting(beam, key)[0]) is not None}
+        if self.identities.dataflow_workers:
+            out["service_account_email"] = self.identities.dataflow_workers
+        return out
 
 
 class RetryPolicy(_Strict):
@@ -545,6 +585,49 @@ def resolve_mesh(mesh: dict[str, int], num_devices: int) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------- checks
+
+
+def _bucket(path: str) -> str | None:
+    return path[len("gs://"):].split("/", 1)[0] if path.startswith("gs://") else None
+
+
+def _check_dataflow(spec: Spec) -> None:
+    """What can be checked of a Dataflow submission before anything is paid for: its fields, its region
+    and machine type (palm.base.hardware.DATAFLOW_REGIONS), the workers' identity, and that the temp and
+    staging locations are in the bucket the submitter may write (palm.base.iam: the run bucket, the one of
+    infra.storage_root; the sources' buckets it only reads)."""
+    beam, infra = spec.data.beam, spec.infra
+    if not beam.project:
+        raise SpecError("the Dataflow runner needs it", key="data.beam.project")
+    for name in ("region", "temp_location"):
+        value, key = infra.dataflow_setting(beam, name)
+        if not value:
+            raise SpecError("the Dataflow runner needs it", key=f"infra.dataflow.{name}")
+    for name in ("temp_location", "staging_location"):
+        value, key = infra.dataflow_setting(beam, name)
+        if value is not None and _bucket(value) is None:
+            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path", key=key)
+    region, region_key = infra.dataflow_setting(beam, "region")
+    problem = dataflow_machine_problem(region, beam.machine_type)
+    if problem:
+        raise SpecError(problem, key=region_key)
+    if not infra.identities.dataflow_workers:
+        raise SpecError("the service account the Dataflow workers run as (passed as --service_account_email; "
+                        "without it they run as the project's Compute Engine default account): see palm.base.iam",
+                        key="infra.identities.dataflow_workers")
+    writable = _bucket(infra.storage_root)
+    read_only = {_bucket(p) for src in spec.data.sources for p in src.paths} - {None, writable}
+    for name in ("temp_location", "staging_location"):
+        value, key = infra.dataflow_setting(beam, name)
+        if value is None:
+            continue
+        bucket = _bucket(value)
+        if bucket != writable:
+            why = ("a bucket the submitter only reads (a source's)" if bucket in read_only
+                   else "a bucket the submitter has no grant on")
+            where = f"gs://{writable}/dataflow-tmp" if writable else "a gs:// infra.storage_root's bucket"
+            raise SpecError(f"gs://{bucket} is {why}; the submitter writes only the run bucket "
+                            f"(infra.storage_root, palm.base.iam): use {where}", key=key)
 
 
 def check_consistency(spec: Spec) -> None:
@@ -684,12 +767,12 @@ def check_consistency(spec: Spec) -> None:
         raise SpecError(f"tokenizer.vocab_size ({spec.tokenizer.vocab_size}) exceeds the model's "
                         f"embedding table (model.vocab_size {m.vocab_size})", key="tokenizer.vocab_size")
     if spec.data.beam.runner == "dataflow":
-        for key in ("project", "region", "temp_location"):
-            if not getattr(spec.data.beam, key):
-                raise SpecError("the Dataflow runner needs it", key=f"data.beam.{key}")
-        if not spec.data.beam.temp_location.startswith("gs://"):
-            raise SpecError("Dataflow stages through Cloud Storage: use a gs:// path",
-                            key="data.beam.temp_location")
+        _check_dataflow(spec)
+    launcher = spec.infra.launcher.kind
+    if launcher != "local" and spec.infra.storage_root.startswith("gs://") and not spec.infra.identities.workers:
+        raise SpecError(f"the service account the {launcher} workers run as (the TPU VMs' or node pools' "
+                        "--service-account; without it they run as the project's Compute Engine default account): "
+                        "see palm.base.iam", key="infra.identities.workers")
     if spec.data.beam.runner in ("flink", "spark") and not spec.data.beam.master_url:
         raise SpecError(f"the {spec.data.beam.runner} runner needs its master's address",
                         key="data.beam.master_url")

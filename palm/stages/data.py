@@ -16,5 +16,6 @@ def build(spec: Any, inputs: dict[str, Any], hooks: Any) -> Callable[[Any], dict
             check_auc(spec.data, read_report(quality.path))
         return run_data_stage(spec.data, out, worker_image=spec.infra.launcher.image,
                               classifier=quality.path if quality is not None else None,
-                              classifier_key=quality.key if quality is not None else None)
+                              classifier_key=quality.key if quality is not None else None,
+                              placement=spec.infra.dataflow_options(spec.data.beam))
     return run
