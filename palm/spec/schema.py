@@ -453,7 +453,9 @@ class DataflowPlacement(_Strict):
     stays in the data stage's key; where a job runs and stages does not change what it computes)."""
 
     region: str | None = None
+    """The Dataflow region the data and pack jobs run in (checked against what Dataflow offers)."""
     temp_location: str | None = None
+    """gs:// folder for Dataflow's temporary files: in a bucket the submitter may write."""
     staging_location: str | None = None
     """Where Beam stages the pipeline (default: temp_location)."""
 
@@ -472,7 +474,9 @@ class InfraSpec(_Strict):
     work_pool: str = "local-process"
     """Prefect work pool the deployments target."""
     identities: Identities = Identities()
+    """Who runs as whom: the submitter, the TPU or GKE workers and the Dataflow workers (service accounts)."""
     dataflow: DataflowPlacement = DataflowPlacement()
+    """Where the Dataflow jobs run and stage, in place of data.beam's settings of the same names."""
 
     def dataflow_setting(self, beam: "BeamRunner", key: str) -> tuple[str | None, str]:
         """(value, spec key) of a Dataflow placement setting: infra.dataflow's, else data.beam's."""
