@@ -138,8 +138,8 @@ def _concatenated_rope(x, positions, max_wavelength):
 def test_rope_without_a_concatenation_equals_the_concatenated_formula():
     """The sign folded into the sine table and the halves swapped by a reverse: the same products and sums
     as the concatenated form, so the same numbers: equal bit for bit op by op, and within float32 rounding
-    when XLA fuses each form its own way (measured on CPU: float32 inputs equal; bf16 inputs rotated in
-    float32 1.9e-6 apart on values of order 10; bf16 outputs 1 element in 16,384 one bf16 ulp apart)."""
+    when XLA fuses each form its own way (measured on CPU with these inputs: float32 equal; bf16 outputs 1
+    element of 16,384 one bf16 ulp apart; other random inputs gave 1.9e-6 on float32 values of order 10)."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 64, 4, 32)).astype(np.float32) * 5
     positions = jnp.asarray(rng.integers(0, 20_000, (2, 64)))
@@ -158,14 +158,16 @@ def test_rope_without_a_concatenation_equals_the_concatenated_formula():
     # and the gradient (the backward pass of attention's inputs)
     grads = [jax.grad(lambda a, f=f: (f(a, positions, 10_000.0) * jnp.asarray(x[::-1])).sum())(jnp.asarray(x))
              for f in (rope, _concatenated_rope)]
-    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0, atol=4e-6 * float(np.abs(grads[1]).max()))
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0,
+                               atol=4e-6 * float(np.abs(grads[1]).max()))
     jaxpr = str(jax.make_jaxpr(lambda a: rope(a, positions, 10_000.0))(jnp.asarray(x)))
     assert "concatenate" not in jaxpr and "rev" in jaxpr
 
 
 def test_the_models_logits_are_unchanged_by_the_rope_rewrite(small_params, small_apply, monkeypatch):
     """Same parameters (names and shapes: checkpoints stay compatible) and the same logits as with the
-    concatenated RoPE, in float32 and in bf16 compute."""
+    concatenated RoPE, in float32 and in bf16 compute (measured on CPU: 1.2e-6 apart at most in float32, the
+    largest logit 7.5; equal in bf16)."""
     import palm.core.model as model_module
 
     tokens = random_tokens(11)
