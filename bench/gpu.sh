@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared device run (issue #20): on the lent GPU machine, from the repository root, with the
 # carried folders .whl (pydantic and its needs, which the GPU image lacks) and .bench (a copy of
-# ../shared/bench/reference_step.py). Writes every result as JSON under $OUT; logs to $OUT/log.txt.
+# ../shared/bench/reference_step.py), both made by `bash bench/gpu-prepare.sh` (its --check runs this script on
+# CPU as the device will). Writes every result as JSON under $OUT; logs to $OUT/log.txt.
 #   device: run(command="bash bench/gpu.sh", carry=[".whl", ".bench"], timeout_s=540)
 #   on CPU, to check the script itself: OUT=/tmp/o SPEC=specs/tiny.yaml STEPS=2 bash bench/gpu.sh
 set -uo pipefail

@@ -124,6 +124,61 @@ def test_rope_is_a_rotation():
     np.testing.assert_allclose(zero, x, rtol=0, atol=1e-6)
 
 
+
+def _concatenated_rope(x, positions, max_wavelength):
+    """RoPE as palm.core.model.rope computed it until 2026-12-06: the two rotated halves concatenated."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (max_wavelength ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def test_rope_without_a_concatenation_equals_the_concatenated_formula():
+    """The rotated halves padded to the whole head_dim and added: the same products and sums as the
+    concatenated form plus zeros, so the same numbers: equal bit for bit op by op, and within float32
+    rounding when XLA fuses each form its own way (measured on CPU, jitted: equal, float32 and bf16)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 64, 4, 32)).astype(np.float32) * 5
+    positions = jnp.asarray(rng.integers(0, 20_000, (2, 64)))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xd = jnp.asarray(x, dtype)
+        eager = rope(xd, positions, 10_000.0), _concatenated_rope(xd, positions, 10_000.0)
+        np.testing.assert_array_equal(np.asarray(eager[0], np.float32), np.asarray(eager[1], np.float32))
+        both = jax.jit(lambda a: (rope(a, positions, 10_000.0), _concatenated_rope(a, positions, 10_000.0)))
+        new, old = (np.asarray(a, np.float32) for a in both(xd))
+        if dtype == jnp.bfloat16:  # were a float32 ulp ever apart, it could land across a bf16 rounding
+            assert (np.abs(new - old) <= 2.0**-7 * np.abs(old)).all() and (new != old).mean() < 1e-3
+        else:
+            np.testing.assert_allclose(new, old, rtol=0, atol=4e-6 * np.abs(old).max())
+        new, old = (np.asarray(a) for a in both(xd.astype(jnp.float32)))
+        np.testing.assert_allclose(new, old, rtol=0, atol=4e-6 * np.abs(old).max(), err_msg=str(dtype))
+    # and the gradient (the backward pass of attention's inputs)
+    grads = [jax.grad(lambda a, f=f: (f(a, positions, 10_000.0) * jnp.asarray(x[::-1])).sum())(jnp.asarray(x))
+             for f in (rope, _concatenated_rope)]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=0,
+                               atol=4e-6 * float(np.abs(grads[1]).max()))
+    jaxpr = str(jax.make_jaxpr(lambda a: rope(a, positions, 10_000.0))(jnp.asarray(x)))
+    assert "concatenate" not in jaxpr and "pad" in jaxpr
+
+
+def test_the_models_logits_are_unchanged_by_the_rope_rewrite(small_params, small_apply, monkeypatch):
+    """Same parameters (names and shapes: checkpoints stay compatible) and the same logits as with the
+    concatenated RoPE, in float32 and in bf16 compute (measured on CPU: equal in both)."""
+    import palm.core.model as model_module
+
+    tokens = random_tokens(11)
+    for config in (SMALL, dataclasses.replace(SMALL, dtype="bfloat16")):
+        new = np.asarray(make_apply(config)(small_params, tokens))
+        with monkeypatch.context() as patch:
+            patch.setattr(model_module, "rope", _concatenated_rope)
+            old = np.asarray(make_apply(config)(small_params, tokens))
+            old_params = describe_params(config)
+        assert describe_params(config) == old_params
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-5 * np.abs(old).max(), err_msg=config.dtype)
+
+
 # 3. Multi-query attention -----------------------------------------------------------------------
 
 def test_one_key_and_one_value_projection_per_layer():

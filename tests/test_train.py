@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -12,20 +13,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from palm.spec.config import RampStage, TrainConfig
+from palm.spec.config import ModelConfig, RampStage, TrainConfig
 from palm.dag.workflow import load_spec
 from palm.core.train import Trainer, batches, loss_fn, train
 from tests.conftest import ROOT, SPECS
 
 
 class FixedLogits:
-    """Stands in for the model: returns the same logits whatever the inputs."""
+    """Stands in for the model: the same logits whatever the inputs. loss_fn takes the model's final hidden
+    states and projects them onto the embedding table itself, divided by sqrt(d_model): here the hidden
+    states are the logits, the table the identity (FIXED_PARAMS) and d_model 1."""
+
+    config = ModelConfig(num_layers=1, d_model=1, num_heads=1, head_dim=1, vocab_size=3, seq_len=2, dtype="float32")
+    vocab_split = False
 
     def __init__(self, logits):
         self.logits = jnp.asarray(logits, jnp.float32)
 
-    def apply(self, variables, inputs):
+    def apply(self, variables, inputs, hidden=False):
+        assert hidden
         return self.logits
+
+    @staticmethod
+    def constrain(x, names):
+        return x
+
+
+#: The parameters loss_fn reads itself (the tied embedding) for FixedLogits: the identity table.
+FIXED_PARAMS = {"embedding": jnp.eye(3, dtype=jnp.float32)}
 
 
 def test_loss_and_z_loss_on_a_hand_made_example():
@@ -35,7 +50,7 @@ def test_loss_and_z_loss_on_a_hand_made_example():
     log_z = np.log(np.exp(logits).sum(-1))  # [[2.1698, 3.1328]]
     ce = (log_z[0, 0] - 2.0 + log_z[0, 1] - 0.5) / 2
     z = 1e-4 * (log_z[0, 0] ** 2 + log_z[0, 1] ** 2) / 2
-    total, metrics = loss_fn(None, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray(weights), 1e-4)
+    total, metrics = loss_fn(FIXED_PARAMS, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray(weights), 1e-4)
     assert float(metrics["loss"]) == pytest.approx(ce, rel=1e-6)
     assert float(metrics["z_loss"]) == pytest.approx(z, rel=1e-5)
     assert float(total) == pytest.approx(ce + z, rel=1e-6)
@@ -45,7 +60,7 @@ def test_loss_and_z_loss_on_a_hand_made_example():
 def test_masked_targets_do_not_count():
     logits = np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]])
     tokens = np.array([[0, 1]])
-    masked = loss_fn(None, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray([[1.0, 0.0]]), 1e-4)[1]
+    masked = loss_fn(FIXED_PARAMS, FixedLogits(logits), jnp.asarray(tokens), jnp.asarray([[1.0, 0.0]]), 1e-4)[1]
     log_z0 = np.log(np.exp(logits[0, 0]).sum())
     assert float(masked["loss"]) == pytest.approx(log_z0 - 2.0, rel=1e-6)
 
@@ -84,6 +99,172 @@ def test_the_chunked_loss_has_the_same_value_and_gradient():
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # the comparison is not vacuous
     with pytest.raises(Exception, match="must divide the sequence length"):
         run(3)
+
+
+
+def _plain_target_sums(logits, targets, weights):
+    """The loss's statistics as palm.core.train computed them until 2026-12-06, for autodiff to differentiate:
+    logsumexp, the target's logit by comparison, argmax, each its own pass over the logits."""
+    import jax
+
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    target_logit = jnp.where(vocab == targets[..., None], logits, 0.0).sum(-1)
+    correct = jnp.argmax(logits, -1) == targets
+    return ((log_z - target_logit) * weights).sum(), (jnp.square(log_z) * weights).sum(), (correct * weights).sum()
+
+
+def _plain_loss_fn(params, model, tokens, weights, z_loss):
+    """loss_fn as it was until 2026-12-06: the model's own (divided) logits, then _plain_target_sums."""
+    from palm.core.train import START_TOKEN
+
+    inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], axis=1)
+    ce_sum, z_sum, correct = _plain_target_sums(model.apply({"params": params}, inputs), tokens, weights)
+    denom = jnp.maximum(weights.sum(), 1.0)
+    ce, z = ce_sum / denom, z_loss * z_sum / denom
+    return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
+
+
+def test_the_loss_statistics_in_one_reduction_match_the_separate_passes():
+    """palm.core.train._logit_statistics (max, sum of exponentials, target logit and argmax in one variadic
+    reduce) against logsumexp, the comparison sum and argmax: large logits (no overflow), ties (the first
+    index, as jnp.argmax), a vocabulary of one."""
+    import jax
+
+    from palm.core.train import _logit_statistics
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((4, 7, 1001)).astype(np.float32) * 30
+    logits[0, 0, :] = 0.0  # every index ties
+    logits[0, 1, [5, 900]] = 500.0  # two tie at the top, far beyond exp's float32 range
+    logits[1, 0, :] = -500.0
+    targets = rng.integers(0, 1001, (4, 7)).astype(np.int32)
+    log_z, target_logit, argmax = jax.jit(_logit_statistics)(jnp.asarray(logits), jnp.asarray(targets))
+    want = np.asarray(jax.nn.logsumexp(jnp.asarray(logits), axis=-1))
+    np.testing.assert_allclose(np.asarray(log_z), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(target_logit), np.take_along_axis(logits, targets[..., None], -1)[..., 0])
+    np.testing.assert_array_equal(np.asarray(argmax), np.argmax(logits, -1))
+    assert int(argmax[0, 0]) == 0 and int(argmax[0, 1]) == 5
+    one = _logit_statistics(jnp.full((2, 1), 3.0), jnp.zeros((2,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(one[0]), [3.0, 3.0], rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_loss_has_the_value_and_gradient_of_autodiff(dtype):
+    """loss_fn (the statistics in one pass, a hand-written backward pass over the undivided logits) against
+    autodiff of the plain formulas on the model's own logits, whole and in slices of the sequence. Measured
+    on CPU: the same loss bit for bit, gradients within 2e-6 of the largest (float32) and 1e-7 (bf16, where
+    both round the logits' gradient to bf16 before the projection's matmuls)."""
+    import jax
+    import flax.linen as nn
+
+    from palm.core.model import PaLM
+
+    config = ModelConfig(num_layers=2, d_model=32, num_heads=4, head_dim=8, vocab_size=300, seq_len=64,
+                         dtype=dtype, remat="full")
+    model = PaLM(config)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, config.seq_len)), jnp.int32)
+    weights = jnp.asarray(rng.random((3, config.seq_len)) < 0.9, jnp.float32)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = jax.tree.map(lambda p: 3 * p, params)  # logits of order 10, a z-loss that matters
+
+    def run(f):
+        (total, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+        return float(total), jax.tree.map(float, metrics), grads
+
+    total, metrics, grads = run(lambda p: _plain_loss_fn(p, model, tokens, weights, 1e-2))
+    assert metrics["z_loss"] > 0.1 * metrics["loss"]
+    for chunks in (1, 4):
+        got_total, got_metrics, got_grads = run(lambda p: loss_fn(p, model, tokens, weights, 1e-2, chunks))
+        assert got_total == pytest.approx(total, rel=1e-6), chunks
+        for key in ("loss", "z_loss", "accuracy"):
+            assert got_metrics[key] == pytest.approx(metrics[key], rel=1e-6), (chunks, key)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(got_grads)):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.abs(a).max() > 0
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max(), err_msg=f"{chunks} {path}")
+
+
+def _logit_buffers(hlo: str, elements: int) -> dict[str, list[str]]:
+    """The float32 arrays of `elements` elements that a compiled (optimized) HLO module writes, each with the
+    instructions that read it: every computation but the bodies of fusions, a bitcast followed to its
+    readers (the same buffer)."""
+    import re
+
+    comps: dict[str, list[str]] = {}
+    lines = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            lines = comps.setdefault(head.group(1), [])
+        elif line.startswith("}"):
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    fused = set(re.findall(r"calls=%([\w.\-]+)", hlo))
+    inst = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\(")
+    found = {}
+    for name, body in comps.items():
+        if name in fused:
+            continue
+        defs = {m.group(1): m for m in map(inst.match, body) if m}
+
+        def readers(value: str) -> list[str]:
+            out = []
+            for line in body:
+                m = inst.match(line) or re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = ", line)
+                if m and m.group(1) != value and re.search(rf"%{re.escape(value)}[,)]", line):
+                    reader = m.group(1)
+                    is_bitcast = reader in defs and defs[reader].group(4) == "bitcast"
+                    out += readers(reader) if is_bitcast else [reader]
+            return out
+
+        for value, m in defs.items():
+            dims = [int(d) for d in m.group(3).split(",") if d]
+            if m.group(2) == "f32" and dims and math.prod(dims) == elements and m.group(4) != "bitcast":
+                found[value] = readers(value)
+    return found
+
+
+def test_the_compiled_loss_writes_float32_logits_once_and_reads_them_once_per_pass():
+    """The compiled CPU program of the evaluation and training loss (bf16 compute, as on a GPU): the only
+    float32 [batch, length, vocab] array is the projection's output, read by one fusion in the forward
+    pass (all four statistics) and by one more in the backward pass (the gradient, written in bf16). The
+    plain formulas compile to three such arrays here (the divided logits, the exponentials, the target
+    mask), which the H100 profile showed as five float32 passes and a convert (docs/benchmarks.md)."""
+    import jax
+    import flax.linen as nn
+
+    from palm.core.model import PaLM
+
+    batch, length, vocab = 2, 8, 1000  # batch x length x vocab (16,000) unlike any parameter's size
+    config = ModelConfig(num_layers=1, d_model=32, num_heads=2, head_dim=16, vocab_size=vocab, seq_len=length,
+                         dtype="bfloat16", remat="none")
+    model = PaLM(config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, length)), jnp.int32)
+    weights = jnp.ones((batch, length), jnp.float32)
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+
+    def compiled(f):
+        return jax.jit(f).lower(params).compile().as_text()
+
+    def buffers(loss):
+        evaluation = compiled(lambda p: loss(p, model, tokens, weights, 1e-4))
+        training = compiled(jax.value_and_grad(lambda p: loss(p, model, tokens, weights, 1e-4), has_aux=True))
+        return (_logit_buffers(evaluation, batch * length * vocab), _logit_buffers(training, batch * length * vocab),
+                training)
+
+    evaluation, training, hlo = buffers(loss_fn)
+    assert [len(r) for r in evaluation.values()] == [1], evaluation
+    assert [len(r) for r in training.values()] == [2], training
+    (logits, readers), = training.items()
+    assert re.search(rf"%{re.escape(logits)} = f32\S* (dot|fusion|custom-call)\(", hlo)
+    # the backward pass writes the logits' gradient in bf16, not float32 then a convert
+    assert re.search(rf"= bf16\[{batch},{length},{vocab}\]\S* fusion\([^)]*%{re.escape(logits)}[,)]", hlo) or \
+        re.search(rf"= bf16\[{batch * length},{vocab}\]\S* fusion\([^)]*%{re.escape(logits)}[,)]", hlo), readers
+    plain_evaluation, plain_training, _ = buffers(_plain_loss_fn)
+    assert len(plain_training) > 1 and sum(map(len, plain_training.values())) > 2, plain_training  # the count sees them
 
 
 def test_the_evaluation_step_is_the_training_loss_without_an_update():

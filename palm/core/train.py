@@ -25,7 +25,8 @@ from palm.core import optimizer as palm_optimizer
 from palm.spec.config import ModelConfig, TrainConfig
 from palm.base.errors import PalmError, Preempted
 from palm.base.hardware import device_peak_flops
-from palm.core.model import START_TOKEN, PaLM, abstract_params, count_params, matrix_axes, model_flops_per_token, output_logits
+from palm.core.model import (START_TOKEN, PaLM, abstract_params, count_params, logit_divisor, matrix_axes,
+                             model_flops_per_token, unscaled_logits)
 from palm.core.sharding import Sharding, make_mesh
 from palm.core.checkpoint import params_digest, state_digest
 from palm.core.checkpoint import model_digest, restore_params_onto
@@ -52,15 +53,85 @@ class TrainState:
 LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
-def _target_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, ...]:
-    """Weighted sums over the targets of cross-entropy, log²Z and correct argmax predictions."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+def _logit_statistics(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
+    """Per target: (log Z, target logit, argmax) of logits [..., vocab], in one reduction over the vocabulary.
+
+    One variadic reduce (the online softmax: a running max and the sum of exp(logit - max) rescaled
+    whenever the max grows, beside the argmax and the target's logit), so the compiler reads the logits
+    once for all four statistics, where max, sum of exponentials, target and argmax were four passes
+    (five with the subtraction of the max). The division by sqrt(d_model) and the target comparison are
+    elementwise producers that fuse into it. The running values start at float32's lowest finite number,
+    never -inf, so that two empty partial results combine to an empty one (0 · exp(0), not 0 · exp(nan))."""
+    vocab_axis = logits.ndim - 1
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, vocab_axis)
     # The target's logit picked by comparison, not a gather: with the vocabulary split over devices a gather
     # would first assemble every device's logits (the whole vocabulary per device); this stays per shard.
-    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-    target_logit = jnp.where(vocab == targets[..., None], logits, 0.0).sum(-1)
-    correct = jnp.argmax(logits, -1) == targets
+    target = jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0)
+    ones = jnp.ones_like(logits)
+
+    def combine(a, b):
+        (m1, s1, i1, t1), (m2, s2, i2, t2) = a, b
+        first = m1 >= m2  # the larger max keeps its sum; the other's is rescaled by exp(-(difference))
+        total = jnp.where(first, s1, s2) + jnp.where(first, s2, s1) * jnp.exp(-jnp.abs(m1 - m2))
+        index = jnp.where((m1 > m2) | ((m1 == m2) & (i1 < i2)), i1, i2)  # jnp.argmax: the first of equal maxima
+        return jnp.maximum(m1, m2), total, index, t1 + t2
+
+    lowest = jnp.finfo(jnp.float32).min
+    init = (jnp.float32(lowest), jnp.float32(0), jnp.int32(logits.shape[-1]), jnp.float32(0))
+    top, sum_exp, argmax, target_logit = jax.lax.reduce((logits, ones, vocab, target), init, combine, (vocab_axis,))
+    return top + jnp.log(sum_exp), target_logit, argmax
+
+
+def _weighted_sums(log_z, target_logit, argmax, targets, weights) -> tuple[jax.Array, ...]:
+    correct = argmax == targets
     return ((log_z - target_logit) * weights).sum(), (jnp.square(log_z) * weights).sum(), (correct * weights).sum()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _target_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                 divisor: float = 1.0) -> tuple[jax.Array, ...]:
+    """Weighted sums over the targets of cross-entropy, log²Z and correct argmax predictions, of the float32
+    logits `logits / divisor` (the matmul's output and sqrt(d_model): `palm.core.model.unscaled_logits`).
+
+    Written so that the float32 [b, t, vocab] logits are written once, by the matmul, and read twice: by
+    the forward's one reduction (`_logit_statistics`) and by the backward's one elementwise pass, which
+    computes the logits' gradient, (softmax - one-hot) · w · g_ce + 2 log Z · softmax · w · g_z, from the
+    logits, log Z and the target alone and hands it to the projection's backward, which casts it to the
+    compute dtype in the same fusion (`palm.core.model.project_to_vocab`). Autodiff of the same formulas
+    kept the divided logits and their exponentials for the backward pass and made a float32 gradient:
+    five float32 passes over the logits and a convert (the profile in docs/benchmarks.md). Same value and
+    gradient as autodiff's up to the order of float32 sums (tests/test_train.py); no gradient flows to
+    `divisor` or to the weights."""
+    log_z, target_logit, argmax = _logit_statistics(logits / jnp.float32(divisor), targets)
+    return _weighted_sums(log_z, target_logit, argmax, targets, weights)
+
+
+def _target_sums_fwd(logits, targets, weights, divisor):
+    log_z, target_logit, argmax = _logit_statistics(logits / jnp.float32(divisor), targets)
+    return _weighted_sums(log_z, target_logit, argmax, targets, weights), (logits, targets, weights, log_z)
+
+
+def _target_sums_bwd(divisor, residuals, cotangents):
+    logits, targets, weights, log_z = residuals
+    g_ce, g_z, _ = cotangents  # the count of correct predictions has no gradient
+    scale = jnp.float32(divisor)
+    ce = g_ce * weights  # d(sum)/d(log Z) per target: cross-entropy's share, then the z-loss's
+    softmax_coef = ce + g_z * weights * 2.0 * log_z
+    probs = jnp.exp(logits / scale - log_z[..., None])
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    one_hot = jnp.where(vocab == targets[..., None].astype(jnp.int32), ce[..., None], 0.0)
+    grad = (softmax_coef[..., None] * probs - one_hot) / scale
+    return grad, None, jnp.zeros_like(weights)
+
+
+_target_sums.defvjp(_target_sums_fwd, _target_sums_bwd)
+
+
+def _vocab_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
+                model: PaLM) -> tuple[jax.Array, ...]:
+    """`_target_sums` of the logits of final hidden states x [b, t, d] (the model's output projection)."""
+    logits = unscaled_logits(x, embedding, model.config, model.constrain, model.vocab_split)
+    return _target_sums(logits, targets, weights, logit_divisor(model.config))
 
 
 def _chunked_target_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -73,6 +144,8 @@ def _chunked_target_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array,
     b, t, d = x.shape
     if t % chunks:
         raise PalmError(f"the loss's {chunks} chunks must divide the sequence length {t}")
+    if chunks == 1:
+        return _vocab_sums(x, embedding, targets, weights, model)
 
     def split(a: jax.Array) -> jax.Array:  # [b, t, ...] -> [chunks, b, t / chunks, ...]
         return jnp.moveaxis(a.reshape(b, chunks, t // chunks, *a.shape[2:]), 1, 0)
@@ -80,8 +153,7 @@ def _chunked_target_sums(x: jax.Array, embedding: jax.Array, targets: jax.Array,
     @jax.checkpoint
     def body(carry, chunk):
         xc, tc, wc = chunk
-        logits = output_logits(xc, embedding, model.config, model.constrain, model.vocab_split)
-        return tuple(a + s for a, s in zip(carry, _target_sums(logits, tc, wc))), None
+        return tuple(a + s for a, s in zip(carry, _vocab_sums(xc, embedding, tc, wc, model))), None
 
     zero = jnp.zeros((), jnp.float32)
     sums, _ = jax.lax.scan(body, (zero, zero, zero), (split(x), split(targets), split(weights)))
@@ -101,13 +173,12 @@ def loss_chunks(batch_per_device: int, seq_len: int, vocab_per_device: int,
 def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_loss: float, chunks: int = 1):
     """Mean next-token cross-entropy plus z_loss·log²Z over the weighted (unmasked) targets.
 
-    With `chunks` > 1 the logits are computed a slice of the sequence at a time (`_chunked_target_sums`)."""
+    The model's final hidden states are projected onto the vocabulary here, not by the model (the same
+    logits: `palm.core.model.output_logits`), so that the loss's statistics fuse with the projection's
+    output (`_target_sums`); with `chunks` > 1 a slice of the sequence at a time (`_chunked_target_sums`)."""
     inputs = jnp.concatenate([jnp.full_like(tokens[:, :1], START_TOKEN), tokens[:, :-1]], axis=1)
-    if chunks == 1:
-        sums = _target_sums(model.apply({"params": params}, inputs), tokens, weights)
-    else:
-        x = model.apply({"params": params}, inputs, hidden=True)
-        sums = _chunked_target_sums(x, params["embedding"], tokens, weights, model, chunks)
+    x = model.apply({"params": params}, inputs, hidden=True)
+    sums = _chunked_target_sums(x, params["embedding"], tokens, weights, model, chunks)
     ce_sum, z_sum, correct = sums
     denom = jnp.maximum(weights.sum(), 1.0)
     ce, z = ce_sum / denom, z_loss * z_sum / denom
