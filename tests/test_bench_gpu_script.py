@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from palm.app.cli import build_parser
-from palm.spec.schema import load_spec
+from palm.cli import build_parser
+from palm.dag.workflow import load_spec
 from tests.conftest import ROOT
 
 RECORDER = """#!/usr/bin/env bash
@@ -41,7 +41,7 @@ def _recorded_calls(tmp_path, **env) -> list[list[str]]:
 @pytest.mark.parametrize("spec", [None, "specs/tiny.yaml"])
 def test_every_command_of_the_device_script_parses(tmp_path, spec):
     calls = _recorded_calls(tmp_path, **({"SPEC": spec, "STEPS": "2"} if spec else {}))
-    commands = [call[2:] for call in calls if call[:2] == ["-m", "palm.app.cli"]]
+    commands = [call[2:] for call in calls if call[:2] == ["-m", "palm.cli"]]
     assert [c[:2] for c in commands] == [["bench", "train"], ["bench", "decode"], ["bench", "train"],
                                          ["bench", "train"]], calls
     parser = build_parser()

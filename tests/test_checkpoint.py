@@ -163,9 +163,9 @@ class Recording(Trainer):
         super().__init__(*args, **kwargs)
         self.stream, self.fed = stream, []
 
-    def step(self, state, tokens, weights=None, global_batch=None):
+    def step(self, state, tokens, weights=None, global_batch=None, **kwargs):
         self.fed.append(range(self.stream.position - len(tokens), self.stream.position))
-        return super().step(state, tokens, weights, global_batch)
+        return super().step(state, tokens, weights, global_batch, **kwargs)
 
 
 def test_spike_rolls_back_to_a_restart_point_before_its_start_and_skips_the_batches(tmp_path):

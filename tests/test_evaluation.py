@@ -352,7 +352,8 @@ def test_generate_and_eval_on_a_damaged_step_are_one_line_naming_the_good_steps(
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("palm: error:")]
         assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
-        assert f"{bad} is incomplete or damaged" in lines[0] and f"other steps: {good}" in lines[0], err
+        assert f"checkpoint {bad} is unusable" in lines[0], err
+        assert f"good steps: {', '.join(map(str, good))}" in lines[0], err
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "long-line", "gzip-bomb", "too-large-text"])

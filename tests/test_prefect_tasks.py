@@ -139,11 +139,11 @@ def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server
     root = str(tmp_path)
     real_step, calls = Trainer.step, {"n": 0}
 
-    def crash_once(self, state, tokens, weights=None, global_batch=None):
+    def crash_once(self, state, tokens, weights=None, global_batch=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:  # the fifth step of the first attempt: after the checkpoint at step 3
             raise RuntimeError("simulated host failure")
-        return real_step(self, state, tokens, weights, global_batch)
+        return real_step(self, state, tokens, weights, global_batch, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", crash_once)
 
