@@ -253,10 +253,38 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
     assert sorted(int(r["step"]) for r in rows) == [0, 3, 6], rows
 
     # Quiet: the server (its telemetry off by the repository's prefect.toml, as for a user, not by this
-    # test's environment) and the worker that ran both flows logged no traceback and no Python warning.
+    # test's environment) and the worker that ran both flows logged no traceback and no Python warning,
+    # except Prefect's own SQLite write contention (see unexplained_tracebacks).
     for log in sorted(tmp.glob("bg*.log")):
         text = log.read_text()
-        assert "Traceback" not in text and not re.search(r"\w+Warning: ", text), f"{log.name}:\n{tail(log)}"
+        assert not unexplained_tracebacks(text) and not re.search(r"\w+Warning: ", text), f"{log.name}:\n{tail(log)}"
+
+
+LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ", re.MULTILINE)
+SQLITE_LOCKED = "(sqlite3.OperationalError) database is locked"
+
+
+def unexplained_tracebacks(text: str) -> list[str]:
+    """The log records of a Prefect server or worker log that hold a traceback, less those whose error is
+    SQLite's `database is locked`. Prefect's server on SQLite raises that for a worker heartbeat or a
+    deployment's status update when two of its own services write at once on a busy machine (an upstream
+    fault: PrefectHQ/prefect issues 10188, 23051); the caller retries on its next poll and no run is
+    affected, as the assertions above show. README section 5 says so, and PostgreSQL avoids it."""
+    starts = [m.start() for m in LOG_RECORD.finditer(text)]
+    records = [text[a:b] for a, b in zip([0, *starts], [*starts, len(text)])]
+    return [r for r in records if "Traceback" in r and SQLITE_LOCKED not in r]
+
+
+def test_only_sqlite_contention_is_forgiven_in_the_quiet_check():
+    locked = ("17:05:15.700 | ERROR   | prefect.server - Encountered exception in request:\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+              "sqlalchemy.exc.OperationalError: " + SQLITE_LOCKED + "\n")
+    other = ("17:05:16.100 | ERROR   | prefect.flow_runs.worker - Failed to submit flow run\n"
+             "Traceback (most recent call last):\n  File \"y.py\", line 2, in g\nKeyError: 'x'\n")
+    quiet = "17:05:14.000 | INFO    | prefect.flow_runs.worker - Worker started\n"
+    assert unexplained_tracebacks(quiet + locked) == []
+    assert unexplained_tracebacks(quiet + locked + other) == [other]
+    assert unexplained_tracebacks("Traceback (most recent call last):\nValueError\n")  # no record header
 
 
 def test_deployment_runs_write_to_a_directory_of_their_own(monkeypatch):
