@@ -214,3 +214,34 @@ def test_the_memory_estimate_counts_microbatches_and_auto_picks_the_fewest_that_
     assert [(s["global_batch"], s["microbatches"]) for s in plan["memory_by_step"] if s["kind"] == "train"] == \
         [(512, 1), (1024, 2)]
     assert plan["fits_device_memory"] is True
+
+
+def test_wall_time_counts_the_fsdp_gathers_each_microbatch_repeats(capsys):
+    """The plan's wall time is, per batch_ramp stage, steps x max(compute, microbatches x FSDP traffic):
+    the same as compute alone while the gathers hide behind the matmuls, longer once they cannot."""
+    from palm.analysis.steptime import fsdp_traffic_bytes
+    from palm.base.hardware import COLLECTIVE_BYTES_PER_S
+
+    small = ["--set", "infra.hardware.topology=4x4x8", "--set", "infra.hardware.num_devices=128",
+             "--set", "infra.mesh={data: 1, fsdp: 32, model: 4}"]
+    base = plan_json(capsys, SPECS / "palm-62b.yaml", *small)
+    stages = base["step_seconds_by_stage"]
+    assert [(s["global_batch"], s["microbatches"]) for s in stages] == [(512, 1), (1024, 1)]
+    assert sum(s["steps"] for s in stages) == base["training_steps"]
+    # Without microbatches the gathers hide: the estimate is compute at the assumed MFU, as before.
+    compute = base["total_training_flops"] / (128 * base["hardware"]["peak_flops_per_device"] * base["assumed_mfu"])
+    assert base["estimated_seconds"] == pytest.approx(compute, rel=1e-9)
+    assert base["microbatch_overhead"] == 0.0
+
+    spec = load_spec(SPECS / "palm-62b.yaml", small[1::2])
+    traffic = fsdp_traffic_bytes(spec.model, base["params"], spec.resolved_mesh()) / COLLECTIVE_BYTES_PER_S["tpu-v4"]
+    assert stages[0]["fsdp_traffic_seconds"] == pytest.approx(traffic)
+    # Enough microbatches that their gathers outlast the step's compute: the step takes the gathers' time.
+    many = next(m for m in (2, 4, 8, 16, 32, 64, 128, 256, 512) if m * traffic > stages[1]["compute_seconds"])
+    split = plan_json(capsys, SPECS / "palm-62b.yaml", *small, "--set", f"train.microbatches=[1, {many}]")
+    late = split["step_seconds_by_stage"][1]
+    assert late["step_seconds"] == pytest.approx(many * traffic)
+    assert split["estimated_seconds"] > base["estimated_seconds"]
+    assert split["microbatch_overhead"] == pytest.approx(1 - base["estimated_seconds"] / split["estimated_seconds"])
+    assert main(["plan", str(SPECS / "palm-62b.yaml"), *small, "--set", f"train.microbatches=[1, {many}]"]) == 0
+    assert f"of which microbatching's repeated FSDP gathers {split['microbatch_overhead']:.1%}" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from palm.analysis.memory import estimate_memory, microbatch_counts
+from palm.analysis.steptime import run_seconds, step_times
 from palm.base import storage
 from palm.base.errors import PalmError
 from palm.base.units import gib
@@ -79,7 +80,9 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
     memory = max(by_step, key=lambda s: s["bytes"]["total"])["bytes"]
 
     peak = hw.peak_flops
-    seconds = total_flops / (hw.num_devices * peak * mfu) if peak else None
+    steps = step_times(m, spec.train, mesh, num_params=n, flops_per_token=flops_tok, accelerator=hw.accelerator,
+                       num_devices=hw.num_devices, peak_flops=peak, mfu=mfu, microbatches=counts) if peak else []
+    seconds, overhead = run_seconds(steps) if peak else (None, None)
     return {
         "spec": spec.name,
         "params": n,
@@ -106,6 +109,8 @@ def plan(spec: Spec, mfu: float = PALM_MFU, price_per_chip_hour: float | None = 
         "assumed_mfu": mfu,
         "estimated_seconds": seconds,
         "estimated_days": seconds / 86400 if seconds is not None else None,
+        "step_seconds_by_stage": steps,
+        "microbatch_overhead": overhead,
         "cost": training_cost(spec, seconds, price_per_chip_hour),
     }
 
@@ -240,7 +245,9 @@ def render(p: dict[str, Any]) -> str:
         lines.append(f"launch          {launch['launcher']}: {hw['num_slices']} slice(s) of {launch['topology']}, "
                      "a shape it offers")
     if p["estimated_seconds"] is not None:
-        lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU")
+        lines.append(f"wall time       {p['estimated_days']:.1f} days at {p['assumed_mfu']:.1%} MFU"
+                     + (f", of which microbatching's repeated FSDP gathers {p['microbatch_overhead']:.1%}"
+                        if any(s["microbatches"] > 1 for s in p["step_seconds_by_stage"]) else ""))
     else:
         lines.append("wall time       n/a (no peak FLOP/s for this accelerator)")
     cost = p.get("cost")

@@ -42,6 +42,15 @@ PEAK_FLOPS = {
     "tpu-v5p": 459e12,
 }
 
+#: Collective bandwidth per chip, bytes/s, by accelerator: what one chip moves per second in an all-gather or
+#: reduce-scatter over its slice's interconnect. TPU v4: Google Cloud's TPU v4 page
+#: (docs.cloud.google.com/tpu/docs/v4, read 2026-12-06) gives 1.1 PB/s of all-reduce bandwidth per pod of
+#: 4,096 chips, about 269 GB/s per chip. Used for the FSDP weight gathers each microbatch repeats
+#: (palm.analysis.steptime); an accelerator not listed is estimated without them.
+COLLECTIVE_BYTES_PER_S = {
+    "tpu-v4": 1.1e15 / 4096,
+}
+
 #: A JAX device's `device_kind` (lower case) contains the key -> the spec's accelerator name; first match wins.
 DEVICE_KINDS = {"h100": "h100", "h200": "h200", "a100": "a100", "tpu v4": "tpu-v4", "tpu v5p": "tpu-v5p"}
 
