@@ -36,7 +36,9 @@ from palm.base import storage
 from palm.base.files import open_regular, read_text
 from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
-from palm.dag.runner import attach, check_run_root
+from palm.app.report import write_report
+from palm.dag.runner import attach, check_run_root, complete_outputs, record_spec, run_summary
+from palm.store.runlock import run_lock
 from palm.data.package import build_worker_package
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launch import render as render_launch
@@ -341,6 +343,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     storage.check_root(root)  # an unreachable or missing gs:// bucket: exit 2 now, not after Prefect starts
     check_run_root(spec, root)  # another spec's run root: exit 2 now (the flow checks again, under the lock)
+    if not args.force and _run_cached(args, spec, workflow, stages, root):
+        return 0
 
     # Nothing this run starts outlives it, SIGKILL included: Prefect's ephemeral API server, stage
     # subprocesses (palm/base/orphans.py).
@@ -387,6 +391,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"report: {summary['report']}", file=sys.stderr)
     _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
     return 0
+
+
+def _run_cached(args: argparse.Namespace, spec: Any, workflow: Any, stages: list[str], root: str) -> bool:
+    """A run whose every selected node already has its complete output: the summary and report as the flow
+    would write them, in a second or two, without starting Prefect (no flow run is recorded). False, having
+    done nothing, when a node has to run."""
+    try:
+        outputs = complete_outputs(workflow, root, stages)
+    except PalmError:
+        return False
+    with run_lock(root):
+        record_spec(spec, root)
+        report = write_report(root, spec.name, workflow, outputs)
+    print("palm: every stage's output is complete and cached; nothing to run, no Prefect flow run "
+          "(--force STAGE to rebuild one)", file=sys.stderr)
+    summary = run_summary(root, report, outputs)
+    summary["flow_run"] = None
+    print(f"report: {report}", file=sys.stderr)
+    _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
+    return True
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

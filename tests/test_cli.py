@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
 
 
-def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_path):
+def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_path, monkeypatch):
     import json
 
     rc = main(["run", TINY, "--output", str(tmp_path), "--json", "--set", "train.steps=4",
@@ -42,6 +42,30 @@ def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_
     for stage in stages:
         assert f"stage {stage}: built" in err
     assert "Traceback" not in err and "Warning: " not in err  # quiet: nothing a user cannot act on
+
+    # Again, with every output complete: no flow run at all (Prefect is never called), the same outputs,
+    # and the summary and report written again.
+    import flows.pretrain
+
+    def no_flow(*args, **kwargs):
+        raise AssertionError("a run with nothing to do started the pretrain flow")
+
+    (tmp_path / "report.md").unlink()
+    monkeypatch.setattr(flows.pretrain, "pretrain", no_flow)
+    rc = main(["run", TINY, "--output", str(tmp_path), "--json", "--set", "train.steps=4",
+               "--set", "eval.max_examples=4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    again = json.loads(out)
+    assert "nothing to run, no Prefect flow run" in err and "Traceback" not in err
+    assert again["flow_run"] is None and all(s["cached"] for s in again["stages"].values())
+    assert {k: v["output"] for k, v in again["stages"].items()} == {k: v["output"] for k, v in result["stages"].items()}
+    assert (again["final_step"], again["final_loss"], again["eval"]) == (4, result["final_loss"], result["eval"])
+    assert (tmp_path / "report.md").is_file()
+    # --force rebuilds through the flow, as before.
+    with pytest.raises(AssertionError, match="started the pretrain flow"):
+        main(["run", TINY, "--output", str(tmp_path), "--set", "train.steps=4", "--set", "eval.max_examples=4",
+              "--force", "eval"])
 
 
 def test_run_with_a_relative_storage_root(prefect_server, capsys, tmp_path, monkeypatch):

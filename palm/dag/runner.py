@@ -115,8 +115,15 @@ def node_inputs(node: Any, outputs: dict[str, StageOutput]) -> dict[str, StageOu
 
 def upstream_outputs(workflow: Any, root: str | Path, name: str) -> dict[str, StageOutput]:
     """The complete outputs of every node `name` reads from, transitively (PalmError if one is missing)."""
+    return complete_outputs(workflow, root, workflow.upstream([name]) - {name})
+
+
+def complete_outputs(workflow: Any, root: str | Path, names: Any) -> dict[str, StageOutput]:
+    """The complete outputs of the named nodes and of every node they read from, transitively, by node
+    name in the graph's order; a PalmError names the first that has none. Reads manifests only: no stage's
+    engine is imported."""
     outputs: dict[str, StageOutput] = {}
-    wanted = workflow.upstream([name]) - {name}
+    wanted = workflow.upstream(names)
     for node in workflow.nodes.values():
         if node.name in wanted:
             outputs[node.name] = existing_output(node, root, node_inputs(node, outputs))
