@@ -51,11 +51,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 #: A checkpoint of the 540B run, as the eval-new-checkpoints flow hands it to an evaluation job.
 CKPT_540 = "gs://palm-runs/palm-540b/train/0123456789abcdef/checkpoints/255000"
 
-#: The 540B run on GKE: its 6144 chips as 8 node pools of 8x8x12 (the settings `palm plan` names for it),
-#: exactly infra/README.md's $GKE.
+#: The 540B run on GKE as infra/README.md's recipe has it ($GKE): its 6144 chips as 8 node pools of 8x8x12.
 GKE_540 = shlex.split(readme_variables()["GKE"])
 
 GKE_SETS = GKE_540[1::2]
+
+#: 540B's 6144 chips as two 2x32x48 slices (model 48 along the 48-chip axis): a shape Cloud TPU's queued
+#: resources take (sides at most 4 or multiples of 4) but GKE's node pools do not (a side of 2 above 2x4x4).
+ODD_540 = ["--set", "infra.hardware.topology=2x32x48", "--set", "infra.mesh.model=48", "--set", "infra.mesh.fsdp=64",
+           "--set", "infra.mesh.data=2"]
 
 
 def _readme_launch(*words: str) -> list[str]:
@@ -96,8 +100,8 @@ def jobset_540b(capsys, *extra: str) -> dict:
 
 
 def test_540b_jobset_is_eight_node_pools_of_768_chips(capsys):
-    """GKE's largest v4 node pools with a 12-chip axis are 8x8x12: the 540B run's 6144 chips as 8 of them,
-    model 12 along that axis, FSDP 64 over the rest of a slice, data 8 over the slices."""
+    """infra/README.md's GKE recipe: the 540B run's 6144 chips as 8 node pools of 8x8x12, model 12 along
+    the 12-chip axis, FSDP 64 over the rest of a slice, data 8 over the slices."""
     js = jobset_540b(capsys)
     assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
     assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == "cloud.google.com/gke-nodepool"
@@ -278,7 +282,7 @@ BROKEN = [
     ("topology-out-of-order", [S540, *GKE_540, "--set", "infra.hardware.topology=16x16x12"], "infra.hardware.topology"),
     ("topology-malformed", [S540, *GKE_540, "--set", "infra.hardware.topology=3072"], "infra.hardware.topology"),
     ("no-topology", [S540, *GKE_540, "--set", "infra.hardware.topology=null"], "infra.hardware.topology"),
-    ("topology-gke-lacks", [S540, "--set", "infra.launcher.kind=gke"], "infra.hardware.topology"),
+    ("topology-gke-lacks", [S540, *ODD_540, "--set", "infra.launcher.kind=gke"], "infra.hardware.topology"),
     ("topology-beyond-a-pod", [S540, "--set", "infra.hardware.num_slices=1", "--set", "infra.hardware.topology=16x16x24",
                                "--set", "infra.mesh.data=1", "--set", "infra.mesh.fsdp=256", "--set", "infra.mesh.model=24"],
      "infra.hardware.topology"),
@@ -300,28 +304,33 @@ def test_a_broken_launcher_is_bad_input_naming_the_key(capsys, argv, key):
 
 
 def test_gke_refuses_a_topology_it_lacks_naming_the_shape_it_offers(capsys):
-    """12x16x16 (PaLM's pods) is a Cloud TPU shape but not a GKE node-pool one: the gke launcher stops with
-    the same chips as GKE offers them, flags to paste; the tpu-vm launcher takes it."""
-    rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=gke", "--dry-run")
+    """2x32x48 is a Cloud TPU shape but not a GKE node-pool one: the gke launcher stops with the same chips
+    as GKE offers them, flags to paste; the tpu-vm launcher takes it. PaLM's own 12x16x16 is a GKE shape
+    (every side a multiple of 4: palm.base.hardware.gke_v4_problem)."""
+    rc, out, err = run_cli(capsys, S540, *ODD_540, "--set", "infra.launcher.kind=gke", "--dry-run")
     assert rc == 2 and out == "" and "Traceback" not in err
-    assert "12x16x16 is not a TPU v4 node-pool topology on GKE" in err
-    assert "8 slice(s) of 8x8x12 with mesh data=8 x fsdp=64 x model=12" in err
-    assert "--set infra.hardware.num_slices=8 --set infra.hardware.topology=8x8x12 --set infra.mesh.data=8" in err
-    rc, out, err = run_cli(capsys, S540, "--dry-run")
-    assert rc == 0 and "--type=v4 --topology=12x16x16" in out
+    assert "2x32x48 is not a TPU v4 node-pool topology on GKE" in err
+    assert "2 slice(s) of 4x12x64 with mesh data=2 x fsdp=64 x model=48" in err
+    assert "--set infra.hardware.num_slices=2 --set infra.hardware.topology=4x12x64 --set infra.mesh.data=2" in err
+    rc, out, err = run_cli(capsys, S540, *ODD_540, "--dry-run")
+    assert rc == 0 and "--type=v4 --topology=2x32x48" in out
+    rc, out, err = run_cli(capsys, S540, "--set", "infra.launcher.kind=gke", "--dry-run")
+    assert rc == 0 and "cloud.google.com/gke-tpu-topology: 12x16x16" in out, err
 
 
 def test_palm_plan_flags_a_topology_the_launcher_cannot_get(capsys):
     from palm.cli import main as palm
 
-    assert palm(["plan", S540, "--set", "infra.launcher.kind=gke"]) == 0
+    assert palm(["plan", S540, *ODD_540, "--set", "infra.launcher.kind=gke"]) == 0
     text = capsys.readouterr().out
-    assert "launch          UNSUPPORTED on gke: 12x16x16 is not a TPU v4 node-pool topology on GKE" in text
-    assert "8 slice(s) of 8x8x12" in text
-    assert palm(["plan", S540, "--json", "--set", "infra.launcher.kind=gke"]) == 0
+    assert "launch          UNSUPPORTED on gke: 2x32x48 is not a TPU v4 node-pool topology on GKE" in text
+    assert "2 slice(s) of 4x12x64" in text
+    assert palm(["plan", S540, *ODD_540, "--json", "--set", "infra.launcher.kind=gke"]) == 0
     launch = json.loads(capsys.readouterr().out)["launch"]
-    assert launch["alternatives"][0] == {"topology": "8x8x12", "num_slices": 8, "usable": True,
-                                         "mesh": {"data": 8, "fsdp": 64, "model": 12}}
+    assert launch["alternatives"][0] == {"topology": "4x12x64", "num_slices": 2, "usable": True,
+                                         "mesh": {"data": 2, "fsdp": 64, "model": 48}}
+    assert palm(["plan", S540, "--set", "infra.launcher.kind=gke"]) == 0
+    assert "launch          gke: 2 slice(s) of 12x16x16, a shape it offers" in capsys.readouterr().out
     assert palm(["plan", S540]) == 0
     assert "launch          tpu-vm: 2 slice(s) of 12x16x16, a shape it offers" in capsys.readouterr().out
     assert palm(["plan", S540, *GKE_540]) == 0

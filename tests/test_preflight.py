@@ -52,8 +52,7 @@ def test_the_readme_iam_commands_are_the_principal_table():
     (["infra.dataflow.staging_location=gs://palm-corpus/staging"], "infra.dataflow.staging_location"),
     (["infra.dataflow.temp_location=gs://someone-elses/tmp"], "infra.dataflow.temp_location"),
     (["infra.dataflow.temp_location=null"], "data.beam.temp_location"),  # data.beam's: the corpus bucket
-    (["infra.dataflow.region=us-central2"], "infra.dataflow.region"),  # no Dataflow there
-    (["infra.dataflow.region=us-central1", "data.beam.machine_type=a3-highgpu-8g"], "infra.dataflow.region"),
+    (["infra.dataflow.region=us-central9"], "infra.dataflow.region"),  # no such Dataflow region
     (["infra.identities.dataflow_workers=null"], "infra.identities.dataflow_workers"),
     (["infra.identities.workers=null"], "infra.identities.workers"),
     (["infra.identities.workers=null", "infra.launcher.kind=gke"], "infra.identities.workers"),

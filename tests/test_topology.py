@@ -101,3 +101,26 @@ def test_make_mesh_refuses_what_the_torus_cannot_take():
         make_mesh({"data": 1, "fsdp": 32, "model": 2}, tpu_devices("tpu-v4", "4x4x4"))
     with pytest.raises(PalmError, match="multiple of the 2 slices"):
         make_mesh({"data": 1, "fsdp": 8, "model": 2}, devices)
+
+
+def test_gke_v4_node_pools_follow_xpks_rule():
+    """GKE's v4 node pools as XPK has them since its PR #834: the four sub-cube shapes, and every AxBxC with
+    all sides multiples of 4 up to a pod (palm.base.hardware.gke_v4_problem, sources in its comment)."""
+    from palm.base.hardware import GKE_V4_TOPOLOGIES, gke_v4_problem
+
+    for shape in ("2x2x1", "2x4x4", "4x4x12", "12x16x16", "16x16x16", "4x4x256"):
+        assert gke_v4_problem(parse_topology(shape)) is None and shape in GKE_V4_TOPOLOGIES, shape
+    for shape in ("2x4x8", "2x32x48", "1x1x1", "16x16x20"):
+        assert gke_v4_problem(parse_topology(shape)) is not None and shape not in GKE_V4_TOPOLOGIES, shape
+    eleven = {"2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x12", "8x8x16", "8x16x16"}
+    assert eleven <= set(GKE_V4_TOPOLOGIES) and len(set(GKE_V4_TOPOLOGIES)) == len(GKE_V4_TOPOLOGIES)
+
+
+def test_dataflow_regions_are_its_regional_endpoints():
+    """A region with a Dataflow regional endpoint is taken (us-central2 has one), another refused; the machine
+    type is not checked (no per-region list of families was found)."""
+    from palm.base.hardware import dataflow_machine_problem
+
+    assert dataflow_machine_problem("us-central2", "n2-highmem-16") is None
+    assert dataflow_machine_problem("africa-south1", "a3-highgpu-8g") is None
+    assert "us-central1" in dataflow_machine_problem("us-central9", None)

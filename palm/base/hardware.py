@@ -4,7 +4,7 @@ TPU slices; standard library only, no JAX needed.
 The facts: each accelerator's peak FLOP/s (`PEAK_FLOPS`, and `device_peak_flops` for a JAX device kind),
 the TPU generations (`TPU_GENERATIONS`: accelerator-type prefix, TensorCores and chips per host, GKE node
 label, libtpu chip config), a TPU host's chips along the torus axes (`CHIPS_PER_HOST_BOUNDS`), whether this
-host is a TPU VM (`tpu_host`), and what Google Cloud offers (`V4_POD_CHIPS`, `GKE_V4_TOPOLOGIES`). Chips'
+host is a TPU VM (`tpu_host`), and what Google Cloud offers (`V4_POD_CHIPS`, `gke_v4_problem`, `DATAFLOW_REGIONS`). Chips'
 memory is not here: each spec states it (`infra.hardware.memory_bytes`).
 
 A TPU v4 slice is a 3D mesh of chips (e.g. 12x16x16), each linked to its neighbours along every axis;
@@ -187,11 +187,49 @@ def nearest_mesh(shape: dict[str, int], topology: Sequence[int], num_slices: int
 #: The largest TPU v4 slice: one pod.
 V4_POD_CHIPS = 4096
 
-#: The slice shapes of TPU v4 node pools on GKE (node pool topology `--tpu-topology`, machine type
-#: ct4p-hightpu-4t, 4 chips per node), from 4 chips to 2048. Cloud TPU's queued resources take any
-#: shape by `cloud_tpu_v4_problem`'s rule; GKE only these.
-GKE_V4_TOPOLOGIES = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x12",
-                     "8x8x16", "8x16x16")
+#: TPU v4 node pools on GKE (node pool `--tpu-topology`, machine type ct4p-hightpu-4t, 4 chips per node).
+#: Sources, read 2026-12-06:
+#: - GKE's "Plan TPUs in GKE" page (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus) holds
+#:   GKE's own table of v4 topologies, but the documentation search returned only the page's opening, not the
+#:   table: GKE's own list is NOT verified here.
+#: - XPK, Google's tool that creates these node pools (github.com/AI-Hypercomputer/xpk): its PR #834 ("Add
+#:   missing valid TPU topologies for v4, v5p and tpu7x", merged, opened 2025-11-14) replaced its eleven v4
+#:   shapes (2x2x1 ... 8x16x16, still its defaults for a chip count) with a generated list,
+#:   src/xpk/core/system_characteristics.py `generate_tpu_topologies(max_cubes=64, enforce_nondecreasing=False)`:
+#:   the four shapes below a 4x4x4 cube, and every AxBxC whose sides are all multiples of 4 with at most 64
+#:   cubes of 4x4x4 (4,096 chips, one pod), 12x16x16 included.
+#: GKE is taken to accept what XPK accepts (`gke_v4_problem`); Cloud TPU's own rule (`cloud_tpu_v4_problem`,
+#: A <= B <= C) is checked first, so the shapes are listed in that order only.
+GKE_V4_SUBCUBE_TOPOLOGIES = ("2x2x1", "2x2x2", "2x2x4", "2x4x4")
+
+
+def gke_v4_problem(dims: Sequence[int]) -> str | None:
+    """Why GKE has no TPU v4 node pool of shape AxBxC (XPK's rule since its PR #834, see
+    GKE_V4_SUBCUBE_TOPOLOGIES), or None."""
+    dims = tuple(int(d) for d in dims)
+    text = "x".join(map(str, dims))
+    if text in GKE_V4_SUBCUBE_TOPOLOGIES:
+        return None
+    if len(dims) != 3 or any(d <= 0 or d % 4 for d in dims):
+        return (f"{text} is not a TPU v4 node-pool topology on GKE (it offers {', '.join(GKE_V4_SUBCUBE_TOPOLOGIES)} "
+                "and AxBxC with every side a multiple of 4, up to a pod)")
+    if math.prod(dims) > V4_POD_CHIPS:
+        return f"{text} is {math.prod(dims)} chips, more than a TPU v4 pod's {V4_POD_CHIPS}"
+    return None
+
+
+def gke_v4_topologies(max_chips: int = V4_POD_CHIPS) -> tuple[str, ...]:
+    """Every v4 node-pool shape GKE offers (`gke_v4_problem`) written A <= B <= C, smallest first."""
+    out = list(GKE_V4_SUBCUBE_TOPOLOGIES)
+    side = range(4, max_chips + 1, 4)
+    shapes = [(a, b, c) for a in side for b in side if a <= b and a * b <= max_chips
+              for c in side if b <= c and a * b * c <= max_chips]
+    out += ["x".join(map(str, d)) for d in sorted(shapes, key=lambda d: (math.prod(d), d))]
+    return tuple(out)
+
+
+#: GKE's v4 node-pool shapes as Cloud TPU writes them (A <= B <= C), 2x2x1 up to a pod.
+GKE_V4_TOPOLOGIES = gke_v4_topologies()
 
 
 def cloud_tpu_v4_problem(dims: Sequence[int]) -> str | None:
@@ -238,38 +276,42 @@ def describe_alternative(alt: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ Dataflow
 
-#: The regions Dataflow runs jobs in, and the Compute Engine machine families its workers may use there.
-#: Source: Google Cloud's "Dataflow locations" page (cloud.google.com/dataflow/docs/resources/locations) and
-#: Compute Engine's "Regions and zones" page (cloud.google.com/compute/docs/regions-zones) for the families,
-#: as written here on 2026-12-06 from those pages' contents known to the author; neither page could be fetched
-#: from this machine (the documentation search returned only the "Dataflow regions" page, which points to the
-#: locations page), so check them when adding a region. us-central2 (the TPU v4 region) is not a Dataflow
-#: region. A region listed with no families is checked for the region only.
-DATAFLOW_REGIONS: dict[str, tuple[str, ...]] = {
-    "us-central1": ("n1", "n2", "n2d", "e2", "c2", "c2d", "c3", "t2d", "m1"),
-    "us-east1": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
-    "us-east4": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
-    "us-east5": (), "us-south1": (),
-    "us-west1": ("n1", "n2", "n2d", "e2", "c2", "c3", "t2d"),
-    "us-west2": (), "us-west3": (), "us-west4": (),
-    "northamerica-northeast1": (), "northamerica-northeast2": (), "southamerica-east1": (),
-    "southamerica-west1": (),
-    "europe-west1": (), "europe-west2": (), "europe-west3": (), "europe-west4": (), "europe-west6": (),
-    "europe-west8": (), "europe-west9": (), "europe-north1": (), "europe-central2": (), "europe-southwest1": (),
-    "asia-east1": (), "asia-east2": (), "asia-northeast1": (), "asia-northeast2": (), "asia-northeast3": (),
-    "asia-south1": (), "asia-south2": (), "asia-southeast1": (), "asia-southeast2": (),
-    "australia-southeast1": (), "australia-southeast2": (), "me-west1": (),
-}
+#: The regions where Dataflow has a regional endpoint, i.e. where a job can be created and its workers run.
+#: Sources, read 2026-12-06:
+#: - Dataflow's "Dataflow locations" page (https://cloud.google.com/dataflow/docs/resources/locations), which
+#:   "Dataflow regions" (https://cloud.google.com/dataflow/docs/concepts/regional-endpoints) points to for the
+#:   list: the documentation search did not return that page's table, so it is NOT verified here.
+#: - The Dataflow API's discovery document (dataflow v1b3, its "endpoints" list of regional endpoints
+#:   dataflow.<region>.rep.googleapis.com), as vendored in github.com/googleapis/google-api-go-client,
+#:   dataflow/v1b3/dataflow-api.json at commit 00d93fadbc28c242bf503fb57077de15b68e8842: the 46 regions below,
+#:   us-central2 among them (Assured Workloads' ITAR page also lists dataflow.us-central2.rep.googleapis.com).
+#:   That us-central2 has a Dataflow endpoint does not say which worker machine types its zones have.
+#: Machine types: Dataflow's "Configure Dataflow worker VMs" page
+#: (https://cloud.google.com/dataflow/docs/guides/configure-worker-vm) says workers may use x86 or Arm Compute
+#: Engine machine types, custom ones included (of Arm, the T2A and C4A series); no per-region list of families
+#: was found, so the machine type is not checked here (Compute Engine refuses a type a zone lacks at job start).
+DATAFLOW_REGIONS: tuple[str, ...] = (
+    "africa-south1",
+    "asia-east1", "asia-east2", "asia-northeast1", "asia-northeast2", "asia-northeast3", "asia-south1",
+    "asia-south2", "asia-southeast1", "asia-southeast2", "asia-southeast3",
+    "australia-southeast1", "australia-southeast2",
+    "europe-central2", "europe-north1", "europe-north2", "europe-southwest1", "europe-west1", "europe-west10",
+    "europe-west12", "europe-west2", "europe-west3", "europe-west4", "europe-west6", "europe-west8",
+    "europe-west9",
+    "me-central1", "me-central2", "me-west1",
+    "northamerica-northeast1", "northamerica-northeast2", "northamerica-south1",
+    "southamerica-east1", "southamerica-west1",
+    "us-central1", "us-central2", "us-east1", "us-east4", "us-east5", "us-east7", "us-south1", "us-west1",
+    "us-west2", "us-west3", "us-west4", "us-west8",
+)
 
 
-def dataflow_machine_problem(region: str, machine_type: str | None) -> str | None:
-    """Why Dataflow cannot run workers of `machine_type` in `region` (None when it can, or when the table
-    does not know the region's families)."""
+def dataflow_machine_problem(region: str, machine_type: str | None = None) -> str | None:
+    """Why Dataflow cannot run a job in `region` (None when it can). `machine_type` is not checked: no
+    per-region list of Dataflow's machine families was found (see DATAFLOW_REGIONS)."""
     if region not in DATAFLOW_REGIONS:
         near = ", ".join(r for r in DATAFLOW_REGIONS if r.startswith(region.rsplit("-", 1)[0][:4]))
-        return f"Dataflow does not run in {region} (regions: {near or ', '.join(DATAFLOW_REGIONS)}; palm.base.hardware.DATAFLOW_REGIONS)"
-    families = DATAFLOW_REGIONS[region]
-    if machine_type and families and machine_type.split("-", 1)[0] not in families:
-        return (f"{machine_type} is not offered to Dataflow in {region} (families there: {', '.join(families)}; "
-                "palm.base.hardware.DATAFLOW_REGIONS)")
+        return (f"Dataflow has no regional endpoint in {region} (regions: {near or ', '.join(DATAFLOW_REGIONS)}; "
+                "palm.base.hardware.DATAFLOW_REGIONS, from the Dataflow API's discovery document: add a region "
+                "Google opened since)")
     return None

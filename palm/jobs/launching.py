@@ -31,12 +31,12 @@ from typing import Any, Callable, Sequence
 
 from palm.base.errors import PalmError, Preempted, SpecError
 from palm.base.hardware import (
-    GKE_V4_TOPOLOGIES,
     TPU_GENERATIONS,
     TpuGeneration,
     cloud_tpu_v4_problem,
     describe_alternative,
     gke_v4_alternatives,
+    gke_v4_problem,
     parse_topology,
 )
 
@@ -260,7 +260,7 @@ def slice_shape(spec: Any) -> SliceShape:
 
 def topology_check(spec: Any) -> dict[str, Any]:
     """Whether the spec's launcher can get its slices: Cloud TPU's rule for a slice's shape (both
-    launchers), and for GKE also its table of v4 node-pool topologies (`palm.base.hardware.GKE_V4_TOPOLOGIES`),
+    launchers), and for GKE also which v4 node-pool topologies it offers (`palm.base.hardware.gke_v4_problem`),
     with the nearest shape GKE offers for the same chips (and the mesh that lays out on it) when it lacks
     the spec's. {"launcher", "topology", "problem" (None when fine), "alternatives"}."""
     hw, kind = spec.infra.hardware, spec.infra.launcher.kind
@@ -270,13 +270,15 @@ def topology_check(spec: Any) -> dict[str, Any]:
         return out
     dims = parse_topology(hw.topology)
     out["problem"] = cloud_tpu_v4_problem(dims)
-    if out["problem"] is not None or kind != "gke" or gen.prefix != "v4" or hw.topology in GKE_V4_TOPOLOGIES:
+    if out["problem"] is not None or kind != "gke" or gen.prefix != "v4":
+        return out
+    gke_problem = gke_v4_problem(dims)
+    if gke_problem is None:
         return out
     batches = sorted({stage.global_batch for stage in spec.train.batch_ramp})
     alternatives = gke_v4_alternatives(hw.num_devices, spec.resolved_mesh(), spec.model.num_heads, batches)
     out["alternatives"] = alternatives
-    problem = (f"{hw.topology} is not a TPU v4 node-pool topology on GKE (it offers {', '.join(GKE_V4_TOPOLOGIES)}); "
-               "the tpu-vm launcher's queued resources take it")
+    problem = f"{gke_problem}; the tpu-vm launcher's queued resources take it"
     if alternatives:
         best = alternatives[0]
         sets = [f"infra.hardware.num_slices={best['num_slices']}", f"infra.hardware.topology={best['topology']}",

@@ -597,7 +597,7 @@ def _bucket(path: str) -> str | None:
 
 def _check_dataflow(spec: Spec) -> None:
     """What can be checked of a Dataflow submission before anything is paid for: its fields, its region
-    and machine type (palm.base.hardware.DATAFLOW_REGIONS), the workers' identity, and that the temp and
+    (palm.base.hardware.DATAFLOW_REGIONS; the machine type is not checked), the workers' identity, and that the temp and
     staging locations are in the bucket the submitter may write (palm.base.iam: the run bucket, the one of
     infra.storage_root; the sources' buckets it only reads)."""
     beam, infra = spec.data.beam, spec.infra
