@@ -10,7 +10,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from palm.core.train import Trainer, loss_fn, train

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from palm.analysis.aot import compile_spec, refused_bytes
 from palm.cli import main

@@ -95,8 +95,6 @@ def test_a_stage_whose_inputs_were_never_built_is_bad_input(prefect_server, caps
 
 def test_bad_input_inside_a_task_is_not_retried(prefect_server, capsys, tmp_path):
     """The tiny spec gives train 2 retries; a PalmError fails the same way each time, so none is spent."""
-    import json
-
     assert main(["run", TINY, "--stages", "data,tokenizer,pack", "--output", str(tmp_path), "--json"]) == 0
     capsys.readouterr()
     # More steps than the packed data holds: bad input the train stage reports before it trains.

@@ -124,7 +124,7 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     assert progress[0].description.startswith("6/6 steps, loss ")
     summary = asyncio.run(_artifacts(run_artifact_key("tiny", root, "train", "summary")))
     text = summary[0].data
-    assert f"- steps: 6" in text and f"- final loss: {out.manifest['final_loss']:.4f}" in text
+    assert "- steps: 6" in text and f"- final loss: {out.manifest['final_loss']:.4f}" in text
     assert f"- checkpoint: `{out.manifest['checkpoint']}`" in text and f"- key: `{out.key}`" in text
     tps = float(text.split("- tokens/s: ")[1].split("\n")[0].replace(",", ""))
     assert tps > 0
