@@ -759,8 +759,20 @@ def _cpu_unless_accelerated() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _compilation_cache() -> None:
+    """JAX keeps the programs it compiles on disk, so the next process that compiles the same one (the next
+    `palm run`, a stage's subprocess, an evaluation) loads it instead: `$XDG_CACHE_HOME/palm/jax`
+    (default ~/.cache/palm/jax). JAX_COMPILATION_CACHE_DIR chooses another place; PALM_COMPILATION_CACHE=off
+    turns it off. (Steps compiled for TPUs ahead of time are never written there: palm.analysis.aot.)"""
+    if os.environ.get("PALM_COMPILATION_CACHE", "").lower() in ("off", "0", "false", "no"):
+        return
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(home / "palm" / "jax"))
+
+
 def _cmd_lm_eval(argv: list[str]) -> int:
     _cpu_unless_accelerated()
+    _compilation_cache()
     from palm.evaluation.lmeval import cli  # loads lm-eval: only for this command
 
     return cli(argv)
@@ -776,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     _cpu_unless_accelerated()
+    _compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except PalmError as e:  # bad input, or a fault of the machine (EnvironmentFault: exit 2, or 75 if transient)

@@ -15,6 +15,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # would otherwise try to start a TPU backend at first use and print libtpu's complaints. palm's CLI does
 # the same for its users (palm.cli._cpu_unless_accelerated).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One JAX persistent compilation cache for the session, as `palm run` keeps one for its users (palm.cli):
+# the xdist workers and every subprocess the tests start (stage subprocesses, several-process runs, the
+# CLI) inherit it from here, so a program compiled once (the tiny model's train step, for one) is loaded
+# by every later process instead of compiled again. Set before any JAX import; a fresh directory per
+# session, so no test sees another session's entries.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="palm-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"

@@ -5,7 +5,9 @@ pre-flight compile stage of the pretrain flow."""
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 
 from palm.analysis.aot import compile_spec, refused_bytes
 from palm.cli import main
@@ -26,6 +28,7 @@ def sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_the_540b_step_compiles_for_two_slices_and_matches_the_plan():
     """The whole spec: 118 layers, its width and vocabulary, two 12x16x16 slices, data 2 x fsdp 256 x
     model 12. The layers are scanned, so the full depth compiles about as fast as two layers; the first
@@ -51,6 +54,7 @@ def test_the_540b_step_compiles_for_two_slices_and_matches_the_plan():
     assert "tpu_custom_call" in trainer.lower("train", 512).as_text()
 
 
+@pytest.mark.slow
 def test_plan_compile_prints_the_compiled_steps(capsys):
     rc = main(["plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU)])
     out, err = capsys.readouterr()
@@ -67,6 +71,7 @@ def test_plan_compile_prints_the_compiled_steps(capsys):
     assert [s["name"] for s in plan["stages"]][0] == "compile"
 
 
+@pytest.mark.slow
 def test_plan_compile_exits_1_naming_the_step_that_does_not_fit(capsys):
     rc = main(["plan", TINY, "--compile", *sets(TINY_ON_TPU), "--set", "infra.hardware.memory_bytes=1048576"])
     out, err = capsys.readouterr()
@@ -77,6 +82,7 @@ def test_plan_compile_exits_1_naming_the_step_that_does_not_fit(capsys):
     assert "NO" in out  # the table shows every step
 
 
+@pytest.mark.slow
 def test_a_step_the_tpu_compiler_refuses_is_reported_not_raised():
     """540B's width on four chips needs far more than a v4 chip's 32 GiB: the compiler refuses it, and the
     need is read from its message."""
@@ -98,6 +104,7 @@ def test_the_compilers_out_of_memory_messages_are_read():
     assert refused_bytes("INTERNAL: something else") is None
 
 
+@pytest.mark.slow
 def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(prefect_server, capsys, tmp_path):
     rc = main(["run", TINY, "--stages", "compile", "--output", str(tmp_path), "--json", *sets(TINY_ON_TPU)])
     out, err = capsys.readouterr()
@@ -128,6 +135,7 @@ def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(pre
     assert not task_runs["train"].state.is_completed() and task_runs["train"].run_count == 0
 
 
+@pytest.mark.slow
 def test_plan_compile_picks_the_fewest_microbatches_the_compiler_fits(capsys):
     """train.microbatches: auto under --compile: per ramp batch, the TPU compiler's measure decides, starting
     from the estimate's choice (which overestimates tiny: 4 at batch 16, 2 at batch 8) and going down while
@@ -142,3 +150,37 @@ def test_plan_compile_picks_the_fewest_microbatches_the_compiler_fits(capsys):
     assert [(s["kind"], s["global_batch"], s["microbatches"]) for s in compiled["steps"]] == \
         [("train", 8, 1), ("train", 16, 2), ("eval", 16, 1)]
     assert all(s["fits"] for s in compiled["steps"])
+
+
+@pytest.mark.slow
+def test_steps_compiled_for_tpus_stay_out_of_the_persistent_compilation_cache(tmp_path):
+    """`palm` keeps a JAX compilation cache on disk; an executable compiled for abstract TPU chips cannot
+    be loaded back on a CPU host, so JAX warned on every later `palm plan --compile` of the same step. Two
+    runs with one fresh cache (every program cached, however quick to compile): the second is quiet."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="error::UserWarning")
+    cmd = [sys.executable, "-m", "palm.cli", "plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU)]
+    for _ in range(2):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "compilation cache" not in done.stderr, done.stderr[-3000:]
+        assert all(s["fits"] for s in json.loads(done.stdout)["compiled"]["steps"])
+    assert list((tmp_path / "cache").iterdir())  # the cache is in use: the CPU's programs are in it
+
+
+def test_palm_keeps_its_compilation_cache_in_the_users_cache_directory(monkeypatch, tmp_path):
+    from palm.cli import _compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "palm" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # the user's choice stands
+    _compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("PALM_COMPILATION_CACHE", "off")
+    _compilation_cache()
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ

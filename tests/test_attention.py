@@ -59,6 +59,7 @@ def value_and_grads(attention, q, k, v):
     (1, 128, 2),  # grouped-query: make_splash_mha, two query heads per key/value head
     (1, 200, 1),  # not a multiple of 128: zero-padded to 256, exact for causal attention
 ])
+@pytest.mark.slow
 def test_splash_matches_xla_values_and_gradients(batch, length, kv_heads):
     q, k, v = qkv(batch, length, 4, kv_heads, 64)
     out, grads = value_and_grads(splash, q, k, v)
@@ -170,6 +171,7 @@ print("MULTI_DEVICE_OK")
 """
 
 
+@pytest.mark.slow
 def test_splash_runs_per_shard_on_a_multi_device_mesh():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from palm.app.bench.corpus import BOOKS_SPLIT, WIKI_SPLIT, split_text
 from palm.app.bench.data import render_data
 from palm.cli import main
@@ -12,6 +14,7 @@ from palm.cli import main
 SYSTEMS = ("palm", "datatrove")
 
 
+@pytest.mark.slow
 def test_bench_data_compares_both_systems_on_the_same_documents(shared_data, capsys):
     rc = main(["bench", "data", "--data-dir", str(shared_data), "--repeat", "1", "--target-mb", "4",
                "--pairs-per-band", "20", "--json"])

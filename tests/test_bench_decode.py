@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from palm.cli import main
 
 from .conftest import SPECS
@@ -23,6 +25,7 @@ def tiny_param_bytes() -> int:
     return (VOCAB * D + LAYERS * per_layer + D) * ITEMSIZE  # tied embedding, final_norm
 
 
+@pytest.mark.slow
 def test_bench_decode_tiny_json(capsys):
     steps, prompt_len, warmup = 8, 128, 2
     rc = main(["bench", "decode", str(SPECS / "tiny.yaml"), "--batches", "1,4", "--steps", str(steps), "--json"])

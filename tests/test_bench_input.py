@@ -25,11 +25,13 @@ def result(shared_data):
     return json.loads(out.getvalue()), err.getvalue()  # stdout is exactly one JSON object
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr(result):
     _, err = result
     assert "bench input:" in err and "tokenize-and-pack:" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_input_is_the_shared_corpora_split_into_documents(result):
     r, _ = result
     i = r["input"]
@@ -39,6 +41,7 @@ def test_input_is_the_shared_corpora_split_into_documents(result):
     assert r["host"]["cores"] >= 1 and r["host"]["cpu"]
 
 
+@pytest.mark.slow
 def test_tokenizer_encode_and_pack_account_for_every_token(result):
     r, _ = result
     t, e, p = r["tokenizer"], r["encode"], r["pack"]
@@ -54,6 +57,7 @@ def test_tokenizer_encode_and_pack_account_for_every_token(result):
     assert p["encode_over_pack"] > 0
 
 
+@pytest.mark.slow
 def test_loader_batches_and_headroom_against_one_h100(result):
     r, _ = result
     ld, h = r["loader"], r["h100"]
@@ -75,6 +79,7 @@ def test_loader_batches_and_headroom_against_one_h100(result):
         assert r["pack_cores_per_h100"][name] == pytest.approx(needed_tps / r["pack"]["tokens_per_s_per_core"])
 
 
+@pytest.mark.slow
 def test_text_output_names_the_comparison(result):
     from palm.app.bench.input import render_input
 

@@ -16,6 +16,7 @@ print(json.dumps({"impl": "xla", "remat": "dots", %s}))
 """
 
 
+@pytest.mark.slow
 def test_reference_ratio_is_reported(tmp_path, capsys):
     ref = tmp_path / "reference_step.py"
     ref.write_text(FAKE % '"tok_s": 1000.0, "mfu": 0.5')
@@ -39,6 +40,7 @@ def test_a_reference_without_tokens_per_second_is_an_error(tmp_path):
         run_reference(str(ref), load_spec(SPECS / "tiny.yaml"))
 
 
+@pytest.mark.slow
 def test_profile_traces_the_steps_and_names_the_busiest_operations(tmp_path, capsys):
     profile = tmp_path / "profile"
     assert main(["bench", "train", str(SPECS / "tiny.yaml"), "--steps", "1", "--warmup", "0",

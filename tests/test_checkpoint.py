@@ -72,6 +72,7 @@ class StopAt:
             self.event.set()
 
 
+@pytest.mark.slow
 def test_preempted_runs_resume_bitwise_identically(tmp_path):
     cfg = config()
     expected = uninterrupted(tmp_path, cfg)
@@ -99,6 +100,7 @@ def test_preempted_runs_resume_bitwise_identically(tmp_path):
     assert params_digest(result.state.params) == expected
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     cfg = config(steps=12)
     expected = uninterrupted(tmp_path, cfg)
@@ -120,6 +122,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert params_digest(result.state.params) == expected  # determinism makes the redo exact
 
 
+@pytest.mark.slow
 def test_missing_files_are_detected_too(tmp_path):
     cfg = config(steps=8)
     ckpts = Checkpoints(tmp_path / "run", cfg.checkpoint)
@@ -133,6 +136,7 @@ def test_missing_files_are_detected_too(tmp_path):
     assert restored is not None and restored.step == 4
 
 
+@pytest.mark.slow
 def test_poisoned_batches_trigger_rollback_and_skip(tmp_path):
     # Without restart points and with no margin, a spike rolls back to the latest checkpoint before it.
     spike = LossSpikeConfig(enabled=True, threshold=1.5, window=20, skip_batches=3, restart_every=None,
@@ -168,6 +172,7 @@ class Recording(Trainer):
         return super().step(state, tokens, weights, global_batch, **kwargs)
 
 
+@pytest.mark.slow
 def test_spike_rolls_back_to_a_restart_point_before_its_start_and_skips_the_batches(tmp_path):
     """The paper's rollback, scaled down: restart points every 5 steps, back 20 steps before the spike's
     start, which is looked for up to 5 steps before its detection: at s, a point in [s - 29, s - 20]
@@ -265,6 +270,7 @@ def test_a_spikes_start_is_the_rise_just_before_its_detection():
     assert spike_start(100, [], None, 3.0, 25) == 100
 
 
+@pytest.mark.slow
 def test_checkpoint_meta_and_retention(tmp_path):
     cfg = TrainConfig(**{**config(steps=20, every=2).__dict__,
                          "checkpoint": CheckpointConfig(every_steps=2, keep_last=2, keep_every=8)})
@@ -282,6 +288,7 @@ def test_checkpoint_meta_and_retention(tmp_path):
     assert meta["metrics"]["loss"] == pytest.approx(result.logs[-1].loss)
 
 
+@pytest.mark.slow
 def test_palm_checkpoint_list_inspect_verify(tmp_path, capsys):
     import json
 
@@ -326,6 +333,7 @@ def _trained(tmp_path: Path, steps: int = 8) -> tuple[TrainConfig, Path]:
     return cfg, tmp_path / "train" / "checkpoints"
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected_and_never_resumed_from(tmp_path):
     from palm.core.checkpoint import SEAL_PREFIX, verify_checkpoints
 
@@ -372,6 +380,7 @@ def test_a_flipped_byte_anywhere_in_a_checkpoint_is_detected_and_never_resumed_f
     assert result.resumed_from == 4 and [c["step"] for c in result.corrupt_checkpoints] == [8]
 
 
+@pytest.mark.slow
 def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
     from palm.core.checkpoint import SEAL_PREFIX, check_seals
 
@@ -386,6 +395,7 @@ def test_an_unsealed_step_is_sealed_when_resumed_from(tmp_path):
     assert check_seals(directory / "8") == (True, "")
 
 
+@pytest.mark.slow
 def test_checkpoint_commands_take_the_step_path_palm_run_prints(tmp_path, capfd):
     import json
 
@@ -434,6 +444,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_restart_points_copy_each_shard_once_and_restore_the_layout():
     import os
     import subprocess
@@ -458,6 +469,7 @@ def _borrow(directory: Path, src: int, dst: int) -> None:
     shutil.copytree(directory / str(src), directory / str(dst))
 
 
+@pytest.mark.slow
 def test_a_step_holding_another_steps_files_is_refused_and_training_resumes_from_a_good_one(tmp_path, capfd):
     import json
 
@@ -500,6 +512,7 @@ def test_a_step_holding_another_steps_files_is_refused_and_training_resumes_from
     capfd.readouterr()
 
 
+@pytest.mark.slow
 def test_a_step_of_another_model_is_refused(tmp_path):
     import dataclasses
     import shutil
@@ -523,6 +536,7 @@ def test_a_step_of_another_model_is_refused(tmp_path):
     assert "another model's" in (directory.parent / "corrupt" / "8.reason.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_step_missing_an_array_file_is_not_listed_complete(tmp_path, capfd):
     import json
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
 
 
+@pytest.mark.slow
 def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_path, monkeypatch):
     import json
 
@@ -68,6 +69,7 @@ def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_
               "--force", "eval"])
 
 
+@pytest.mark.slow
 def test_run_with_a_relative_storage_root(prefect_server, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's command writes to the spec's relative root, runs/tiny
     rc = main(["run", TINY, "--set", "train.steps=2", "--set", "eval.tasks=[validation_loss]",
@@ -93,6 +95,7 @@ def test_a_stage_whose_inputs_were_never_built_is_bad_input(prefect_server, caps
     assert "stage 'data' has no complete output" in err and "run it first" in err
 
 
+@pytest.mark.slow
 def test_bad_input_inside_a_task_is_not_retried(prefect_server, capsys, tmp_path):
     """The tiny spec gives train 2 retries; a PalmError fails the same way each time, so none is spent."""
     assert main(["run", TINY, "--stages", "data,tokenizer,pack", "--output", str(tmp_path), "--json"]) == 0

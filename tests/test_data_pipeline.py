@@ -122,6 +122,7 @@ def test_file_formats_and_malformed_records(tmp_path):
         assert doc["text"].strip() in {t.strip() for t in texts}
 
 
+@pytest.mark.slow
 def test_real_corpora_books_and_wikipedia(shared_data, tmp_path):
     spec = DataSpec.model_validate({
         "sources": [
@@ -197,6 +198,7 @@ def test_stage_is_atomic_and_content_addressed(tmp_path):
     assert read_manifest(first.path)["docs"] == 1
 
 
+@pytest.mark.slow
 def test_palm_run_data_stage_prints_its_manifest(prefect_server, tmp_path, capsys):
     rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data", "--output", str(tmp_path), "--json"])
     assert rc == 0
@@ -210,6 +212,7 @@ def test_palm_run_data_stage_prints_its_manifest(prefect_server, tmp_path, capsy
     assert rc == 0 and json.loads(capsys.readouterr().out)["stages"]["data"]["cached"] is True
 
 
+@pytest.mark.slow
 def test_multi_process_runner(tmp_path):
     manifest = run_data_stage(data_spec(beam={"runner": "multi_process", "num_workers": 2}), tmp_path)
     assert manifest["sources"]["planted"]["docs_kept"] == len(builtin.PLANTED["distinct"]) + len(
@@ -286,6 +289,7 @@ def _read_with_pids(spec: DataSpec, out: Path) -> list[tuple[str, int]]:
     return [tuple(x) for x in json.loads(out.read_text())]
 
 
+@pytest.mark.slow
 def test_many_files_are_spread_over_workers_each_read_by_one(tmp_path):
     """40 files of one source on Beam's multi-process runner with 2 workers: the pattern is listed and
     the files read by the workers, each file whole by one worker process, the files spread over both;
@@ -331,6 +335,7 @@ def _pairs_of_known_similarity(rng, low: float, high: float, count: int, start: 
     return out
 
 
+@pytest.mark.slow
 def test_near_duplicates_are_verified_by_exact_jaccard(tmp_path):
     """Planted pairs with exact shingle Jaccard in [0.8, 0.9) are all found (one of each dropped), pairs in
     [0.5, 0.7) none; the manifest counts candidate and verified pairs; the output is the same on 1 and 2

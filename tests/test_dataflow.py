@@ -203,6 +203,7 @@ def containers(pool: dict) -> set[str]:
         pool["workerHarnessContainerImage"]}
 
 
+@pytest.mark.slow
 def test_a_dataflow_job_runs_the_worker_image_and_stages_no_packages(gcs_emulator, dataflow, offline, tmp_path):
     spec = data_spec()
     assert submit(spec, dataflow, "palm-data-image", tmp_path / "package") == "DONE"
@@ -237,6 +238,7 @@ def tiny_wheel(directory: Path, name: str, version: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_packaging_wheel_stages_palms_wheel_and_the_requirements_pip_downloaded(
         gcs_emulator, dataflow, offline, tmp_path, monkeypatch):
     """The explicit wheel option from a uv environment: Beam's stager runs `python -m pip download` for

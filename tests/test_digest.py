@@ -35,6 +35,7 @@ def one_and_eight() -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_the_digest_is_the_same_on_one_device_and_three_meshes_of_eight(one_and_eight):
     single, *sharded = one_and_eight
     assert single["devices"] == 1 and [r["mesh"] for r in sharded] == MESHES
@@ -46,11 +47,13 @@ def test_the_digest_is_the_same_on_one_device_and_three_meshes_of_eight(one_and_
     assert single["state_digest"] != single["params_digest"]  # the whole state, not only the parameters
 
 
+@pytest.mark.slow
 def test_the_digest_gathers_nothing(one_and_eight):
     for row in one_and_eight:
         assert row["all_gather"] is False, row["mesh"]
 
 
+@pytest.mark.slow
 def test_the_digest_is_the_same_on_two_processes(one_and_eight):
     mesh = {"data": 1, "fsdp": 2, "model": 2}  # 2 processes x 2 devices: every array spans both hosts
     port = free_port()

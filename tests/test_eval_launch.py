@@ -78,6 +78,7 @@ def sets(argv) -> dict[str, str]:
     return dict(argv[i + 1].split("=", 1) for i, word in enumerate(argv) if word == "--set")
 
 
+@pytest.mark.slow
 def test_a_too_large_checkpoint_is_evaluated_by_a_launched_job_and_recorded_once(prefect_server, trained, tmp_path,
                                                                                  monkeypatch):
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES)
@@ -127,6 +128,7 @@ def test_a_too_large_checkpoint_is_evaluated_by_a_launched_job_and_recorded_once
     (WorkerRejected("tiny-eval-0 (local): worker 0 rejected its input (exit 2)"), "rejected its input"),
     (None, "the workers finished but wrote no result for step 0"),
 ], ids=["job-failed", "bad-input", "no-result"])
+@pytest.mark.slow
 def test_a_failed_job_releases_the_claim_and_fails_the_flow(prefect_server, trained, tmp_path, monkeypatch, fail,
                                                             message):
     root, train_dir = copy_run(trained, tmp_path, TWO_PROCESSES + ["eval.launch=workers"])
@@ -146,6 +148,7 @@ def test_a_failed_job_releases_the_claim_and_fails_the_flow(prefect_server, trai
     assert [Path(c).name for c in after["evaluated"]] == ["0", "3", "6"]
 
 
+@pytest.mark.slow
 def test_a_too_large_checkpoint_without_workers_to_run_it_is_refused_before_anything_is_claimed(
         prefect_server, trained, tmp_path, monkeypatch):
     root, train_dir = copy_run(trained, tmp_path, [])  # the launcher is this process
@@ -180,6 +183,7 @@ def test_where_evaluation_runs_does_not_change_the_eval_stage_key():
     assert config(load_spec(TINY)) != config(load_spec(TINY, ["eval.max_examples=3"]))
 
 
+@pytest.mark.slow
 def test_two_local_processes_evaluate_a_real_checkpoint_sharded_and_match_one_process(prefect_server, trained,
                                                                                       tmp_path):
     """The real local launcher: `palm worker --eval-checkpoint` in two JAX processes (gloo), the
@@ -220,6 +224,7 @@ def test_an_eval_worker_with_a_bad_checkpoint_is_bad_input_before_joining(capsys
     assert rc == 2 and message in err and err.startswith("palm: error:") and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_pipelines_eval_stage_launches_a_job_for_a_model_too_large_for_it(trained, tmp_path, monkeypatch):
     """The pretrain flow's own eval node (the final checkpoint) takes the same path: a model too large for
     the process is evaluated by the launched job (its plan on the run's recorded spec), its result kept."""

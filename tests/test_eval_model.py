@@ -122,6 +122,7 @@ def variant_params(variant: str, params):
     return dataclasses.replace(SMALL, num_kv_heads=2), dict(params, layers=layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["scanned", "unrolled", "grouped_kv"])
 def test_cached_decode_matches_full_recompute(variant, params):
     config, params = variant_params(variant, params)
@@ -186,6 +187,7 @@ def greedy_by_recompute(full_logits, tokenizer, prompt: str, n: int) -> list[int
     return out
 
 
+@pytest.mark.slow
 def test_greedy_generate_matches_argmax_by_recompute(lm, full_logits, tokenizer):
     # Five prompts with batch_size 4: two batches, the second padded with three dummy rows.
     texts = lm.generate(PROMPTS, max_new_tokens=12)
@@ -451,6 +453,7 @@ def test_load_language_model_from_a_checkpoint(tmp_path, params, lm, tokenizer_p
         load_language_model(tmp_path / "train", dataclasses.replace(SMALL, d_model=32), tokenizer_path)
 
 
+@pytest.mark.slow
 def test_matrices_are_cast_to_the_compute_dtype_once_with_the_same_logits(params, tokenizer):
     """LanguageModel keeps the kernels and the table in the compute dtype (a decode step reads half the
     bytes); the model casts them there anyway, so the logits are the same bit for bit, as they are with the
@@ -477,6 +480,7 @@ def test_matrices_are_cast_to_the_compute_dtype_once_with_the_same_logits(params
 
 # 5. max_length and the lm-eval backend -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_max_length_caps_every_input(params, lm, full_logits, tokenizer):
     short = LanguageModel(params, SMALL, tokenizer, batch_size=4, max_length=24)
     ids = tokenizer.encode(TEXT)
@@ -519,6 +523,7 @@ def generate_request(context: str, gen_kwargs: dict):
     return Instance("generate_until", {}, (context, gen_kwargs), 0)
 
 
+@pytest.mark.slow
 def test_palm_lm_generate_until_batches_by_kwargs_like_one_at_a_time(params, lm, full_logits, tokenizer):
     from palm.evaluation.lmeval import PalmLM
 

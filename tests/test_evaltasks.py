@@ -90,6 +90,7 @@ def test_pass_at_ks_reports_only_ks_every_problem_has_samples_for():
 
 # --------------------------------------------------------------------------------------------- HumanEval
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_all_pass(he_problems):
     assert len(he_problems) == 164
     samples = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in he_problems.items()]
@@ -105,6 +106,7 @@ def test_humaneval_canonical_solutions_all_pass(he_problems):
     print(f"\n164 canonical HumanEval solutions: {seconds:.1f} s with {humaneval.default_workers()} workers")
 
 
+@pytest.mark.slow
 def test_humaneval_bodiless_and_pass_completions_all_fail(he_problems):
     samples = [{"task_id": t, "completion": completion}
                for t in he_problems for completion in ("", "    pass\n")]

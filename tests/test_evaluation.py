@@ -50,6 +50,7 @@ def run_eval(capsys, *args, quiet: bool = False) -> dict:
     return {**json.loads(captured.out), "stderr": captured.err}
 
 
+@pytest.mark.slow
 def test_palm_eval_on_a_checkpoint_step(checkpoint, capsys, tmp_path):
     task = mc_task(tmp_path)
     out = run_eval(capsys, str(checkpoint / "6"), "--tasks", f"validation_loss,memorization,mc:{task}",
@@ -64,6 +65,7 @@ def test_palm_eval_on_a_checkpoint_step(checkpoint, capsys, tmp_path):
     assert r[f"mc:{task}"]["examples"] == 4 and 0 <= r[f"mc:{task}"]["acc"] <= 1
 
 
+@pytest.mark.slow
 def test_lm_eval_task_with_local_data_runs_through_the_palm_backend(checkpoint, capsys, tmp_path):
     docs = [{"question": f"Is {i} an even number?", "choices": ["yes", "no"], "answer": i % 2} for i in range(10)]
     (tmp_path / "even.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
@@ -87,6 +89,7 @@ metric_list:
     assert 0 <= metrics["acc"] <= 1
 
 
+@pytest.mark.slow
 def test_gsm8k_and_humaneval_run_end_to_end(checkpoint, capsys, shared_data):
     out = run_eval(capsys, str(checkpoint), "--tasks", "gsm8k,humaneval", "--set", "eval.max_examples=2",
                    "--set", "eval.max_new_tokens=16", "--set", f"eval.data_dir={shared_data}")
@@ -94,6 +97,7 @@ def test_gsm8k_and_humaneval_run_end_to_end(checkpoint, capsys, shared_data):
     assert out["results"]["humaneval"]["tasks"] == 2 and out["results"]["humaneval"]["pass@1"] == 0.0
 
 
+@pytest.mark.slow
 def test_bad_tasks_and_paths_are_clear_errors(checkpoint, capsys, tmp_path):
     assert main(["eval", str(checkpoint), "--tasks", "bogus"]) == 2
     assert "unknown task 'bogus'" in capsys.readouterr().err
@@ -101,6 +105,7 @@ def test_bad_tasks_and_paths_are_clear_errors(checkpoint, capsys, tmp_path):
     assert "not inside a train stage directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_palm_eval_takes_its_defaults_from_the_runs_spec(checkpoint, capsys, tmp_path):
     # The run recorded specs/tiny.yaml resolved (<root>/spec.json): its eval section is the default.
     root = checkpoint.parent.parent.parent
@@ -132,6 +137,7 @@ def test_palm_eval_takes_its_defaults_from_the_runs_spec(checkpoint, capsys, tmp
     ("eval.bogus=1", "eval.bogus: unknown key"),
     ("eval.tasks=[nope]", "unknown task 'nope'"),
 ])
+@pytest.mark.slow
 def test_palm_eval_set_errors_are_one_line(checkpoint, capsys, assignment, message):
     assert main(["eval", str(checkpoint), "--set", assignment]) == 2
     err = capsys.readouterr().err
@@ -141,6 +147,7 @@ def test_palm_eval_set_errors_are_one_line(checkpoint, capsys, assignment, messa
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_shipped_multiple_choice_example_runs(checkpoint, capsys):
     task = REPO / "examples" / "eval" / "capitals.yaml"
     settings, docs = load_mc_task(task)
@@ -197,6 +204,7 @@ def lm_eval_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -230,6 +238,7 @@ def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline
     assert got == pytest.approx([lm.loglikelihood(c, x)[0] for c, x in pairs], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, capsys):
     rc = main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint},dtype=bfloat16",
                "--batch_size", "4", "--include_path", str(EXAMPLES), "--tasks", "palm_example_mc,palm_example_gen",
@@ -256,6 +265,7 @@ def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_ev
     assert "palm: error: lm-eval: Tasks not found: no_such_task" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bench_generate_batched_matches_one_at_a_time(checkpoint, capsys):
     rc = main(["bench", "generate", str(checkpoint), "--requests", "5", "--max-gen-toks", "4", "--batch-size", "2",
                "--prompt-chars", "80", "--json"])
@@ -291,6 +301,7 @@ def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(t
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkpoint, capsys, tmp_path):
     from palm.evaluation.checkpoints import load_checkpoint_model
 
@@ -324,12 +335,14 @@ def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkp
     (["--prompt", "x", "--max-tokens", "100000"], "leaves no room for a prompt"),
     (["--prompts-file", "/nonexistent/p.txt"], "not found"),
 ])
+@pytest.mark.slow
 def test_palm_generate_bad_input_is_one_line(checkpoint, capsys, extra, message):
     assert main(["generate", str(checkpoint), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty-step-directory", "emptied-meta-metadata"])
 def test_generate_and_eval_on_a_damaged_step_are_one_line_naming_the_good_steps(checkpoint, capsys, tmp_path, damage):
     """An empty step directory (Orbax's KeyError) or an emptied meta/metadata (JSONDecodeError) used to be a
@@ -402,6 +415,7 @@ def test_files_a_user_names_are_read_bounded_and_regular_only(tmp_path, capsys, 
         assert time.perf_counter() - start < 10
 
 
+@pytest.mark.slow
 def test_generate_and_eval_refuse_a_borrowed_step_naming_the_good_ones(checkpoint, capsys, tmp_path):
     """Issue 27.2: a step directory holding another step's files is named in one line, with the good steps."""
     import shutil

@@ -9,6 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactCollectionFilter, ArtifactCollectionFilterKey, ArtifactFilter,
                                             ArtifactFilterFlowRunId, ArtifactFilterKey)
@@ -52,6 +54,7 @@ def rows(artifact) -> list[dict]:
     return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
+@pytest.mark.slow
 def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
     state = pretrain(TINY, QUICK, str(tmp_path), ALL, return_state=True)
     first, run_id = state.result(), state.state_details.flow_run_id

@@ -65,6 +65,7 @@ def gcs_run(gcs_emulator, tmp_path_factory) -> GcsRun:
     return GcsRun(trainer, expected, preempted.value.step, listed, committed, arrays, result)
 
 
+@pytest.mark.slow
 def test_preempted_gs_run_resumes_to_the_uninterrupted_digest(gcs_run):
     assert gcs_run.preempted_at == 10
     assert gcs_run.listed_after_preemption == [0, 4, 8, 10]
@@ -75,6 +76,7 @@ def test_preempted_gs_run_resumes_to_the_uninterrupted_digest(gcs_run):
     assert int(gcs_run.result.state.step) == 12
 
 
+@pytest.mark.slow
 def test_restore_latest_valid_skips_a_truncated_object_on_gs(gcs_run):
     fs = bucket_fs()
     assert steps_on_bucket(fs, "bucket/run/checkpoints")[-1] == 12

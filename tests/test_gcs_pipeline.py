@@ -61,6 +61,7 @@ def gs_run(gcs_emulator, tmp_path_factory) -> Iterator[GsRun]:
         yield GsRun(spec, root, storage_root, run_pipeline(spec, root), workdir, cache)
 
 
+@pytest.mark.slow
 def test_every_output_checkpoint_and_report_is_in_the_bucket(gs_run):
     root, first = gs_run.root, gs_run.summary
     assert first["root"] == root and first["report"] == f"{root}/report.md"
@@ -93,6 +94,7 @@ def checkpoint_steps(train_dir: str) -> list[int]:
     return sorted(int(storage.name(p)) for p in storage.glob(f"{train_dir}/checkpoints/*") if storage.name(p).isdigit())
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_every_stage(gs_run):
     t0 = time.perf_counter()
     again = run_pipeline(gs_run.spec, gs_run.root)
@@ -100,6 +102,7 @@ def test_a_second_run_reuses_every_stage(gs_run):
     assert time.perf_counter() - t0 < 20  # seconds: nothing is recomputed
 
 
+@pytest.mark.slow
 def test_the_evaluation_flow_evaluates_each_gs_checkpoint_once(gs_run, prefect_server):
     from flows.evaluate import evaluate_new_checkpoints
 
@@ -118,6 +121,7 @@ def test_the_evaluation_flow_evaluates_each_gs_checkpoint_once(gs_run, prefect_s
     assert scheduled == {"evaluated": [], "claimed_elsewhere": []}
 
 
+@pytest.mark.slow
 def test_nothing_is_written_outside_the_bucket_but_the_cache(gs_run):
     # The working directory (where a relative local run root would be) is as empty as it was, the
     # scratch build directories are gone, and the cache holds copies of this run's outputs only.

@@ -800,6 +800,7 @@ def _launch(plan, stop, lines):
 # ---------------------------------------------------------------------------- the train task on gke
 
 
+@pytest.mark.slow
 def test_train_task_launches_on_gke_and_prefect_retries_a_preempted_job(prefect_server, gcs_emulator, tmp_path,
                                                                         monkeypatch):
     from prefect import flow

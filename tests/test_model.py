@@ -70,6 +70,7 @@ def small_apply_with_hidden():
 
 # 1. Causality -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("j", [1, 5, 10, LENGTH - 1])
 def test_future_tokens_do_not_leak_into_earlier_logits(small_params, small_apply, j):
     tokens = random_tokens(1)
@@ -135,6 +136,7 @@ def _concatenated_rope(x, positions, max_wavelength):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+@pytest.mark.slow
 def test_rope_without_a_concatenation_equals_the_concatenated_formula():
     """The rotated halves padded to the whole head_dim and added: the same products and sums as the
     concatenated form plus zeros, so the same numbers: equal bit for bit op by op, and within float32
@@ -163,6 +165,7 @@ def test_rope_without_a_concatenation_equals_the_concatenated_formula():
     assert "concatenate" not in jaxpr and "pad" in jaxpr
 
 
+@pytest.mark.slow
 def test_the_models_logits_are_unchanged_by_the_rope_rewrite(small_params, small_apply, monkeypatch):
     """Same parameters (names and shapes: checkpoints stay compatible) and the same logits as with the
     concatenated RoPE, in float32 and in bf16 compute (measured on CPU: equal in both)."""
@@ -242,6 +245,7 @@ def test_output_projection_shares_the_embedding_rows(small_params, small_apply,
 
 # 5. Initialisation ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_initialisation_statistics():
     c = ModelConfig(num_layers=2, d_model=256, num_heads=4, head_dim=64, vocab_size=1024, seq_len=64,
                     dtype="float32", remat="none")
@@ -289,6 +293,7 @@ def _loss_and_grad(config: ModelConfig):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
+@pytest.mark.slow
 def test_remat_policies_agree(small_params):
     tokens = random_tokens(6)
     results = {}

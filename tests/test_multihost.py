@@ -95,6 +95,7 @@ def one_process_two_devices(upstream, tmp_path_factory) -> dict:
     return single_process(copy(upstream, tmp_path_factory.mktemp("one"), "run"), TWO, devices=2)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_two_devices(upstream, one_process_two_devices, tmp_path):
     overrides, one = TWO, one_process_two_devices
     hosts = finish(processes(copy(upstream, tmp_path, "two"), overrides, 2))
@@ -108,6 +109,7 @@ def test_two_processes_match_one_process_on_two_devices(upstream, one_process_tw
     assert len(losses(leader)) == 8  # one line per step: the leader writes the run's files, the follower none
 
 
+@pytest.mark.slow
 def test_four_processes_on_a_model_by_fsdp_mesh_match_one_process(upstream, tmp_path):
     """2 (fsdp) x 2 (model), each device its own process: every collective is between two hosts, whose sum
     is order-free, so the result is bitwise that of one process. (With fsdp=4 across four processes the
@@ -121,6 +123,7 @@ def test_four_processes_on_a_model_by_fsdp_mesh_match_one_process(upstream, tmp_
     assert losses(hosts[0]) == losses(one)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_host_stops_all_at_the_same_step_and_the_resume_matches(upstream, one_process_two_devices,
                                                                                 tmp_path):
     overrides, straight = TWO, one_process_two_devices

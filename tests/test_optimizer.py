@@ -358,6 +358,7 @@ def test_stacked_fused_updates_equal_each_matrix_updated_on_its_own():
                                        err_msg=f"step {k + 1}, {n}")
 
 
+@pytest.mark.slow
 def test_one_large_matrix_does_not_rescale_the_others():
     """Layer 1's value matrix 1000x the others' RMS: per matrix, the key's and layer 0's updates are what
     they would be without it; over the whole array (or per layer only, both slots together) they are not."""

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from palm.base.orphans import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ def alive(pid: int, start: int) -> bool:
     return int(fields[19]) == start and fields[0] != b"Z"
 
 
+@pytest.mark.slow
 def test_sigkill_of_palm_run_leaves_no_process_behind(tmp_path):
     started: dict[int, int] = {}
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL" and not k.startswith("PALM_RUN_")}

@@ -40,6 +40,7 @@ def read_sequences(path: Path, seq_len: int) -> np.ndarray:
     return np.fromfile(path, TOKEN_DTYPE).reshape(-1, seq_len)
 
 
+@pytest.mark.slow
 def test_packed_shards_decode_back_to_the_documents_in_order(run):
     stage, manifest = run
     tok = Tokenizer((stage["tokenizer"] / "tokenizer.model").read_bytes())
@@ -72,6 +73,7 @@ def test_packed_shards_decode_back_to_the_documents_in_order(run):
     assert checked > 50
 
 
+@pytest.mark.slow
 def test_manifest_counts_tokens_and_sequences_per_source(run):
     _, manifest = run
     train = manifest["splits"]["train"]
@@ -82,6 +84,7 @@ def test_manifest_counts_tokens_and_sequences_per_source(run):
     assert manifest["sequences"]["train"] > 100 and manifest["sequences"]["validation"] > 0
 
 
+@pytest.mark.slow
 def test_loader_is_one_epoch_deterministic_and_resumes_exactly(run):
     stage, manifest = run
     ds = sequence_dataset(stage["pack"], manifest, "train", seed=7)
@@ -108,6 +111,7 @@ def test_loader_is_one_epoch_deterministic_and_resumes_exactly(run):
     assert [tuple(next(resumed)) for _ in range(25)] == rest == epoch[37:62]
 
 
+@pytest.mark.slow
 def test_hosts_read_their_rows_of_the_same_global_batches(run):
     """1, 2 or 4 hosts: the union of the hosts' rows at every step is the single host's global batch,
     in order, under a batch ramp; a host reads only its own rows; the state resumes exactly."""
@@ -142,6 +146,7 @@ def test_hosts_read_their_rows_of_the_same_global_batches(run):
         skipping.skip(len(ds), 3)
 
 
+@pytest.mark.slow
 def test_mixture_interleaves_sources_by_weight(run):
     stage, manifest = run
     counts = {s: c["sequences"] for s, c in manifest["splits"]["train"].items()}
@@ -157,6 +162,7 @@ def test_mixture_interleaves_sources_by_weight(run):
         assert abs(half.count(source) / len(half) - n / len(order)) < 0.05, source
 
 
+@pytest.mark.slow
 def test_pack_stage_writes_to_gs_and_hosts_read_only_their_rows(run, gcs_emulator):
     """The pack stage writes its rows straight to gs:// (as a cluster runner's workers do), the same
     rows as on local disk; then each of 4 training hosts, reading its rows of 6 global batches of 8 from
@@ -201,6 +207,7 @@ def test_pack_stage_writes_to_gs_and_hosts_read_only_their_rows(run, gcs_emulato
     assert sum(s["bytes"] for s in served) < whole / 2, (served, whole)
 
 
+@pytest.mark.slow
 def test_a_truncated_row_file_is_named(run, tmp_path):
     import shutil
 

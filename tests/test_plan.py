@@ -190,6 +190,7 @@ def test_price_must_be_positive(capsys):
     assert "--price-per-chip-hour" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_counts_microbatches_and_auto_picks_the_fewest_that_fit(capsys):
     """62B on one 4x4x8 slice (fsdp 32 x model 4): batch 1024 does not fit a v4 chip's 32 GiB whole;
     in 2 microbatches it does (one microbatch's activations and logits, plus a float32 gradient sum)."""

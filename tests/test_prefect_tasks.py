@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -31,6 +33,7 @@ async def _artifacts(key: str):
         return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
+@pytest.mark.slow
 def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
     spec = load_spec(SPECS / "tiny.yaml")
 
@@ -51,6 +54,7 @@ def test_data_task_publishes_the_accounting_table(prefect_server, tmp_path):
     assert not asyncio.run(_artifacts("tiny-data-accounting"))  # the spec name alone is no run's key
 
 
+@pytest.mark.slow
 def test_quality_and_data_tasks_publish_the_classifier_and_its_keep_rates(prefect_server, tmp_path):
     # The planted web source sampled by the classifier trained on the builtin docs (kind books); Pareto(1)
     # rather than 9, so that this tiny source keeps about half of its documents.
@@ -84,6 +88,7 @@ def test_retry_policy_comes_from_the_spec():
     assert task.retry_delay_seconds == [2.0, 6.0, 18.0]
 
 
+@pytest.mark.slow
 def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     import time
 
@@ -131,6 +136,7 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     assert "- MFU: unknown (no peak FLOPs known for this chip)" in text  # a CPU has no peak in palm's table
 
 
+@pytest.mark.slow
 def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
     from palm.core.train import Trainer
 

@@ -59,6 +59,7 @@ def trained(tmp_path_factory, shared_data):
     return spec, out, report, paragraphs[400:]
 
 
+@pytest.mark.slow
 def test_the_classifier_separates_curated_prose_from_spam_and_keyword_lists_it_never_saw(trained):
     spec, out, report, unseen_prose = trained
     assert report["held_out_auc"] > 0.98
@@ -85,6 +86,7 @@ def test_the_classifier_separates_curated_prose_from_spam_and_keyword_lists_it_n
     assert np.median([filters.quality_score(d) for d in spam]) > np.median([filters.quality_score(d) for d in prose])
 
 
+@pytest.mark.slow
 def test_the_report_and_the_saved_model_agree(trained):
     spec, out, report, _ = trained
     saved = json.loads((out / "classifier.json").read_text())
@@ -100,6 +102,7 @@ def test_the_report_and_the_saved_model_agree(trained):
     assert (again / "weights.npy").read_bytes() == (out / "weights.npy").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_damaged_classifier_is_one_clear_error(trained, tmp_path):
     _, out, _, _ = trained
     (tmp_path / "classifier.json").write_text((out / "classifier.json").read_text())
@@ -137,6 +140,7 @@ def test_specs_name_their_curated_sources(tmp_path):
         load_spec(base, ["data.quality.positive_sources=[nowhere]"])
 
 
+@pytest.mark.slow
 def test_the_data_stage_samples_by_the_classifier_and_accounts_for_it(trained, tmp_path):
     from palm.data.pipeline import run_data_stage
 

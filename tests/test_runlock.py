@@ -129,6 +129,7 @@ with run_lock(sys.argv[1]) as fd:
 """
 
 
+@pytest.mark.slow
 def test_a_run_root_belongs_to_one_spec(prefect_server, tmp_path, capsys):
     """A second spec run into the same directory used to overwrite spec.json and report.md, and `palm eval`
     of the first run's checkpoints then took the second spec's eval settings: it is refused in one line,

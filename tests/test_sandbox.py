@@ -380,6 +380,7 @@ def test_run_program_needs_the_program_to_reach_its_end():
 
 # ----------------------------------------------------------------------------- the process tree's memory
 
+@pytest.mark.slow
 def test_the_memory_of_the_whole_process_tree_is_capped(contained):
     # Six children each touch 320 MB (RLIMIT_AS 400 MB allows each one); together they would need 1.9 GB.
     # The program exits 0 only if all six held their memory at the same time.

@@ -179,6 +179,7 @@ def test_at_least_18_broken_specs():
     assert len({c[0] for c in BROKEN}) == len(BROKEN)
 
 
+@pytest.mark.slow
 def test_broken_spec_in_subprocess_prints_one_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(_child("model: {num_layers: -1}\n"), encoding="utf-8")

@@ -19,6 +19,7 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_a_run_writes_training_and_evaluation_event_files(prefect_server, tmp_path, capsys):
     rc = main(["run", str(SPECS / "tiny.yaml"), "--output", str(tmp_path), "--json", "--set", "train.steps=5",
                "--set", "eval.max_examples=4", "--set", "train.profile_steps=[2, 4]"])

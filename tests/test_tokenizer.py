@@ -168,6 +168,7 @@ def test_round_trip_targeted(tok, strategy):
     check()
 
 
+@pytest.mark.slow
 def test_round_trip_every_code_point(tok):
     """Every code point at the start, before a letter and after a space (the search that found "▁")."""
     texts = [f"{c}a {c}" for c in map(chr, range(0x110000)) if not "\ud800" <= c <= "\udfff"]
@@ -306,6 +307,7 @@ def tiny_run(prefect_server, tmp_path_factory):
     return capture
 
 
+@pytest.mark.slow
 def test_stage_builds_a_lossless_tokenizer_from_the_data_stage(tiny_run):
     from palm.dag.workflow import load_spec
 
@@ -333,6 +335,7 @@ def test_stage_builds_a_lossless_tokenizer_from_the_data_stage(tiny_run):
         min(spec.tokenizer.sample_chars, sum(s["bytes_kept"] for s in data_manifest["sources"].values())))
 
 
+@pytest.mark.slow
 def test_stage_sample_keeps_the_mixture_proportions(tiny_run):
     from palm.tokenizer import _source_shares, sample_documents
 
@@ -348,6 +351,7 @@ def test_stage_sample_keeps_the_mixture_proportions(tiny_run):
     assert [d[1] for d in sample] != [d[1] for d in sample_documents(data_dir, 100_000, shares, seed=1)]
 
 
+@pytest.mark.slow
 def test_stage_refuses_a_sample_that_does_not_fit_in_memory(tiny_run, monkeypatch, capsys):
     assert tiny_run["rc"] == 0
     monkeypatch.setattr(tokenizer_module, "available_memory", lambda: 64 << 20)

@@ -65,6 +65,7 @@ def test_masked_targets_do_not_count():
     assert float(masked["loss"]) == pytest.approx(log_z0 - 2.0, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_chunked_loss_has_the_same_value_and_gradient():
     """Projecting onto the vocabulary a slice of the sequence at a time (what keeps 540B's float32 logits
     off the chips) changes nothing but the order of float32 sums."""
@@ -149,6 +150,7 @@ def test_the_loss_statistics_in_one_reduction_match_the_separate_passes():
     np.testing.assert_allclose(np.asarray(one[0]), [3.0, 3.0], rtol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_fused_loss_has_the_value_and_gradient_of_autodiff(dtype):
     """loss_fn (the statistics in one pass, a hand-written backward pass over the undivided logits) against
@@ -227,6 +229,7 @@ def _logit_buffers(hlo: str, elements: int) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_compiled_loss_writes_float32_logits_once_and_reads_them_once_per_pass():
     """The compiled CPU program of the evaluation and training loss (bf16 compute, as on a GPU): the only
     float32 [batch, length, vocab] array is the projection's output, read by one fusion in the forward
@@ -267,6 +270,7 @@ def test_the_compiled_loss_writes_float32_logits_once_and_reads_them_once_per_pa
     assert len(plain_training) > 1 and sum(map(len, plain_training.values())) > 2, plain_training  # the count sees them
 
 
+@pytest.mark.slow
 def test_the_evaluation_step_is_the_training_loss_without_an_update():
     import jax
 
@@ -295,6 +299,7 @@ def test_loss_chunks_keep_each_slice_of_logits_under_the_budget():
     assert 16 * (2048 // (chunks // 2)) * 32_000 * 4 > LOGITS_CHUNK_BYTES  # and no more slices than that
 
 
+@pytest.mark.slow
 def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
     ramp = TrainConfig(steps=6, batch_ramp=(RampStage(0, 2), RampStage(3, 4)))
     flat = TrainConfig(steps=4, batch_ramp=(RampStage(0, 4),))
@@ -324,6 +329,7 @@ def test_running_out_of_data_is_a_clear_error():
         list(batches(iter(np.zeros((5, 8), np.int32)), cfg))
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_real_text_far_below_unigram_entropy(shared_data):
     """The tiny spec's model and optimizer on tinyshakespeare (bytes as tokens)."""
     text = (shared_data / "tinyshakespeare" / "input.txt").read_bytes()
@@ -352,6 +358,7 @@ MESHES = [
 ]
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
@@ -430,6 +437,7 @@ def _eight_devices() -> dict:
                 PYTHONPATH=str(ROOT))
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_same_losses_and_gradients():
     """train.microbatches: 1, 2 and 4 microbatches of specs/tiny.yaml on data 2 x fsdp 2 x model 2 give the
     same losses over 6 steps and the same gradient (float32: the order of sums only)."""
@@ -463,6 +471,7 @@ def test_microbatches_are_a_spec_setting_outside_the_train_stage_key():
             load_spec(SPECS / "tiny.yaml", [f"train.microbatches={bad}"])
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_fewer_devices_with_microbatches(tmp_path):
     """10 steps on 8 devices (data 2 x fsdp 2 x model 2), resumed to step 20 on 4 devices (fsdp 2 x model 2,
     2 microbatches: the same global batch): the checkpoint is resharded onto the smaller mesh, the data

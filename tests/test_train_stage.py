@@ -74,11 +74,13 @@ def straight(upstream, tmp_path_factory):
     return manifest
 
 
+@pytest.mark.slow
 def test_tiny_loss_falls(straight):
     losses = [json.loads(line)["loss"] for line in Path(straight["metrics"]).read_text().splitlines()]
     assert losses[-1] < losses[0] - 1.0
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_random_steps_then_resume_gives_the_same_digest(upstream, straight, tmp_path):
     root = fresh_root(upstream, tmp_path, "killed")
     kills = sorted(random.Random(2026).sample(range(3, STEPS - 2), 3))
@@ -95,6 +97,7 @@ def test_sigkill_at_three_random_steps_then_resume_gives_the_same_digest(upstrea
     assert manifest["digest"] == straight["digest"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_75(upstream, straight, tmp_path):
     root = fresh_root(upstream, tmp_path, "preempted")
     proc = palm_run(root)

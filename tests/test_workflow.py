@@ -126,6 +126,7 @@ def write_variant(tmp_path: Path, base: Path, name: str, workflow: dict) -> Path
     return path
 
 
+@pytest.mark.slow
 def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_changed(prefect_server, capsys,
                                                                                         tmp_path):
     """tiny-scaling: one data/tokenizer/pack, three model sizes, their evaluations and a scaling report,
@@ -169,6 +170,7 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
     assert [n for n, c in again.items() if not c] == ["train-l", "eval-l", "scaling"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
     """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
     from palm.core.checkpoint import open_checkpoints
@@ -214,17 +216,16 @@ def chain_of_finetunes(tmp_path: Path, n: int) -> Path:
 
 def test_a_long_workflow_declared_in_reverse_is_checked_in_linear_time(tmp_path):
     """1,200 nodes declared in reverse order used to be a RecursionError, and 1,500 took 163 s (quadratic):
-    the walks are iterative and the checks linear, so twice the nodes take about twice the time."""
+    the walks are iterative and the checks linear. Only a bound far above the linear time (about a second)
+    and far below the quadratic one is checked: a ratio of two timings failed on a loaded machine."""
     import time
 
-    timings = {}
-    for n in (750, 1500):
-        start = time.perf_counter()
-        workflow = resolve_workflow(load_spec(chain_of_finetunes(tmp_path, n)))
-        timings[n] = time.perf_counter() - start
-        assert list(workflow.nodes)[:4] == ["data", "tokenizer", "pack", "train"]
-        assert workflow.nodes[f"ft-{n}"].inputs == {"train": f"ft-{n - 1}", "pack": "pack"}
-    assert timings[1500] < 30 and timings[1500] < 4 * timings[750], timings
+    start = time.perf_counter()
+    workflow = resolve_workflow(load_spec(chain_of_finetunes(tmp_path, 1500)))
+    seconds = time.perf_counter() - start
+    assert list(workflow.nodes)[:4] == ["data", "tokenizer", "pack", "train"]
+    assert workflow.nodes["ft-1500"].inputs == {"train": "ft-1499", "pack": "pack"}
+    assert seconds < 60, seconds
 
 
 def test_a_workflow_over_the_node_bound_is_one_line(tmp_path, capsys, monkeypatch):
@@ -237,6 +238,7 @@ def test_a_workflow_over_the_node_bound_is_one_line(tmp_path, capsys, monkeypatc
         f"palm: error: {tmp_path / 'long.yaml'}: workflow: 204 nodes; a workflow has at most 100"], err
 
 
+@pytest.mark.slow
 def test_a_worker_runs_the_training_node_it_is_given(tmp_path):
     from palm.app.worker import run_worker
 
@@ -270,6 +272,7 @@ def build_wordcount(spec, inputs, hooks):
     return build
 
 
+@pytest.mark.slow
 def test_a_stage_type_is_one_builder_and_one_table_row(tmp_path, monkeypatch):
     """A new type needs nothing but its row: the spec's graph, the runner and the keys take it from there."""
     monkeypatch.setitem(STAGES, "wordcount", Stage("wordcount", "tests.test_workflow:build_wordcount",

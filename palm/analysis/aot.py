@@ -10,6 +10,7 @@ its need is read from the compiler's message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -115,13 +116,28 @@ def compiled_bytes(compiled: Any) -> tuple[int, dict[str, int]]:
     return total, parts
 
 
+@contextlib.contextmanager
+def not_persisted():
+    """Compile without writing to JAX's persistent compilation cache (palm's local runs keep one): an
+    executable compiled for abstract TPU devices cannot be loaded back on this host (there is no TPU client
+    to load it into), and JAX would warn on every later compile of the same step."""
+    option = "jax_persistent_cache_min_compile_time_secs"
+    previous = getattr(jax.config, option)
+    jax.config.update(option, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(option, previous)
+
+
 def compile_step(trainer: Any, kind: str, global_batch: int, hbm_bytes: int | None,
                  estimate: int, microbatches: int = 1) -> CompiledStep:
     """Lower and compile one step of `trainer` (built over abstract TPU devices) and measure it."""
     t0 = time.perf_counter()
     lowered = trainer.lower(kind, global_batch, microbatches)
     try:
-        compiled = lowered.compile()
+        with not_persisted():
+            compiled = lowered.compile()
     except Exception as e:  # the compiler refuses a step that cannot fit the chip
         refused = refused_bytes(str(e))
         if refused is None:
