@@ -33,6 +33,8 @@ def test_the_540b_step_compiles_for_two_slices_and_matches_the_plan():
     """The whole spec: 118 layers, its width and vocabulary, two 12x16x16 slices, data 2 x fsdp 256 x
     model 12. The layers are scanned, so the full depth compiles about as fast as two layers; the first
     batch of the ramp only (the others are in docs/benchmarks.md, from `palm plan --compile`)."""
+    # Cost: XLA compiling the 540B train and eval steps for 6144 TPU devices (no chips needed, but a large program);
+    # the point is that the real spec fits, so it cannot be shrunk.
     from palm.analysis.aot import tpu_devices
     from palm.core.train import Trainer
 
@@ -106,6 +108,8 @@ def test_the_compilers_out_of_memory_messages_are_read():
 
 @pytest.mark.slow
 def test_the_pretrain_flow_compiles_first_and_stops_a_spec_that_does_not_fit(prefect_server, capsys, tmp_path):
+    # Cost: two `palm run` flows through Prefect compiling the tiny step for 8 TPU devices ahead of time (plus a
+    # cached rerun); the point is the compile stage inside the flow.
     rc = main(["run", TINY, "--stages", "compile", "--output", str(tmp_path), "--json", *sets(TINY_ON_TPU)])
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]
@@ -141,6 +145,8 @@ def test_plan_compile_picks_the_fewest_microbatches_the_compiler_fits(capsys):
     from the estimate's choice (which overestimates tiny: 4 at batch 16, 2 at batch 8) and going down while
     the step fits. With 11 MiB per chip the tiny model's batch 8 fits whole (10.4 MiB compiled on
     2026-12-06) and batch 16 in 2 parts (10.4 MiB; 11.4 MiB whole, 6.3 MiB in 4)."""
+    # Cost: `palm plan --compile` compiling the tiny step for TPU several times (each ramp batch, then fewer
+    # microbatches while it fits); the compiler's measure is the point.
     rc = main(["plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU), "--set", "train.microbatches=auto",
                "--set", f"infra.hardware.memory_bytes={11 * 2**20}"])
     out, err = capsys.readouterr()

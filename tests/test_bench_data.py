@@ -16,6 +16,7 @@ SYSTEMS = ("palm", "datatrove")
 
 @pytest.mark.slow
 def test_bench_data_compares_both_systems_on_the_same_documents(shared_data, capsys):
+    # Cost: both data systems (palm and datatrove) on the same 4 MB of real documents, whose sizes the test checks.
     rc = main(["bench", "data", "--data-dir", str(shared_data), "--repeat", "1", "--target-mb", "4",
                "--pairs-per-band", "20", "--json"])
     out, err = capsys.readouterr()

@@ -74,6 +74,8 @@ class StopAt:
 
 @pytest.mark.slow
 def test_preempted_runs_resume_bitwise_identically(tmp_path):
+    # Cost: seven in-process trainings of a tiny model, each with a fresh Trainer (and so its own compiles) as a
+    # restarted process would have; each stop covers another case (interval, ramp, on a checkpoint, after it).
     cfg = config()
     expected = uninterrupted(tmp_path, cfg)
     directory = tmp_path / "interrupted"
@@ -102,6 +104,8 @@ def test_preempted_runs_resume_bitwise_identically(tmp_path):
 
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    # Cost: three in-process trainings of 12 tiny steps (the reference, the one cut short, the resume), each with
+    # a fresh Trainer as a restarted process would have.
     cfg = config(steps=12)
     expected = uninterrupted(tmp_path, cfg)
     directory = tmp_path / "run"

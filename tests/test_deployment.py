@@ -134,6 +134,8 @@ def flow_runs(api: str, flow_name: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(prefect_stack, shared_data):
+    # Cost: the README's commands verbatim: a Prefect server, `prefect deploy`, a worker process, a pretrain run and
+    # one evaluation flow run per saved checkpoint started by events; the point is that whole loop, end to end.
     lines, run, env, state, tmp, procs = prefect_stack
     assert lines[0].startswith("export PREFECT_API_URL=http://127.0.0.1:")
     assert all(line.startswith(("export ", "uv run prefect ")) for line in lines), lines

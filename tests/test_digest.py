@@ -37,6 +37,8 @@ def one_and_eight() -> list[dict]:
 
 @pytest.mark.slow
 def test_the_digest_is_the_same_on_one_device_and_three_meshes_of_eight(one_and_eight):
+    # Cost: the module fixture, a subprocess with 8 host devices (fixed when JAX starts) building a small train
+    # state on one device and three meshes; shared with the two tests below.
     single, *sharded = one_and_eight
     assert single["devices"] == 1 and [r["mesh"] for r in sharded] == MESHES
     for row in sharded:
@@ -55,6 +57,7 @@ def test_the_digest_gathers_nothing(one_and_eight):
 
 @pytest.mark.slow
 def test_the_digest_is_the_same_on_two_processes(one_and_eight):
+    # Cost: two JAX processes joined by jax.distributed; arrays that span hosts are the point.
     mesh = {"data": 1, "fsdp": 2, "model": 2}  # 2 processes x 2 devices: every array spans both hosts
     port = free_port()
     procs = [subprocess.Popen([sys.executable, SCRIPT, json.dumps([mesh])], stdout=subprocess.PIPE,

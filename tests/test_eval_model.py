@@ -125,6 +125,8 @@ def variant_params(variant: str, params):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["scanned", "unrolled", "grouped_kv"])
 def test_cached_decode_matches_full_recompute(variant, params):
+    # Cost: three compiles per variant (prefill, decode step, full forward) of a 2-layer model; each variant is
+    # another code path (scanned, unrolled, grouped-query).
     config, params = variant_params(variant, params)
     model = PaLM(config)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(

@@ -52,6 +52,8 @@ def run_eval(capsys, *args, quiet: bool = False) -> dict:
 
 @pytest.mark.slow
 def test_palm_eval_on_a_checkpoint_step(checkpoint, capsys, tmp_path):
+    # Cost: mostly the module fixture (a 6-step tiny `palm run`, shared by this file's tests), then three tasks on
+    # 8 examples at most.
     task = mc_task(tmp_path)
     out = run_eval(capsys, str(checkpoint / "6"), "--tasks", f"validation_loss,memorization,mc:{task}",
                    "--set", "eval.max_examples=8", quiet=True)
@@ -238,8 +240,26 @@ def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline
     assert got == pytest.approx([lm.loglikelihood(c, x)[0] for c, x in pairs], rel=1e-5)
 
 
+@pytest.fixture
+def lm_eval_index_once(monkeypatch):
+    """lm-eval indexes its thousands of built-in task YAMLs on each CLI call (~15 s on 2 cores); a test that calls
+    the CLI several times on the same paths indexes them once."""
+    from lm_eval.tasks._index import TaskIndex
+
+    built, build = {}, TaskIndex.build
+
+    def build_once(paths, **kwargs):
+        key = (tuple(str(p) for p in paths), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(paths, **kwargs)
+        return dict(built[key])
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(build_once))
+
+
 @pytest.mark.slow
-def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, capsys):
+def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, lm_eval_index_once,
+                                                                capsys):
     rc = main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint},dtype=bfloat16",
                "--batch_size", "4", "--include_path", str(EXAMPLES), "--tasks", "palm_example_mc,palm_example_gen",
                "--limit", "2"])
@@ -260,7 +280,8 @@ def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_ev
         assert "palm: error: palm model_args: " in err and message in err, err[-500:]
         assert "Traceback" not in err
     # lm-eval's own input errors are one line too.
-    assert main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint}", "--tasks", "no_such_task"]) == 2
+    assert main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint}", "--include_path",
+                 str(EXAMPLES), "--tasks", "no_such_task"]) == 2
     err = capsys.readouterr().err
     assert "palm: error: lm-eval: Tasks not found: no_such_task" in err and "Traceback" not in err
 
@@ -303,6 +324,8 @@ def test_palm_eval_set_with_bad_yaml_is_one_line_before_the_checkpoint_is_read(t
 
 @pytest.mark.slow
 def test_palm_generate_is_deterministic_and_equals_evaluations_generation(checkpoint, capsys, tmp_path):
+    # Cost: five generations of 12 tokens (two greedy runs, evaluation's own, two sampled batchings), each
+    # compiling prefill and decode for its batch size; the module fixture's checkpoint is shared.
     from palm.evaluation.checkpoints import load_checkpoint_model
 
     prompts = ["The king", "To be, or not", "First Citizen:"]

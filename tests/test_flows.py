@@ -56,6 +56,8 @@ def rows(artifact) -> list[dict]:
 
 @pytest.mark.slow
 def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
+    # Cost: the tiny pipeline (data to eval, 6 steps) through Prefect, then reruns that each redo only what a
+    # change reaches (a new tokenizer retrains); the flow's caching, artifacts and lineage are the point.
     state = pretrain(TINY, QUICK, str(tmp_path), ALL, return_state=True)
     first, run_id = state.result(), state.state_details.flow_run_id
     assert first["status"] == "completed" and first["final_step"] == 6

@@ -63,6 +63,8 @@ def gs_run(gcs_emulator, tmp_path_factory) -> Iterator[GsRun]:
 
 @pytest.mark.slow
 def test_every_output_checkpoint_and_report_is_in_the_bucket(gs_run):
+    # Cost: the module fixture, the tiny pipeline (6 steps) run once against the GCS emulator, shared by this
+    # file's tests; this test only reads the bucket.
     root, first = gs_run.root, gs_run.summary
     assert first["root"] == root and first["report"] == f"{root}/report.md"
     stages = first["stages"]

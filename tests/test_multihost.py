@@ -97,6 +97,8 @@ def one_process_two_devices(upstream, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_two_devices(upstream, one_process_two_devices, tmp_path):
+    # Cost: two `palm worker` processes joined by jax.distributed (gloo), and the one-process reference run (a module
+    # fixture, shared with the SIGTERM test); real processes are the point, and 8 steps cover the batch ramp.
     overrides, one = TWO, one_process_two_devices
     hosts = finish(processes(copy(upstream, tmp_path, "two"), overrides, 2))
     assert [h["process_index"] for h in hosts] == [0, 1] and all(h["process_count"] == 2 for h in hosts)
@@ -115,6 +117,8 @@ def test_four_processes_on_a_model_by_fsdp_mesh_match_one_process(upstream, tmp_
     is order-free, so the result is bitwise that of one process. (With fsdp=4 across four processes the
     losses agree to ~1e-7 but gloo's four-way reduction order differs from the in-process one, so the
     last bits of the parameters do too.)"""
+    # Cost: four `palm worker` processes plus a one-process run on four devices; a 2 x 2 mesh across four hosts is
+    # the point, so neither can be shared with the two-process tests.
     overrides = TRAIN + ["infra.hardware.num_devices=4", "infra.mesh.fsdp=2", "infra.mesh.model=2"]
     one = single_process(copy(upstream, tmp_path, "one"), overrides, devices=4)
     hosts = finish(processes(copy(upstream, tmp_path, "four"), overrides, 4))
@@ -126,6 +130,8 @@ def test_four_processes_on_a_model_by_fsdp_mesh_match_one_process(upstream, tmp_
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_all_at_the_same_step_and_the_resume_matches(upstream, one_process_two_devices,
                                                                                 tmp_path):
+    # Cost: two pairs of `palm worker` processes (stopped by SIGTERM to one, then resumed); the point is the
+    # hosts agreeing on the stop step across real processes.
     overrides, straight = TWO, one_process_two_devices
     root = copy(upstream, tmp_path, "preempted")
     leader, follower = processes(root, overrides, 2)

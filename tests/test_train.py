@@ -75,6 +75,7 @@ def test_the_chunked_loss_has_the_same_value_and_gradient():
     from palm.spec.config import ModelConfig
     from palm.core.model import PaLM
 
+    # Cost: a compile of the model's value and gradient (~5 s on CPU) per chunk count, so only 1, 2 and 64.
     config = ModelConfig(num_layers=2, d_model=32, num_heads=4, head_dim=8, vocab_size=300, seq_len=64,
                          dtype="float32", remat="full")
     model = PaLM(config)
@@ -89,7 +90,7 @@ def test_the_chunked_loss_has_the_same_value_and_gradient():
         return float(total), jax.tree.map(float, metrics), grads
 
     total, metrics, grads = run(1)
-    for chunks in (2, 8, 64):
+    for chunks in (2, 64):  # two slices, and one position a slice
         got_total, got_metrics, got_grads = run(chunks)
         assert got_total == pytest.approx(total, rel=1e-6), chunks
         for key in ("loss", "z_loss", "accuracy"):
@@ -162,6 +163,8 @@ def test_the_fused_loss_has_the_value_and_gradient_of_autodiff(dtype):
 
     from palm.core.model import PaLM
 
+    # Cost: three compiles of the model's value and gradient (~5 s each on CPU) per dtype: autodiff's reference,
+    # the fused loss whole and in slices; the shapes are already tiny.
     config = ModelConfig(num_layers=2, d_model=32, num_heads=4, head_dim=8, vocab_size=300, seq_len=64,
                          dtype=dtype, remat="full")
     model = PaLM(config)
@@ -332,6 +335,8 @@ def test_running_out_of_data_is_a_clear_error():
 @pytest.mark.slow
 def test_tiny_model_learns_real_text_far_below_unigram_entropy(shared_data):
     """The tiny spec's model and optimizer on tinyshakespeare (bytes as tokens)."""
+    # Cost: 150 steps of the tiny spec's model; the point is learning real text, and the learning-rate
+    # assertion needs steps past 100 (where the 1/sqrt(k) phase begins).
     text = (shared_data / "tinyshakespeare" / "input.txt").read_bytes()
     ids = np.frombuffer(text, np.uint8).astype(np.int32)
     counts = np.bincount(ids, minlength=256)
@@ -360,6 +365,8 @@ MESHES = [
 
 @pytest.mark.slow
 def test_sharded_training_matches_one_device():
+    # Cost: one subprocess with 8 host devices training 20 tiny steps on one device and on each mesh; enough steps
+    # for the loss to fall, so that a layout bug would show.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     meshes = [{"data": 1, "fsdp": 1, "model": 1}, *MESHES]
@@ -441,6 +448,8 @@ def _eight_devices() -> dict:
 def test_microbatches_give_the_same_losses_and_gradients():
     """train.microbatches: 1, 2 and 4 microbatches of specs/tiny.yaml on data 2 x fsdp 2 x model 2 give the
     same losses over 6 steps and the same gradient (float32: the order of sums only)."""
+    # Cost: one subprocess with 8 host devices, compiling the tiny spec's step for 1, 2 and 4 microbatches, 6 steps
+    # each.
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "microbatch_losses.py"),
                           json.dumps({"data": 2, "fsdp": 2, "model": 2}), "[1, 2, 4]", "6"],
                          capture_output=True, text=True, env=_eight_devices(), timeout=900)
@@ -476,6 +485,8 @@ def test_a_run_resumes_on_fewer_devices_with_microbatches(tmp_path):
     """10 steps on 8 devices (data 2 x fsdp 2 x model 2), resumed to step 20 on 4 devices (fsdp 2 x model 2,
     2 microbatches: the same global batch): the checkpoint is resharded onto the smaller mesh, the data
     continues at the same sequence, and steps 11-20 match the uninterrupted 8-device run."""
+    # Cost: three subprocesses (device counts are fixed when JAX starts: 8, 8, then 4 devices) of 20, 10 and 10
+    # tiny steps; moving a checkpoint to a smaller mesh is the point.
     def run(directory, mesh, steps, microbatches, devices):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(ROOT))

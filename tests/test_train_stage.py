@@ -76,12 +76,16 @@ def straight(upstream, tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_loss_falls(straight):
+    # Cost: the module fixtures (data, tokenizer and pack once, then one uninterrupted 30-step `palm run`), which
+    # the SIGKILL and SIGTERM tests compare against; the test itself only reads the metrics.
     losses = [json.loads(line)["loss"] for line in Path(straight["metrics"]).read_text().splitlines()]
     assert losses[-1] < losses[0] - 1.0
 
 
 @pytest.mark.slow
 def test_sigkill_at_three_random_steps_then_resume_gives_the_same_digest(upstream, straight, tmp_path):
+    # Cost: four real `palm run` processes (Python, JAX, Prefect each), three killed at random steps; the point is
+    # resume after SIGKILL in a real process, so it cannot run in-process.
     root = fresh_root(upstream, tmp_path, "killed")
     kills = sorted(random.Random(2026).sample(range(3, STEPS - 2), 3))
     for step in kills:
@@ -99,6 +103,8 @@ def test_sigkill_at_three_random_steps_then_resume_gives_the_same_digest(upstrea
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_75(upstream, straight, tmp_path):
+    # Cost: two real `palm run` processes, one stopped by SIGTERM and one resuming; the point is the signal handler
+    # and exit code 75 of a real process.
     root = fresh_root(upstream, tmp_path, "preempted")
     proc = palm_run(root)
     wait_for_step(proc, 12)

@@ -131,6 +131,8 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
                                                                                         tmp_path):
     """tiny-scaling: one data/tokenizer/pack, three model sizes, their evaluations and a scaling report,
     through the Prefect flow (`palm run`)."""
+    # Cost: two runs of the tiny-scaling graph through Prefect (three models of 6 steps, their evaluations, a
+    # report); concurrent branches and a rerun of only the changed ones are the point.
     root = tmp_path / "run"
     rc = main(["run", str(SCALING), "--output", str(root), "--json", *sets(QUICK)])
     out, err = capsys.readouterr()
@@ -173,6 +175,8 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
     """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
+    # Cost: the whole tiny-coder graph in process (data, tokenizer, pack, a base training, the code data, a
+    # 60-step fine-tune and its evaluation); the point is the hand-over from one training to the next.
     from palm.core.checkpoint import open_checkpoints
 
     keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {"train.checkpoint.keep_last": 5}}})
@@ -240,6 +244,7 @@ def test_a_workflow_over_the_node_bound_is_one_line(tmp_path, capsys, monkeypatc
 
 @pytest.mark.slow
 def test_a_worker_runs_the_training_node_it_is_given(tmp_path):
+    # Cost: data, tokenizer and pack of tiny-scaling in process, then a 6-step training by the worker.
     from palm.app.worker import run_worker
 
     spec = load_spec(SCALING, QUICK)
