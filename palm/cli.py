@@ -388,9 +388,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for handler, level in restore:
             handler.setLevel(level)
     summary["flow_run"] = str(state.state_details.flow_run_id)
+    _emit_run(args, summary)
+    return 0
+
+
+def _emit_run(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """A run's summary: the report's path on stderr, then the JSON or each node's manifest on stdout."""
     print(f"report: {summary['report']}", file=sys.stderr)
     _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
-    return 0
 
 
 def _run_cached(args: argparse.Namespace, spec: Any, workflow: Any, stages: list[str], root: str) -> bool:
@@ -406,10 +411,7 @@ def _run_cached(args: argparse.Namespace, spec: Any, workflow: Any, stages: list
         report = write_report(root, spec.name, workflow, outputs)
     print("palm: every stage's output is complete and cached; nothing to run, no Prefect flow run "
           "(--force STAGE to rebuild one)", file=sys.stderr)
-    summary = run_summary(root, report, outputs)
-    summary["flow_run"] = None
-    print(f"report: {report}", file=sys.stderr)
-    _emit(args, summary, "\n".join(f"{s}: {o['output']}/manifest.json" for s, o in summary["stages"].items()))
+    _emit_run(args, {**run_summary(root, report, outputs), "flow_run": None})
     return True
 
 

@@ -120,7 +120,8 @@ def compiled_bytes(compiled: Any) -> tuple[int, dict[str, int]]:
 def not_persisted():
     """Compile without writing to JAX's persistent compilation cache (palm's local runs keep one): an
     executable compiled for abstract TPU devices cannot be loaded back on this host (there is no TPU client
-    to load it into), and JAX would warn on every later compile of the same step."""
+    to load it into), and JAX would warn on every later compile of the same step. The setting is the
+    process's: a compile on another thread meanwhile is not cached either, which costs only time."""
     option = "jax_persistent_cache_min_compile_time_secs"
     previous = getattr(jax.config, option)
     jax.config.update(option, float("inf"))
