@@ -764,12 +764,14 @@ def _cpu_unless_accelerated() -> None:
 def _compilation_cache() -> None:
     """JAX keeps the programs it compiles on disk, so the next process that compiles the same one (the next
     `palm run`, a stage's subprocess, an evaluation) loads it instead: `$XDG_CACHE_HOME/palm/jax`
-    (default ~/.cache/palm/jax). JAX_COMPILATION_CACHE_DIR chooses another place; PALM_COMPILATION_CACHE=off
-    turns it off. (Steps compiled for TPUs ahead of time are never written there: palm.analysis.aot.)"""
-    if os.environ.get("PALM_COMPILATION_CACHE", "").lower() in ("off", "0", "false", "no"):
+    (default ~/.cache/palm/jax). PALM_COMPILATION_CACHE names another directory, or `off`;
+    JAX_COMPILATION_CACHE_DIR, when set, wins. (Steps compiled for TPUs ahead of time are never written
+    there: palm.analysis.aot; nor by CPU processes of one multi-process job: palm.app.worker.)"""
+    choice = os.environ.get("PALM_COMPILATION_CACHE", "")
+    if choice.lower() in ("off", "0", "false", "no"):
         return
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(home / "palm" / "jax"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", choice or str(home / "palm" / "jax"))
 
 
 def _cmd_lm_eval(argv: list[str]) -> int:

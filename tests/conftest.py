@@ -21,6 +21,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # by every later process instead of compiled again. Set before any JAX import; a fresh directory per
 # session, so no test sees another session's entries.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="palm-test-jax-cache-"))
+# palm's own setting, for subprocesses started without the JAX_ variables (tests/test_multihost.py): the
+# session's directory too, never the user's ~/.cache/palm/jax.
+os.environ.setdefault("PALM_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,6 +78,11 @@ def initialize_distributed() -> dict[str, Any]:
             raise PalmError(f"{ENV_INDEX}={index} is not in [0, {ENV_COUNT}={count})")
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not tpu_host():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            # Each process compiles for itself, without the persistent compilation cache (palm.cli): a
+            # four-process CPU run whose processes shared one cache once hung in a collective until XLA's
+            # 40 s rendezvous timeout killed it (tests/test_multihost.py on a loaded 2-core VM,
+            # 2026-12-06). The cause is not established; CPU multi-process runs are for testing.
+            jax.config.update("jax_enable_compilation_cache", False)
         jax.distributed.initialize(address, num_processes=count, process_id=index, **_timeout())
         how = "explicit"
     elif mode == "auto" or (mode != "off" and tpu_host()):
