@@ -37,7 +37,8 @@ from palm.base.files import open_regular, read_text
 from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
 from palm.app.report import write_report
-from palm.dag.runner import attach, check_run_root, complete_outputs, record_spec, run_summary
+from palm.dag.runner import (attach, check_run_root, complete_outputs, nodes_to_build, prepare, record_spec,
+                             run_summary)
 from palm.store.runlock import run_lock
 from palm.data.package import build_worker_package
 from palm.jobs.launch import launch, plan_launch
@@ -356,13 +357,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from prefect.exceptions import TerminationSignal  # loads Prefect: only for this command
     from prefect.settings import PREFECT_API_URL  # loads Prefect: only for this command
 
-    from flows.pretrain import pretrain  # loads Prefect and JAX: only for this command
-    from palm.app.console import RunConsole  # loads rich: only for this command
-
     api = PREFECT_API_URL.value()
     print(f"prefect: flow 'pretrain' on {api}" if api else
           "prefect: flow 'pretrain' in ephemeral mode (a temporary local API server; takes a few seconds to start)",
           file=sys.stderr, flush=True)
+    # Prefect's ephemeral server starts in a process of its own; meanwhile this one loads the flow and the
+    # engines of the nodes it will build and compiles their programs into the compilation cache.
+    server = None if api else _EphemeralServer()
+    from flows.pretrain import pretrain  # loads Prefect and JAX: only for this command
+    from palm.app.console import RunConsole  # loads rich: only for this command
+
+    if server is not None:
+        prepare(nodes_to_build(workflow, root, stages, args.force))
+        server.wait()
     restore = [] if args.verbose else _quiet_prefect_console()
 
     # The flow turns SIGTERM into this event: training checkpoints at the current step, raises Preempted.
@@ -390,6 +397,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary["flow_run"] = str(state.state_details.flow_run_id)
     _emit_run(args, summary)
     return 0
+
+
+class _EphemeralServer:
+    """Prefect's ephemeral API server, started now on a thread (the server is a process of its own) instead
+    of when the flow first needs it; `wait()` until it answers. The flow's client then finds it running."""
+
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer  # loads Prefect's server: only for `run`
+
+        self.server, self.error = SubprocessASGIServer(), None
+        self.thread = threading.Thread(target=self._start, name="prefect-server-start", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.server.start()
+        except BaseException as e:  # noqa: BLE001 - raised by wait(), in the command's thread
+            self.error = e
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _emit_run(args: argparse.Namespace, summary: dict[str, Any]) -> None:

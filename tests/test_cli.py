@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from palm.cli import main
+from palm.dag.runner import nodes_to_build
 from palm.dag.table import STAGES
 from palm.dag.workflow import load_spec
 from palm.dag.workflow import resolve_workflow
@@ -43,6 +44,11 @@ def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_
     for stage in stages:
         assert f"stage {stage}: built" in err
     assert "Traceback" not in err and "Warning: " not in err  # quiet: nothing a user cannot act on
+    # What an ephemeral-mode run prepares while Prefect's server starts: the nodes it will build.
+    workflow = resolve_workflow(load_spec(TINY, ["train.steps=4", "eval.max_examples=4"]))
+    assert [n.name for n in nodes_to_build(workflow, tmp_path / "new", stages)] == stages
+    assert nodes_to_build(workflow, tmp_path, stages) == []
+    assert [n.name for n in nodes_to_build(workflow, tmp_path, stages, {"train"})] == ["train", "eval"]
 
     # Again, with every output complete: no flow run at all (Prefect is never called), the same outputs,
     # and the summary and report written again.

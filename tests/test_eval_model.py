@@ -202,6 +202,21 @@ def test_greedy_generate_matches_argmax_by_recompute(lm, full_logits, tokenizer)
     assert lm._decode._cache_size() == 1  # one decode step for every prompt length and batch
 
 
+def test_greedy_ids_match_argmax_by_recompute(lm, full_logits):
+    """Memorization's greedy continuation of token ids (prefill + cached decode, eos not special) is the
+    argmax of a full forward pass over each longer buffer; five rows with batch_size 4: one padded batch."""
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([np.full((5, 1), START_TOKEN), rng.integers(3, SMALL.vocab_size, (5, 9))], axis=1)
+    got = lm.greedy_ids(rows, 6)
+    for row, ids in zip(rows, got):
+        buffer = list(row)
+        for _ in range(6):
+            buffer.append(int(np.argmax(full_logits(buffer)[-1])))
+        assert list(ids) == buffer[len(row):]
+    with pytest.raises(PalmError, match="length \\+ steps"):
+        lm.greedy_ids(rows, SMALL.seq_len)
+
+
 def cut_at_stop(tokenizer, ids: list[int], stops: list[str]) -> str:
     """The rule, independently: the first prefix whose text holds a stop ends generation, cut before it."""
     for k in range(1, len(ids) + 1):

@@ -120,3 +120,42 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(upstream, straight, t
     manifest = train_manifest(root)
     assert manifest["resumed_from"] == stopped and result["final_step"] == STEPS
     assert manifest["digest"] == straight["digest"]
+
+
+PREPARED = """
+import json, os, sys
+import jax
+import numpy as np
+from palm.dag.workflow import load_spec
+from palm.stages.train import prepare, stage_trainer
+
+hits = []
+jax.monitoring.register_event_listener(lambda name, **_: hits.append(name) if name.endswith("cache_hits") else None)
+cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+spec = load_spec(sys.argv[1], ["train.steps=4"])
+prepare(spec)
+prepared = set(os.listdir(cache))
+trainer = stage_trainer(spec)  # what the stage then does
+state = trainer.init()
+for batch in sorted({s.global_batch for s in spec.train.batch_ramp}):
+    state, _ = trainer.step(state, np.zeros((batch, spec.model.seq_len), np.int32))
+print(json.dumps({"prepared": sorted(prepared), "compiled_after": sorted(set(os.listdir(cache)) - prepared),
+                  "hits": len(hits)}))
+"""
+
+
+@pytest.mark.slow
+def test_prepare_compiles_every_training_program_the_stage_then_loads(tmp_path):
+    """`palm run` prepares the train stage while Prefect's server starts: initialisation and the step at each
+    batch size of the ramp are compiled into the persistent cache, and the stage's own trainer loads them all
+    (cache hits) and compiles none of them again."""
+    # Cost: a Python process that compiles the tiny model's three training programs, into a cache of its own.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = subprocess.run([sys.executable, "-c", PREPARED, str(SPECS / "tiny.yaml")], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    programs = [name.split("-")[0] for name in result["prepared"]]
+    assert programs.count("jit__step_fn") == 2 and programs.count("jit__init_fn") == 1  # batches 8 and 16
+    assert not [n for n in result["compiled_after"] if n.startswith(("jit__step_fn", "jit__init_fn"))]
+    assert result["hits"] >= 3

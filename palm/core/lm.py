@@ -402,6 +402,37 @@ class LanguageModel:
                 self.on_rows(len(chunk))
         return out
 
+    def greedy_ids(self, prompts: Any, steps: int) -> np.ndarray:
+        """The `steps` greedy next ids [n, steps] after each row of input ids [n, length], the rows taken as
+        given (prepend `start_token` to condition on a document start; eos is an id like any other).
+
+        A prefill and then one cached decode step per id, `batch_size` rows at a time: the greedy decoding
+        `generate` does, the same ids as taking the argmax of a full forward pass over each longer buffer."""
+        prompts = np.asarray(prompts, np.int32)
+        if prompts.ndim != 2 or prompts.shape[1] + steps > self.seq_len or steps < 1:
+            raise PalmError(f"greedy_ids takes input ids [rows, length] and steps >= 1 with length + steps <= "
+                            f"{self.seq_len}, got shape {prompts.shape} and {steps} steps")
+        n, length = prompts.shape
+        out = np.zeros((n, steps), np.int32)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), np.arange(self.batch_size))
+        greedy, top_p = np.float32(0.0), np.float32(1.0)
+        for start in range(0, n, self.batch_size):
+            rows = prompts[start:start + self.batch_size]
+            tokens = np.full((self.batch_size, bucket_length(length, self.seq_len)), self.pad_id, np.int32)
+            tokens[:, :length] = rows[0]  # padding rows repeat the first row; their ids are dropped
+            tokens[:len(rows), :length] = rows
+            positions = np.full(self.batch_size, length, np.int32)
+            with self._on_mesh():
+                token, cache = self._prefill(self.params, tokens, positions, keys, greedy, top_p)
+            for k in range(steps):
+                out[start:start + len(rows), k] = np.asarray(token)[:len(rows)]
+                if k < steps - 1:
+                    with self._on_mesh():
+                        token, cache = self._decode(self.params, cache, token, positions, keys, np.int32(k + 1),
+                                                    greedy, top_p)
+                    positions = positions + 1
+        return out
+
     def _generate_batch(self, prompts: list[list[int]], indices: list[int], max_new_tokens: int,
                         temperature: float, top_p: float, stop: list[str], seed: int) -> list[str]:
         rows = len(prompts)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from palm.base import storage
 from palm.base.errors import PalmError
-from palm.dag.table import STAGES
+from palm.dag.table import STAGES, load_builder
 from palm.dag.workflow import resolve_workflow
 from palm.store import layout
 from palm.store.outputs import StageOutput, output_path, read_manifest, run_stage, stage_key
@@ -128,6 +129,45 @@ def complete_outputs(workflow: Any, root: str | Path, names: Any) -> dict[str, S
         if node.name in wanted:
             outputs[node.name] = existing_output(node, root, node_inputs(node, outputs))
     return outputs
+
+
+def nodes_to_build(workflow: Any, root: str | Path, selected: Any, force: Any = ()) -> list[Any]:
+    """The selected nodes a run of them would build, in the graph's order: those forced or without a complete
+    output, and every selected node downstream of one. Reads manifests only: no stage's engine is imported."""
+    outputs: dict[str, StageOutput] = {}
+    todo, needed = [], workflow.upstream(selected)
+    for node in workflow.nodes.values():
+        if node.name not in needed:
+            continue
+        try:
+            if node.name in force:
+                raise PalmError(f"--force {node.name}")
+            outputs[node.name] = existing_output(node, root, node_inputs(node, outputs))
+        except (PalmError, KeyError):  # KeyError: an input that is itself to be built
+            if node.name in selected:
+                todo.append(node)
+    return todo
+
+
+def prepare(nodes: list[Any]) -> None:
+    """Ahead of a run of these nodes: import each one's stage builder (Beam, Orbax, ...) and call its stage's
+    `prepare` with its spec (palm.dag.table.Stage.prepare), once per stage type and spec. `palm run` does
+    this while Prefect's ephemeral server starts in another process. It only saves time: what fails here
+    is left to the node's own build, which meets it again and reports it (the failure is logged at debug
+    level)."""
+    done = set()
+    for node in nodes:
+        stage = STAGES[node.stage]
+        if (node.stage, node.spec.digest()) in done:
+            continue
+        done.add((node.stage, node.spec.digest()))
+        try:
+            load_builder(stage.builder)
+            if stage.prepare:
+                load_builder(stage.prepare)(node.spec)
+        except Exception:  # noqa: BLE001 - see the docstring
+            logging.getLogger(__name__).debug("preparing %s failed; its build will meet it", node.name,
+                                              exc_info=True)
 
 
 def run_dag(spec: Any, root: str | Path, stages: list[str] | None = None, force: frozenset[str] = frozenset(),

@@ -123,6 +123,11 @@ class Stage:
     writes_remotely: Callable[[Any], bool] = lambda spec: False
     #: Trains a model (its runs are launched on workers, announce checkpoints, show progress).
     trains: bool = False
+    #: Optional "module:function" taking a node's spec: work done ahead of a run that makes the node's build
+    #: faster, never needed for it (compiling its programs into JAX's persistent compilation cache). `palm
+    #: run` calls it, with the builder's module imported, while Prefect's ephemeral server starts
+    #: (palm.dag.runner.prepare).
+    prepare: str = ""
     summary: str = ""
 
     def inputs_for(self, spec: Any) -> tuple[str, ...]:
@@ -170,11 +175,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           summary="tokenize and pack fixed-length sequences (Beam -> files of rows)"),
     # Version 3: Adafactor's RMS statistics per weight matrix (per fused slot too), another model for one spec.
     Stage("train", "palm.stages.train:build", _train_config, inputs=("pack",),
-          gates=("compile",), version=3, resumable=True, trains=True,
+          gates=("compile",), version=3, resumable=True, trains=True, prepare="palm.stages.train:prepare",
           summary="train the model, with checkpoints (JAX)"),
     Stage("finetune", "palm.stages.train:build", _train_config,
           inputs=("pack", "train"), gates=("compile",), provides=("train",), version=3, resumable=True,
-          default=False, trains=True,
+          default=False, trains=True, prepare="palm.stages.train:prepare",
           summary="continue from a trained model's final parameters on its own data and schedule (fresh optimizer)"),
     Stage("eval", "palm.stages.eval:build", eval_config, inputs=("train", "pack", "tokenizer"),
           summary="evaluate the final checkpoint"),

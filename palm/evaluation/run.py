@@ -65,26 +65,11 @@ def memorization(lm: Any, pack_dir: Path, pack_manifest: dict[str, Any], prefix:
     n = min(len(ds), limit or 128)
     rows = np.stack([ds[i] for i in range(n)])
     prompts, targets = rows[:, :prefix], rows[:, prefix:prefix + continuation]
-    generated = greedy_tokens(lm, prompts, continuation)
+    starts = np.full((n, 1), lm.start_token, np.int32)  # each row conditioned on a document start
+    generated = lm.greedy_ids(np.concatenate([starts, prompts], axis=1), continuation)
     exact = (generated == targets).all(axis=1)
     return {"exact_match": float(exact.mean()), "token_match": float((generated == targets).mean()),
             "examples": n, "prefix_tokens": prefix, "continuation_tokens": continuation}
-
-
-def greedy_tokens(lm: Any, prompts: np.ndarray, steps: int) -> np.ndarray:
-    """Greedy continuation token ids of each prompt row (the prompts are training token ids).
-
-    One fixed-length buffer, filled left to right: attention is causal, so the unfilled tail cannot
-    change the logits at the filled positions, and every step reuses one compiled shape.
-    """
-    n, p = prompts.shape
-    buffer = np.full((n, 1 + p + steps), lm.pad_id, np.int32)
-    buffer[:, 0] = lm.start_token
-    buffer[:, 1:1 + p] = prompts
-    for t in range(steps):
-        logits = np.asarray(lm.logits(buffer))
-        buffer[:, 1 + p + t] = logits[:, p + t].argmax(-1)
-    return buffer[:, 1 + p:]
 
 
 def gsm8k(lm: Any, data_dir: Path, limit: int | None, max_new_tokens: int) -> dict[str, float]:

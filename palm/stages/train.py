@@ -75,6 +75,22 @@ def build(spec: Any, inputs: dict[str, Any], hooks: Any) -> Callable[[Any], dict
     return build
 
 
+def prepare(spec: Any) -> None:
+    """Compile the stage's programs into JAX's persistent compilation cache, so that the stage loads them
+    (palm.dag.runner.prepare: `palm run` calls this while Prefect's server starts). Only for a stage that
+    trains in this process on the devices it has, with the cache on; otherwise nothing."""
+    if (not jax.config.jax_compilation_cache_dir or spec.infra.launcher.kind != "local"
+            or spec.infra.launcher.processes > 1 or jax.device_count() != spec.infra.hardware.num_devices):
+        return
+    stage_trainer(spec).precompile()
+
+
+def stage_trainer(spec: Any) -> Trainer:
+    """The stage's trainer: the spec's model, training and mesh, with the microbatch counts it resolves."""
+    microbatches = microbatch_counts(spec.model, spec.train, spec.resolved_mesh(), spec.infra.hardware.memory_bytes)
+    return Trainer(spec.model, spec.train, spec.resolved_mesh(), microbatches=microbatches)
+
+
 def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, Any], out_dir: str | Path, *,
                     checkpoint_dir: str | None = None,
                     on_step: Callable[[StepLog, TrainState], None] | None = None,
@@ -107,8 +123,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         raise PalmError(f"train.steps={spec.train.steps} under the batch ramp needs {needed:,} sequences but the "
                         f"pack stage produced {available:,} (one epoch, no repeats); lower train.steps or add data")
 
-    microbatches = microbatch_counts(spec.model, spec.train, spec.resolved_mesh(), spec.infra.hardware.memory_bytes)
-    trainer = Trainer(spec.model, spec.train, spec.resolved_mesh(), microbatches=microbatches)
+    trainer = stage_trainer(spec)
     sequences = HostBatches(sequence_dataset(pack_dir, pack_manifest, "train", seed=spec.train.seed),
                             rows=trainer.host_rows)
     checkpoints = Checkpoints(checkpoint_dir or layout.checkpoints_dir(out_dir), spec.train.checkpoint)
@@ -156,7 +171,7 @@ def run_train_stage(spec: Any, pack_dir: str | Path, pack_manifest: dict[str, An
         "resumed_from": result.resumed_from,
         "loss_spikes": result.spikes,
         "corrupt_checkpoints": result.corrupt_checkpoints,
-        "microbatches": list(microbatches),  # per batch_ramp stage (this run's; a resume may differ)
+        "microbatches": list(trainer.microbatch_counts),  # per batch_ramp stage (this run's; a resume may differ)
         "params": trainer.num_params,
         "model_flops_per_token": trainer.flops_per_token,
         "training_tokens": sum(spec.train.global_batch_at(s) for s in range(spec.train.steps)) * spec.model.seq_len,
