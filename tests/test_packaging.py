@@ -82,7 +82,7 @@ def test_the_wheel_is_valid(package):
     wheel_meta = Parser().parsestr(contents[f"{DIST_INFO}/WHEEL"].decode())
     assert wheel_meta["Wheel-Version"] == "1.0" and wheel_meta["Root-Is-Purelib"] == "true"
     assert wheel_meta.get_all("Tag") == ["py3-none-any"] and wheel_meta["Generator"]
-    assert "palm = palm.cli:main" in contents[f"{DIST_INFO}/entry_points.txt"].decode()
+    assert "palm = palm.cli:run" in contents[f"{DIST_INFO}/entry_points.txt"].decode()
 
     # Exactly the source files of palm, tasks and flows, byte for byte; no bytecode.
     source = sorted(p.relative_to(ROOT).as_posix() for package_dir in ("palm", "tasks", "flows")

@@ -127,6 +127,7 @@ import json, os, sys
 import jax
 import numpy as np
 from palm.dag.workflow import load_spec
+from palm.core.checkpoint import params_digest, state_digest
 from palm.stages.train import prepare, stage_trainer
 
 hits = []
@@ -139,6 +140,7 @@ trainer = stage_trainer(spec)  # what the stage then does
 state = trainer.init()
 for batch in sorted({s.global_batch for s in spec.train.batch_ramp}):
     state, _ = trainer.step(state, np.zeros((batch, spec.model.seq_len), np.int32))
+state_digest(state), params_digest(state.params)  # what each checkpoint records
 print(json.dumps({"prepared": sorted(prepared), "compiled_after": sorted(set(os.listdir(cache)) - prepared),
                   "hits": len(hits)}))
 """
@@ -148,7 +150,7 @@ print(json.dumps({"prepared": sorted(prepared), "compiled_after": sorted(set(os.
 def test_prepare_compiles_every_training_program_the_stage_then_loads(tmp_path):
     """`palm run` prepares the train stage while Prefect's server starts: initialisation and the step at each
     batch size of the ramp are compiled into the persistent cache, and the stage's own trainer loads them all
-    (cache hits) and compiles none of them again."""
+    (cache hits) and compiles none of them again; nor the state's and parameters' digests."""
     # Cost: a Python process that compiles the tiny model's three training programs, into a cache of its own.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = subprocess.run([sys.executable, "-c", PREPARED, str(SPECS / "tiny.yaml")], capture_output=True, text=True,
@@ -157,5 +159,6 @@ def test_prepare_compiles_every_training_program_the_stage_then_loads(tmp_path):
     result = json.loads(out.stdout)
     programs = [name.split("-")[0] for name in result["prepared"]]
     assert programs.count("jit__step_fn") == 2 and programs.count("jit__init_fn") == 1  # batches 8 and 16
-    assert not [n for n in result["compiled_after"] if n.startswith(("jit__step_fn", "jit__init_fn"))]
+    assert programs.count("jit__lambda") == 2  # the digests' (palm.core.checkpoint._leaf_sums_jit)
+    assert not [n for n in result["compiled_after"] if n.startswith(("jit__step_fn", "jit__init_fn", "jit__lambda"))]
     assert result["hits"] >= 3

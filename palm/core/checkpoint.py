@@ -116,15 +116,9 @@ def tree_digest(tree: Any) -> str:
 
     The same on any machine, mesh and number of processes, and computed from each device's own shards:
     nothing is gathered. With several processes it is a collective (every host calls it)."""
-    flat = sorted(((_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]),
-                  key=lambda kv: kv[0])
-    leaves = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for _, leaf in flat]
-    # One computation per set of devices the leaves live on (a sharded state and host-side scalars).
-    groups: dict[Any, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+    flat, leaves = _digest_leaves(tree)
     sums: list[Any] = [None] * len(leaves)
-    for indices in groups.values():
+    for indices in _device_groups(leaves):
         for i, out in zip(indices, _leaf_sums_jit([leaves[i] for i in indices])):
             sums[i] = np.asarray(out.addressable_shards[0].data)  # a replicated scalar vector on every host
     h = hashlib.sha256()
@@ -133,6 +127,31 @@ def tree_digest(tree: Any) -> str:
         h.update(f"{jnp.dtype(leaf.dtype).str}{tuple(leaf.shape)}".encode())
         h.update(lane_sums.astype("<u4").tobytes())
     return h.hexdigest()
+
+
+def precompile_digest(abstract: Any) -> None:
+    """Compile `tree_digest`'s programs for a tree of ShapeDtypeStructs (with their shardings) without
+    running them: with JAX's persistent compilation cache on, a later digest of such a tree loads them."""
+    _, leaves = _digest_leaves(abstract)
+    for indices in _device_groups(leaves):
+        _leaf_sums_jit.lower([leaves[i] for i in indices]).compile()
+
+
+def _digest_leaves(tree: Any) -> tuple[list[tuple[str, Any]], list[Any]]:
+    """The leaves by path name, and each as an array (or the ShapeDtypeStruct it is)."""
+    flat = sorted(((_path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]),
+                  key=lambda kv: kv[0])
+    leaves = [leaf if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else jnp.asarray(leaf) for _, leaf in flat]
+    return flat, leaves
+
+
+def _device_groups(leaves: list[Any]) -> list[list[int]]:
+    """The leaves' indices grouped by the devices they live on: one computation per group (a sharded state
+    and host-side scalars)."""
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+    return list(groups.values())
 
 
 def model_digest(params: Any) -> str:

@@ -28,7 +28,7 @@ from palm.base.hardware import device_peak_flops
 from palm.core.model import (START_TOKEN, PaLM, abstract_params, count_params, logit_divisor, matrix_axes,
                              model_flops_per_token, unscaled_logits)
 from palm.core.sharding import Sharding, make_mesh
-from palm.core.checkpoint import params_digest, state_digest
+from palm.core.checkpoint import params_digest, precompile_digest, state_digest
 from palm.core.checkpoint import model_digest, restore_params_onto
 
 logger = logging.getLogger("palm.core.train")
@@ -395,12 +395,16 @@ class Trainer:
         """Compile the programs a run with this trainer calls, without running them: initialisation (unless
         `init` is False: a run that starts from other parameters) and the step at each batch_ramp stage.
         With JAX's persistent compilation cache on, the run that follows loads them from it instead of
-        compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare)."""
+        compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare). The
+        digests of the state and parameters that each checkpoint records are compiled too."""
         if init:
             with jax.set_mesh(self.sharding.mesh):
                 self._init.lower(jax.random.key(self.train_config.seed)).compile()
         for shape in sorted({(s.global_batch, n) for s, n in zip(self.train_config.batch_ramp, self.microbatch_counts)}):
             self.lower("train", *shape).compile()
+        state = self.abstract_state()  # the digests recorded with every checkpoint: the state's, the parameters'
+        precompile_digest(state)
+        precompile_digest(state.params)
 
     def host_rows(self, global_batch: int) -> tuple[int, int]:
         """The rows [start, stop) of a global batch that this process's devices hold."""

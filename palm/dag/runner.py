@@ -100,8 +100,11 @@ def existing_output(node: Any, root: str | Path, inputs: dict[str, StageOutput])
 
 def run_node(node: Any, root: str | Path, inputs: dict[str, StageOutput], force: bool = False,
              hooks: Hooks | None = None) -> StageOutput:
-    """Run (or reuse) one node's content-addressed output, in this process."""
+    """Run (or reuse) one node's content-addressed output, in this process (once its preparation, if
+    `prepare` started one, has ended)."""
     stage = STAGES[node.stage]
+    if (preparing := _prepared.get((node.stage, node.spec.digest()))) is not None:
+        preparing.wait()
     build = stage.build(node.spec, inputs, hooks or Hooks())  # imports the stage's builder module
     return run_stage(node.stage, stage.config(node.spec), inputs, root, build, force, resumable=stage.resumable,
                      in_place=stage.writes_remotely(node.spec), node=node.name, version=stage.version)
@@ -149,25 +152,38 @@ def nodes_to_build(workflow: Any, root: str | Path, selected: Any, force: Any = 
     return todo
 
 
+#: Preparations started by `prepare`, by (stage type, spec digest): set when done.
+_prepared: dict[tuple[str, str], threading.Event] = {}
+
+
 def prepare(nodes: list[Any]) -> None:
-    """Ahead of a run of these nodes: import each one's stage builder (Beam, Orbax, ...) and call its stage's
-    `prepare` with its spec (palm.dag.table.Stage.prepare), once per stage type and spec. `palm run` does
-    this while Prefect's ephemeral server starts in another process. It only saves time: what fails here
-    is left to the node's own build, which meets it again and reports it (the failure is logged at debug
-    level)."""
-    done = set()
-    for node in nodes:
-        stage = STAGES[node.stage]
-        if (node.stage, node.spec.digest()) in done:
-            continue
-        done.add((node.stage, node.spec.digest()))
+    """Ahead of a run of these nodes: import each one's stage builder (Beam, Orbax, ...), and start calling
+    its stage's `prepare` with its spec (palm.dag.table.Stage.prepare) on a thread, once per stage type and
+    spec; returns when the builders are imported. `palm run` does this while Prefect's ephemeral server
+    starts in another process. A node's build in this process (run_node) first waits for its own
+    preparation to end, so nothing is compiled twice. It only saves time: what fails here is left to the
+    node's own build, which meets it again and reports it (the failure is logged at debug level)."""
+    todo = {(node.stage, node.spec.digest()): (node.name, STAGES[node.stage], node.spec) for node in nodes}
+    ahead = [(key, *rest) for key, rest in todo.items() if rest[1].prepare and key not in _prepared]
+    for key, *_ in ahead:
+        _prepared[key] = threading.Event()
+
+    def attempt(name: str, fn: Callable[[], Any]) -> None:
         try:
-            load_builder(stage.builder)
-            if stage.prepare:
-                load_builder(stage.prepare)(node.spec)
+            fn()
         except Exception:  # noqa: BLE001 - see the docstring
-            logging.getLogger(__name__).debug("preparing %s failed; its build will meet it", node.name,
-                                              exc_info=True)
+            logging.getLogger(__name__).debug("preparing %s failed; its build will meet it", name, exc_info=True)
+
+    def compile_ahead() -> None:  # compiling releases the interpreter: the imports below go on meanwhile
+        for key, name, stage, spec in ahead:
+            try:
+                attempt(name, lambda: load_builder(stage.prepare)(spec))
+            finally:
+                _prepared[key].set()
+
+    threading.Thread(target=compile_ahead, name="palm-prepare", daemon=True).start()
+    for name, stage, _ in todo.values():
+        attempt(name, lambda: load_builder(stage.builder))
 
 
 def run_dag(spec: Any, root: str | Path, stages: list[str] | None = None, force: frozenset[str] = frozenset(),
