@@ -37,7 +37,7 @@ from palm.base import storage
 from palm.base.files import open_regular, read_text
 from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
-from palm.app.report import write_report
+from palm.app.report import load_plotting, write_report
 from palm.dag.runner import (attach, check_run_root, complete_outputs, nodes_to_build, prepare, record_spec,
                              run_summary)
 from palm.store.runlock import run_lock
@@ -362,14 +362,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"prefect: flow 'pretrain' on {api}" if api else
           "prefect: flow 'pretrain' in ephemeral mode (a temporary local API server; takes a few seconds to start)",
           file=sys.stderr, flush=True)
-    # Prefect's ephemeral server starts in a process of its own; meanwhile this one loads the flow and the
-    # engines of the nodes it will build and compiles their programs into the compilation cache.
+    # Prefect's ephemeral server starts in a process of its own; meanwhile this one loads the flow, the
+    # engines of the nodes it will build and the report's plotting, and compiles the programs of the nodes
+    # it will train (palm.dag.runner.prepare).
     server = None if api else _EphemeralServer()
     from flows.pretrain import pretrain  # loads Prefect and JAX: only for this command
     from palm.app.console import RunConsole  # loads rich: only for this command
 
     if server is not None:
         prepare(nodes_to_build(workflow, root, stages, args.force))
+        load_plotting()  # for the report at the end
         server.wait()
     restore = [] if args.verbose else _quiet_prefect_console()
 

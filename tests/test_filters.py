@@ -274,7 +274,7 @@ def test_keep_by_quality_is_deterministic_and_stable_across_processes():
     assert first == [keep_by_quality(0.9, d, seed=7) for d in ids]
     # A fresh interpreter (its own str hash randomization) decides the same way.
     script = ("from palm.data.filters import keep_by_quality; "
-              f"print(''.join('1' if keep_by_quality(0.9, f'doc-{{i}}', seed=7) else '0' for i in range(200)))")
+              "print(''.join('1' if keep_by_quality(0.9, f'doc-{i}', seed=7) else '0' for i in range(200)))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1],
                          env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()

@@ -49,12 +49,20 @@ def loss_rows(metrics: list[dict[str, Any]], samples: int = 20) -> list[dict[str
              "tokens_per_second": round(metrics[i]["tokens_per_second"])} for i in picks]
 
 
-def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> str | Path:
-    """Loss (and learning rate on a second axis) against step, as a PNG."""
-    import matplotlib
+def load_plotting() -> Any:
+    """matplotlib's pyplot, drawing to files (Agg). A heavy import (about 1.5 s), so only for the reports
+    that plot; `palm run` loads it while Prefect's server starts."""
+    import matplotlib  # heavy: only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: str | Path, title: str) -> str | Path:
+    """Loss (and learning rate on a second axis) against step, as a PNG."""
+    plt = load_plotting()
 
     steps = [m["step"] + 1 for m in metrics]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
