@@ -391,15 +391,14 @@ class Trainer:
         with jax.set_mesh(self.sharding.mesh):
             return (self._jitted_step(microbatches) if kind == "train" else self._eval).lower(*args)
 
-    def precompile(self, init: bool = True) -> None:
-        """Compile the programs a run with this trainer calls, without running them: initialisation (unless
-        `init` is False: a run that starts from other parameters) and the step at each batch_ramp stage.
+    def precompile(self) -> None:
+        """Compile the programs a run with this trainer calls, without running them: initialisation, the step
+        at each batch_ramp stage, and the digests of the state and parameters that each checkpoint records.
         With JAX's persistent compilation cache on, the run that follows loads them from it instead of
-        compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare). The
-        digests of the state and parameters that each checkpoint records are compiled too."""
-        if init:
-            with jax.set_mesh(self.sharding.mesh):
-                self._init.lower(jax.random.key(self.train_config.seed)).compile()
+        compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare). (A
+        fine-tuning run starts from other parameters through `init_from`, which it compiles itself.)"""
+        with jax.set_mesh(self.sharding.mesh):
+            self._init.lower(jax.random.key(self.train_config.seed)).compile()
         for shape in sorted({(s.global_batch, n) for s, n in zip(self.train_config.batch_ramp, self.microbatch_counts)}):
             self.lower("train", *shape).compile()
         state = self.abstract_state()  # the digests recorded with every checkpoint: the state's, the parameters'
