@@ -28,6 +28,7 @@ from tasks.common import artifact_key
 from palm.base import storage
 from palm.core.checkpoint import Checkpoints
 from palm.jobs.launch import train_on_workers, train_output
+from palm.jobs.evaljob import launches_workers
 from palm.spec.config import CheckpointConfig
 from palm.store import layout
 
@@ -113,7 +114,7 @@ def sigterm_sets(stop: threading.Event) -> Iterator[Any]:
 
 def launched(spec: Any) -> bool:
     """Whether the train stage runs on launched workers (palm.jobs.launch) instead of in this process."""
-    return spec.infra.launcher.kind != "local" or spec.infra.launcher.processes > 1
+    return launches_workers(spec)
 
 
 class CheckpointWatcher:

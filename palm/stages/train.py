@@ -21,6 +21,7 @@ from palm.base.errors import PalmError
 from palm.core.checkpoint import Checkpoints, params_digest
 from palm.core.train import StepLog, Trainer, TrainState, run_training
 from palm.data.loader import HostBatches, sequence_dataset
+from palm.jobs.evaljob import launches_workers
 from palm.store import layout
 from palm.store.tensorboard import TRAIN_SCALARS, EventWriter
 
@@ -79,8 +80,8 @@ def prepare(spec: Any) -> None:
     """Compile the stage's programs into JAX's persistent compilation cache, so that the stage loads them
     (palm.dag.runner.prepare: `palm run` calls this while Prefect's server starts). Only for a stage that
     trains in this process on the devices it has, with the cache on; otherwise nothing."""
-    if (not jax.config.jax_compilation_cache_dir or spec.infra.launcher.kind != "local"
-            or spec.infra.launcher.processes > 1 or jax.device_count() != spec.infra.hardware.num_devices):
+    if (not jax.config.jax_compilation_cache_dir or launches_workers(spec)
+            or jax.device_count() != spec.infra.hardware.num_devices):
         return
     stage_trainer(spec).precompile()
 
