@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="palm
 # session's directory too, never the user's ~/.cache/palm/jax.
 os.environ.setdefault("PALM_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+# Python's default: each module's compiled bytecode is written to __pycache__ once and read by every later
+# process. The suite starts a few hundred Python processes (xdist workers, stage and worker subprocesses,
+# the CLI, Prefect's server and workers), each importing JAX, Prefect or Beam; where the environment sets
+# PYTHONDONTWRITEBYTECODE (some containers and CI images do), each of them would compile those sources
+# again, about 6 of the 10 s that importing JAX, Prefect, Beam and palm's CLI takes on a 2-core VM.
+# Only the suite's processes are affected (the variable is dropped here, before the workers start).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
