@@ -279,9 +279,9 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)  # a broken spec is refused before JAX loads
     from palm.app.plan import PALM_MFU, plan, render  # loads JAX: only for this command
 
-    spec = load_spec(args.spec, args.overrides)
     mfu = PALM_MFU if args.mfu is None else args.mfu
     if not 0 < mfu <= 1:
         raise PalmError(f"--mfu must be in (0, 1], got {mfu}")

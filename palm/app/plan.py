@@ -14,7 +14,7 @@ from palm.core.sharding import Sharding
 from palm.dag.runner import stage_key_of
 from palm.dag.table import STAGES
 from palm.dag.workflow import resolve_workflow
-from palm.data.quality import chance_keep_rate, read_report
+from palm.data.quality_report import chance_keep_rate, read_report
 from palm.jobs.launching import topology_check
 from palm.spec.schema import Spec
 from palm.store import layout

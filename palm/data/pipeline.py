@@ -33,7 +33,8 @@ from palm.spec.schema import LOCAL_RUNNERS
 from palm.data.dedup import (BANDS, PAIRS, SHINGLES, BandKeys, NearDuplicates, VerifiedPairs, candidate_edges,
                              drop_marked, keep_first)
 from palm.data.mixture import BinTokens, Select, add_priority_bin, estimated_tokens, mixture_cutoffs
-from palm.data.quality import CLASSIFIER, SCORE_BINS, QualityClassifier, score_bin
+from palm.data.quality import SCORE_BINS, QualityClassifier, score_bin
+from palm.data.quality_report import read_report
 from palm.data.sources import Decode, ReadSources, normalize
 from palm.spec.schema import DataSpec
 
@@ -250,7 +251,7 @@ def summarize(out_dir: str, spec: DataSpec, classifier: str | None = None,
                                                 "score_histogram": hist}
     quality = {"scorer": spec.quality.scorer if scored else None}
     if classifier is not None:
-        report = json.loads(storage.read_text(storage.join(classifier, CLASSIFIER)))["report"]
+        report = read_report(classifier)
         quality.update(classifier=classifier, classifier_key=classifier_key, held_out_auc=report["held_out_auc"],
                        positive_sources=report["positive_sources"], negative_sources=report["negative_sources"])
     return {"sources": per_source, "token_budget": mixture["budget"], "shards": shards, "near_duplicates": near,

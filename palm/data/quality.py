@@ -36,12 +36,12 @@ import numpy as np
 from palm.base import storage
 from palm.base.errors import PalmError
 from palm.data.filters import keep_probability, quality_drop_reason
+from palm.data.quality_report import CLASSIFIER
 from palm.data.sources import decode_record, normalize, source_files, source_records
 
 if TYPE_CHECKING:
     from palm.spec.schema import DataSpec, Source
 
-CLASSIFIER = "classifier.json"
 WEIGHTS = "weights.npy"
 #: Score quantiles reported per source.
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -165,23 +165,6 @@ def check_auc(data: "DataSpec", report: dict[str, Any]) -> None:
                     "drop documents by a meaningless score; choose curated sources that differ from the sampled "
                     "ones (data.quality.positive_sources), sample more documents (data.quality.max_docs_per_class), "
                     "turn off filters.quality_sampling for those sources, or lower data.quality.min_auc")
-
-
-def chance_keep_rate(alpha: float) -> float:
-    """The Pareto rule's keep rate for a score of 0.5: what a classifier that cannot tell would keep."""
-    return keep_probability(0.5, alpha)
-
-
-def read_report(path: str) -> dict[str, Any]:
-    """The training report in a quality stage's output (local or gs://), PalmError if unreadable."""
-    try:
-        return json.loads(storage.read_text(storage.join(path, CLASSIFIER)))["report"]
-    except FileNotFoundError:
-        raise PalmError(f"quality classifier at {path}: {CLASSIFIER} is missing; rerun the quality stage "
-                        "(palm run SPEC --stages quality --force)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise PalmError(f"quality classifier at {path} is unreadable ({e}); rerun the quality stage "
-                        "(palm run SPEC --stages quality --force)") from None
 
 
 def train_quality_stage(data: "DataSpec", out: Path) -> dict[str, Any]:

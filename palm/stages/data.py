@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from palm.data.pipeline import run_data_stage
-from palm.data.quality import check_auc, read_report
+from palm.data.quality import check_auc
+from palm.data.quality_report import read_report
 
 
 def build(spec: Any, inputs: dict[str, Any], hooks: Any) -> Callable[[Any], dict[str, Any]]:
