@@ -91,15 +91,17 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
     A sum of per-element terms is the same however the array is split over devices and hosts (each
     device sums its own shard; only these 16 bytes cross the network), and hashing the index with the
     bits makes it sensitive to any changed or moved element. Indices are hashed coordinate by
-    coordinate, so arrays of more than 2^32 elements need no 64-bit counters."""
-    bits = _as_uint32(x)
-    lanes = []
-    for seed in _LANES:
-        h = jnp.full(x.shape, seed, jnp.uint32)
-        for axis in range(x.ndim):
-            h = _mix32(h ^ jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis))
-        lanes.append(jnp.sum(_mix32(h ^ _mix32(bits + jnp.uint32(seed))), dtype=jnp.uint32))
-    return jnp.stack(lanes)
+    coordinate, so arrays of more than 2^32 elements need no 64-bit counters. The four lanes are one
+    leading axis of one expression (a quarter of the program that one expression per lane makes, so a
+    quarter of the tracing and compiling); XLA fuses it into the reduction, so nothing of the lanes'
+    size is held in memory, and integer sums do not depend on their order."""
+    bits = _as_uint32(x)[None]
+    seeds = jnp.asarray(_LANES, jnp.uint32).reshape((len(_LANES),) + (1,) * x.ndim)
+    shape = (len(_LANES),) + x.shape
+    h = jnp.broadcast_to(seeds, shape)
+    for axis in range(x.ndim):
+        h = _mix32(h ^ jax.lax.broadcasted_iota(jnp.uint32, shape, axis + 1))
+    return jnp.sum(_mix32(h ^ _mix32(bits + seeds)), axis=tuple(range(1, x.ndim + 1)), dtype=jnp.uint32)
 
 
 _leaf_sums_jit = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
