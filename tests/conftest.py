@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,9 @@ sys.dont_write_bytecode = False
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
 SHARED_DATA = Path(os.environ.get("PALM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TINY = SPECS / "tiny.yaml"
+#: The overrides of `tiny_trained`'s training: 6 steps, checkpoints 0, 3 and 6.
+TINY_TRAINED = ["train.steps=6", "train.checkpoint.every_steps=3"]
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +99,56 @@ def gcs_emulator():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory built once per test session and shared by every xdist worker: the first worker to ask
+    builds it while the others wait on a lock, then all read it. It is built where it stays (stage
+    manifests record their inputs' absolute paths) and marked complete last, so a failed build is redone
+    by the next test that asks. Tests must not write into it; they copy it (`copy_of`)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's directory, above each worker's own
+    path, built = base / name, base / f"{name}.built"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            built.touch()
+    return path
+
+
+def copy_of(shared: Path, where: Path) -> Path:
+    """A writable copy of a session-shared run root at `where` (which must not exist yet)."""
+    shutil.copytree(shared, where)
+    return where
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """A run root holding the data, tokenizer and pack stages of specs/tiny.yaml, built once per session
+    for every test whose point lies downstream of them (training, evaluation, several processes)."""
+    def build(root: Path) -> None:
+        from palm.dag.runner import run_dag
+        from palm.dag.workflow import load_spec
+
+        run_dag(load_spec(TINY), root, ["data", "tokenizer", "pack"])
+
+    return _built_once(tmp_path_factory, "tiny-upstream", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, tiny_upstream) -> Path:
+    """`tiny_upstream` plus the train stage with TINY_TRAINED (checkpoints 0, 3 and 6) and the run's
+    recorded spec, as `palm run specs/tiny.yaml --set ...` leaves them; built once per session."""
+    def build(root: Path) -> None:
+        from palm.dag.runner import record_spec, run_dag
+        from palm.dag.workflow import load_spec
+
+        shutil.copytree(tiny_upstream, root)
+        spec = load_spec(TINY, TINY_TRAINED)
+        record_spec(spec, root)
+        run_dag(spec, root, ["train"])
+
+    return _built_once(tmp_path_factory, "tiny-trained", build)

@@ -22,24 +22,20 @@ from palm.jobs.evaljob import placement, result_path, write_result
 from palm.jobs.launching import JobFailed, WorkerRejected
 from palm.store.ledger import EvalLedger
 from palm.store.layout import SPEC_RECORD
-from palm.dag.runner import record_spec, run_dag
 from palm.dag.workflow import load_spec
-from tests.conftest import SPECS
+from tests.conftest import SPECS, TINY_TRAINED
 
 TINY = str(SPECS / "tiny.yaml")
-QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
+QUICK = [*TINY_TRAINED, "eval.max_examples=4"]  # the training of tests.conftest.tiny_trained
 #: The run's launcher as its recorded spec names it: two local worker processes, one CPU device each.
 TWO_PROCESSES = ["infra.launcher.processes=2", "infra.hardware.num_devices=2", "infra.launcher.poll_seconds=0.05"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny run trained in this process (checkpoints 0, 3 and 6), its spec recorded; tests copy it."""
-    root = tmp_path_factory.mktemp("trained") / "run"
-    spec = load_spec(TINY, QUICK)
-    run_dag(spec, root, ["data", "tokenizer", "pack", "train"])
-    record_spec(spec, root)
-    return root
+def trained(tiny_trained) -> Path:
+    """The session's tiny run trained for 6 steps (checkpoints 0, 3 and 6), its spec recorded; tests copy it
+    (copy_run records the spec with their overrides)."""
+    return tiny_trained
 
 
 def copy_run(trained: Path, tmp_path: Path, overrides: list[str]) -> tuple[Path, Path]:

@@ -12,15 +12,13 @@ import pytest
 from palm.cli import main
 from palm.base.errors import PalmError
 from palm.evaluation.run import MC_KEYS, load_mc_task
-from tests.conftest import ROOT, SPECS
+from tests.conftest import ROOT, SPECS, copy_of
 
 
 @pytest.fixture(scope="module")
-def checkpoint(prefect_server, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack,train", "--output", str(root),
-               "--set", "train.steps=6", "--set", "train.checkpoint.every_steps=3"])
-    assert rc == 0
+def checkpoint(prefect_server, tiny_trained, tmp_path_factory) -> Path:
+    """The checkpoints of a copy of the session's tiny run trained for 6 steps (tests.conftest.tiny_trained)."""
+    root = copy_of(tiny_trained, tmp_path_factory.mktemp("run") / "root")
     return next((root / "train").glob("*/checkpoints"))
 
 

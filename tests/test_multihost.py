@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from palm.dag.runner import run_dag
-from palm.dag.workflow import load_spec
 from tests.conftest import ROOT, SPECS
 
 TINY = str(SPECS / "tiny.yaml")
@@ -28,11 +26,9 @@ TRAIN = ["train.steps=8", "train.checkpoint.every_steps=4", "train.log_every=1",
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    """data, tokenizer and pack of the tiny spec, built once; each run copies them into its own root."""
-    root = tmp_path_factory.mktemp("upstream")
-    run_dag(load_spec(TINY), root, ["data", "tokenizer", "pack"])
-    return root
+def upstream(tiny_upstream) -> Path:
+    """data, tokenizer and pack of the tiny spec, built once per session; each run copies them into its own root."""
+    return tiny_upstream
 
 
 def free_port() -> int:
@@ -118,13 +114,15 @@ def test_four_processes_on_a_model_by_fsdp_mesh_match_one_process(upstream, tmp_
     losses agree to ~1e-7 but gloo's four-way reduction order differs from the in-process one, so the
     last bits of the parameters do too.)"""
     # Cost: four `palm worker` processes plus a one-process run on four devices; a 2 x 2 mesh across four hosts is
-    # the point, so neither can be shared with the two-process tests.
-    overrides = TRAIN + ["infra.hardware.num_devices=4", "infra.mesh.fsdp=2", "infra.mesh.model=2"]
+    # the point, so neither can be shared with the two-process tests. The batch ramp is theirs: here 4 steps of
+    # one batch size (one step program to compile in each of the five processes), a checkpoint every 2.
+    overrides = ["train.steps=4", "train.checkpoint.every_steps=2", "train.log_every=1",
+                 "infra.hardware.num_devices=4", "infra.mesh.fsdp=2", "infra.mesh.model=2"]
     one = single_process(copy(upstream, tmp_path, "one"), overrides, devices=4)
     hosts = finish(processes(copy(upstream, tmp_path, "four"), overrides, 4))
     assert sorted(h["process_index"] for h in hosts) == [0, 1, 2, 3]
     assert {h["digest"] for h in hosts} == {one["digest"]}
-    assert losses(hosts[0]) == losses(one)
+    assert losses(hosts[0]) == losses(one) and len(losses(one)) == 4
 
 
 @pytest.mark.slow

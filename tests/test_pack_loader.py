@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from palm.base import storage
-from palm.cli import main
 from palm.data.loader import SequenceIterator, sequence_dataset
 from palm.data.pack import TOKEN_DTYPE, pack_sequences
 from palm.base.errors import PalmError
 from palm.data.beam import stable_unit
 from palm.tokenizer import Tokenizer
-from tests.conftest import SPECS
+from tests.conftest import SPECS, copy_of
 
 
 def test_pack_sequences_cuts_without_padding():
@@ -27,10 +26,8 @@ def test_pack_sequences_cuts_without_padding():
 
 
 @pytest.fixture(scope="module")
-def run(prefect_server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    rc = main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack", "--output", str(root)])
-    assert rc == 0
+def run(tiny_upstream, tmp_path_factory):
+    root = copy_of(tiny_upstream, tmp_path_factory.mktemp("run") / "root")
     stage = {s: next((root / s).glob("*/manifest.json")).parent for s in ("data", "tokenizer", "pack")}
     manifest = json.loads((stage["pack"] / "manifest.json").read_text())
     return stage, manifest

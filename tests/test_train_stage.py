@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from palm.cli import main
 from tests.conftest import ROOT, SPECS
 
 STEPS = 30
@@ -22,11 +21,10 @@ TRAIN = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint.every_steps
 
 
 @pytest.fixture(scope="module")
-def upstream(prefect_server, tmp_path_factory):
-    """data, tokenizer and pack for the tiny spec, built once and copied into each test's root."""
-    base = tmp_path_factory.mktemp("upstream")
-    assert main(["run", str(SPECS / "tiny.yaml"), "--stages", "data,tokenizer,pack", "--output", str(base)]) == 0
-    return base
+def upstream(prefect_server, tiny_upstream):
+    """data, tokenizer and pack for the tiny spec, built once per session and copied into each test's root;
+    the runs here are `palm run` processes whose flow runs go to the session's Prefect server."""
+    return tiny_upstream
 
 
 def fresh_root(upstream: Path, tmp_path: Path, name: str) -> Path:
