@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -322,6 +323,12 @@ def test_batch_ramp_keeps_token_order_and_compiles_once_per_size():
     assert [log.global_batch for log in logs] == [2, 2, 4, 4]
     assert trainer.compiled_batch_sizes() == 2
     assert int(state.step) == 4
+    # What `palm run` compiles ahead (Trainer.precompile) is what the run reaches: a stage of the ramp that
+    # starts at or after the last step is left out.
+    assert trainer.step_shapes() == [(2, 1), (4, 1)]
+    for steps, shapes in ((2, [(2, 1)]), (3, [(2, 1), (4, 1)])):
+        short = Trainer(spec.model, dataclasses.replace(spec.train, steps=steps), spec.resolved_mesh())
+        assert short.step_shapes() == shapes, steps
 
 
 def test_running_out_of_data_is_a_clear_error():

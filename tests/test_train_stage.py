@@ -131,7 +131,7 @@ from palm.stages.train import prepare, stage_trainer
 hits = []
 jax.monitoring.register_event_listener(lambda name, **_: hits.append(name) if name.endswith("cache_hits") else None)
 cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
-spec = load_spec(sys.argv[1], ["train.steps=4"])
+spec = load_spec(sys.argv[1], ["train.steps=101"])  # past the ramp's second stage (batch 16 from step 100)
 prepare(spec)
 prepared = set(os.listdir(cache))
 trainer = stage_trainer(spec)  # what the stage then does

@@ -393,17 +393,25 @@ class Trainer:
 
     def precompile(self) -> None:
         """Compile the programs a run with this trainer calls, without running them: initialisation, the step
-        at each batch_ramp stage, and the digests of the state and parameters that each checkpoint records.
+        at each batch_ramp stage the run reaches (`step_shapes`), and the digests of the state and parameters that each checkpoint records.
         With JAX's persistent compilation cache on, the run that follows loads them from it instead of
         compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare). (A
         fine-tuning run starts from other parameters through `init_from`, which it compiles itself.)"""
         with jax.set_mesh(self.sharding.mesh):
             self._init.lower(jax.random.key(self.train_config.seed)).compile()
-        for shape in sorted({(s.global_batch, n) for s, n in zip(self.train_config.batch_ramp, self.microbatch_counts)}):
+        for shape in self.step_shapes():
             self.lower("train", *shape).compile()
         state = self.abstract_state()  # the digests recorded with every checkpoint: the state's, the parameters'
         precompile_digest(state)
         precompile_digest(state.params)
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """(global batch, microbatches) of each step program a run of `steps` steps calls: the batch ramp's
+        stages that start before the last step (a short run of a spec whose ramp goes on later compiles
+        only what it reaches)."""
+        steps = self.train_config.steps
+        return sorted({(s.global_batch, n) for s, n in zip(self.train_config.batch_ramp, self.microbatch_counts)
+                       if s.from_step < steps})
 
     def host_rows(self, global_batch: int) -> tuple[int, int]:
         """The rows [start, stop) of a global batch that this process's devices hold."""
