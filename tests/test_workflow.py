@@ -176,15 +176,17 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
 def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
     """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
     # Cost: the whole tiny-coder graph in process (data, tokenizer, pack, a base training, the code data, a
-    # 60-step fine-tune and its evaluation); the point is the hand-over from one training to the next.
+    # fine-tune and its evaluation); the point is the hand-over from one training to the next, so the fine-tune
+    # takes 6 of its 60 steps (a checkpoint every 3, all kept).
     from palm.core.checkpoint import open_checkpoints
 
-    keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {"train.checkpoint.keep_last": 5}}})
+    keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {
+        "train.steps": 6, "train.checkpoint.every_steps": 3, "train.checkpoint.keep_last": 5}}})
     spec = load_spec(keep, QUICK)
     outputs = run_dag(spec, tmp_path / "run", ["data", "tokenizer", "pack", "train", "data-code", "pack-code",
                                                 "coder", "eval-coder"])
     base, coder = outputs["train"].manifest, outputs["coder"].manifest
-    assert coder["init_from"] == base["checkpoint"] and coder["final_step"] == 60
+    assert coder["init_from"] == base["checkpoint"] and coder["final_step"] == 6
     ckpts = open_checkpoints(outputs["coder"].path)
     try:
         start = ckpts.meta(0)
