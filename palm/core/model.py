@@ -486,7 +486,18 @@ project_to_vocab.defvjp(_project_fwd, _project_bwd)
 
 
 def abstract_params(config: ModelConfig) -> Any:
-    """Parameter shapes and logical axes (nn.Partitioned boxes of ShapeDtypeStruct), allocating nothing."""
+    """Parameter shapes and logical axes (nn.Partitioned boxes of ShapeDtypeStruct), allocating nothing.
+
+    Each call returns its own tree (the containers are new, the leaves immutable), so a caller may edit it;
+    the model is traced once per configuration and process (`_traced_params`)."""
+    return jax.tree.map(lambda leaf: leaf, _traced_params(config))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_params(config: ModelConfig) -> Any:
+    # Tracing the model's init is the cost (a second or more on a small CPU, whatever the model's size): the
+    # plan, the memory estimate for each batch and microbatch count, the trainer and the evaluation's LM
+    # all ask for the same shapes.
     model = PaLM(config)
     tokens = jax.ShapeDtypeStruct((1, min(8, config.seq_len)), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
@@ -494,7 +505,7 @@ def abstract_params(config: ModelConfig) -> Any:
 
 def count_params(config: ModelConfig) -> int:
     """Exact parameter count, from the model's own abstract shapes."""
-    leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+    leaves = jax.tree.leaves(nn.unbox(_traced_params(config)))
     return sum(int(x.size) for x in leaves)
 
 
