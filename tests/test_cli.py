@@ -12,6 +12,7 @@ from palm.dag.runner import nodes_to_build
 from palm.dag.table import STAGES
 from palm.dag.workflow import load_spec
 from palm.dag.workflow import resolve_workflow
+from tests.conftest import copy_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "specs" / "tiny.yaml")
@@ -76,8 +77,9 @@ def test_run_runs_every_stage_and_writes_the_report(prefect_server, capsys, tmp_
 
 
 @pytest.mark.slow
-def test_run_with_a_relative_storage_root(prefect_server, capsys, tmp_path, monkeypatch):
+def test_run_with_a_relative_storage_root(prefect_server, tiny_upstream, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's command writes to the spec's relative root, runs/tiny
+    copy_of(tiny_upstream, tmp_path / "runs" / "tiny")  # data, tokenizer and pack found there, cached
     rc = main(["run", TINY, "--set", "train.steps=2", "--set", "eval.tasks=[validation_loss]",
                "--set", "eval.max_examples=2"])
     err = capsys.readouterr().err

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_of
 
 OVERRIDES = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
 TERMINAL_BAD = {"FAILED", "CRASHED", "CANCELLED"}
@@ -147,9 +147,12 @@ def flow_runs(api: str, flow_name: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(prefect_stack, shared_data):
+def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(prefect_stack, shared_data,
+                                                                               tiny_upstream):
     # Cost: the README's commands verbatim: a Prefect server, `prefect deploy`, a worker process, a pretrain run and
     # one evaluation flow run per saved checkpoint started by events; the point is that whole loop, end to end.
+    # The run's directory starts with the session's data, tokenizer and pack (tiny_upstream): the deployed
+    # flow finds them cached, and trains and evaluates.
     lines, run, env, state, tmp, procs = prefect_stack
     assert lines[0].startswith("export PREFECT_API_URL=http://127.0.0.1:")
     assert all(line.startswith(("export ", "uv run prefect ")) for line in lines), lines
@@ -185,7 +188,7 @@ def test_readme_section_5_deploys_and_its_events_evaluate_each_checkpoint_once(p
     worker, worker_log = procs[-1], tmp / f"bg{len(procs) - 1}.log"
 
     # The README's last line, with a small run of it into a temporary directory.
-    out = tmp / "run"
+    out = copy_of(tiny_upstream, tmp / "run")
     params = json.dumps({"output": str(out), "overrides": OVERRIDES})
     text = run(f"{last} --params '{params}'")
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", text).group(1)

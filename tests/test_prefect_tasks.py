@@ -16,7 +16,7 @@ from palm.dag.runner import node_inputs
 from palm.dag.workflow import resolve_workflow
 from tasks.common import run_artifact_key, run_key, with_retry_policy
 from tasks.stage import node_task, stage_task
-from tests.conftest import SPECS
+from tests.conftest import SPECS, copy_of
 
 
 def run_nodes(spec, root: str, names: list[str]) -> dict:
@@ -89,7 +89,7 @@ def test_retry_policy_comes_from_the_spec():
 
 
 @pytest.mark.slow
-def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
+def test_train_task_emits_an_event_per_checkpoint(prefect_server, tiny_upstream, tmp_path):
     import time
 
     from prefect.events.filters import EventFilter, EventNameFilter
@@ -97,7 +97,7 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
     from tasks.train import CHECKPOINT_SAVED
 
     spec = load_spec(SPECS / "tiny.yaml", ["train.steps=6", "train.checkpoint.every_steps=3"])
-    root = str(tmp_path)
+    root = str(copy_of(tiny_upstream, tmp_path / "run"))  # data, tokenizer and pack are cached tasks here
 
     @flow(name="tiny-train")
     def tiny_train():
@@ -137,12 +137,13 @@ def test_train_task_emits_an_event_per_checkpoint(prefect_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
+def test_a_train_task_that_crashes_mid_run_is_retried_and_resumes(prefect_server, tiny_upstream, tmp_path,
+                                                                  monkeypatch):
     from palm.core.train import Trainer
 
     spec = load_spec(SPECS / "tiny.yaml", ["train.steps=8", "train.checkpoint.every_steps=3",
                                             "retries.train.retries=2", "retries.train.delay_seconds=0"])
-    root = str(tmp_path)
+    root = str(copy_of(tiny_upstream, tmp_path / "run"))
     real_step, calls = Trainer.step, {"n": 0}
 
     def crash_once(self, state, tokens, weights=None, global_batch=None, **kwargs):

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from palm.cli import main
 from palm.store.tensorboard import TRAIN_SCALARS, write_eval_results
-from tests.conftest import SPECS
+from tests.conftest import SPECS, copy_of
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -20,8 +20,9 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.mark.slow
-def test_a_run_writes_training_and_evaluation_event_files(prefect_server, tmp_path, capsys):
-    rc = main(["run", str(SPECS / "tiny.yaml"), "--output", str(tmp_path), "--json", "--set", "train.steps=5",
+def test_a_run_writes_training_and_evaluation_event_files(prefect_server, tiny_upstream, tmp_path, capsys):
+    root = copy_of(tiny_upstream, tmp_path / "run")  # the event files are the train and eval stages'
+    rc = main(["run", str(SPECS / "tiny.yaml"), "--output", str(root), "--json", "--set", "train.steps=5",
                "--set", "eval.max_examples=4", "--set", "train.profile_steps=[2, 4]"])
     out, err = capsys.readouterr()
     assert rc == 0, err[-2000:]

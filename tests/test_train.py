@@ -342,15 +342,16 @@ def test_running_out_of_data_is_a_clear_error():
 @pytest.mark.slow
 def test_tiny_model_learns_real_text_far_below_unigram_entropy(shared_data):
     """The tiny spec's model and optimizer on tinyshakespeare (bytes as tokens)."""
-    # Cost: 150 steps of the tiny spec's model; the point is learning real text, and the learning-rate
-    # assertion needs steps past 100 (where the 1/sqrt(k) phase begins).
+    # Cost: 100 steps of the tiny spec's model at its first batch size (8); the point is learning real text
+    # (2.37 nats per byte against the bound's 2.48), and the learning-rate assertion needs the 1/sqrt(k)
+    # phase, which begins after 50 constant steps here (100 in the spec, whose 150 steps cost twice this).
     text = (shared_data / "tinyshakespeare" / "input.txt").read_bytes()
     ids = np.frombuffer(text, np.uint8).astype(np.int32)
     counts = np.bincount(ids, minlength=256)
     p = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(p * np.log(p)).sum())  # nats per byte, about 3.3
 
-    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=150"])
+    spec = load_spec(SPECS / "tiny.yaml", ["train.steps=100", "train.schedule.constant_steps=50"])
     seq_len = spec.model.seq_len
     rng = np.random.default_rng(0)
     starts = rng.integers(0, len(ids) - seq_len, 10**5)
@@ -359,7 +360,7 @@ def test_tiny_model_learns_real_text_far_below_unigram_entropy(shared_data):
     final = float(np.mean([log.loss for log in logs[-10:]]))
     assert all(math.isfinite(log.loss) for log in logs)
     assert final < 0.75 * unigram_entropy, (final, unigram_entropy)
-    assert logs[-1].learning_rate < logs[50].learning_rate  # the 1/sqrt(k) phase began at step 100
+    assert logs[-1].learning_rate < logs[40].learning_rate  # the 1/sqrt(k) phase began at step 50
 
 
 MESHES = [

@@ -18,7 +18,7 @@ from palm.dag.runner import node_inputs, run_dag, stage_key_of
 from palm.dag.workflow import load_spec
 from palm.store.outputs import StageOutput
 from palm.dag.workflow import resolve_workflow
-from tests.conftest import SPECS
+from tests.conftest import SPECS, copy_of
 from tests.test_cli import flow_run_and_tasks
 
 TINY = SPECS / "tiny.yaml"
@@ -128,12 +128,13 @@ def write_variant(tmp_path: Path, base: Path, name: str, workflow: dict) -> Path
 
 @pytest.mark.slow
 def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_changed(prefect_server, capsys,
-                                                                                        tmp_path):
+                                                                                        tiny_upstream, tmp_path):
     """tiny-scaling: one data/tokenizer/pack, three model sizes, their evaluations and a scaling report,
     through the Prefect flow (`palm run`)."""
     # Cost: two runs of the tiny-scaling graph through Prefect (three models of 6 steps, their evaluations, a
-    # report); concurrent branches and a rerun of only the changed ones are the point.
-    root = tmp_path / "run"
+    # report); concurrent branches and a rerun of only the changed ones are the point. Its data, tokenizer
+    # and pack are tiny's (the same keys), so they come from the session's tiny_upstream, cached.
+    root = copy_of(tiny_upstream, tmp_path / "run")
     rc = main(["run", str(SCALING), "--output", str(root), "--json", *sets(QUICK)])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
@@ -141,7 +142,7 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
     nodes = ["data", "tokenizer", "pack", "train-s", "train-m", "train-l", "eval-s", "eval-m", "eval-l", "scaling"]
     assert list(result["stages"]) == nodes
     assert {n: s["stage"] for n, s in result["stages"].items()}["train-l"] == "train"
-    assert not any(s["cached"] for s in result["stages"].values())
+    assert [n for n, s in result["stages"].items() if s["cached"]] == ["data", "tokenizer", "pack"]
     for n, s in result["stages"].items():
         assert s["output"] == f"{root}/{n}/{s['key']}"
     scaling = json.loads((Path(result["stages"]["scaling"]["output"]) / "scaling.json").read_text())
@@ -158,7 +159,10 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
     assert set(by_name) == set(nodes) and all(t.state.is_completed() for t in task_runs)
     upstream = {name: {str(i.id) for inputs in t.task_inputs.values() for i in inputs if hasattr(i, "id")}
                 for name, t in by_name.items()}
-    assert upstream["scaling"] == {str(by_name[n].id) for n in nodes[3:9]}
+    # At least its edges: Prefect links an argument to a task run by the id() of that run's result, and for
+    # results without weak references (dicts, strings) a freed object's recycled id can link an unrelated
+    # task run too (a limitation Prefect's own source notes, its issue 20558).
+    assert upstream["scaling"] >= {str(by_name[n].id) for n in nodes[3:9]}
     assert upstream["eval-l"] >= {str(by_name["train-l"].id)}
     trains = sorted((by_name[n].start_time, by_name[n].end_time) for n in ("train-s", "train-m", "train-l"))
     assert trains[1][0] < trains[0][1], trains  # the second started before the first ended
@@ -173,18 +177,22 @@ def test_a_declared_graph_runs_its_branches_concurrently_and_reruns_only_what_ch
 
 
 @pytest.mark.slow
-def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tmp_path):
+def test_fine_tuning_starts_from_the_trained_model_with_a_fresh_optimizer(tiny_trained, tmp_path):
     """tiny-coder, in process: the finetune node's step 0 is the base model's final parameters."""
-    # Cost: the whole tiny-coder graph in process (data, tokenizer, pack, a base training, the code data, a
-    # fine-tune and its evaluation); the point is the hand-over from one training to the next, so the fine-tune
-    # takes 6 of its 60 steps (a checkpoint every 3, all kept).
+    # Cost: the tiny-coder graph in process (the code data, its pack, a fine-tune and its evaluation); its
+    # data, tokenizer, pack and base training are tiny's with QUICK (the same keys), cached from the session's
+    # tiny_trained. The point is the hand-over from one training to the next, so the fine-tune takes 6 of its
+    # 60 steps (a checkpoint every 3, all kept).
     from palm.core.checkpoint import open_checkpoints
 
     keep = write_variant(tmp_path, CODER, "coder", {"coder": {"set": {
         "train.steps": 6, "train.checkpoint.every_steps": 3, "train.checkpoint.keep_last": 5}}})
     spec = load_spec(keep, QUICK)
-    outputs = run_dag(spec, tmp_path / "run", ["data", "tokenizer", "pack", "train", "data-code", "pack-code",
-                                                "coder", "eval-coder"])
+    root = copy_of(tiny_trained, tmp_path / "run")
+    (root / "spec.json").unlink()  # tiny's record: this root becomes tiny-coder's
+    outputs = run_dag(spec, root, ["data", "tokenizer", "pack", "train", "data-code", "pack-code", "coder",
+                                   "eval-coder"])
+    assert [n for n, out in outputs.items() if out.cached] == ["data", "tokenizer", "pack", "train"]
     base, coder = outputs["train"].manifest, outputs["coder"].manifest
     assert coder["init_from"] == base["checkpoint"] and coder["final_step"] == 6
     ckpts = open_checkpoints(outputs["coder"].path)
@@ -245,16 +253,16 @@ def test_a_workflow_over_the_node_bound_is_one_line(tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_a_worker_runs_the_training_node_it_is_given(tmp_path):
-    # Cost: data, tokenizer and pack of tiny-scaling in process, then a 6-step training by the worker.
+def test_a_worker_runs_the_training_node_it_is_given(tiny_upstream, tmp_path):
+    # Cost: a 6-step training by the worker, on tiny-scaling's data, tokenizer and pack (tiny's: the same keys).
     from palm.app.worker import run_worker
 
     spec = load_spec(SCALING, QUICK)
-    run_dag(spec, tmp_path, ["data", "tokenizer", "pack"])
-    result = run_worker(spec, str(tmp_path), node_name="train-s")
-    assert result["output"].startswith(f"{tmp_path}/train-s/") and result["final_step"] == 6
+    root = copy_of(tiny_upstream, tmp_path / "run")
+    result = run_worker(spec, str(root), node_name="train-s")
+    assert result["output"].startswith(f"{root}/train-s/") and result["final_step"] == 6
     with pytest.raises(PalmError, match="--node eval-s: not a training node.*train-s, train-m, train-l"):
-        run_worker(spec, str(tmp_path), node_name="eval-s")
+        run_worker(spec, str(root), node_name="eval-s")
 
 
 def test_plan_shows_the_graph_with_each_models_size(capsys):
@@ -280,14 +288,16 @@ def build_wordcount(spec, inputs, hooks):
 
 
 @pytest.mark.slow
-def test_a_stage_type_is_one_builder_and_one_table_row(tmp_path, monkeypatch):
+def test_a_stage_type_is_one_builder_and_one_table_row(tiny_upstream, tmp_path, monkeypatch):
     """A new type needs nothing but its row: the spec's graph, the runner and the keys take it from there."""
     monkeypatch.setitem(STAGES, "wordcount", Stage("wordcount", "tests.test_workflow:build_wordcount",
                                                    lambda spec: {"v": 1}, inputs=("data",), default=False))
     path = tmp_path / "wc.yaml"
     path.write_text(yaml.safe_dump({"extends": str(TINY), "name": "wc",
                                     "workflow": {"data": {}, "count": {"stage": "wordcount", "needs": ["data"]}}}))
-    outputs = run_dag(load_spec(path), tmp_path / "run")
+    root = copy_of(tiny_upstream, tmp_path / "run")  # the data node is tiny's, cached
+    outputs = run_dag(load_spec(path), root)
+    assert outputs["data"].cached and not outputs["count"].cached
     assert outputs["count"].manifest["words"] > 1000
     assert (Path(outputs["count"].path) / "count.txt").read_text() == str(outputs["count"].manifest["words"])
-    assert run_dag(load_spec(path), tmp_path / "run")["count"].cached
+    assert run_dag(load_spec(path), root)["count"].cached
