@@ -47,6 +47,30 @@ TINY = SPECS / "tiny.yaml"
 TINY_TRAINED = ["train.steps=6", "train.checkpoint.every_steps=3"]
 
 
+#: Seconds each module's tests take on a 2-core VM, summed from `pytest --durations=0` (2026-12-07), for the
+#: modules of 8 s or more. xdist hands each worker whole modules (--dist loadscope); by default it orders
+#: them by their number of tests, which put the longest ones (few tests each: the 540B compile, the
+#: several-process runs, the deployment) last, one worker running them while the other had nothing left.
+#: The modules go out longest first instead (--no-loadscope-reorder keeps this order), so the last to
+#: finish are short. A stale figure costs only balance, never a test.
+MODULE_SECONDS = {
+    "test_train.py": 245, "test_aot.py": 204, "test_multihost.py": 176, "test_evaluation.py": 100,
+    "test_flows.py": 96, "test_checkpoint.py": 96, "test_train_stage.py": 93, "test_workflow.py": 90,
+    "test_deployment.py": 75, "test_data_pipeline.py": 60, "test_model.py": 52, "test_bench_data.py": 50,
+    "test_eval_model.py": 47, "test_digest.py": 46, "test_attention.py": 45, "test_prefect_tasks.py": 45,
+    "test_cli.py": 40, "test_tokenizer.py": 39, "test_gcs_pipeline.py": 34, "test_launch.py": 33,
+    "test_eval_launch.py": 33, "test_quality_classifier.py": 32, "test_evaltasks.py": 31, "test_optimizer.py": 23,
+    "test_sandbox.py": 22, "test_dataflow.py": 18, "test_plan.py": 17, "test_orphans.py": 13,
+    "test_bench_decode.py": 13, "test_tensorboard.py": 12, "test_runlock.py": 11, "test_bench_input.py": 10,
+    "test_environment_faults.py": 9, "test_gcs_checkpoints.py": 8,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest modules first (MODULE_SECONDS); a stable sort, so each module's tests keep their order."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or a loud failure (never a skip) when it is missing."""
