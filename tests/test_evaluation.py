@@ -238,26 +238,28 @@ def test_simple_evaluate_builds_palm_from_model_args(checkpoint, lm_eval_offline
     assert got == pytest.approx([lm.loglikelihood(c, x)[0] for c, x in pairs], rel=1e-5)
 
 
-@pytest.fixture
-def lm_eval_index_once(monkeypatch):
-    """lm-eval indexes its thousands of built-in task YAMLs on each CLI call (~15 s on 2 cores); a test that calls
-    the CLI several times on the same paths indexes them once."""
+@pytest.mark.slow
+def test_lm_evals_builtin_tasks_are_indexed_once_per_process_to_the_same_index(monkeypatch):
+    # Cost: lm-eval's own index of its 14,000 built-in task YAMLs, once (6 s on a quiet 2-core VM).
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import TaskIndex
 
-    built, build = {}, TaskIndex.build
+    import palm.evaluation.lmeval  # noqa: F401 - installs the once-per-process index of the built-in tasks
 
-    def build_once(paths, **kwargs):
-        key = (tuple(str(p) for p in paths), tuple(sorted(kwargs.items())))
-        if key not in built:
-            built[key] = build(paths, **kwargs)
-        return dict(built[key])
+    builtin = Path(lm_eval.tasks.__file__).parent
+    ours, theirs = TaskIndex.build([builtin, EXAMPLES]), TaskIndex.build.lm_eval_build([builtin, EXAMPLES])
+    describe = lambda index: {name: (e.kind, e.yaml_path, sorted(e.tags), e.cfg) for name, e in index.items()}  # noqa: E731
+    assert describe(ours) == describe(theirs) and "palm_example_mc" in ours and len(ours) > 10_000
 
-    monkeypatch.setattr(TaskIndex, "build", staticmethod(build_once))
+    walked, walk = [], TaskIndex._iter_yaml_files
+    monkeypatch.setattr(TaskIndex, "_iter_yaml_files", staticmethod(lambda root: walked.append(root) or walk(root)))
+    assert set(TaskManager(include_path=str(EXAMPLES)).all_tasks) == set(ours)
+    assert walked == [EXAMPLES]  # the include path is read again, the built-in tasks are not
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, lm_eval_index_once,
-                                                                capsys):
+def test_lm_eval_cli_runs_palm_and_bad_model_args_are_one_line(checkpoint, lm_eval_offline, capsys):
     rc = main(["lm-eval", "--model", "palm", "--model_args", f"checkpoint={checkpoint},dtype=bfloat16",
                "--batch_size", "4", "--include_path", str(EXAMPLES), "--tasks", "palm_example_mc,palm_example_gen",
                "--limit", "2"])

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models; its registry skips them once any model is registered
+import lm_eval.tasks
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm as _tqdm
@@ -53,6 +54,44 @@ from palm.base.errors import PalmError
 from palm.evaluation.checkpoints import load_checkpoint_model
 
 log = logging.getLogger(__name__)
+
+
+def _index_builtin_tasks_once() -> None:
+    """lm-eval indexes its 14,000 built-in task YAMLs whenever a TaskManager is made (6 s on a quiet 2-core
+    VM), again for each evaluation of a process that runs several (the flow evaluating every new
+    checkpoint, `palm lm-eval` called in-process). The built-in directory is part of the installed package,
+    so its index is built once per process; any other path (a user's task YAMLs, which may change) is
+    indexed each time. `TaskIndex.build` indexes each path on its own and merges them in order, later paths
+    overriding, so building the paths one by one and merging them the same way gives the same index."""
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._index import log as index_log
+
+    if getattr(TaskIndex.build, "palm_builtin_once", False):
+        return
+    builtin, build, built = Path(lm_eval.tasks.__file__).parent, TaskIndex.build, {}
+
+    def build_with_builtin_once(paths, *, resolve_includes=True):
+        index: dict[str, Any] = {}
+        for path in paths:
+            if Path(path) == builtin:
+                if resolve_includes not in built:
+                    built[resolve_includes] = build([path], resolve_includes=resolve_includes)
+                part = built[resolve_includes]
+            else:
+                part = build([path], resolve_includes=resolve_includes)
+            for name, entry in part.items():
+                if name in index:
+                    index_log.warning("Task '%s' from %s overrides existing task from %s", name, entry.yaml_path,
+                                      index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    build_with_builtin_once.palm_builtin_once = True
+    build_with_builtin_once.lm_eval_build = build  # lm-eval's own, for the test that the two agree
+    TaskIndex.build = staticmethod(build_with_builtin_once)
+
+
+_index_builtin_tasks_once()
 
 #: The model_args PalmLM takes (lm-eval adds batch_size, max_batch_size and device from its own flags).
 MODEL_ARGS = ("checkpoint", "step", "batch_size", "max_length", "dtype", "max_gen_toks")
