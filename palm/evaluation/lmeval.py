@@ -48,6 +48,8 @@ import lm_eval.models  # noqa: F401 - lm-eval's own models; its registry skips t
 import lm_eval.tasks
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks._index import TaskIndex
+from lm_eval.tasks._index import log as index_log
 from tqdm import tqdm as _tqdm
 
 from palm.base.errors import PalmError
@@ -63,10 +65,7 @@ def _index_builtin_tasks_once() -> None:
     so its index is built once per process; any other path (a user's task YAMLs, which may change) is
     indexed each time. `TaskIndex.build` indexes each path on its own and merges them in order, later paths
     overriding, so building the paths one by one and merging them the same way gives the same index."""
-    from lm_eval.tasks._index import TaskIndex
-    from lm_eval.tasks._index import log as index_log
-
-    if getattr(TaskIndex.build, "palm_builtin_once", False):
+    if getattr(TaskIndex.build, "palm_builtin_once", False):  # installed already (a reload of this module)
         return
     builtin, build, built = Path(lm_eval.tasks.__file__).parent, TaskIndex.build, {}
 
