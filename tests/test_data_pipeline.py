@@ -372,3 +372,16 @@ def test_near_duplicates_are_verified_by_exact_jaccard(tmp_path):
         balanced(manifest)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.jsonl.gz"))})
     assert outputs[0] == outputs[1]
+
+
+def test_beams_complaint_about_its_missing_gcp_extra_is_not_shown(caplog):
+    """`import apache_beam` logs it on the root logger where the gcp extra (Dataflow's) is not installed, as
+    after the README's first command; palm.data drops that one record and nothing else."""
+    import logging
+
+    from palm.data import BEAM_WITHOUT_GCP
+
+    with caplog.at_level(logging.WARNING):
+        logging.warning(BEAM_WITHOUT_GCP + " despite the import not raising an ImportError.")
+        logging.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
