@@ -29,6 +29,21 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="palm
 # session's directory too, never the user's ~/.cache/palm/jax.
 os.environ.setdefault("PALM_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# XLA:CPU compiles the suite's programs without LLVM's optimizations (user runs keep XLA's default). They are
+# small and run a few steps each, so compiling is most of their cost, and at level 0 XLA:CPU compiles in
+# about 60% of the time (67 programs of tests/digest_state.py: 13.5 s, 7.7 s at level 0; a 100-step
+# training runs about 25% slower). Every comparison the suite makes is between programs compiled with the
+# same setting, or within a tolerance; the TPU compiler ignores it (the 540B step ahead of time: the same
+# bytes per chip and compile time). Set before any JAX import; subprocesses that build their own XLA_FLAGS
+# take it from cpu_devices.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
+def cpu_devices(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with `devices` simulated CPU devices, compiled as the suite compiles."""
+    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 # Python's default: each module's compiled bytecode is written to __pycache__ once and read by every later
 # process. The suite starts a few hundred Python processes (xdist workers, stage and worker subprocesses,

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,7 @@ import pytest
 from palm.spec.config import ModelConfig
 from palm.base.errors import PalmError
 from palm.core.model import PALLAS_INTERPRET, PaLM, _splash_block, attention_implementation, causal_attention
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, cpu_devices
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
@@ -173,7 +171,7 @@ print("MULTI_DEVICE_OK")
 
 @pytest.mark.slow
 def test_splash_runs_per_shard_on_a_multi_device_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=cpu_devices(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(MULTI_DEVICE)], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ import pytest
 from palm.core.checkpoint import Checkpoints, params_digest
 from palm.spec.config import CheckpointConfig, LossSpikeConfig, ModelConfig, RampStage, ScheduleConfig, TrainConfig
 from palm.core.train import Preempted, Trainer, run_training
+from tests.conftest import cpu_devices
 
 MODEL = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, vocab_size=64, seq_len=16,
                     dtype="float32", remat="none")
@@ -455,7 +456,7 @@ def test_restart_points_copy_each_shard_once_and_restore_the_layout():
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=cpu_devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, "-c", RESTART_POINT_ON_A_MESH], capture_output=True, text=True,
                          env=env, timeout=600)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palm.core.checkpoint import tree_digest
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cpu_devices
 from tests.test_multihost import free_port
 
 SCRIPT = str(ROOT / "tests" / "digest_state.py")
@@ -24,7 +24,7 @@ MESHES = [{"data": 1, "fsdp": 8, "model": 1}, {"data": 2, "fsdp": 2, "model": 2}
 def child_env(devices: int, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     return {**base, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+            "XLA_FLAGS": cpu_devices(devices), **extra}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SPECS
+from tests.conftest import ROOT, SPECS, TEST_XLA_FLAGS, cpu_devices
 
 TINY = str(SPECS / "tiny.yaml")
 # 8 steps across a batch ramp (8 sequences per step, then 16 from step 5), a checkpoint every 4.
@@ -43,11 +43,11 @@ def worker(root: Path, overrides: list[str], env: dict[str, str]) -> subprocess.
         cmd += ["--set", item]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**base, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **env})
+                            env={**base, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "XLA_FLAGS": TEST_XLA_FLAGS, **env})
 
 
 def single_process(root: Path, overrides: list[str], devices: int) -> dict:
-    proc = worker(root, overrides, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    proc = worker(root, overrides, {"XLA_FLAGS": cpu_devices(devices)})
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out)

@@ -17,7 +17,7 @@ import pytest
 from palm.spec.config import ModelConfig, RampStage, TrainConfig
 from palm.dag.workflow import load_spec
 from palm.core.train import Trainer, batches, loss_fn, train
-from tests.conftest import ROOT, SPECS
+from tests.conftest import ROOT, SPECS, cpu_devices
 
 
 class FixedLogits:
@@ -375,7 +375,7 @@ MESHES = [
 def test_sharded_training_matches_one_device():
     # Cost: one subprocess with 8 host devices training 20 tiny steps on one device and on each mesh; enough steps
     # for the loss to fall, so that a layout bug would show.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=cpu_devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     meshes = [{"data": 1, "fsdp": 1, "model": 1}, *MESHES]
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_losses.py"), json.dumps(meshes), "20"],
@@ -448,7 +448,7 @@ def test_loss_chunk_budget_is_a_spec_setting_outside_the_train_stage_key():
 
 
 def _eight_devices() -> dict:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=cpu_devices(8), JAX_PLATFORMS="cpu",
                 PYTHONPATH=str(ROOT))
 
 
@@ -496,7 +496,7 @@ def test_a_run_resumes_on_fewer_devices_with_microbatches(tmp_path):
     # Cost: three subprocesses (device counts are fixed when JAX starts: 8, 8, then 4 devices) of 20, 10 and 10
     # tiny steps; moving a checkpoint to a smaller mesh is the point.
     def run(directory, mesh, steps, microbatches, devices):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+        env = dict(os.environ, XLA_FLAGS=cpu_devices(devices), JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(ROOT))
         out = subprocess.run([sys.executable, str(ROOT / "tests" / "resume_other_mesh.py"), str(directory),
                               json.dumps(mesh), str(steps), str(microbatches)],
