@@ -1,6 +1,7 @@
 """The training step and loop: loss with z-loss, Adafactor, the batch-size ramp, 2D sharding.
 
-`Trainer` owns the jitted step for one (model, train config, mesh). `batches` turns a stream of packed
+`Trainer` runs the jitted steps of one model, train config and mesh; trainers of the same model, loss,
+optimizer and mesh in a process share those programs (`_Programs`). `batches` turns a stream of packed
 sequences into per-step global batches under the ramp: step s takes the next `global_batch_at(s)`
 sequences, so the order of tokens seen is the same with or without a ramp, and jit compiles once per
 distinct batch size.
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 
 from palm.core import optimizer as palm_optimizer
-from palm.spec.config import ModelConfig, TrainConfig
+from palm.spec.config import ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from palm.base.errors import PalmError, Preempted
 from palm.base.hardware import device_peak_flops
 from palm.core.model import (START_TOKEN, PaLM, abstract_params, count_params, logit_divisor, matrix_axes,
@@ -185,38 +186,40 @@ def loss_fn(params: Any, model: PaLM, tokens: jax.Array, weights: jax.Array, z_l
     return ce + z, {"loss": ce, "z_loss": z, "accuracy": correct / denom}
 
 
-class Trainer:
-    """A jitted, sharded PaLM training step for one model, train config and mesh."""
+@dataclasses.dataclass(frozen=True)
+class ProgramConfig:
+    """What the jitted programs of training read from a TrainConfig: the loss, the optimizer and its schedule.
+    The rest (steps, the ramp, seed, checkpoints, logging) is the host loop's."""
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
-                 mesh_shape: dict[str, int] | None = None, devices: list[jax.Device] | None = None,
-                 microbatches: tuple[int, ...] | None = None):
-        """`microbatches`: the count per batch_ramp stage, replacing train_config.microbatches (how the train
-        stage and the plan pass the counts they chose for "auto")."""
-        devices = list(jax.devices() if devices is None else devices)
-        mesh_shape = mesh_shape or {"data": 1, "fsdp": len(devices), "model": 1}
-        self.model_config, self.train_config = model_config, train_config
-        counts = tuple(microbatches) if microbatches is not None else train_config.microbatch_counts()
-        if counts is None:
-            raise PalmError("train.microbatches is auto: choose the counts first (palm.analysis.memory."
-                            "auto_microbatches, as the train stage and `palm plan` do) and pass them to Trainer")
-        if len(counts) != len(train_config.batch_ramp):
-            raise PalmError(f"{len(counts)} microbatch counts for {len(train_config.batch_ramp)} batch_ramp stages")
-        self.microbatch_counts = counts
-        self.sharding = Sharding.on(make_mesh(mesh_shape, devices))
+    z_loss: float
+    loss_chunk_mib: int
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+
+    @classmethod
+    def of(cls, train_config: TrainConfig) -> "ProgramConfig":
+        return cls(train_config.z_loss, train_config.loss_chunk_mib, train_config.optimizer, train_config.schedule)
+
+
+class _Programs:
+    """The jitted initialisation, train and evaluation steps of one model, ProgramConfig and mesh, with their
+    shardings. Trainers of the same three share one (`_programs`), so a process that trains or resumes the
+    same model again (a flow's next run, a retried task, an evaluation beside training) traces and compiles
+    nothing again: each jitted function keeps its executables."""
+
+    def __init__(self, model_config: ModelConfig, config: ProgramConfig, mesh_shape: tuple[tuple[str, int], ...],
+                 devices: tuple[jax.Device, ...]):
+        self.model_config, self.config = model_config, config
+        self.sharding = Sharding.on(make_mesh(dict(mesh_shape), list(devices)))
         platform = devices[0].platform
-        constrain = self.sharding.constrain if len(devices) > 1 else (lambda x, names: x)
+        self.num_devices = len(devices)
+        constrain = self.sharding.constrain if self.num_devices > 1 else (lambda x, names: x)
         model_ways = self.sharding.axis_sizes["model"]
         self.model = PaLM(model_config, constrain=constrain, platform=platform,
                           vocab_split=model_ways > 1 and model_config.vocab_size % model_ways == 0)
         boxed = abstract_params(model_config)
-        self.num_params = count_params(model_config)
-        self.flops_per_token = model_flops_per_token(model_config, self.num_params)
-        self.peak_flops = peak_flops(devices[0])
-        self.num_devices = len(devices)
-        self.tx = palm_optimizer.adafactor(train_config.optimizer, train_config.schedule,
-                                            matrix_axes(boxed))
-        self.learning_rate = palm_optimizer.learning_rate(train_config.schedule)
+        self.tx = palm_optimizer.adafactor(config.optimizer, config.schedule, matrix_axes(boxed))
+        self.learning_rate = palm_optimizer.learning_rate(config.schedule)
 
         param_shardings = self.sharding.for_params(boxed)
         abstract = jax.tree.map(lambda p: p.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -230,25 +233,26 @@ class Trainer:
                                           opt_state=opt_shardings)
         self.batch_sharding = self.sharding.named(("batch", "length"))
 
-        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-        self._init_from = jax.jit(self._init_from_fn, in_shardings=(param_shardings,),
-                                  out_shardings=self.state_shardings)
-        self._steps: dict[int, Any] = {}  # the jitted step per microbatch count
-        self._step = self._jitted_step(1)
-        self._eval = jax.jit(self._eval_fn, in_shardings=(param_shardings, self.batch_sharding, self.batch_sharding),
-                             out_shardings=self.sharding.replicated)
+        self.init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self.init_from = jax.jit(self._init_from_fn, in_shardings=(param_shardings,),
+                                 out_shardings=self.state_shardings)
+        self.steps: dict[int, Any] = {}  # the jitted step per microbatch count
+        self.eval = jax.jit(self._eval_fn, in_shardings=(param_shardings, self.batch_sharding, self.batch_sharding),
+                            out_shardings=self.sharding.replicated)
 
-    def _jitted_step(self, microbatches: int) -> Any:
-        if microbatches not in self._steps:
-            self._steps[microbatches] = jax.jit(
+    @functools.cached_property
+    def abstract_state(self) -> TrainState:
+        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def step(self, microbatches: int) -> Any:
+        if microbatches not in self.steps:
+            self.steps[microbatches] = jax.jit(
                 functools.partial(self._step_fn, microbatches=microbatches), donate_argnums=0,
                 in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
                 out_shardings=(self.state_shardings, self.sharding.replicated))
-        return self._steps[microbatches]
-
-    def microbatches_at(self, step: int) -> int:
-        """Microbatches of the step `step` (its batch_ramp stage's count)."""
-        return self.microbatch_counts[self.train_config.stage_index_at(step)]
+        return self.steps[microbatches]
 
     # -- jitted bodies ----------------------------------------------------------------------------
 
@@ -258,13 +262,12 @@ class Trainer:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def loss_chunks(self, global_batch: int) -> int:
-        """How many slices of the sequence the loss projects onto the vocabulary at a time (see loss_fn)."""
         sizes = self.sharding.axis_sizes
         per_device = -(-global_batch // self.sharding.data_parallel_size)
         vocab = self.model_config.vocab_size
         vocab_per_device = vocab // sizes["model"] if vocab % sizes["model"] == 0 else vocab
         return loss_chunks(per_device, self.model_config.seq_len, vocab_per_device,
-                           self.train_config.loss_chunk_mib * 2**20)
+                           self.config.loss_chunk_mib * 2**20)
 
     def _init_from_fn(self, params: Any) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
@@ -272,10 +275,10 @@ class Trainer:
     def _step_fn(self, state: TrainState, tokens: jax.Array, weights: jax.Array, microbatches: int = 1):
         if microbatches == 1:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.train_config.z_loss,
+            (_, metrics), grads = grad_fn(state.params, self.model, tokens, weights, self.config.z_loss,
                                           self.loss_chunks(tokens.shape[0]))
         else:
-            metrics, grads = self._accumulated_grads(state.params, tokens, weights, microbatches)
+            metrics, grads = self.accumulated_grads(state.params, tokens, weights, microbatches)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
@@ -283,7 +286,7 @@ class Trainer:
                        finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads)))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def _accumulated_grads(self, params: Any, tokens: jax.Array, weights: jax.Array, microbatches: int):
+    def accumulated_grads(self, params: Any, tokens: jax.Array, weights: jax.Array, microbatches: int):
         """loss_fn's metrics and gradient over the global batch, `microbatches` parts at a time.
 
         A scan over the parts sums float32 gradients and metrics. Each part's loss_fn value is normalized by
@@ -309,7 +312,7 @@ class Trainer:
             scale = jnp.maximum(w.sum(), 1.0) / denom
             # loss_fn normalizes by this part's tokens: its value and gradient times `scale` are this part's
             # share of the global batch's mean (the gradient is linear in that constant).
-            (_, m), g = grad_fn(params, self.model, tok, w, self.train_config.z_loss, chunks)
+            (_, m), g = grad_fn(params, self.model, tok, w, self.config.z_loss, chunks)
             acc_grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * scale, acc_grads, g)
             acc_metrics = {k: acc_metrics[k] + m[k].astype(jnp.float32) * scale for k in acc_metrics}
             return (acc_grads, acc_metrics), None
@@ -323,9 +326,60 @@ class Trainer:
         return metrics, grads
 
     def _eval_fn(self, params: Any, tokens: jax.Array, weights: jax.Array):
-        _, metrics = loss_fn(params, self.model, tokens, weights, self.train_config.z_loss,
+        _, metrics = loss_fn(params, self.model, tokens, weights, self.config.z_loss,
                              self.loss_chunks(tokens.shape[0]))
         return metrics
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(model_config: ModelConfig, config: ProgramConfig, mesh_shape: tuple[tuple[str, int], ...],
+              devices: tuple[jax.Device, ...]) -> _Programs:
+    return _Programs(model_config, config, mesh_shape, devices)
+
+
+class Trainer:
+    """A jitted, sharded PaLM training step for one model, train config and mesh."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
+                 mesh_shape: dict[str, int] | None = None, devices: list[jax.Device] | None = None,
+                 microbatches: tuple[int, ...] | None = None):
+        """`microbatches`: the count per batch_ramp stage, replacing train_config.microbatches (how the train
+        stage and the plan pass the counts they chose for "auto")."""
+        devices = list(jax.devices() if devices is None else devices)
+        mesh_shape = mesh_shape or {"data": 1, "fsdp": len(devices), "model": 1}
+        self.model_config, self.train_config = model_config, train_config
+        counts = tuple(microbatches) if microbatches is not None else train_config.microbatch_counts()
+        if counts is None:
+            raise PalmError("train.microbatches is auto: choose the counts first (palm.analysis.memory."
+                            "auto_microbatches, as the train stage and `palm plan` do) and pass them to Trainer")
+        if len(counts) != len(train_config.batch_ramp):
+            raise PalmError(f"{len(counts)} microbatch counts for {len(train_config.batch_ramp)} batch_ramp stages")
+        self.microbatch_counts = counts
+        # The jitted programs and their shardings, shared with every Trainer of the same model, loss, optimizer
+        # and mesh in this process.
+        self.programs = _programs(model_config, ProgramConfig.of(train_config), tuple(mesh_shape.items()),
+                                  tuple(devices))
+        self.sharding, self.model, self.tx = self.programs.sharding, self.programs.model, self.programs.tx
+        self.learning_rate = self.programs.learning_rate
+        self.state_shardings, self.batch_sharding = self.programs.state_shardings, self.programs.batch_sharding
+        self.num_params = count_params(model_config)
+        self.flops_per_token = model_flops_per_token(model_config, self.num_params)
+        self.peak_flops = peak_flops(devices[0])
+        self.num_devices = len(devices)
+
+    def _jitted_step(self, microbatches: int) -> Any:
+        return self.programs.step(microbatches)
+
+    def microbatches_at(self, step: int) -> int:
+        """Microbatches of the step `step` (its batch_ramp stage's count)."""
+        return self.microbatch_counts[self.train_config.stage_index_at(step)]
+
+    def loss_chunks(self, global_batch: int) -> int:
+        """How many slices of the sequence the loss projects onto the vocabulary at a time (see loss_fn)."""
+        return self.programs.loss_chunks(global_batch)
+
+    def _accumulated_grads(self, params: Any, tokens: jax.Array, weights: jax.Array, microbatches: int):
+        return self.programs.accumulated_grads(params, tokens, weights, microbatches)
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -333,14 +387,14 @@ class Trainer:
         """Fresh parameters and optimizer state, laid out on the mesh."""
         seed = self.train_config.seed if seed is None else seed
         with jax.set_mesh(self.sharding.mesh):  # Pallas kernels read the mesh to shard_map themselves
-            return self._init(jax.random.key(seed))
+            return self.programs.init(jax.random.key(seed))
 
     def init_from(self, checkpoint: str) -> TrainState:
         """Step 0 from another run's parameters (a checkpoint step directory), with a fresh optimizer
         state: how a fine-tuning run starts (PaLM-Coder continued from PaLM 540B this way)."""
         params = restore_params_onto(checkpoint, self.abstract_state().params)
         with jax.set_mesh(self.sharding.mesh):
-            return self._init_from(params)
+            return self.programs.init_from(params)
 
     def step(self, state: TrainState, tokens: np.ndarray, weights: np.ndarray | None = None,
              global_batch: int | None = None, microbatches: int = 1):
@@ -369,7 +423,7 @@ class Trainer:
         forward pass without gradients, on the training mesh). Rows as in `step`."""
         tokens, weights = self._global_batch(tokens, weights, global_batch)
         with jax.set_mesh(self.sharding.mesh):
-            return jax.device_get(self._eval(params, tokens, weights))
+            return jax.device_get(self.programs.eval(params, tokens, weights))
 
     def step_arguments(self, kind: str, global_batch: int) -> tuple[Any, ...]:
         """Abstract arguments (shapes, dtypes, shardings) of the train ("train") or evaluation ("eval") step."""
@@ -389,7 +443,7 @@ class Trainer:
         palm.analysis.aot). `.compile()` it for the executable and its memory analysis."""
         args = self.step_arguments(kind, global_batch)
         with jax.set_mesh(self.sharding.mesh):
-            return (self._jitted_step(microbatches) if kind == "train" else self._eval).lower(*args)
+            return (self._jitted_step(microbatches) if kind == "train" else self.programs.eval).lower(*args)
 
     def precompile(self) -> None:
         """Compile the programs a run with this trainer calls, without running them: initialisation, the step
@@ -398,7 +452,7 @@ class Trainer:
         compiling; `palm run` does this while Prefect's server starts (palm.stages.train.prepare). (A
         fine-tuning run starts from other parameters through `init_from`, which it compiles itself.)"""
         with jax.set_mesh(self.sharding.mesh):
-            self._init.lower(jax.random.key(self.train_config.seed)).compile()
+            self.programs.init.lower(jax.random.key(self.train_config.seed)).compile()
         for shape in self.step_shapes():
             self.lower("train", *shape).compile()
         state = self.abstract_state()  # the digests recorded with every checkpoint: the state's, the parameters'
@@ -428,13 +482,12 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the train state, for restoring a checkpoint onto this mesh."""
-        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            self.state_shardings)
+        return self.programs.abstract_state
 
     def compiled_batch_sizes(self) -> int:
-        """How many distinct batch shapes the step has been compiled for."""
-        return sum(step._cache_size() for step in self._steps.values())
+        """How many distinct batch shapes the step has been compiled for (in this process, by this trainer or
+        another of the same programs)."""
+        return sum(step._cache_size() for step in self.programs.steps.values())
 
 
 @dataclasses.dataclass
