@@ -34,19 +34,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process group at once (the worker and the server shut down side by side), SIGKILL to
+    any still running 20 s later."""
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def tail(path: Path, n: int = 6000) -> str:
@@ -106,8 +109,7 @@ def prefect_stack(tmp_path):
     try:
         yield lines, run, env, state, tmp_path, procs
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        stop(procs)
 
 
 def wait_for_server(server: subprocess.Popen, api: str | None, log: Path) -> None:
