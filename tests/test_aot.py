@@ -85,6 +85,26 @@ def test_plan_compile_exits_1_naming_the_step_that_does_not_fit(capsys):
 
 
 @pytest.mark.slow
+def test_a_step_compiled_again_in_a_process_is_measured_once(monkeypatch):
+    """palm.analysis.aot._MEASURED: the same program for the same chips is compiled once per process; whether
+    it fits is still decided by each spec's memory."""
+    import jax
+
+    compiles, compile = [], jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or compile(self, *a, **k))
+    first = compile_spec(load_spec(TINY, TINY_ON_TPU), batches=[8])
+    compiled = len(compiles)  # 0 where an earlier test of this process compiled them
+    assert compiled <= 2 and [(s["kind"], s["fits"]) for s in first["steps"]] == [("train", True), ("eval", True)]
+    again = compile_spec(load_spec(TINY, TINY_ON_TPU), batches=[8])
+    small = compile_spec(load_spec(TINY, [*TINY_ON_TPU, "infra.hardware.memory_bytes=1048576"]),
+                         batches=[8])
+    assert len(compiles) == compiled
+    assert again["steps"] == first["steps"]
+    assert [s["memory_per_device_bytes"] for s in small["steps"]] == [s["memory_per_device_bytes"] for s in first["steps"]]
+    assert not any(s["fits"] for s in small["steps"])
+
+
+@pytest.mark.slow
 def test_a_step_the_tpu_compiler_refuses_is_reported_not_raised():
     """540B's width on four chips needs far more than a v4 chip's 32 GiB: the compiler refuses it, and the
     need is read from its message."""
@@ -168,7 +188,8 @@ def test_steps_compiled_for_tpus_stay_out_of_the_persistent_compilation_cache(tm
 
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="error::UserWarning")
-    cmd = [sys.executable, "-m", "palm.cli", "plan", TINY, "--compile", "--json", *sets(TINY_ON_TPU)]
+    one_batch = "train.batch_ramp=[{from_step: 0, global_batch: 8}]"  # two programs: the step and evaluation
+    cmd = [sys.executable, "-m", "palm.cli", "plan", TINY, "--compile", "--json", *sets([*TINY_ON_TPU, one_batch])]
     for _ in range(2):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0 and "compilation cache" not in done.stderr, done.stderr[-3000:]
