@@ -598,3 +598,16 @@ def test_palm_lm_refuses_what_it_cannot_do(lm):
         PalmLM.create_from_arg_string("checkpoint=/x,batch_size=auto")
     with pytest.raises(PalmError, match="not both"):
         PalmLM(lm, checkpoint="/x")
+
+
+def test_models_of_one_configuration_share_their_programs(params, tokenizer):
+    """palm.core.lm._programs: a LanguageModel loaded again (each `palm eval`, each checkpoint the evaluation
+    flow scores) reuses the jitted programs of the first, with its own parameters; another configuration has
+    its own programs."""
+    first = LanguageModel(params, SMALL, tokenizer, batch_size=4)
+    other_params = jax.tree.map(lambda x: x * 2 if x.ndim > 1 else x, params)
+    again = LanguageModel(other_params, SMALL, tokenizer, batch_size=2)
+    assert again._score is first._score and again._decode is first._decode and again.model is first.model
+    assert first.loglikelihood_tokens([([5, 6], [7])]) != again.loglikelihood_tokens([([5, 6], [7])])
+    bf16 = LanguageModel(params, dataclasses.replace(SMALL, dtype="bfloat16"), tokenizer, batch_size=4)
+    assert bf16._score is not first._score

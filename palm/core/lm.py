@@ -42,9 +42,12 @@ checkpoints (orbax) are imported where used.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import math
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -125,13 +128,17 @@ def compute_params(params: Any, config: ModelConfig) -> Any:
 
     The model casts each kernel and the table to the compute dtype where it uses them, so this gives the
     same logits bit for bit; a decode step then reads 2 bytes per parameter instead of 4 (and no cast)."""
-    dtype = jnp.dtype(config.dtype)
+    return _cast_matrices(params, jnp.dtype(config.dtype).name)
 
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast_matrices(params: Any, dtype: str) -> Any:
+    """compute_params's cast, one jitted function for the process (a model loaded again reuses its program)."""
     def cast(path, x):
         name = getattr(path[-1], "key", None) if path else None
         return x if name == "scale" or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
 
-    return jax.jit(lambda tree: jax.tree_util.tree_map_with_path(cast, tree))(params)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
@@ -146,6 +153,74 @@ class _Row:
     inputs: list[int]
     targets: list[int]
     scored: int
+
+
+class _Programs:
+    """A LanguageModel's model and jitted programs for one configuration, platform and mesh (`_programs`)."""
+
+    def __init__(self, config: ModelConfig, platform: str, sharding: "Sharding | None"):
+        self.config, self.seq_len, self.sharding = config, config.seq_len, sharding
+        # On a GPU the layer loop is unrolled: each trip of a device loop waits on the host, which a decode
+        # step of one token per row cannot hide (palm.core.model.PaLM.unroll_layers).
+        unroll = platform == "gpu"
+        if sharding is None:
+            self.model = PaLM(config, platform=platform, unroll_layers=unroll)
+        else:
+            ways = sharding.axis_sizes["model"]
+            self.model = PaLM(config, constrain=sharding.constrain, platform=platform,
+                              vocab_split=ways > 1 and config.vocab_size % ways == 0, unroll_layers=unroll)
+        self.logits = jax.jit(self._logits_fn)
+        self.score = jax.jit(self._score_fn)
+        self.prefill = jax.jit(self._prefill_fn)
+        # The cache is updated in place where the backend can reuse donated buffers (not on CPU).
+        self.decode = jax.jit(self._decode_fn, donate_argnums=(1,) if platform != "cpu" else ())
+
+    def _host(self, x):
+        """What a jitted body returns to the host: replicated over the mesh when sharded, so that every
+        process holds all of it."""
+        return x if self.sharding is None else jax.lax.with_sharding_constraint(x, self.sharding.replicated)
+
+    def _logits_fn(self, params, tokens):
+        return self._host(self.model.apply({"params": params}, tokens))
+
+    def _score_fn(self, params, inputs, targets, mask):
+        logits = self.model.apply({"params": params}, inputs)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        total = jnp.sum(jnp.where(mask, target_logp, 0.0), axis=-1)
+        greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=-1)
+        return self._host(total), self._host(greedy)
+
+    def _prefill_fn(self, params, tokens, lengths, keys, temperature, top_p):
+        batch, length = tokens.shape
+        cache = init_cache(self.config, batch, self.seq_len)
+        positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+        logits, cache = self.model.apply({"params": params}, tokens, positions, cache=cache)
+        last = logits[jnp.arange(batch), lengths - 1]
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+        return self._host(sample_tokens(last, step_keys, temperature, top_p)), cache
+
+    def _decode_fn(self, params, cache, tokens, positions, keys, step, temperature, top_p):
+        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        return self._host(sample_tokens(logits[:, 0], step_keys, temperature, top_p)), cache
+
+
+_PROGRAMS: "collections.OrderedDict[tuple[Any, ...], _Programs]" = collections.OrderedDict()
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def _programs(config: ModelConfig, platform: str, sharding: "Sharding | None") -> _Programs:
+    """One _Programs per configuration, platform and mesh, the 16 most recently used kept (a Sharding on an
+    equal mesh lays out and constrains the same way, so the mesh is the key)."""
+    key = (config, platform, None if sharding is None else sharding.mesh)
+    with _PROGRAMS_LOCK:  # evaluations may load models on several threads at once
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = _Programs(config, platform, sharding)
+            while len(_PROGRAMS) > 16:
+                _PROGRAMS.popitem(last=False)
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
 
 
 class LanguageModel:
@@ -184,59 +259,21 @@ class LanguageModel:
         self.pad_id = max(tokenizer.pad_id, 0)
         platform = platform or jax.default_backend()
         self.sharding = sharding
-        # On a GPU the layer loop is unrolled: each trip of a device loop waits on the host, which a decode
-        # step of one token per row cannot hide (palm.core.model.PaLM.unroll_layers).
-        unroll = platform == "gpu"
+        # The model and its jitted programs, shared with every LanguageModel of the same configuration, platform
+        # and mesh in this process: a checkpoint loaded again (each `palm eval`, each new checkpoint the
+        # evaluation flow scores) traces and compiles nothing again.
+        programs = _programs(self.config, platform, sharding)
+        self.model = programs.model
         if sharding is None:
-            self.model = PaLM(self.config, platform=platform, unroll_layers=unroll)
             params = jax.device_put(params)
-        else:
-            ways = sharding.axis_sizes["model"]
-            self.model = PaLM(self.config, constrain=sharding.constrain, platform=platform,
-                              vocab_split=ways > 1 and config.vocab_size % ways == 0, unroll_layers=unroll)
-            # already on the mesh; the cast below keeps each array's sharding
+        # (sharded: already on the mesh; the cast below keeps each array's sharding)
         self.params = compute_params(params, self.config)
-        self._logits = jax.jit(self._logits_fn)
-        self._score = jax.jit(self._score_fn)
-        self._prefill = jax.jit(self._prefill_fn)
-        # The cache is updated in place where the backend can reuse donated buffers (not on CPU).
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,) if platform != "cpu" else ())
-
-    # -- jitted bodies ---------------------------------------------------------------------------
-
-    def _host(self, x):
-        """What a jitted body returns to the host: replicated over the mesh when sharded, so that every
-        process holds all of it."""
-        return x if self.sharding is None else jax.lax.with_sharding_constraint(x, self.sharding.replicated)
+        self._logits, self._score = programs.logits, programs.score
+        self._prefill, self._decode = programs.prefill, programs.decode
 
     def _on_mesh(self):
         """The mesh around every call when sharded (Pallas kernels read it to shard_map themselves)."""
         return contextlib.nullcontext() if self.sharding is None else jax.set_mesh(self.sharding.mesh)
-
-    def _logits_fn(self, params, tokens):
-        return self._host(self.model.apply({"params": params}, tokens))
-
-    def _score_fn(self, params, inputs, targets, mask):
-        logits = self.model.apply({"params": params}, inputs)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        total = jnp.sum(jnp.where(mask, target_logp, 0.0), axis=-1)
-        greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=-1)
-        return self._host(total), self._host(greedy)
-
-    def _prefill_fn(self, params, tokens, lengths, keys, temperature, top_p):
-        batch, length = tokens.shape
-        cache = init_cache(self.config, batch, self.seq_len)
-        positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-        logits, cache = self.model.apply({"params": params}, tokens, positions, cache=cache)
-        last = logits[jnp.arange(batch), lengths - 1]
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-        return self._host(sample_tokens(last, step_keys, temperature, top_p)), cache
-
-    def _decode_fn(self, params, cache, tokens, positions, keys, step, temperature, top_p):
-        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-        return self._host(sample_tokens(logits[:, 0], step_keys, temperature, top_p)), cache
 
     # -- logits and scoring ----------------------------------------------------------------------
 
