@@ -91,7 +91,8 @@ def test_a_step_compiled_again_in_a_process_is_measured_once(monkeypatch):
     import jax
 
     compiles, compile = [], jax.stages.Lowered.compile
-    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or compile(self, *a, **k))
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *a, **k: compiles.append(1) or compile(self, *a, **k))
     first = compile_spec(load_spec(TINY, TINY_ON_TPU), batches=[8])
     compiled = len(compiles)  # 0 where an earlier test of this process compiled them
     assert compiled <= 2 and [(s["kind"], s["fits"]) for s in first["steps"]] == [("train", True), ("eval", True)]
@@ -100,7 +101,8 @@ def test_a_step_compiled_again_in_a_process_is_measured_once(monkeypatch):
                          batches=[8])
     assert len(compiles) == compiled
     assert again["steps"] == first["steps"]
-    assert [s["memory_per_device_bytes"] for s in small["steps"]] == [s["memory_per_device_bytes"] for s in first["steps"]]
+    sizes = lambda compiled: [s["memory_per_device_bytes"] for s in compiled["steps"]]  # noqa: E731
+    assert sizes(small) == sizes(first)
     assert not any(s["fits"] for s in small["steps"])
 
 

@@ -43,7 +43,8 @@ def worker(root: Path, overrides: list[str], env: dict[str, str]) -> subprocess.
         cmd += ["--set", item]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**base, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "XLA_FLAGS": TEST_XLA_FLAGS, **env})
+                            env={**base, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "XLA_FLAGS": TEST_XLA_FLAGS,
+                                 **env})
 
 
 def single_process(root: Path, overrides: list[str], devices: int) -> dict:
