@@ -37,7 +37,7 @@ def first_step_grads(trainer: Trainer, microbatches: int, tokens: np.ndarray, we
         if microbatches == 1:
             return jax.grad(lambda p: loss_fn(p, trainer.model, tokens, weights, trainer.train_config.z_loss,
                                               trainer.loss_chunks(tokens.shape[0]))[0])(params)
-        return trainer._accumulated_grads(params, tokens, weights, microbatches)[1]
+        return trainer.programs.accumulated_grads(params, tokens, weights, microbatches)[1]
 
     with jax.set_mesh(trainer.sharding.mesh):
         g = jax.jit(grads, in_shardings=(trainer.state_shardings.params, trainer.batch_sharding,

@@ -378,9 +378,6 @@ class Trainer:
         """How many slices of the sequence the loss projects onto the vocabulary at a time (see loss_fn)."""
         return self.programs.loss_chunks(global_batch)
 
-    def _accumulated_grads(self, params: Any, tokens: jax.Array, weights: jax.Array, microbatches: int):
-        return self.programs.accumulated_grads(params, tokens, weights, microbatches)
-
     # -- public -----------------------------------------------------------------------------------
 
     def init(self, seed: int | None = None) -> TrainState:
