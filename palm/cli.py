@@ -12,6 +12,7 @@ marked), so `palm --help`, `palm spec` and a bad argument answer at once.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib.util
 import json
@@ -19,10 +20,13 @@ import logging
 import math
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -355,8 +359,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Prefect waits 20 s for its ephemeral server by default; its first start on a busy 2-core machine
     # (creating the database) can take longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from prefect.exceptions import TerminationSignal  # loads Prefect: only for this command
-    from prefect.settings import PREFECT_API_URL  # loads Prefect: only for this command
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS  # loads Prefect
 
     api = PREFECT_API_URL.value()
     print(f"prefect: flow 'pretrain' on {api}" if api else
@@ -365,7 +368,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Prefect's ephemeral server starts in a process of its own; meanwhile this one loads the flow, the
     # engines of the nodes it will build and the report's plotting, and compiles the programs of the nodes
     # it will train (palm.dag.runner.prepare).
-    server = None if api else _EphemeralServer()
+    server = None if api else _EphemeralServer(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    from prefect.exceptions import TerminationSignal  # loads Prefect: only for this command
     from flows.pretrain import pretrain  # loads Prefect and JAX: only for this command
     from palm.app.console import RunConsole  # loads rich: only for this command
 
@@ -373,13 +377,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         prepare(nodes_to_build(workflow, root, stages, args.force))
         load_plotting()  # for the report at the end
         server.wait()
+    settings = nullcontext() if server is None else server.settings()
     restore = [] if args.verbose else _quiet_prefect_console()
 
     # The flow turns SIGTERM into this event: training checkpoints at the current step, raises Preempted.
     stop = threading.Event()
     steps = {n.name: n.spec.train.steps for n in workflow.nodes.values() if STAGES[n.stage].trains and n.name in stages}
     try:
-        with RunConsole(steps, spec.train.log_every) as console, attach(console.hooks(stop)):
+        with settings, RunConsole(steps, spec.train.log_every) as console, attach(console.hooks(stop)):
             state = pretrain(args.spec, list(args.overrides), root, ",".join(stages), list(args.force),
                              return_state=True)
         summary = state.result()  # the flow's exception when it failed: PalmError (exit 2), Preempted (75)
@@ -403,26 +408,73 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 class _EphemeralServer:
-    """Prefect's ephemeral API server, started now on a thread (the server is a process of its own) instead
-    of when the flow first needs it; `wait()` until it answers. The flow's client then finds it running."""
+    """Prefect's ephemeral API server, started now instead of when the flow first needs it: the process
+    Prefect's ephemeral mode starts (prefect.server.api.server.SubprocessASGIServer: uvicorn serving
+    Prefect's app factory on a free loopback port, the UI off), launched here without importing Prefect's
+    server into this process (about 2 s of a first run's imports, which that process makes anyway).
+    `wait()` until it answers; the flow then runs against it (`settings()`), and it is stopped at exit."""
 
-    def __init__(self) -> None:
-        from prefect.server.api.server import SubprocessASGIServer  # loads Prefect's server: only for `run`
+    APP = "prefect.server.api.server:create_app"
 
-        self.server, self.error = SubprocessASGIServer(), None
-        self.thread = threading.Thread(target=self._start, name="prefect-server-start", daemon=True)
-        self.thread.start()
+    def __init__(self, timeout: float) -> None:
+        self.timeout, self.process, self.port, self.starts = timeout, None, 0, 0
+        self._start()
+        atexit.register(self.stop)
 
     def _start(self) -> None:
-        try:
-            self.server.start()
-        except BaseException as e:  # noqa: BLE001 - raised by wait(), in the command's thread
-            self.error = e
+        import prefect  # loads Prefect's client only (already loaded for its settings)
+
+        self.port, self.starts = _free_port(), self.starts + 1
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+             self.APP, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
 
     def wait(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        """Until the server answers /health; a RuntimeError when it exits or does not answer in time."""
+        import httpx  # Prefect's own HTTP client library
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            code = self.process.poll()
+            if code == 3 and self.starts < 3:  # uvicorn's startup failure, as when the port was taken meanwhile
+                self._start()
+            elif code is not None:
+                raise RuntimeError(f"Prefect's ephemeral API server exited with code {code} as it started")
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect's ephemeral API server did not answer in {self.timeout:.0f} s "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.1)
+
+    def settings(self) -> Any:
+        """The context in which Prefect's client uses this server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _emit_run(args: argparse.Namespace, summary: dict[str, Any]) -> None:

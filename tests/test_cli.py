@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,23 @@ def prefect_flow_runs(parameter_output: str):
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(limit=200)
     return [r for r in runs if r.parameters.get("output") == parameter_output]
+
+
+def test_an_ephemeral_server_that_cannot_start_is_one_error_and_is_stopped(monkeypatch):
+    """palm.cli._EphemeralServer, the process Prefect's ephemeral mode would start, launched by `palm run`: one
+    whose app cannot load (uvicorn's startup failure, exit code 3: tried on three ports, as for a port taken
+    meanwhile) ends with an error naming its exit code, not a wait for the whole timeout."""
+    from palm.cli import _EphemeralServer
+
+    monkeypatch.setattr(_EphemeralServer, "APP", "palm_no_such_module:create_app")
+    server = _EphemeralServer(timeout=120)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"ephemeral API server exited with code 3"):
+            server.wait()
+        assert time.monotonic() - t0 < 60 and server.process.poll() == 3 and server.starts == 3
+    finally:
+        server.stop()
 
 
 def test_run_unknown_stage_is_bad_input(capsys):

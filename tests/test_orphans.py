@@ -52,6 +52,7 @@ def test_sigkill_of_palm_run_leaves_no_process_behind(tmp_path):
         server = [p for p in started if "uvicorn" in cmdline(p)]
         watchdog = [p for p in started if "palm.base.orphans" in cmdline(p)]
         assert server and watchdog, {p: cmdline(p) for p in started}
+        assert len(server) == 1, {p: cmdline(p) for p in server}  # the flow runs on the server palm started
         started.update(descendants({run.pid}))
         os.kill(run.pid, signal.SIGKILL)
         run.wait()

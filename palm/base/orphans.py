@@ -1,9 +1,9 @@
 """Nothing a command starts outlives it, SIGKILL included: a watchdog process on its parent.
 
-`palm run` starts Prefect's ephemeral API server (a uvicorn subprocess of about 200 MB that Prefect stops
-in an `atexit` hook, which SIGKILL skips) and the stages may start subprocesses of their own. A process
-cannot act after SIGKILL, and PR_SET_PDEATHSIG only covers children whose start we control (not Prefect's
-Popen), so `watch_descendants()` starts a small watchdog (`python -m palm.base.orphans PID TOKEN`, in a
+`palm run` starts Prefect's ephemeral API server (a uvicorn subprocess of about 200 MB that it stops in
+an `atexit` hook, which SIGKILL skips) and the stages may start subprocesses of their own. A process
+cannot act after SIGKILL, and PR_SET_PDEATHSIG only covers children whose start we control (not those of
+Prefect or Beam), so `watch_descendants()` starts a small watchdog (`python -m palm.base.orphans PID TOKEN`, in a
 session of its own, so a terminal's Ctrl-C reaches it only through its parent's end). Until the parent
 ends it records the parent's descendants every `POLL_SECONDS` (pid and start time, so a reused pid is
 never hit); once the parent is gone (its parent pid changes), however it ended, it sends SIGTERM to every
