@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from palm.base.hardware import tpu_host
 from palm import version_line
 from palm.base import storage
 from palm.base.files import open_regular, read_text
+from palm.base.net import free_port
 from palm.base.orphans import watch_descendants
 from palm.base.errors import Preempted
 from palm.app.report import load_plotting, write_report
@@ -424,7 +424,7 @@ class _EphemeralServer:
     def _start(self) -> None:
         import prefect  # loads Prefect's client only (already loaded for its settings)
 
-        self.port, self.starts = _free_port(), self.starts + 1
+        self.port, self.starts = free_port(), self.starts + 1
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
@@ -469,12 +469,6 @@ class _EphemeralServer:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _emit_run(args: argparse.Namespace, summary: dict[str, Any]) -> None:

@@ -25,7 +25,6 @@ tests use `Emulator`.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,7 @@ import urllib.request
 from http import HTTPStatus
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from palm.base.net import free_port
 
 
 class Emulator:
@@ -46,7 +41,7 @@ class Emulator:
 
     def __init__(self, bucket: str = "bucket", startup_timeout: float = 30.0):
         self.bucket = bucket
-        self.port = _free_port()
+        self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
         # Its output goes to a file: a pipe nobody reads would block it once full.

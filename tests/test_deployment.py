@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, copy_of
+from palm.base.net import free_port
 
 OVERRIDES = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
 TERMINAL_BAD = {"FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from palm.core.checkpoint import tree_digest
 from tests.conftest import ROOT, cpu_devices
-from tests.test_multihost import free_port
+from palm.base.net import free_port
 
 SCRIPT = str(ROOT / "tests" / "digest_state.py")
 ONE = {"data": 1, "fsdp": 1, "model": 1}

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SPECS, TEST_XLA_FLAGS, cpu_devices
+from palm.base.net import free_port
 
 TINY = str(SPECS / "tiny.yaml")
 # 8 steps across a batch ramp (8 sequences per step, then 16 from step 5), a checkpoint every 4.
@@ -29,12 +29,6 @@ TRAIN = ["train.steps=8", "train.checkpoint.every_steps=4", "train.log_every=1",
 def upstream(tiny_upstream) -> Path:
     """data, tokenizer and pack of the tiny spec, built once per session; each run copies them into its own root."""
     return tiny_upstream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(root: Path, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from palm.base import storage
 from palm.base.errors import PalmError
 from palm.store.ledger import EvalLedger
 from palm.store.outputs import MANIFEST, read_manifest, run_stage
-from tests.gcs import _free_port
+from palm.base.net import free_port
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_an_unusable_storage_root_is_a_clear_error(gcs_emulator, monkeypatch):
     for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
                 "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
         monkeypatch.setenv(key, os.environ.get(key, ""))  # put back afterwards, whatever gcs_settings writes
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(PalmError, match="GCS emulator at STORAGE_EMULATOR_HOST=.* does not answer"):
         storage.check_root("gs://bucket/run")

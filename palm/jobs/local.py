@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 from typing import Any
 
@@ -29,21 +28,16 @@ from palm.jobs.launching import (
     mesh_text,
 )
 from palm.store.runlock import INHERITED_FD, run_lock
+from palm.base.net import free_port
 
 #: Seconds the other local workers get to exit after one failed or a stop was asked.
 LOCAL_GRACE_SECONDS = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def plan_local(spec: Any, root: str, command: list[str], component: str = "train") -> LaunchPlan:
     la, hw = spec.infra.launcher, spec.infra.hardware
     n = la.processes
-    port = la.coordinator_port or _free_port()
+    port = la.coordinator_port or free_port()
     per_process = hw.num_devices // n
     workers = []
     for i in range(n):
