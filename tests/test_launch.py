@@ -360,16 +360,21 @@ STATE = HERE / "state.json"
 def record(stdin=None):
     entry = {"tool": TOOL, "argv": ARGS, "stdin": stdin,
              "env": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_FLAGS"))}}
-    with open(HERE / "calls.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    fd = os.open(HERE / "calls.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:  # one append per call: concurrent fakes never interleave their lines
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def state():
     return json.loads(STATE.read_text()) if STATE.exists() else {}
 
 
-def save(s):
-    STATE.write_text(json.dumps(s))
+def save(s):  # atomically: a `logs` follower reads the state while a `get` poll writes it
+    partial = STATE.with_name(f"state.{os.getpid()}.json")
+    partial.write_text(json.dumps(s))
+    os.replace(partial, STATE)
 
 
 def upload(target, text):
