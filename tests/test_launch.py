@@ -27,7 +27,7 @@ import yaml
 
 from palm.cli import main
 from palm.base.errors import PalmError
-from palm.jobs.gke import validate_jobset
+from palm.jobs.gke import LeaderLog, kubectl_commands, validate_jobset
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launching import JobFailed, JobPreempted, JobStopped, WorkerRejected, worker_command
 from palm.dag.workflow import load_spec
@@ -392,6 +392,11 @@ def upload(target, text):
         Path(target).write_text(text)
 
 
+def running(s, attempt):
+    """The leader's container runs until the poll before the JobSet's outcome."""
+    return s.get("polls", 0) < attempt.get("polls", 2)
+
+
 def kubectl():
     if ARGS[:2] == ["create", "-f"]:
         manifest = sys.stdin.read()
@@ -439,12 +444,28 @@ def kubectl():
         return 0
     if ARGS[:2] == ["get", "pods"]:
         n = s.get("attempt", 1)
+        phase = "Running" if running(s, attempt) else "Succeeded" if attempt["outcome"] == "Completed" else "Failed"
         print(json.dumps({"items": [{"metadata": {"name": f"leader-{n}", "creationTimestamp": f"2030-01-01T00:00:0{n}Z"},
-                                     "status": {"phase": "Running"}}]}))
+                                     "status": {"phase": phase}}]}))
         return 0
-    if ARGS[0] == "logs":
-        for line in attempt.get("log", []):
-            print(line, flush=True)
+    if ARGS[0] == "logs":  # line i of the log at second i // 2 (two lines a second), as the kubelet stamps them
+        since = next((a.split("=", 1)[1] for a in ARGS if a.startswith("--since-time=")), None)
+        follows = sum(1 for c in map(json.loads, (HERE / "calls.jsonl").read_text().splitlines())
+                      if c["tool"] == "kubectl" and c["argv"][0] == "logs" and c["argv"][-1] == ARGS[-1])
+        for i, line in enumerate(attempt.get("log", [])):
+            stamp = f"2030-01-01T00:00:{i // 2:02d}" + (".5" if i % 2 else "") + "Z"
+            if since is not None and stamp[:19] < since[:19]:  # the API server takes the time to the second
+                continue
+            if follows <= len(attempt.get("cuts", [])) and i == attempt["cuts"][follows - 1]:
+                print("error: unexpected EOF", file=sys.stderr)  # the stream dropped
+                return 1
+            print(f"{stamp} {line}" if "--timestamps" in ARGS else line, flush=True)
+        n, deadline = s.get("attempt", 1), time.monotonic() + 60
+        while "--follow" in ARGS and running(s, attempt) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a follow ends when the leader's container does
+            s = state()
+            if s.get("attempt", 1) != n:
+                break
         return 0
     if ARGS[0] == "delete":
         s["deleted"] = True
@@ -551,9 +572,49 @@ def test_gke_launch_runs_the_jobset_follows_the_leader_and_streams_its_log(capsy
     assert yaml.safe_load(calls[1]["stdin"]) == expected  # exactly the manifest the dry run printed
     assert ["get", "jobset", "palm-540b", "--namespace=palm", "--output=json"] in [c["argv"] for c in calls]
     logs = [c["argv"] for c in calls if c["argv"][0] == "logs"]
-    assert logs == [["logs", "--namespace=palm", "--container=worker", "--follow", "leader-1"]]
+    assert logs == [["logs", "--namespace=palm", "--container=worker", "--follow", "--timestamps", "leader-1"]]
     assert "step 1/255000 loss 12.5" in err and "step 255000/255000 loss 1.9" in err  # streamed to stderr
     assert kubectl_verbs(fakes).count("get jobset") == 4  # none yet; twice running, then completed: it stopped there
+
+
+def test_a_log_stream_cut_while_the_leader_runs_is_followed_again_and_no_line_is_lost_or_repeated(
+        capsys, tmp_path, monkeypatch):
+    """The API server drops `kubectl logs --follow` twice: each new follow starts from the last line's time
+    (which the server takes to the second, so it repeats lines) and every line reaches the log once."""
+    lines = [f"step {i} loss {10 - i}.0" for i in range(10)]
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
+        {"outcome": "Completed", "polls": 6, "log": lines, "cuts": [3, 7]}]}})
+    rc, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
+    assert rc == 0, err
+    assert rc == 0, err
+    assert err.count("error: unexpected EOF") == 2  # kubectl's own word on each cut reaches the user
+    follow = ["logs", "--namespace=palm", "--container=worker", "--follow", "--timestamps"]
+    assert [c["argv"] for c in fakes.calls("kubectl") if c["argv"][0] == "logs"] == [
+        [*follow, "leader-1"],
+        [*follow, "--since-time=2030-01-01T00:00:01Z", "leader-1"],  # line 2's time: lines 0-2 were logged
+        [*follow, "--since-time=2030-01-01T00:00:03Z", "leader-1"]]  # line 6's
+
+
+def test_a_log_that_cannot_be_read_is_tried_again_with_a_doubling_wait(tmp_path, monkeypatch):
+    fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {"attempts": [
+        {"outcome": "Completed", "polls": 0, "log": ["step 1 loss 3.0"], "cuts": [0] * 4}]}})
+    now, logged = [0.0], []
+    leader_log = LeaderLog(kubectl_commands("palm-540b", "palm")["logs"], logged.append, poll_seconds=10,
+                           clock=lambda: now[0])
+
+    def poll_at(t: float) -> int:
+        """A poll at time t that finds the leader running; how many follows were started by then."""
+        now[0] = t
+        leader_log.update(("leader-1", "Running"))
+        while leader_log.following():
+            time.sleep(0.01)
+        return len([c for c in fakes.calls("kubectl") if c["argv"][0] == "logs"])
+
+    # Each follow fails at once: the next waits one poll interval, then two, then four.
+    assert [poll_at(t) for t in (0, 0, 9, 10, 10, 29, 30, 30, 69, 70)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4]
+    assert poll_at(70) == 4 and poll_at(70 + 80) == 5  # the fifth follow reads the log
+    leader_log.drain()
+    assert logged.count("error: unexpected EOF") == 4 and logged[-1] == "step 1 loss 3.0"
 
 
 def test_a_rerun_reattaches_to_its_running_jobset_instead_of_restarting_it(capsys, tmp_path, monkeypatch):

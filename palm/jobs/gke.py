@@ -11,9 +11,11 @@ of this very job), follows it and the leader's log, and deletes it when asked to
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import threading
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -55,7 +57,8 @@ FINGERPRINT = "palm.dev/job-fingerprint"
 
 
 def kubectl_commands(name: str, namespace: str) -> dict[str, list[str]]:
-    """The kubectl commands the gke launcher runs; `logs` takes the leader pod's name appended."""
+    """The kubectl commands the gke launcher runs; `logs` takes the leader pod's name appended (after
+    `--since-time=T` when it follows a cut stream again: LeaderLog)."""
     ns = f"--namespace={namespace}"
     leader = (f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/job-index=0,"
               "batch.kubernetes.io/job-completion-index=0")
@@ -64,7 +67,7 @@ def kubectl_commands(name: str, namespace: str) -> dict[str, list[str]]:
         "create": ["kubectl", "create", "-f", "-"],
         "status": ["kubectl", "get", "jobset", name, ns, "--output=json"],
         "leader": ["kubectl", "get", "pods", ns, f"--selector={leader}", "--output=json"],
-        "logs": ["kubectl", "logs", ns, f"--container={WORKER_CONTAINER}", "--follow"],
+        "logs": ["kubectl", "logs", ns, f"--container={WORKER_CONTAINER}", "--follow", "--timestamps"],
     }
 
 
@@ -170,7 +173,8 @@ def render_gke(plan: LaunchPlan) -> str:
              f"({shlex.join(k['delete'])})",
              f"# {shlex.join(k['create'])}   (stdin: the manifest below)",
              f"# then every {plan.poll_seconds:g} s: {shlex.join(k['status'])}",
-             f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD",
+             f"# and the leader's log: {shlex.join(k['leader'])}; {shlex.join(k['logs'])} POD "
+             "(a stream cut while the pod runs: again, with --since-time=<its last line's time>)",
              f"# the pods (hostNetwork) act as the TPU node pools' service account "
              f"{plan.manifest['metadata']['annotations'][NODE_SERVICE_ACCOUNT]}: create the node pools with "
              "--service-account=it (Workload Identity does not apply to hostNetwork pods)"]
@@ -245,8 +249,7 @@ def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> None:
 def run_gke(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = False) -> None:
     k = kubectl_commands(plan.name, plan.namespace)
     _attach_or_create_jobset(plan, log, replace)
-    followed: set[str] = set()
-    logs: Child | None = None
+    leader_log = LeaderLog(k["logs"], log, plan.poll_seconds)
     restarts, misses = 0, 0
     try:
         while True:
@@ -262,17 +265,14 @@ def run_gke(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = F
             if status.get("restarts", 0) > restarts:
                 restarts = status["restarts"]
                 log(f"{plan.name}: restarted every slice ({restarts} of at most {plan.max_restarts} restarts)")
-            if logs is None or logs.poll() is not None:
-                pod = _leader_pod(k, followed)
-                if pod is not None:
-                    followed.add(pod)
-                    logs = Child([*k["logs"], pod], log)
+            if not leader_log.following():
+                leader_log.update(_leader_pod(k))
             done = _conditions(status)
             if "Completed" in done:
-                _drain(logs)
+                leader_log.drain()
                 return
             if "Failed" in done:
-                _drain(logs)
+                leader_log.drain()
                 reason, message = done["Failed"].get("reason", ""), done["Failed"].get("message", "")
                 if reason == "ReachedMaxRestarts":
                     raise JobPreempted(f"{plan.name}: {message or reason} ({plan.max_restarts}); run again to "
@@ -286,24 +286,115 @@ def run_gke(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = F
                 run(k["delete"], check=False)  # the pods get SIGTERM: the workers checkpoint and exit
                 raise JobStopped(f"JobSet {plan.name}")
     finally:
-        if logs is not None:
-            logs.terminate()
+        leader_log.stop()
 
 
-def _leader_pod(k: dict[str, list[str]], followed: set[str]) -> str | None:
-    """The newest leader pod (slice 0, host 0) that has started and whose log is not followed yet."""
+def _leader_pod(k: dict[str, list[str]]) -> tuple[str, str] | None:
+    """The newest leader pod (slice 0, host 0) that has started, and its phase."""
     got = run(k["leader"], check=False)
     if got.returncode:
         return None
     pods = [p for p in json.loads(got.stdout).get("items", [])
-            if (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
-            and p["metadata"]["name"] not in followed]
+            if (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")]
     if not pods:
         return None
-    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))["metadata"]["name"]
+    newest = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    return newest["metadata"]["name"], newest["status"]["phase"]
 
 
-def _drain(logs: Child | None) -> None:
-    """Let the leader's log reach its end (its container has exited), within a minute."""
-    if logs is not None:
-        logs.wait(60)
+#: `kubectl logs --timestamps` starts each line with its RFC 3339 time (nanoseconds, trailing zeros cut).
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z ")
+#: The longest wait between two follows of a running pod whose log stream ends and gives nothing.
+MAX_FOLLOW_BACKOFF_SECONDS = 600.0
+
+
+class LeaderLog:
+    """The leader pod's log, followed with `command` (`kubectl logs --follow --timestamps`) and logged
+    without the times.
+
+    A new leader pod (the JobSet restarted) is followed from its start. A stream that ends while its pod
+    still runs (the API server or the kubelet dropped the connection: over a run of weeks they do) is
+    followed again from the time of its last line, and the lines the new stream repeats (kubectl sends that
+    time to the second) are skipped. A follow that gave no line makes the next one wait twice as long as
+    the one before (from one poll interval to at most MAX_FOLLOW_BACKOFF_SECONDS), so a log that cannot be
+    read does not start kubectl at every poll. When the job ends, a stream that had been cut is followed
+    again while that gives new lines, so the log's tail is not lost.
+    """
+
+    def __init__(self, command: Sequence[str], log: Log, poll_seconds: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._command, self._log, self._poll, self._clock = list(command), log, poll_seconds, clock
+        self._child: Child | None = None
+        self._pod: str | None = None
+        self._since: str | None = None  # the last line's time, as kubectl printed it
+        self._last: tuple[str, str] | None = None  # ... as a key that sorts by time
+        self._at_last: set[str] = set()  # the lines logged at exactly that time
+        self._got_lines = False  # in the current follow
+        self._empty_follows = 0  # in a row
+        self._retry_at = 0.0
+        self._cut = False  # the last follow ended with an error, or while its pod ran
+
+    def following(self) -> bool:
+        return self._child is not None and self._child.poll() is None
+
+    def update(self, leader: tuple[str, str] | None) -> None:
+        """After a poll that found no follow running: follow `leader` (its name and phase)."""
+        self._reap()
+        if leader is None:
+            return
+        pod, phase = leader
+        if pod != self._pod:
+            self._pod, self._since, self._last, self._at_last, self._empty_follows = pod, None, None, set(), 0
+            self._follow()
+        elif phase == "Running":
+            self._cut = True
+            if self._clock() >= self._retry_at:
+                self._log(f"{pod}: its log stream ended while it runs; following it again from "
+                          f"{self._since or 'its start'}")
+                self._follow()
+
+    def drain(self) -> None:
+        """The job has ended: let the log reach its end (the container has exited), within a minute a follow;
+        a stream cut short is followed again for as long as that gives new lines."""
+        if self._child is not None:
+            self._child.wait(60)
+            self._reap()
+        while self._cut and self._pod is not None:
+            self._follow()
+            self._child.wait(60)
+            self._reap()
+            if not self._got_lines:
+                break
+
+    def stop(self) -> None:
+        if self._child is not None:
+            self._child.terminate()
+
+    def _reap(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        code = child.wait(5)  # it has exited: its last lines reach the log
+        self._cut = self._cut or code != 0
+        self._empty_follows = 0 if self._got_lines else self._empty_follows + 1
+        backoff = self._poll * 2.0 ** min(self._empty_follows - 1, 30) if self._empty_follows else 0.0
+        self._retry_at = self._clock() + min(backoff, MAX_FOLLOW_BACKOFF_SECONDS)
+
+    def _follow(self) -> None:
+        since = [f"--since-time={self._since}"] if self._since else []
+        self._got_lines, self._cut = False, False
+        self._child = Child([*self._command, *since, self._pod], self._line)
+
+    def _line(self, line: str) -> None:
+        stamp = _STAMP.match(line)
+        if stamp is None:  # kubectl's own message (its stderr)
+            self._log(line)
+            return
+        key, text = (stamp[1], (stamp[2] or "").ljust(9, "0")), line[stamp.end():]
+        if self._last is not None and (key < self._last or (key == self._last and text in self._at_last)):
+            return  # the stream before this one gave it already
+        if key != self._last:
+            self._since, self._last, self._at_last = line[:stamp.end() - 1], key, set()
+        self._at_last.add(text)
+        self._got_lines = True
+        self._log(text)
