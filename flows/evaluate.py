@@ -24,6 +24,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from palm.base.jaxenv import configure_jax
+
+# A Prefect worker runs this flow in a process of its own, not through `palm`: set JAX up as `palm` does
+# (the CPU on a chip-less host with libtpu, the persistent compilation cache) before the imports below load it.
+configure_jax()
+
 from palm.base import storage
 from palm.core.checkpoint import open_checkpoints
 from palm.store.tensorboard import write_eval_results

@@ -24,6 +24,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from palm.base.jaxenv import configure_jax
+
+# A Prefect worker runs this flow in a process of its own, not through `palm`: set JAX up as `palm` does
+# (the CPU on a chip-less host with libtpu, the persistent compilation cache) before the imports below load it.
+configure_jax()
+
 from palm.base import storage
 from palm.base.errors import Preempted
 from palm.dag.runner import Hooks, attach, attached, existing_output, node_inputs, record_spec, run_summary

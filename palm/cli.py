@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ import yaml
 from palm.base.errors import PalmError, environment_fault
 from palm.app.image import build_image
 from palm.app.image import render as render_image
-from palm.base.hardware import tpu_host
+from palm.base.jaxenv import configure_jax
 from palm import version_line
 from palm.base import storage
 from palm.base.files import open_regular, read_text
@@ -828,34 +827,8 @@ COMMANDS = {"image": _cmd_image, "plan": _cmd_plan, "run": _cmd_run, "worker": _
             "eval-score": _cmd_eval_score, "generate": _cmd_generate, "eval": _cmd_eval}
 
 
-def _cpu_unless_accelerated() -> None:
-    """On a host without TPU chips that has libtpu installed (the `tpu` dependency group, for compiling
-    ahead of time), JAX would start a TPU backend at first use and print libtpu's complaints about the
-    missing chips; use the CPU unless JAX_PLATFORMS says otherwise or a GPU plugin is installed."""
-
-    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or tpu_host():
-        return
-    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
-        return
-    os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-def _compilation_cache() -> None:
-    """JAX keeps the programs it compiles on disk, so the next process that compiles the same one (the next
-    `palm run`, a stage's subprocess, an evaluation) loads it instead: `$XDG_CACHE_HOME/palm/jax`
-    (default ~/.cache/palm/jax). PALM_COMPILATION_CACHE names another directory, or `off`;
-    JAX_COMPILATION_CACHE_DIR, when set, wins. (Steps compiled for TPUs ahead of time are never written
-    there: palm.analysis.aot; nor by CPU processes of one multi-process job: palm.app.worker.)"""
-    choice = os.environ.get("PALM_COMPILATION_CACHE", "")
-    if choice.lower() in ("off", "0", "false", "no"):
-        return
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", choice or str(home / "palm" / "jax"))
-
-
 def _cmd_lm_eval(argv: list[str]) -> int:
-    _cpu_unless_accelerated()
-    _compilation_cache()
+    configure_jax()
     from palm.evaluation.lmeval import cli  # loads lm-eval: only for this command
 
     return cli(argv)
@@ -870,8 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"palm: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    _cpu_unless_accelerated()
-    _compilation_cache()
+    configure_jax()
     try:
         return COMMANDS[args.command](args)
     except PalmError as e:  # bad input, or a fault of the machine (EnvironmentFault: exit 2, or 75 if transient)

@@ -17,9 +17,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="palm-test-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The tests install libtpu (to compile for TPU topologies ahead of time); on these chip-less hosts JAX
 # would otherwise try to start a TPU backend at first use and print libtpu's complaints. palm's CLI does
-# the same for its users (palm.cli._cpu_unless_accelerated).
+# the same for its users, and so do the flows a Prefect worker runs (palm.base.jaxenv).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One JAX persistent compilation cache for the session, as `palm run` keeps one for its users (palm.cli):
+# One JAX persistent compilation cache for the session, as `palm run` keeps one for its users (palm.base.jaxenv):
 # the xdist workers and every subprocess the tests start (stage subprocesses, several-process runs, the
 # CLI) inherit it from here, so a program compiled once (the tiny model's train step, for one) is loaded
 # by every later process instead of compiled again. Set before any JAX import; a fresh directory per
@@ -28,6 +28,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="palm
 # palm's own setting, for subprocesses started without the JAX_ variables (tests/test_multihost.py): the
 # session's directory too, never the user's ~/.cache/palm/jax.
 os.environ.setdefault("PALM_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
+# The programs that compile in 0.2 s or more are kept, as palm keeps them (palm.base.jaxenv).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # XLA:CPU compiles the suite's programs cheaply (user runs keep XLA's defaults): at LLVM optimization level 1
 # and with XLA's older fusion emitters, which compile several times faster than its newer ones. The suite's

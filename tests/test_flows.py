@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +23,7 @@ from flows.evaluate import evaluate_new_checkpoints
 from flows.pretrain import pretrain
 from palm.store.ledger import EvalLedger
 from tasks.common import run_artifact_key
-from tests.conftest import SPECS
+from tests.conftest import ROOT, SPECS
 
 TINY = str(SPECS / "tiny.yaml")
 QUICK = ["train.steps=6", "train.checkpoint.every_steps=3", "eval.max_examples=4"]
@@ -129,3 +133,26 @@ def test_caching_lineage_and_exactly_once_evaluation(prefect_server, tmp_path):
     assert [a.flow_run_id for a in theirs] == [other.state_details.flow_run_id]
     assert other.state_details.flow_run_id not in {a.flow_run_id for a in mine} and run_id in {a.flow_run_id for a in mine}
 
+
+
+WORKER_LOADS_FLOW = """
+import sys
+from prefect.utilities.importtools import load_script_as_module
+load_script_as_module(sys.argv[1])  # as a Prefect process worker's flow run loads the deployment's entrypoint
+import jax
+print(jax.devices()[0].platform, jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+"""
+
+
+@pytest.mark.parametrize("flow", ["flows/pretrain.py", "flows/evaluate.py"])
+def test_a_flow_a_prefect_worker_runs_sets_jax_up_as_palm_does(tmp_path, flow):
+    """A deployment's flow run is a fresh process that loads the flow's file by its path, not `palm`: in a
+    user's environment (no JAX_ or PALM_ variables) it too uses the CPU of a chip-less host that has libtpu
+    installed, without libtpu's complaints, and keeps its programs in palm's compilation cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALM_"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", WORKER_LOADS_FLOW, flow], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["cpu", str(tmp_path / "palm" / "jax"), "0.2"]
+    assert not re.search(r"^[EWF]\d{4} |InitGoogle|libtpu", done.stderr, re.M), done.stderr
