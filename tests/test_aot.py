@@ -200,26 +200,26 @@ def test_steps_compiled_for_tpus_stay_out_of_the_persistent_compilation_cache(tm
 
 
 def test_palm_keeps_its_compilation_cache_in_the_users_cache_directory(monkeypatch, tmp_path):
-    from palm.base.jaxenv import keep_compilation_cache as _compilation_cache
+    from palm.base.jaxenv import keep_compilation_cache
 
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.delenv("PALM_COMPILATION_CACHE", raising=False)
     monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    _compilation_cache()
+    keep_compilation_cache()
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "palm" / "jax")
     assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.2"  # an evaluation's programs too
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")  # the user's choice stands
-    _compilation_cache()
+    keep_compilation_cache()
     assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "5"
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     monkeypatch.setenv("PALM_COMPILATION_CACHE", str(tmp_path / "mine"))
-    _compilation_cache()
+    keep_compilation_cache()
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "mine")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # the user's choice stands
-    _compilation_cache()
+    keep_compilation_cache()
     assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     monkeypatch.setenv("PALM_COMPILATION_CACHE", "off")
-    _compilation_cache()
+    keep_compilation_cache()
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ

@@ -140,7 +140,8 @@ import sys
 from prefect.utilities.importtools import load_script_as_module
 load_script_as_module(sys.argv[1])  # as a Prefect process worker's flow run loads the deployment's entrypoint
 import jax
-print(jax.devices()[0].platform, jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+config = jax.config
+print(jax.devices()[0].platform, config.jax_compilation_cache_dir, config.jax_persistent_cache_min_compile_time_secs)
 """
 
 
