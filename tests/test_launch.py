@@ -452,7 +452,10 @@ def kubectl():
         since = next((a.split("=", 1)[1] for a in ARGS if a.startswith("--since-time=")), None)
         follows = sum(1 for c in map(json.loads, (HERE / "calls.jsonl").read_text().splitlines())
                       if c["tool"] == "kubectl" and c["argv"][0] == "logs" and c["argv"][-1] == ARGS[-1])
+        tail = next((int(a.split("=", 1)[1]) for a in ARGS if a.startswith("--tail=")), None)
         for i, line in enumerate(attempt.get("log", [])):
+            if tail is not None and i < len(attempt["log"]) - tail:
+                continue
             stamp = f"2030-01-01T00:00:{i // 2:02d}" + (".5" if i % 2 else "") + "Z"
             if since is not None and stamp[:19] < since[:19]:  # the API server takes the time to the second
                 continue
@@ -621,12 +624,15 @@ def test_a_rerun_reattaches_to_its_running_jobset_instead_of_restarting_it(capsy
     """The Prefect worker's VM restarted while the job ran: a re-run finds the JobSet of this very job
     (its fingerprint annotation) still running and follows it; nothing is deleted or created."""
     fingerprint = jobset_540b(capsys, *FAST)["metadata"]["annotations"]["palm.dev/job-fingerprint"]
+    log = [f"step {step}/255000 loss 2.0" for step in range(199850, 200001)]  # weeks of it, logged before
     fakes = Fakes(tmp_path, monkeypatch, {"kubectl": {
         "existing": {"fingerprint": fingerprint, "becomes_ours": True},
-        "attempts": [{"outcome": "Completed", "polls": 2, "log": ["step 200000/255000 loss 2.0"]}]}})
+        "attempts": [{"outcome": "Completed", "polls": 2, "log": log}]}})
     rc, out, err = run_cli(capsys, S540, *GKE_540, *FAST)
     assert rc == 0, err
     assert "re-attaching to this job's JobSet (running)" in err and "step 200000/255000 loss 2.0" in err
+    assert "step 199900/" not in err and err.count("/255000 loss 2.0") == 100  # its last 100 lines, then on
+    assert [c["argv"][-2:] for c in fakes.calls("kubectl") if c["argv"][0] == "logs"] == [["--tail=100", "leader-1"]]
     assert "create -f" not in kubectl_verbs(fakes) and not any(v.startswith("delete") for v in kubectl_verbs(fakes))
 
 

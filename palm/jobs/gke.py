@@ -220,9 +220,9 @@ def _conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
 
 
-def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> None:
+def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> bool:
     """Create the JobSet, unless one of this very job (the same fingerprint) exists and has not failed:
-    then it is followed, so that a retried or re-run task never restarts a running job. A failed one,
+    then it is followed (True), so that a retried or re-run task never restarts a running job. A failed one,
     one of another job that has finished, or any with `replace` (a forced stage), is deleted first; a
     running one of another job is refused."""
     k = kubectl_commands(plan.name, plan.namespace)
@@ -233,7 +233,7 @@ def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> None:
         done = _conditions(existing.get("status") or {})
         if ours and "Failed" not in done and not replace:
             log(f"{plan.name}: re-attaching to this job's JobSet ({'completed' if 'Completed' in done else 'running'})")
-            return
+            return True
         if not ours and not done and not replace:
             raise PalmError(f"JobSet {plan.name} of another job is running in namespace {plan.namespace}; delete it "
                             f"({shlex.join(k['delete'])}) or re-run with --force")
@@ -244,12 +244,14 @@ def _attach_or_create_jobset(plan: LaunchPlan, log: Log, replace: bool) -> None:
     for command in plan.setup:
         log(f"$ {command.shell()}")
         run(command.argv, stdin=command.stdin)
+    return False
 
 
 def run_gke(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = False) -> None:
     k = kubectl_commands(plan.name, plan.namespace)
-    _attach_or_create_jobset(plan, log, replace)
-    leader_log = LeaderLog(k["logs"], log, plan.poll_seconds)
+    attached = _attach_or_create_jobset(plan, log, replace)
+    # A re-attached job's leader may have logged for weeks, all of it in an earlier task run's log already.
+    leader_log = LeaderLog(k["logs"], log, plan.poll_seconds, tail=REATTACH_TAIL_LINES if attached else None)
     restarts, misses = 0, 0
     try:
         while True:
@@ -306,13 +308,16 @@ def _leader_pod(k: dict[str, list[str]]) -> tuple[str, str] | None:
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z ")
 #: The longest wait between two follows of a running pod whose log stream ends and gives nothing.
 MAX_FOLLOW_BACKOFF_SECONDS = 600.0
+#: The leader's last lines logged when a launcher re-attaches to its running JobSet (then it follows on).
+REATTACH_TAIL_LINES = 100
 
 
 class LeaderLog:
     """The leader pod's log, followed with `command` (`kubectl logs --follow --timestamps`) and logged
     without the times.
 
-    A new leader pod (the JobSet restarted) is followed from its start. A stream that ends while its pod
+    A new leader pod (the JobSet restarted) is followed from its start; with `tail`, the first pod from
+    its last `tail` lines (a re-attached launcher's: the rest was logged before). A stream that ends while its pod
     still runs (the API server or the kubelet dropped the connection: over a run of weeks they do) is
     followed again from the time of its last line, and the lines the new stream repeats (kubectl sends that
     time to the second) are skipped. A follow that gave no line makes the next one wait twice as long as
@@ -321,9 +326,10 @@ class LeaderLog:
     again while that gives new lines, so the log's tail is not lost.
     """
 
-    def __init__(self, command: Sequence[str], log: Log, poll_seconds: float,
+    def __init__(self, command: Sequence[str], log: Log, poll_seconds: float, tail: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self._command, self._log, self._poll, self._clock = list(command), log, poll_seconds, clock
+        self._tail = tail  # for the first pod only
         self._child: Child | None = None
         self._pod: str | None = None
         self._since: str | None = None  # the last line's time, as kubectl printed it
@@ -344,13 +350,15 @@ class LeaderLog:
             return
         pod, phase = leader
         if pod != self._pod:
+            if self._pod is not None:  # a later pod: its whole log is new
+                self._tail = None
             self._pod, self._since, self._last, self._at_last, self._empty_follows = pod, None, None, set(), 0
             self._follow()
         elif phase == "Running":
             self._cut = True
             if self._clock() >= self._retry_at:
                 self._log(f"{pod}: its log stream ended while it runs; following it again from "
-                          f"{self._since or 'its start'}")
+                          f"{self._since or (f'its last {self._tail} lines' if self._tail else 'its start')}")
                 self._follow()
 
     def drain(self) -> None:
@@ -381,9 +389,10 @@ class LeaderLog:
         self._retry_at = self._clock() + min(backoff, MAX_FOLLOW_BACKOFF_SECONDS)
 
     def _follow(self) -> None:
-        since = [f"--since-time={self._since}"] if self._since else []
+        start = ([f"--since-time={self._since}"] if self._since
+                 else [f"--tail={self._tail}"] if self._tail is not None else [])
         self._got_lines, self._cut = False, False
-        self._child = Child([*self._command, *since, self._pod], self._line)
+        self._child = Child([*self._command, *start, self._pod], self._line)
 
     def _line(self, line: str) -> None:
         stamp = _STAMP.match(line)
