@@ -746,13 +746,33 @@ def test_a_rerun_reattaches_to_its_running_tpus_instead_of_starting_again(capsys
     dry = json.loads(run_cli(capsys, *small_tpu_vm(tpu_vm_root), "--dry-run", "--json")[1])
     storage.write_text_atomic(f"{tpu_vm_root}/launch/tiny/job.json",
                               json.dumps({"name": "tiny", "fingerprint": dry["fingerprint"]}))
+    log = [f"step {step}/180 loss 4.0" for step in range(1, 151)]
     fakes = Fakes(tmp_path, monkeypatch, tpu_vm_scenario(tpu_vm_root, existing="ACTIVE", existing_is_ours=True,
-                                                         states=["ACTIVE"]))
+                                                         states=["ACTIVE"], log=log))
     rc, out, err = run_cli(capsys, *small_tpu_vm(tpu_vm_root))
     assert rc == 0, err
     calls = [c["argv"] for c in fakes.calls("gcloud")]
     assert not any("create" in c for c in calls) and "re-attaching to this job's queued resource" in err
     assert "delete" in calls[-1]  # at the end, as always
+    # The first host's log: its last 100 lines (an earlier launcher logged the rest), then what follows.
+    assert err.count("/180 loss 4.0") == 100 and "step 50/180 " not in err and "step 51/180 " in err
+
+
+def test_a_host_log_that_starts_again_is_followed_from_its_start(tmp_path):
+    from types import SimpleNamespace
+
+    from palm.jobs.tpu_vm import _LogFollower
+
+    (tmp_path / "host-0.log").write_text("step 1\nstep 2\nstep 3\n")
+    logged: list[str] = []
+    follow = _LogFollower(SimpleNamespace(status_dir=str(tmp_path)), logged.append)
+    follow()
+    follow()  # nothing new
+    (tmp_path / "host-0.log").write_text("booted again\nstep 3\n")  # the VM rebooted: a new log
+    follow()
+    assert logged == ["[host-0] step 1", "[host-0] step 2", "[host-0] step 3",
+                      "[host-0] (its log started again: the host restarted its worker)",
+                      "[host-0] booted again", "[host-0] step 3"]
 
 
 def test_tpus_of_another_job_are_never_taken_over(capsys, tmp_path, monkeypatch, tpu_vm_root):

@@ -22,6 +22,7 @@ import yaml
 from palm.base.errors import PalmError
 from palm.jobs.launching import (
     EXIT_BAD_INPUT,
+    REATTACH_TAIL_LINES,
     REPO_ROOT,
     TERMINATION_GRACE_SECONDS,
     Child,
@@ -308,8 +309,6 @@ def _leader_pod(k: dict[str, list[str]]) -> tuple[str, str] | None:
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z ")
 #: The longest wait between two follows of a running pod whose log stream ends and gives nothing.
 MAX_FOLLOW_BACKOFF_SECONDS = 600.0
-#: The leader's last lines logged when a launcher re-attaches to its running JobSet (then it follows on).
-REATTACH_TAIL_LINES = 100
 
 
 class LeaderLog:

@@ -50,6 +50,10 @@ EXIT_PREEMPTED = 75
 #: Seconds a pod gets between SIGTERM and SIGKILL: enough for the workers to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 600
 
+#: The last lines of the leader's (or first host's) log that a launcher logs when it re-attaches to a job
+#: that is running: the rest of it, perhaps weeks, an earlier launcher logged already. Then it follows.
+REATTACH_TAIL_LINES = 100
+
 Log = Callable[[str], None]
 
 

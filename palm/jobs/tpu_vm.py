@@ -24,6 +24,7 @@ from palm.base.errors import PalmError
 from palm.jobs.launching import (
     EXIT_BAD_INPUT,
     EXIT_PREEMPTED,
+    REATTACH_TAIL_LINES,
     TERMINATION_GRACE_SECONDS,
     Command,
     JobFailed,
@@ -167,10 +168,12 @@ def _host_statuses(plan: LaunchPlan) -> dict[str, dict[str, Any]]:
 
 
 class _LogFollower:
-    """Prints the new lines of one host's log object (the first host's, by name) on each call."""
+    """Prints the new lines of one host's log object (the first host's, by name) on each call; with `tail`
+    (a re-attached launcher), only the last `tail` lines it finds first. A log shorter than the lines seen
+    started again (the VM rebooted and ran its startup script again): it is followed from its start."""
 
-    def __init__(self, plan: LaunchPlan, log: Log):
-        self.plan, self.log, self.path, self.seen = plan, log, None, 0
+    def __init__(self, plan: LaunchPlan, log: Log, tail: int | None = None):
+        self.plan, self.log, self.path, self.seen, self.tail = plan, log, None, 0, tail
 
     def __call__(self) -> None:
         if self.path is None:
@@ -182,13 +185,19 @@ class _LogFollower:
             lines = storage.read_text(self.path).splitlines()
         except FileNotFoundError:
             return
+        host = storage.name(self.path)[:-len(".log")]
+        if self.tail is not None:
+            self.seen, self.tail = max(0, len(lines) - self.tail), None
+        elif len(lines) < self.seen:
+            self.log(f"[{host}] (its log started again: the host restarted its worker)")
+            self.seen = 0
         for line in lines[self.seen:]:
-            self.log(f"[{storage.name(self.path)[:-len('.log')]}] {line}")
-        self.seen = max(self.seen, len(lines))
+            self.log(f"[{host}] {line}")
+        self.seen = len(lines)
 
 
-def _attach_or_create_tpu_vm(plan: LaunchPlan, log: Log, replace: bool) -> None:
-    """Create the queued resource, unless a live one of this very job exists (then it is followed:
+def _attach_or_create_tpu_vm(plan: LaunchPlan, log: Log, replace: bool) -> bool:
+    """Create the queued resource, unless a live one of this very job exists (then it is followed, True:
     a retried or re-run task must not restart a running job); one that ended, or `replace`, is deleted
     first. A live one of another job is refused."""
     record = f"{plan.status_dir}/job.json"
@@ -197,7 +206,7 @@ def _attach_or_create_tpu_vm(plan: LaunchPlan, log: Log, replace: bool) -> None:
         ours = _read_json(record).get("fingerprint") == plan.fingerprint
         if state in QR_LIVE and ours and not replace:
             log(f"{plan.name}: re-attaching to this job's queued resource ({state})")
-            return
+            return True
         if state in QR_LIVE and not replace:
             raise PalmError(f"queued resource {plan.name} exists ({state}) for another job; delete it "
                             f"({plan.teardown[0].shell()}) or re-run with --force")
@@ -210,6 +219,7 @@ def _attach_or_create_tpu_vm(plan: LaunchPlan, log: Log, replace: bool) -> None:
         for command in plan.setup:
             log(f"$ {command.shell()}")
             run(command.argv, cwd=work)
+    return False
 
 
 def _host_outcome(plan: LaunchPlan, statuses: dict[str, dict[str, Any]]) -> bool:
@@ -228,7 +238,8 @@ def _host_outcome(plan: LaunchPlan, statuses: dict[str, dict[str, Any]]) -> bool
 
 
 def run_tpu_vm(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool = False) -> None:
-    _attach_or_create_tpu_vm(plan, log, replace)  # outside the try: another job's TPUs are never deleted
+    # Outside the try: another job's TPUs are never deleted.
+    attached = _attach_or_create_tpu_vm(plan, log, replace)
     try:
         state: str | None = ""
         while state != "ACTIVE":
@@ -243,7 +254,7 @@ def run_tpu_vm(plan: LaunchPlan, stop: threading.Event, log: Log, replace: bool 
                 raise JobPreempted(f"{plan.name}: the TPUs were {state.lower()} before the workers finished")
             if state != "ACTIVE" and stop.wait(plan.poll_seconds):
                 raise JobStopped(plan.name)
-        follow = _LogFollower(plan, log)
+        follow = _LogFollower(plan, log, tail=REATTACH_TAIL_LINES if attached else None)
         stopping_since = None
         while True:
             follow()
