@@ -316,10 +316,10 @@ class LeaderLog:
     without the times.
 
     A new leader pod (the JobSet restarted) is followed from its start; with `tail`, the first pod from
-    its last `tail` lines (a re-attached launcher's: the rest was logged before). A stream that ends while its pod
-    still runs (the API server or the kubelet dropped the connection: over a run of weeks they do) is
-    followed again from the time of its last line, and the lines the new stream repeats (kubectl sends that
-    time to the second) are skipped. A follow that gave no line makes the next one wait twice as long as
+    its last `tail` lines (a re-attached launcher's: the rest was logged before). A stream that ends while
+    its pod still runs (the API server or the kubelet dropped the connection: over a run of weeks they do)
+    is followed again from the time of its last line, and the lines the new stream repeats (kubectl sends
+    that time to the second) are skipped. A follow that gave no line makes the next one wait twice as long as
     the one before (from one poll interval to at most MAX_FOLLOW_BACKOFF_SECONDS), so a log that cannot be
     read does not start kubectl at every poll. When the job ends, a stream that had been cut is followed
     again while that gives new lines, so the log's tail is not lost.
