@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import kubernetes_validate
 import pytest
@@ -28,6 +29,7 @@ import yaml
 from palm.cli import main
 from palm.base.errors import PalmError
 from palm.jobs.gke import LeaderLog, kubectl_commands, validate_jobset
+from palm.jobs.tpu_vm import _LogFollower
 from palm.jobs.launch import launch, plan_launch
 from palm.jobs.launching import JobFailed, JobPreempted, JobStopped, WorkerRejected, worker_command
 from palm.dag.workflow import load_spec
@@ -759,10 +761,6 @@ def test_a_rerun_reattaches_to_its_running_tpus_instead_of_starting_again(capsys
 
 
 def test_a_host_log_that_starts_again_is_followed_from_its_start(tmp_path):
-    from types import SimpleNamespace
-
-    from palm.jobs.tpu_vm import _LogFollower
-
     (tmp_path / "host-0.log").write_text("step 1\nstep 2\nstep 3\n")
     logged: list[str] = []
     follow = _LogFollower(SimpleNamespace(status_dir=str(tmp_path)), logged.append)
